@@ -1,0 +1,226 @@
+"""Experiment cells: one frozen dataclass per (model, method, rank, settings), matrices and presets.
+
+    lorabench run --dry-run --preset quick      # expands the preset below into cells
+
+A cell is pure data: building it validates every field, so a bad matrix is refused before
+anything runs or is written. Presets are named tuples of `Matrix` (models x methods x ranks with
+shared settings); CLI flags and a TOML file override them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .methods import METHODS
+from .models import MODELS, is_byo
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+WEIGHTS = ("random", "pretrained")
+
+
+class CellError(ValueError):
+    """A cell or matrix a user asked for is invalid; the message says why and what is accepted."""
+
+
+def _choices(names: Iterable[str]) -> str:
+    return ", ".join(sorted(names))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One experiment: train `model` with `method` (at `rank`) under fixed settings.
+
+    `epochs` counts the timed epochs; `warmup_epochs` untimed epochs run before them, so a cell
+    trains `warmup_epochs + epochs` epochs in all and evaluates after each one.
+    """
+
+    model: str
+    method: str
+    rank: int | None = None           # LoRA rank; None for full fine-tuning
+    alpha: float | None = None        # LoRA scale is alpha / rank; None means alpha = rank (scale 1)
+    dropout: float = 0.0              # LoRA dropout (PEFT only)
+    targets: tuple[str, ...] | str | None = None  # module names, or one regex; None: the model's default
+    modules_to_save: tuple[str, ...] = ()         # modules trained in full beside the adapters (PEFT)
+    batch_size: int = 32
+    grad_accum: int = 1               # micro-batches per optimizer step
+    seq_len: int = 64                 # tokens per sample (text models; ignored by the image MLP)
+    epochs: int = 2
+    warmup_epochs: int = 1
+    samples: int = 512                # training samples per epoch
+    eval_samples: int = 256
+    lr: float = 1e-3
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    weights: str = "random"           # "random": built from the configuration; "pretrained": from_pretrained
+    data: str = "synthetic"           # "synthetic" or a path to a local data set
+    repeat: int = 0                   # index of a repetition of the same cell (--repeat N)
+
+    def __post_init__(self) -> None:
+        # Normalise list-like inputs so equal cells hash equal (targets from TOML arrive as lists).
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if isinstance(self.modules_to_save, list):
+            object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
+        if self.model not in MODELS and not is_byo(self.model):
+            raise CellError(f"unknown model {self.model!r}; choose from {_choices(MODELS)} or hf:<dir or hub id>")
+        if self.method not in METHODS:
+            raise CellError(f"unknown method {self.method!r}; choose from {_choices(METHODS)}")
+        if self.method == "full":
+            if self.rank is not None:
+                raise CellError("a rank was given to full fine-tuning; ranks apply to the lora methods only")
+            if self.targets is not None or self.modules_to_save:
+                raise CellError("targets and modules_to_save apply to the lora methods only")
+        else:
+            if self.rank is None:
+                raise CellError(f"method {self.method!r} needs a rank (a whole number >= 1)")
+            _positive_int("rank", self.rank)
+            if self.alpha is not None and not self.alpha > 0:
+                raise CellError(f"alpha must be > 0, got {self.alpha}")
+            if not 0.0 <= self.dropout < 1.0:
+                raise CellError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("batch_size", "grad_accum", "seq_len", "epochs", "samples", "eval_samples"):
+            _positive_int(name, getattr(self, name))
+        _nonnegative_int("warmup_epochs", self.warmup_epochs)
+        _nonnegative_int("repeat", self.repeat)
+        _nonnegative_int("seed", self.seed)
+        if self.samples < self.batch_size * self.grad_accum:
+            raise CellError(
+                f"samples ({self.samples}) must be at least batch_size x grad_accum "
+                f"({self.batch_size * self.grad_accum}) so an epoch has one optimizer step"
+            )
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise CellError(f"lr must be a number > 0, got {self.lr!r}")
+        if self.device not in DEVICES:
+            raise CellError(f"unknown device {self.device!r}; choose from {_choices(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise CellError(f"unknown dtype {self.dtype!r}; choose from {_choices(DTYPES)}")
+        if self.weights not in WEIGHTS:
+            raise CellError(f"unknown weights {self.weights!r}; choose from {_choices(WEIGHTS)}")
+
+    @property
+    def scale(self) -> float | None:
+        """LoRA's output scale alpha / r (None for full fine-tuning)."""
+        if self.rank is None:
+            return None
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    @property
+    def label(self) -> str:
+        """Column name in reports: `full`, `lora r=8`, `lora-reparam r=1`."""
+        return self.method if self.rank is None else f"{self.method} r={self.rank}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(d["targets"], tuple):
+            d["targets"] = list(d["targets"])
+        d["modules_to_save"] = list(d["modules_to_save"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Cell":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CellError(f"unknown cell field(s) {', '.join(unknown)}; accepted: {_choices(known)}")
+        return cls(**d)
+
+    def key(self) -> str:
+        """Stable identity of the cell across runs (resume, compare, merge): a hash of every field."""
+        blob = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CellError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+def _nonnegative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CellError(f"{name} must be a whole number >= 0, got {value!r}")
+
+
+CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """models x methods x ranks, sharing `settings` (any other Cell field)."""
+
+    models: tuple[str, ...]
+    methods: tuple[str, ...]
+    ranks: tuple[int, ...] = ()
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        lora_methods = [m for m in self.methods if m != "full"]
+        if lora_methods and not self.ranks:
+            raise CellError(f"methods {', '.join(lora_methods)} need at least one rank (--ranks)")
+        out = []
+        for model in self.models:
+            for method in self.methods:
+                for rank in ([None] if method == "full" else self.ranks):
+                    out.append(Cell(model=model, method=method, rank=rank, **self.settings))
+        return out
+
+
+# Settings of the CPU default: small synthetic data so the whole matrix runs in about a minute.
+QUICK = {"batch_size": 32, "samples": 512, "eval_samples": 256, "seq_len": 64, "epochs": 2, "warmup_epochs": 1}
+
+PRESETS: dict[str, tuple[Matrix, ...]] = {
+    "quick": (Matrix(("cifar-mlp", "bert-tiny"), ("full", "lora"), (2, 8), QUICK),),
+}
+
+
+def plan(
+    presets: Iterable[str] = ("quick",),
+    models: Iterable[str] | None = None,
+    methods: Iterable[str] | None = None,
+    ranks: Iterable[int] | None = None,
+    overrides: dict[str, Any] | None = None,
+    repeat: int = 1,
+) -> list[Cell]:
+    """Expand presets into cells, with axis replacements and field overrides applied.
+
+    `models` restricts each preset matrix to the models it names; a requested model that no
+    matrix names gets the first matrix's methods, ranks and settings. `methods` and `ranks`
+    replace those axes everywhere; `overrides` replace cell fields everywhere.
+    """
+    matrices: list[Matrix] = []
+    for name in presets:
+        if name not in PRESETS:
+            raise CellError(f"unknown preset {name!r}; choose from {_choices(PRESETS)}")
+        matrices.extend(PRESETS[name])
+    if models is not None:
+        wanted = list(dict.fromkeys(models))
+        covered = {m for mx in matrices for m in mx.models}
+        kept = [dataclasses.replace(mx, models=tuple(m for m in mx.models if m in wanted)) for mx in matrices]
+        extra = tuple(m for m in wanted if m not in covered)
+        if extra:
+            kept.append(dataclasses.replace(matrices[0], models=extra))
+        matrices = [mx for mx in kept if mx.models]
+    if methods is not None:
+        matrices = [dataclasses.replace(mx, methods=tuple(methods)) for mx in matrices]
+    if ranks is not None:
+        if methods is not None and all(m == "full" for m in methods):
+            raise CellError("--ranks was given but the only method is full; ranks apply to the lora methods")
+        matrices = [dataclasses.replace(mx, ranks=tuple(ranks)) for mx in matrices]
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(CELL_FIELDS))
+    if unknown:
+        raise CellError(f"unknown setting(s) {', '.join(unknown)}; accepted: {_choices(CELL_FIELDS)}")
+    if repeat < 1:
+        raise CellError(f"repeat must be a whole number >= 1, got {repeat}")
+    cells: dict[str, Cell] = {}
+    for mx in matrices:
+        mx = dataclasses.replace(mx, settings={**mx.settings, **overrides})
+        for cell in mx.cells():
+            for r in range(repeat):
+                c = dataclasses.replace(cell, repeat=r)
+                cells.setdefault(c.key(), c)   # identical cells from overlapping presets run once
+    return list(cells.values())

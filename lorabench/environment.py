@@ -1,0 +1,78 @@
+"""The environment a figure was measured in, recorded with every result row.
+
+    python -c "import json, lorabench.environment as e; print(json.dumps(e.capture('cpu'), indent=1))"
+
+Captured inside the cell's own process, on the device it used, so a row is self-describing.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+VISIBLE_DEVICE_VARS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def project_commit() -> str:
+    """The git commit of the lorabench checkout, with '+dirty' when it has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def capture(device: str) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "cpu": cpu_model(),
+        "cpu_logical_cores": os.cpu_count(),
+        "cpu_physical_cores": psutil.cpu_count(logical=False),
+        "torch_threads": torch.get_num_threads(),
+        "host_memory_bytes": psutil.virtual_memory().total,
+        "lorabench_commit": project_commit(),
+        "device": device,
+        "visible_devices": {k: os.environ[k] for k in VISIBLE_DEVICE_VARS if k in os.environ},
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update({
+            "gpu_name": props.name,
+            "gpu_count": torch.cuda.device_count(),
+            "gpu_memory_bytes": props.total_memory,
+            "cuda_runtime": torch.version.cuda,
+            "hip_runtime": torch.version.hip,
+            # gfx arch on ROCm, compute capability on CUDA
+            "gpu_arch": getattr(props, "gcnArchName", None) or f"sm_{props.major}{props.minor}",
+        })
+    return env

@@ -1,0 +1,326 @@
+"""Markdown reports from result rows: the only module that turns numbers into text.
+
+    lorabench report results/<run-id>       # writes report/<run-id>.md and prints it
+
+Tables are pandas DataFrames rendered as GitHub-flavoured markdown. Per model, the comparison
+follows the seed tables: one row per figure, a column for full fine-tuning and for each LoRA
+configuration, and a Delta column after each giving the reduction relative to full (positive:
+LoRA needs less). Repeats of a cell are folded into their median, with the spread shown.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from typing import Any, Iterable
+
+import pandas as pd
+
+from .stats import Summary
+from .trackers import is_unavailable
+
+MiB = 2 ** 20
+
+# (metric key, row label, kind). kind picks formatting and how the Delta reads.
+#   count/bytes/time: Delta = reduction vs full in %;  rate: Delta = gain in %;  acc: points;  loss: difference
+COMPARISON_ROWS = [
+    ("params_trainable", "trainable parameters", "count"),
+    ("params_trainable_adapter", "  of which adapters (LoRA A, B)", "count"),
+    ("params_trainable_full", "  of which trained in full (heads, saved modules)", "count"),
+    ("params_trainable_pct", "trainable % of total", "pct"),
+    ("params_total", "total parameters", "count"),
+    ("torch_peak_allocated_bytes", "peak torch allocated (MiB, framework)", "bytes"),
+    ("torch_peak_reserved_bytes", "peak torch reserved (MiB, framework)", "bytes"),
+    ("torch_peak_above_baseline_bytes", "peak torch allocated above weights+data (MiB)", "bytes"),
+    ("host_peak_rss_bytes", "peak host RSS of the cell process (MiB)", "bytes"),
+    ("host_peak_above_baseline_bytes", "host RSS peak above weights+data (MiB)", "bytes"),
+    ("state_bytes", "weights + grads + Adam state (MiB, tensor sum)", "bytes"),
+    ("epoch_s", "epoch time (s, median of timed epochs)", "time"),
+    ("step_s_p50", "step time p50 (ms)", "ms"),
+    ("step_s_p90", "step time p90 (ms)", "ms"),
+    ("samples_per_s", "throughput (samples/s)", "rate"),
+    ("final_eval_accuracy", "final eval accuracy", "acc"),
+    ("final_eval_loss", "final eval loss", "loss"),
+]
+
+GROUP_FIELDS_EXCLUDED = ("method", "rank", "alpha", "dropout", "targets", "modules_to_save", "repeat")
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return ""
+    if is_unavailable(value):
+        return "unavailable"
+    if not _num(value):
+        return str(value)
+    if kind == "count":
+        return f"{int(round(value)):,}"
+    if kind == "pct":
+        return f"{value:.3g}%"
+    if kind == "bytes":
+        return f"{value / MiB:,.1f}"
+    if kind == "time":
+        return f"{value:.3f}" if value < 10 else f"{value:,.1f}"
+    if kind == "ms":
+        return f"{value * 1e3:.2f}"
+    if kind == "rate":
+        return f"{value:,.0f}"
+    if kind == "acc":
+        return f"{value:.4f}"
+    return f"{value:.4f}"
+
+
+def delta(full: Any, other: Any, kind: str) -> str:
+    """The seed tables' Delta: reduction relative to full fine-tuning."""
+    if not (_num(full) and _num(other)):
+        return ""
+    if kind == "acc":
+        return f"{(other - full) * 100:+.1f} pt"
+    if kind == "loss":
+        return f"{other - full:+.4f}"
+    if kind == "pct" or full == 0:
+        return ""
+    if kind == "rate":
+        return f"{(other - full) / full * 100:+.1f}% faster" if other >= full else f"{(other - full) / full * 100:.1f}% slower"
+    return f"{(full - other) / full * 100:.2f}%"
+
+
+# ---- folding rows --------------------------------------------------------------------------
+
+def _group_key(cell: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in cell.items() if k not in GROUP_FIELDS_EXCLUDED}, sort_keys=True)
+
+
+def _variant_key(cell: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in cell.items() if k != "repeat"}, sort_keys=True)
+
+
+def fold(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fold repeats of one cell: numeric metrics -> median, plus a Summary of epoch_s."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    first = (ok or rows)[0]
+    metrics: dict[str, Any] = {}
+    if ok:
+        for key, value in ok[0]["metrics"].items():
+            values = [r["metrics"].get(key) for r in ok]
+            metrics[key] = Summary.of(values).median if all(_num(v) for v in values) else value
+        m = metrics
+        if all(_num(m.get(k)) for k in ("weights_bytes", "grads_bytes", "optimizer_state_bytes")):
+            m["state_bytes"] = m["weights_bytes"] + m["grads_bytes"] + m["optimizer_state_bytes"]
+        spread = [r["metrics"]["epoch_s"] for r in ok if _num(r["metrics"].get("epoch_s"))]
+        metrics["_epoch_summary"] = Summary.of(spread) if spread else None
+    return {"cell": first["cell"], "label": first["label"], "status": first["status"] if not ok else "ok",
+            "metrics": metrics, "repeats": len(ok), "rows": rows}
+
+
+def _order(label_cell: dict[str, Any]) -> tuple:
+    c = label_cell
+    return (c["method"] != "full", c["method"], c["rank"] or 0, str(c.get("alpha")), str(c.get("targets")))
+
+
+def groups(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """[(shared cell settings, [folded variant, ...])], one group per comparison table."""
+    by_variant: dict[str, list] = defaultdict(list)
+    for r in rows:
+        by_variant[_variant_key(r["cell"])].append(r)
+    by_group: dict[str, list] = defaultdict(list)
+    for variant_rows in by_variant.values():
+        folded = fold(variant_rows)
+        by_group[_group_key(folded["cell"])].append(folded)
+    out = []
+    for variants in by_group.values():
+        variants.sort(key=lambda v: _order(v["cell"]))
+        out.append((variants[0]["cell"], variants))
+    out.sort(key=lambda g: (g[0]["model"], _group_key(g[0])))
+    return out
+
+
+# ---- tables --------------------------------------------------------------------------------
+
+def _markdown(df: pd.DataFrame, numeric_cols: Iterable[str] = ()) -> str:
+    numeric = set(numeric_cols)
+    align = ["right" if c in numeric else "left" for c in df.columns]
+    return df.to_markdown(index=False, colalign=align, disable_numparse=True)   # cells are formatted already
+
+
+def _column_name(v: dict[str, Any]) -> str:
+    name = v["label"]
+    c = v["cell"]
+    if c["rank"] is not None and c.get("alpha") is not None and c["alpha"] != c["rank"]:
+        name += f" a={c['alpha']:g}"
+    if v["repeats"] > 1:
+        name += f" (x{v['repeats']})"
+    return name
+
+
+def comparison_table(variants: list[dict[str, Any]]) -> str:
+    """Rows: figures; columns: full, then each LoRA variant with its Delta vs full."""
+    ok = [v for v in variants if v["status"] == "ok"]
+    full = next((v for v in ok if v["cell"]["method"] == "full"), None)
+    columns: dict[str, list[str]] = {"Comparison": []}
+    numeric_cols = []
+    present = [(k, label, kind) for k, label, kind in COMPARISON_ROWS
+               if any(_num(v["metrics"].get(k)) for v in ok)]
+    columns["Comparison"] = [label for _, label, _ in present]
+    for v in ok:
+        name = _column_name(v)
+        columns[name] = [fmt(v["metrics"].get(k), kind) for k, _, kind in present]
+        numeric_cols.append(name)
+        if v is not full and full is not None:
+            dname = f"Delta {name}"
+            columns[dname] = [delta(full["metrics"].get(k), v["metrics"].get(k), kind) for k, _, kind in present]
+            numeric_cols.append(dname)
+    if full is not None:   # seed layout: full first
+        order = ["Comparison", _column_name(full)] + [c for c in columns if c not in ("Comparison", _column_name(full))]
+        columns = {c: columns[c] for c in order}
+    return _markdown(pd.DataFrame(columns), numeric_cols)
+
+
+def epochs_table(variants: list[dict[str, Any]]) -> str:
+    """Loss and accuracy per epoch for each variant (first repeat), as seed 003's table."""
+    frames = []
+    for v in variants:
+        if v["status"] != "ok":
+            continue
+        ok_rows = [r for r in v["rows"] if r["status"] == "ok"]
+        recs = ok_rows[0]["metrics"].get("epochs", [])
+        name = _column_name(v)
+        frames.append(pd.DataFrame({
+            "epoch": [e["epoch"] for e in recs],
+            f"{name} loss": [f"{e['eval_loss']:.4f}" for e in recs],
+            f"{name} acc": [f"{e['eval_accuracy']:.4f}" for e in recs],
+        }).set_index("epoch"))
+    if not frames:
+        return ""
+    df = pd.concat(frames, axis=1).reset_index()
+    timed = {e["epoch"]: e["timed"] for v in variants if v["status"] == "ok"
+             for e in v["rows"][0]["metrics"].get("epochs", [])}
+    df["epoch"] = [f"{e}" if timed.get(e, True) else f"{e} (warm-up)" for e in df["epoch"]]
+    return _markdown(df.fillna(""), [c for c in df.columns if c != "epoch"])
+
+
+def plan_table(cells, counts) -> str:
+    """The dry-run plan: every cell with its exact parameter counts."""
+    df = pd.DataFrame({
+        "#": list(range(1, len(cells) + 1)),
+        "model": [c.model for c in cells],
+        "method": [c.label for c in cells],
+        "trainable": [fmt(p.trainable, "count") for p in counts],
+        "adapters": [fmt(p.adapter, "count") for p in counts],
+        "trained in full": [fmt(p.full_trained, "count") for p in counts],
+        "total": [fmt(p.total, "count") for p in counts],
+        "trainable %": [f"{p.trainable_pct:.3f}%" for p in counts],
+        "batch": [c.batch_size for c in cells],
+        "samples": [c.samples for c in cells],
+        "epochs (warm-up+timed)": [f"{c.warmup_epochs}+{c.epochs}" for c in cells],
+        "device": [c.device for c in cells],
+    })
+    return _markdown(df, ["#", "trainable", "adapters", "trained in full", "total", "trainable %", "batch", "samples"])
+
+
+def _settings_line(cell: dict[str, Any], variants) -> str:
+    data = next((v["metrics"].get("data") for v in variants if v["metrics"].get("data")), cell.get("data"))
+    accum = f" x {cell['grad_accum']} accumulated" if cell.get("grad_accum", 1) > 1 else ""
+    return (f"Device `{cell['device']}` ({cell['dtype']}), weights: {cell['weights']}, data: {data}; "
+            f"batch {cell['batch_size']}{accum}, {cell['samples']} training / {cell['eval_samples']} eval samples, "
+            f"{cell['warmup_epochs']} warm-up + {cell['epochs']} timed epochs, Adam lr {cell['lr']:g}, seed {cell['seed']}.")
+
+
+def _failures(rows: list[dict[str, Any]]) -> str:
+    bad = [r for r in rows if r["status"] != "ok"]
+    if not bad:
+        return ""
+    df = pd.DataFrame({
+        "model": [r["cell"]["model"] for r in bad],
+        "method": [r["label"] for r in bad],
+        "repeat": [r["cell"].get("repeat", 0) for r in bad],
+        "status": [r["status"] for r in bad],
+        "reason": [f"{(r.get('error') or {}).get('type', '')}: {(r.get('error') or {}).get('message', '')}"
+                   .replace("|", "\\|") for r in bad],
+    })
+    return _markdown(df)
+
+
+def _unavailable_notes(rows: list[dict[str, Any]]) -> list[str]:
+    notes = {}
+    for r in rows:
+        for k, v in r.get("metrics", {}).items():
+            if is_unavailable(v):
+                notes.setdefault(k, v)
+    return [f"- `{k}`: {v}" for k, v in sorted(notes.items())]
+
+
+def environment_table(env: dict[str, Any]) -> str:
+    flat = {k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in env.items()}
+    return _markdown(pd.DataFrame({"key": list(flat), "value": [str(v) for v in flat.values()]}))
+
+
+READING_NOTES = """\
+How to read these figures:
+- **Delta** is the reduction relative to full fine-tuning, as in the published tables: 99% fewer
+  trainable parameters, 20% less time. For accuracy it is the difference in points, for loss the difference.
+- **peak torch allocated / reserved** (GPU only) come from torch's caching allocator, peaks reset after the
+  weights and data were placed on the device; reserved adds the allocator's cached free blocks. Neither includes
+  the CUDA/HIP context, which only the driver sees.
+- **peak host RSS** is the resident memory of the cell's own process (sampled every 10 ms): on the CPU it includes
+  the Python interpreter and the torch/transformers libraries (several hundred MiB), so it understates
+  relative savings. **above weights+data** subtracts the reading taken once the model and data were in place.
+- **weights + grads + Adam state** sums the tensors themselves (4 + 4 + 8 bytes per trainable fp32 parameter,
+  4 per frozen one): what LoRA saves before activations.
+- **epoch time** is wall time between device synchronisations, warm-up epochs excluded; the step times
+  time each optimizer step (CUDA events on a GPU), and throughput is samples per step / median step time.
+"""
+
+
+def render(rows: list[dict[str, Any]], warnings: Iterable[str] = ()) -> str:
+    run_ids = sorted({r["run_id"] for r in rows})
+    statuses = defaultdict(int)
+    for r in rows:
+        statuses[r["status"]] += 1
+    out = [f"# lorabench report: {', '.join(run_ids) or 'no rows'}", ""]
+    out.append(f"{len(rows)} result rows: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + ".")
+    out.append("")
+    for cell, variants in groups(rows):
+        out += [f"## {cell['model']}", "", _settings_line(cell, variants), ""]
+        if any(v["status"] == "ok" for v in variants):
+            out += [comparison_table(variants), ""]
+            spread = [(v["label"], v["metrics"]["_epoch_summary"]) for v in variants
+                      if v["status"] == "ok" and v["metrics"].get("_epoch_summary") and v["repeats"] > 1]
+            if spread:
+                out += ["Spread of epoch time across repeats: " + "; ".join(
+                    f"{label}: median {s.median:.3f} s, stdev {s.stdev_pct:.1f}% (n={s.n})" for label, s in spread), ""]
+            table = epochs_table(variants)
+            if table:
+                out += ["### Quality per epoch (eval set)", "", table, ""]
+        else:
+            out += ["No cell of this model finished.", ""]
+    failures = _failures(rows)
+    if failures:
+        out += ["## Cells that did not finish", "", failures, ""]
+    notes = _unavailable_notes(rows)
+    if notes:
+        out += ["## Figures not available", ""] + notes + [""]
+    if warnings:
+        out += ["## Warnings reading the results", ""] + [f"- {w}" for w in warnings] + [""]
+    env = next((r["environment"] for r in rows if r.get("environment")), None)
+    if env:
+        out += ["## Environment", "", environment_table(env), ""]
+    out += ["## Reading the tables", "", READING_NOTES]
+    return "\n".join(out)
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """The comparison tables alone, for the end of `lorabench run`."""
+    out = []
+    for cell, variants in groups(rows):
+        out += [f"{cell['model']}  ({cell['device']}, {cell['weights']} weights)", ""]
+        if any(v["status"] == "ok" for v in variants):
+            out += [comparison_table(variants), ""]
+    failures = _failures(rows)
+    if failures:
+        out += ["Cells that did not finish:", "", failures, ""]
+    return "\n".join(out)
