@@ -138,8 +138,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .models import ModelError
 
     device = resolve_device(args.device)
-    if not args.dry_run:
-        runner.start_workers(args.start_method)   # its imports overlap with the validation below
     try:
         cells = plan(args.preset, args.models, args.methods, args.ranks, _overrides(args, device), args.repeat)
     except CellError as e:
@@ -148,6 +146,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--cell-timeout must be > 0 seconds, got {args.cell_timeout:g}")
     _writable_dir(args.out, "--out")
     _writable_dir(args.report_dir, "--report-dir")
+    if not args.dry_run:
+        runner.start_workers(args.start_method)   # its imports overlap with the model builds below
     counts = {}
     for cell in cells:   # builds on the meta device: refuses unbuildable cells before anything is written
         shape = (cell.model, cell.method, cell.rank, cell.targets, cell.modules_to_save)
@@ -175,9 +175,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nlorabench: interrupted; finished cells are in {run_dir / results.RESULTS_FILE}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    rows, warnings = results.read_rows(run_dir)   # the report comes from the results file alone
     args.report_dir.mkdir(parents=True, exist_ok=True)
     report_path = args.report_dir / f"{run_id}.md"
-    report_path.write_text(report.render(rows), encoding="utf-8")
+    report_path.write_text(report.render(rows, warnings), encoding="utf-8")
     print(report.summary(rows))
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"{len(rows)} cells in {time.perf_counter() - t0:.1f} s ({failed} not ok). "

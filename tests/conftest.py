@@ -1,0 +1,40 @@
+"""Shared helpers: the CLI run in-process, with the working directory in a fresh temp folder."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorabench.cli import main
+
+# The smallest real training settings: every cell trains a few steps on the CPU.
+TINY = ["--samples", "32", "--eval-samples", "16", "--batch-size", "16", "--epochs", "1",
+        "--warmup-epochs", "1", "--seq-len", "16", "--progress", "off"]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.fixture
+def cli(in_tmp, capsys):
+    """cli(*args) -> (exit code, stdout, stderr), run in-process from an empty temp folder."""
+    def run(*args):
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return run
+
+
+def run_subprocess(*args, cwd, timeout=300):
+    """The real command line, as a user runs it (python -m lorabench ...)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "lorabench", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)

@@ -1,0 +1,130 @@
+import dataclasses
+
+import pytest
+
+from lorabench.cells import PRESETS, Cell, CellError, Matrix, plan
+
+
+def test_full_cell_defaults_are_valid():
+    c = Cell(model="cifar-mlp", method="full")
+    assert c.rank is None and c.scale is None and c.label == "full"
+
+
+def test_lora_scale_defaults_to_one_and_honours_alpha():
+    assert Cell(model="bert-tiny", method="lora", rank=8).scale == 1.0
+    assert Cell(model="bert-tiny", method="lora", rank=8, alpha=16).scale == 2.0
+    assert Cell(model="bert-tiny", method="lora", rank=4).label == "lora r=4"
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"model": "gpt-17"}, "unknown model 'gpt-17'; choose from bert-base, bert-tiny"),
+    ({"method": "qlora", "rank": 4}, "unknown method 'qlora'; choose from full, lora, lora-reparam"),
+    ({"method": "full", "rank": 4}, "a rank was given to full fine-tuning"),
+    ({"method": "lora"}, "needs a rank"),
+    ({"method": "lora", "rank": 0}, "rank must be a whole number >= 1, got 0"),
+    ({"method": "lora", "rank": -3}, "rank must be a whole number >= 1"),
+    ({"method": "lora", "rank": 2.5}, "rank must be a whole number >= 1"),
+    ({"epochs": 0}, "epochs must be a whole number >= 1, got 0"),
+    ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+    ({"warmup_epochs": -1}, "warmup_epochs must be a whole number >= 0"),
+    ({"samples": 8, "batch_size": 16}, "samples (8) must be at least batch_size x grad_accum (16)"),
+    ({"device": "tpu"}, "unknown device 'tpu'; choose from cpu, cuda"),
+    ({"dtype": "int8"}, "unknown dtype 'int8'"),
+    ({"lr": 0}, "lr must be a number > 0"),
+    ({"method": "lora", "rank": 4, "dropout": 1.0}, "dropout must be in [0, 1)"),
+    ({"method": "full", "targets": ("query",)}, "targets and modules_to_save apply to the lora methods only"),
+])
+def test_invalid_cells_say_why(fields, message):
+    base = {"model": "cifar-mlp", "method": "full"}
+    with pytest.raises(CellError, match=None) as e:
+        Cell(**{**base, **fields})
+    assert message in str(e.value)
+
+
+def test_byo_model_names_are_accepted():
+    assert Cell(model="hf:/some/dir", method="full").model == "hf:/some/dir"
+
+
+def test_matrix_expands_full_once_and_lora_per_rank():
+    cells = Matrix(("cifar-mlp", "bert-tiny"), ("full", "lora", "lora-reparam"), (1, 4, 16)).cells()
+    assert len(cells) == 2 * (1 + 3 + 3)
+    assert [(c.method, c.rank) for c in cells[:7]] == [
+        ("full", None), ("lora", 1), ("lora", 4), ("lora", 16), ("lora-reparam", 1), ("lora-reparam", 4), ("lora-reparam", 16)]
+
+
+def test_matrix_without_ranks_for_lora_is_refused():
+    with pytest.raises(CellError, match="need at least one rank"):
+        Matrix(("cifar-mlp",), ("lora",)).cells()
+
+
+def test_quick_preset_is_two_models_full_and_two_ranks():
+    cells = plan()
+    assert [(c.model, c.label) for c in cells] == [
+        ("cifar-mlp", "full"), ("cifar-mlp", "lora r=2"), ("cifar-mlp", "lora r=8"),
+        ("bert-tiny", "full"), ("bert-tiny", "lora r=2"), ("bert-tiny", "lora r=8")]
+    assert {c.samples for c in cells} == {512}
+
+
+def test_models_replace_the_presets_models_keeping_its_shape():
+    cells = plan(models=["bert-base"])
+    assert {c.model for c in cells} == {"bert-base"}
+    assert [c.label for c in cells] == ["full", "lora r=2", "lora r=8"]
+
+
+def test_models_filter_a_preset_that_names_them():
+    cells = plan(models=["bert-tiny"])
+    assert {c.model for c in cells} == {"bert-tiny"} and len(cells) == 3
+
+
+def test_axis_and_field_overrides():
+    cells = plan(methods=["lora-reparam"], ranks=[1], overrides={"epochs": 3, "device": "cpu"})
+    assert [(c.model, c.label, c.epochs) for c in cells] == [("cifar-mlp", "lora-reparam r=1", 3),
+                                                             ("bert-tiny", "lora-reparam r=1", 3)]
+
+
+def test_methods_full_alone_drops_the_presets_ranks():
+    assert [c.label for c in plan(methods=["full"])] == ["full", "full"]
+
+
+def test_ranks_with_full_only_is_refused():
+    with pytest.raises(CellError, match="only method is full"):
+        plan(methods=["full"], ranks=[4])
+
+
+def test_unknown_preset_and_setting_are_refused():
+    with pytest.raises(CellError, match="unknown preset 'nope'; choose from"):
+        plan(["nope"])
+    with pytest.raises(CellError, match="unknown setting"):
+        plan(overrides={"epochz": 3})
+
+
+def test_repeat_makes_distinct_cells_and_duplicates_collapse():
+    cells = plan(repeat=3)
+    assert len(cells) == 18 and len({c.key() for c in cells}) == 18
+    assert len(plan(["quick", "quick"])) == 6
+
+
+def test_key_is_stable_and_covers_every_field():
+    a = Cell(model="bert-tiny", method="lora", rank=8)
+    assert a.key() == Cell(model="bert-tiny", method="lora", rank=8).key()
+    for f in dataclasses.fields(Cell):
+        if f.name in ("model", "method", "rank"):
+            continue
+        changed = {"alpha": 4.0, "dropout": 0.1, "targets": ("query",), "modules_to_save": ("classifier",),
+                   "batch_size": 8, "grad_accum": 2, "seq_len": 32, "epochs": 3, "warmup_epochs": 0,
+                   "samples": 1024, "eval_samples": 64, "lr": 1e-4, "device": "cuda", "dtype": "bfloat16",
+                   "seed": 1, "weights": "pretrained", "data": "/data", "repeat": 1}[f.name]
+        assert dataclasses.replace(a, **{f.name: changed}).key() != a.key(), f.name
+
+
+def test_round_trip_through_dict():
+    c = Cell(model="bert-tiny", method="lora", rank=8, targets=("query",), modules_to_save=("classifier",))
+    assert Cell.from_dict(c.to_dict()) == c
+    assert Cell.from_dict({**c.to_dict(), "targets": ["query"]}).key() == c.key()
+    with pytest.raises(CellError, match="unknown cell field"):
+        Cell.from_dict({**c.to_dict(), "bogus": 1})
+
+
+def test_every_preset_expands():
+    for name in PRESETS:
+        assert plan([name]), name
