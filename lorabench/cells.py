@@ -66,6 +66,18 @@ class Cell:
             object.__setattr__(self, "targets", tuple(self.targets))
         if isinstance(self.modules_to_save, list):
             object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
+        if isinstance(self.alpha, int) and not isinstance(self.alpha, bool):
+            object.__setattr__(self, "alpha", float(self.alpha))
+        if isinstance(self.lr, int) and not isinstance(self.lr, bool):
+            object.__setattr__(self, "lr", float(self.lr))
+        for name, (types, what) in FIELD_TYPES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise CellError(f"{name} must be {what}, got {value!r}")
+        if isinstance(self.targets, tuple) and not all(isinstance(t, str) for t in self.targets):
+            raise CellError(f"targets must be module names (strings), got {self.targets!r}")
+        if not all(isinstance(t, str) for t in self.modules_to_save):
+            raise CellError(f"modules_to_save must be module names (strings), got {self.modules_to_save!r}")
         if self.model not in MODELS and not is_byo(self.model):
             raise CellError(f"unknown model {self.model!r}; choose from {_choices(MODELS)} or hf:<dir or hub id>")
         if self.method not in METHODS:
@@ -133,6 +145,19 @@ class Cell:
         """Stable identity of the cell across runs (resume, compare, merge): a hash of every field."""
         blob = json.dumps(self.to_dict(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_INT, _NUM, _STR = (int,), (int, float), (str,)
+FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "model": (_STR, "a model name"), "method": (_STR, "a method name"),
+    "rank": ((int, type(None)), "a whole number"), "alpha": ((float, type(None)), "a number"),
+    "dropout": (_NUM, "a number"), "targets": ((tuple, str, type(None)), "a list of module names or a regex"),
+    "modules_to_save": ((tuple,), "a list of module names"),
+    **{k: (_INT, "a whole number") for k in ("batch_size", "grad_accum", "seq_len", "epochs", "warmup_epochs",
+                                             "samples", "eval_samples", "seed", "repeat")},
+    "lr": ((float,), "a number"), "device": (_STR, "a device name"), "dtype": (_STR, "a dtype name"),
+    "weights": (_STR, "random or pretrained"), "data": (_STR, "synthetic or a path"),
+}
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -224,3 +249,66 @@ def plan(
                 c = dataclasses.replace(cell, repeat=r)
                 cells.setdefault(c.key(), c)   # identical cells from overlapping presets run once
     return list(cells.values())
+
+
+def shard(cells: list[Cell], costs: list[float], k: int, n: int) -> list[Cell]:
+    """Cells of shard k (1-based) of n: every cell lands in exactly one shard, balanced by cost.
+
+    Greedy longest-processing-time: the costliest cell goes to the least loaded shard, ties broken
+    by the cell's key and the shard's index, so every machine computes the same partition.
+    """
+    if not 1 <= k <= n:
+        raise CellError(f"--shard {k}/{n}: K must be between 1 and N")
+    load = [0.0] * n
+    owner: dict[str, int] = {}
+    for cost, cell in sorted(zip(costs, cells), key=lambda ck: (-ck[0], ck[1].key())):
+        i = min(range(n), key=lambda j: (load[j], j))
+        load[i] += cost
+        owner[cell.key()] = i + 1
+    return [c for c in cells if owner[c.key()] == k]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise CellError(f"--shard must look like K/N (e.g. 2/4), got {text!r}") from None
+    if n < 1 or not 1 <= k <= n:
+        raise CellError(f"--shard {text}: need 1 <= K <= N")
+    return k, n
+
+
+# Keys a --config TOML file may hold, with their types; [settings] takes any Cell field.
+CONFIG_KEYS: dict[str, tuple[type, str]] = {
+    "preset": (list, "a list of preset names"), "models": (list, "a list of model names"),
+    "methods": (list, "a list of method names"), "ranks": (list, "a list of whole numbers"),
+    "repeat": (int, "a whole number"), "settings": (dict, "a table of cell settings"),
+}
+
+
+def load_config(path: str) -> dict[str, Any]:
+    """Read and validate a TOML config (tomllib: data only, nothing executed)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except FileNotFoundError:
+        raise CellError(f"--config {path}: no such file") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise CellError(f"--config {path}: not valid TOML ({e})") from None
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise CellError(f"--config {path}: unknown key(s) {', '.join(unknown)}; accepted: {_choices(CONFIG_KEYS)}")
+    for key, (kind, what) in CONFIG_KEYS.items():
+        if key in config and (isinstance(config[key], bool) or not isinstance(config[key], kind)):
+            raise CellError(f"--config {path}: {key} must be {what}, got {config[key]!r}")
+    if "ranks" in config and not all(isinstance(r, int) and not isinstance(r, bool) for r in config["ranks"]):
+        raise CellError(f"--config {path}: ranks must be a list of whole numbers, got {config['ranks']!r}")
+    bad = sorted(set(config.get("settings", {})) - set(CELL_FIELDS) - {"model", "method", "rank", "repeat"})
+    if bad:
+        raise CellError(f"--config {path}: unknown setting(s) {', '.join(bad)}; accepted: {_choices(CELL_FIELDS)}")
+    for key in ("model", "method", "rank", "repeat"):
+        if key in config.get("settings", {}):
+            raise CellError(f"--config {path}: {key} is an axis of the matrix, not a setting; use models/methods/ranks/repeat")
+    return config

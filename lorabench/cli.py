@@ -8,6 +8,7 @@ and the accepted values, exits with code 2, and writes nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -53,14 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
         "cell to OUT/<run-id>/results.jsonl as it ends, then write REPORT_DIR/<run-id>.md and print the "
         "comparison. With no arguments: the `quick` preset on the best device present."))
     m = run.add_argument_group("matrix")
-    m.add_argument("--preset", type=_csv, default=["quick"],
+    m.add_argument("--preset", type=_csv,
                    help=f"comma-separated presets to expand (default: quick; choices: {', '.join(PRESETS)})")
     m.add_argument("--models", type=_csv, help="models to run (replaces the preset's; see `lorabench list`)")
     m.add_argument("--methods", type=_csv, help="methods to run: full, lora, lora-reparam")
     m.add_argument("--ranks", type=_ranks, help="LoRA ranks, e.g. 1,8,64")
-    m.add_argument("--repeat", type=int, default=1, metavar="N", help="run each cell N times (spread across runs)")
+    m.add_argument("--repeat", type=int, metavar="N", help="run each cell N times (spread across runs; default 1)")
+    m.add_argument("--config", metavar="FILE.toml", help="TOML file with preset/models/methods/ranks/repeat and a "
+                   "[settings] table of cell fields; flags given on the command line override it")
+    m.add_argument("--shard", metavar="K/N", help="run only shard K of N (balanced by predicted cost); combine the "
+                   "shards' run directories with `lorabench merge`")
     s = run.add_argument_group("cell settings (override the preset)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda when torch sees a GPU (a ROCm build counts as cuda), else cpu")
     s.add_argument("--epochs", type=int, help="timed epochs per cell")
     s.add_argument("--warmup-epochs", type=int, help="untimed epochs before the timed ones")
@@ -79,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dry-run", action="store_true", help="build every cell, print counts and the plan, train nothing")
     o.add_argument("--cell-timeout", type=float, metavar="S", help="seconds after which a cell is killed (row: timeout)")
     o.add_argument("--strict", action="store_true", help="exit 1 when any cell did not finish ok")
+    o.add_argument("--resume", type=Path, metavar="RUN_DIR", help="finish an interrupted run: run only the cells of "
+                   "RUN_DIR/plan.json that have no row yet")
+    o.add_argument("--retry-failed", action="store_true", help="with --resume: also re-run cells whose row is not ok "
+                   "(their old rows are replaced)")
+    o.add_argument("--parallel", default="1", metavar="auto|N", help="cells at a time, one per visible GPU, each "
+                   "pinned by CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES (auto: one per GPU; the CPU runs one)")
+    o.add_argument("--cell-memory-limit", type=float, metavar="MIB", help="host memory (MiB) a cell's process may "
+                   "map beyond what it holds at its start (RLIMIT_AS); an allocation past it ends the cell as oom")
     o.add_argument("--start-method", choices=["forkserver", "spawn"], default="forkserver",
                    help="how each cell's fresh process starts (forkserver: forked from a clean server that "
                         "preloaded torch/transformers/peft; spawn: a new interpreter per cell)")
@@ -92,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("-o", "--output", type=Path, help="write the report to this file instead")
 
     sub.add_parser("list", help="list models, methods and presets", description="List the registries.")
+
+    mrg = sub.add_parser("merge", help="combine the run directories of shards into one run",
+                         description="Combine the results of `lorabench run --shard K/N` runs of one matrix into OUT, "
+                                     "refusing shards of different matrices or lorabench versions, then report it.")
+    mrg.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="run directories of the shards")
+    mrg.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="the merged run directory (new)")
+    mrg.add_argument("--report-dir", type=Path, default=Path("report"), help="report directory (default: report)")
     return parser
 
 
@@ -124,56 +144,172 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def _overrides(args: argparse.Namespace, device: str) -> dict[str, Any]:
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size,
              "samples": args.samples, "eval_samples": args.eval_samples, "seq_len": args.seq_len, "lr": args.lr,
              "alpha": args.alpha, "dtype": args.dtype, "weights": args.weights, "seed": args.seed}
-    return {"device": device, **{k: v for k, v in flags.items() if v is not None}}
+    return {k: v for k, v in flags.items() if v is not None}
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from . import report, results, runner
-    from .cells import CellError, plan
+MATRIX_FLAGS = ("preset", "models", "methods", "ranks", "repeat", "config", "shard", "device", "epochs",
+                "warmup_epochs", "batch_size", "samples", "eval_samples", "seq_len", "lr", "alpha", "dtype",
+                "weights", "seed")
+
+
+def _parallel(text: str, device: str) -> int:
+    import torch
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if text == "auto":
+        return max(gpus, 1)
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"--parallel must be auto or a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise UsageError(f"--parallel must be auto or a whole number >= 1, got {n}")
+    if n > 1 and device != "cuda":
+        raise UsageError("--parallel > 1 runs one cell per GPU; on the CPU, cells would share cores and distort "
+                         "each other's timings")
+    if n > 1 and n > gpus:
+        raise UsageError(f"--parallel {n}: only {gpus} GPU(s) visible")
+    return n
+
+
+def _control(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """Validated run-control options shared by new and resumed runs."""
+    if args.cell_timeout is not None and not args.cell_timeout > 0:
+        raise UsageError(f"--cell-timeout must be > 0 seconds, got {args.cell_timeout:g}")
+    if args.cell_memory_limit is not None and not args.cell_memory_limit > 0:
+        raise UsageError(f"--cell-memory-limit must be > 0 MiB, got {args.cell_memory_limit:g}")
+    _writable_dir(args.report_dir, "--report-dir")
+    return {"timeout_s": args.cell_timeout, "start_method": args.start_method,
+            "parallel": _parallel(args.parallel, device),
+            "memory_limit_bytes": int(args.cell_memory_limit * 2 ** 20) if args.cell_memory_limit else None}
+
+
+def _inspect_all(cells) -> list:
+    """Exact counts for every cell, built on the meta device; an unbuildable cell is bad input."""
+    from . import runner
     from .methods import MethodError
     from .models import ModelError
 
-    device = resolve_device(args.device)
-    try:
-        cells = plan(args.preset, args.models, args.methods, args.ranks, _overrides(args, device), args.repeat)
-    except CellError as e:
-        raise UsageError(str(e)) from None
-    if args.cell_timeout is not None and not args.cell_timeout > 0:
-        raise UsageError(f"--cell-timeout must be > 0 seconds, got {args.cell_timeout:g}")
-    _writable_dir(args.out, "--out")
-    _writable_dir(args.report_dir, "--report-dir")
-    if not args.dry_run:
-        runner.start_workers(args.start_method)   # its imports overlap with the model builds below
     counts = {}
-    for cell in cells:   # builds on the meta device: refuses unbuildable cells before anything is written
+    for cell in cells:
         shape = (cell.model, cell.method, cell.rank, cell.targets, cell.modules_to_save)
         if shape not in counts:
             try:
                 counts[shape] = runner.inspect(cell)
             except (ModelError, MethodError) as e:
                 raise UsageError(str(e)) from None
-    params = [counts[(c.model, c.method, c.rank, c.targets, c.modules_to_save)] for c in cells]
+    return [counts[(c.model, c.method, c.rank, c.targets, c.modules_to_save)] for c in cells]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import environment, report, results, runner
+    from .cells import CellError, load_config, parse_shard, plan, shard
+
+    if args.resume is not None:
+        return _resume(args)
+    if args.retry_failed:
+        raise UsageError("--retry-failed goes with --resume RUN_DIR")
+    try:
+        config = load_config(args.config) if args.config else {}
+        settings = dict(config.get("settings", {}))
+        device = resolve_device(args.device or settings.pop("device", None) or "auto")
+        repeat = args.repeat if args.repeat is not None else config.get("repeat", 1)
+        cells = plan(args.preset or config.get("preset") or ["quick"], args.models or config.get("models"),
+                     args.methods or config.get("methods"), args.ranks or config.get("ranks"),
+                     {**settings, **_overrides(args), "device": device}, repeat)
+        k_n = parse_shard(args.shard) if args.shard else None
+    except CellError as e:
+        raise UsageError(str(e)) from None
+    control = _control(args, device)
+    _writable_dir(args.out, "--out")
+    if not args.dry_run:
+        runner.start_workers(args.start_method, cells)   # its imports overlap with the model builds below
+    params = _inspect_all(cells)
+    matrix_id = runner.matrix_id(cells)
+    if k_n:
+        chosen = {c.key() for c in shard(cells, [runner.predicted_cost(c, p) for c, p in zip(cells, params)], *k_n)}
+        params = [p for c, p in zip(cells, params) if c.key() in chosen]
+        matrix, cells = cells, [c for c in cells if c.key() in chosen]
+    else:
+        matrix = cells
     if args.dry_run:
-        print(report.plan_table(cells, params))
-        print(f"\n{len(cells)} cells on {device}; dry run: nothing trained, nothing written.")
+        print(report.plan_table(cells, params) if cells else "(this shard has no cells)")
+        where = f", shard {args.shard} of a {len(matrix)}-cell matrix" if k_n else ""
+        print(f"\n{len(cells)} cells on {device}{where}; dry run: nothing trained, nothing written.")
         return EXIT_OK
 
     run_id = results.new_run_id()
     run_dir = args.out / run_id
     run_dir.mkdir(parents=True)
-    results.write_json(run_dir / "plan.json", {"run_id": run_id, "argv": sys.argv[1:], "cells": [c.to_dict() for c in cells]})
+    with results.RunLock(run_dir):
+        results.write_json(run_dir / results.PLAN_FILE, {
+            "run_id": run_id, "argv": sys.argv[1:], "matrix_id": matrix_id, "shard": args.shard,
+            "lorabench_commit": environment.project_commit(),
+            "cells": [c.to_dict() for c in cells], "matrix": [c.to_dict() for c in matrix]})
+        return _execute(args, cells, run_dir, run_id, control)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from . import results
+    from .cells import Cell, CellError
+
+    given = [f"--{f.replace('_', '-')}" for f in MATRIX_FLAGS if getattr(args, f) is not None]
+    if given or args.dry_run:
+        raise UsageError(f"--resume takes its cells from RUN_DIR/{results.PLAN_FILE}; drop {', '.join(given) or '--dry-run'}")
+    run_dir = args.resume
+    plan_path = run_dir / results.PLAN_FILE
+    if not plan_path.is_file():
+        raise UsageError(f"--resume {run_dir}: no {results.PLAN_FILE} here; pass a run directory made by `lorabench run`")
+    try:
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+        cells = [Cell.from_dict(c) for c in plan["cells"]]
+    except (ValueError, KeyError, TypeError, CellError) as e:
+        raise UsageError(f"--resume {run_dir}: unreadable {results.PLAN_FILE} ({e})") from None
+    device = cells[0].device if cells else "cpu"
+    if device == "cuda":
+        resolve_device("cuda")
+    control = _control(args, device)
+    try:
+        lock = results.RunLock(run_dir).__enter__()
+    except results.RunDirLocked as e:
+        raise UsageError(str(e)) from None
+    try:
+        if lock.took_over:
+            print(f"lorabench: took over the lock of {lock.took_over}, which is no longer running", file=sys.stderr)
+        rows, warnings = results.read_rows(run_dir) if (run_dir / results.RESULTS_FILE).exists() else ([], [])
+        for w in warnings:
+            print(f"lorabench: warning: {w}", file=sys.stderr)
+        keep = [r for r in results.final_rows(rows).values() if not (args.retry_failed and r["status"] != "ok")]
+        if warnings or len(keep) != len(rows):
+            results.rewrite_rows(run_dir, keep)   # drop a torn line and replaced rows before appending
+        done = {r["cell_key"] for r in keep}
+        todo = [c for c in cells if c.key() not in done]
+        print(f"lorabench: resuming {run_dir}: {len(done)} of {len(cells)} cells have rows, {len(todo)} to run",
+              file=sys.stderr)
+        if todo:
+            from . import runner
+            runner.start_workers(args.start_method, todo)
+        return _execute(args, todo, run_dir, plan["run_id"], control)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _execute(args: argparse.Namespace, cells, run_dir: Path, run_id: str, control: dict[str, Any]) -> int:
+    """Run `cells` into run_dir, then report every row of the run directory."""
+    from . import report, results, runner
+
     progress = {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
+    device = cells[0].device if cells else "cpu"
     print(f"lorabench: {len(cells)} cells on {device} -> {run_dir}", file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        rows = runner.run_matrix(cells, run_dir, run_id, progress=progress, timeout_s=args.cell_timeout,
-                                 start_method=args.start_method)
+        runner.run_matrix(cells, run_dir, run_id, progress=progress, **control)
     except KeyboardInterrupt:
-        print(f"\nlorabench: interrupted; finished cells are in {run_dir / results.RESULTS_FILE}", file=sys.stderr)
+        print(f"\nlorabench: interrupted; every finished cell is in {run_dir / results.RESULTS_FILE}.\n"
+              f"Resume with: lorabench run --resume {run_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
     rows, warnings = results.read_rows(run_dir)   # the report comes from the results file alone
     args.report_dir.mkdir(parents=True, exist_ok=True)
@@ -181,9 +317,61 @@ def cmd_run(args: argparse.Namespace) -> int:
     report_path.write_text(report.render(rows, warnings), encoding="utf-8")
     print(report.summary(rows))
     failed = sum(r["status"] != "ok" for r in rows)
-    print(f"{len(rows)} cells in {time.perf_counter() - t0:.1f} s ({failed} not ok). "
+    print(f"{len(cells)} cells in {time.perf_counter() - t0:.1f} s; the run has {len(rows)} rows, {failed} not ok. "
           f"Results: {run_dir / results.RESULTS_FILE}  Report: {report_path}")
     return EXIT_FAILED_CELLS if (args.strict and failed) else EXIT_OK
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from . import report, results
+
+    out = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out}: exists and is not an empty directory; merge into a new one")
+    _writable_dir(out.parent, "--out")
+    _writable_dir(args.report_dir, "--report-dir")
+    plans, rows = [], []
+    for d in args.dirs:
+        try:
+            plans.append(json.loads((d / results.PLAN_FILE).read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            raise UsageError(f"{d}: no readable {results.PLAN_FILE}; pass run directories made by `lorabench run --shard`") from None
+        shard_rows, warnings = results.read_rows(d) if (d / results.RESULTS_FILE).exists() else ([], [])
+        for w in warnings:
+            print(f"lorabench: warning: {w}", file=sys.stderr)
+        rows.append(list(results.final_rows(shard_rows).values()))
+    for d, p in zip(args.dirs[1:], plans[1:]):
+        if p.get("matrix_id") != plans[0].get("matrix_id"):
+            raise UsageError(f"{d} ran a different matrix than {args.dirs[0]} ({p.get('matrix_id')} vs "
+                             f"{plans[0].get('matrix_id')}); merge only shards of one matrix")
+        if p.get("lorabench_commit") != plans[0].get("lorabench_commit"):
+            raise UsageError(f"{d} was made by lorabench {p.get('lorabench_commit')} and {args.dirs[0]} by "
+                             f"{plans[0].get('lorabench_commit')}; merge only shards of one code version")
+    owner: dict[str, Path] = {}
+    for d, shard_rows in zip(args.dirs, rows):
+        for r in shard_rows:
+            if r["cell_key"] in owner:
+                raise UsageError(f"cell {r['cell']['model']} {r['label']} is in both {owner[r['cell_key']]} and {d}; "
+                                 "were the shards of one --shard K/N split?")
+            owner[r["cell_key"]] = d
+    matrix = plans[0]["matrix"]
+    from .cells import Cell
+    order = {Cell.from_dict(c).key(): i for i, c in enumerate(matrix)}
+    merged = sorted((r for shard_rows in rows for r in shard_rows), key=lambda r: order.get(r["cell_key"], len(order)))
+    missing = len(set(order) - set(owner))
+    out.mkdir(parents=True, exist_ok=True)
+    results.rewrite_rows(out, merged)
+    results.write_json(out / results.PLAN_FILE, {**plans[0], "run_id": out.name, "shard": None, "cells": matrix,
+                                                 "merged_from": [str(d) for d in args.dirs]})
+    env = next((d / results.ENVIRONMENT_FILE for d in args.dirs if (d / results.ENVIRONMENT_FILE).exists()), None)
+    if env is not None:
+        (out / results.ENVIRONMENT_FILE).write_text(env.read_text(encoding="utf-8"), encoding="utf-8")
+    args.report_dir.mkdir(parents=True, exist_ok=True)
+    report_path = args.report_dir / f"{out.name}.md"
+    report_path.write_text(report.render(merged), encoding="utf-8")
+    print(f"merged {len(args.dirs)} shards: {len(merged)} of {len(matrix)} cells"
+          + (f" ({missing} cells have no row in any shard)" if missing else "") + f" -> {out}; report {report_path}")
+    return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -231,7 +419,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "list": cmd_list}
+COMMANDS = {"run": cmd_run, "report": cmd_report, "list": cmd_list, "merge": cmd_merge}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,8 @@ cell ends. A child that dies without reporting becomes a `crashed` row naming th
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import resource
 import signal
 import sys
 import time
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 import torch
 
 from . import data as data_mod
@@ -33,7 +36,8 @@ from .train import EpochRecord, fit
 
 START_METHODS = ("forkserver", "spawn")
 # Imported once by the fork server; every cell process starts with them already loaded.
-PRELOAD = ["torch", "lorabench.runner", "peft", "transformers.models.bert.modeling_bert"]
+PRELOAD = ["torch", "lorabench.runner"]
+PRELOAD_HF = ["peft", "transformers.models.bert.modeling_bert"]   # ~4 s on 2 cores: only when a cell needs them
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,6 +48,20 @@ def inspect(cell: Cell) -> ParamCount:
     with torch.device("meta"):
         bundle = models.build(cell.model, "random")
         return methods.apply(bundle, cell).params
+
+
+def matrix_id(cells: list[Cell]) -> str:
+    """Identity of a whole matrix (before sharding): shards of one matrix share it."""
+    import hashlib
+    return hashlib.sha256("\n".join(c.key() for c in cells).encode()).hexdigest()[:16]
+
+
+def predicted_cost(cell: Cell, params: ParamCount) -> float:
+    """Training FLOPs of the cell, roughly: 2N per token forward, plus 4N backward for full
+    fine-tuning, or 2N (activation gradients only) + 4 x trainable for LoRA. Used to balance shards."""
+    tokens = cell.seq_len if cell.model != "cifar-mlp" else 1
+    per_token = 6 * params.total if cell.method == "full" else 4 * params.total + 2 * params.trainable
+    return float(per_token) * tokens * cell.samples * (cell.epochs + cell.warmup_epochs)
 
 
 # ---- the child: one cell -------------------------------------------------------------------
@@ -90,7 +108,10 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
 
 
 def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError))
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    # torch's CPU allocator raises a plain RuntimeError when malloc fails
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 
 def _fit_metrics(f) -> dict[str, Any]:
@@ -122,15 +143,26 @@ def quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft)(\.|$)")
 
 
-def start_workers(method: str) -> None:
+def start_workers(method: str, cells: list[Cell]) -> None:
     """Start the fork server now, so its imports overlap with the parent's own work."""
     if method == "forkserver":
         from multiprocessing import forkserver
-        mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
+        needs_hf = any(c.model != "cifar-mlp" or c.method == "lora" for c in cells)
+        mp.get_context("forkserver").set_forkserver_preload(PRELOAD + (PRELOAD_HF if needs_hf else []))
         forkserver.ensure_running()
 
 
-def _child(cell_dict: dict[str, Any], conn) -> None:
+def _child(cell_dict: dict[str, Any], conn, options: dict[str, Any]) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides what happens to this cell.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for var, value in options.get("env", {}).items():   # pin the device before CUDA initialises
+        os.environ[var] = value
+    if options.get("memory_limit_bytes"):
+        # Address space this cell may add beyond what it already maps (libraries, the interpreter):
+        # an allocation past it fails in the cell, which records an `oom` row.
+        vms = psutil.Process().memory_info().vms
+        limit = vms + options["memory_limit_bytes"]
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     quiet_library_warnings()
     try:
         cell = Cell.from_dict(cell_dict)
@@ -179,50 +211,92 @@ class Progress:
             self.cells.close()
 
 
-def run_cell(cell: Cell, progress: Progress, timeout_s: float | None = None,
-             start_method: str = "forkserver") -> dict[str, Any]:
-    """Run `cell` in a fresh child; always return a row body (status, error, metrics, environment)."""
-    ctx = mp.get_context(start_method)
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(cell.to_dict(), send), name=f"lorabench-{cell.key()}")
-    proc.start()
-    send.close()   # the child holds the only writer: EOF on `recv` means it is gone
-    body, started = None, time.monotonic()
+def _oom_kills() -> int | None:
+    """The cgroup's count of OOM-killer kills (cgroup v2), or None where it cannot be read."""
     try:
-        while body is None:
-            if timeout_s is not None and time.monotonic() - started > timeout_s:
-                proc.kill()
-                body = _failure("timeout", "TimeoutError", f"cell exceeded its {timeout_s:g} s limit")
-                break
-            if recv.poll(0.2):
-                try:
-                    msg = recv.recv()
-                except EOFError:
-                    break
-                if msg[0] == "epoch":
-                    progress.epoch(msg[1])
-                else:
-                    body = msg[1]
-            elif not proc.is_alive():
-                if not recv.poll(0):
-                    break
-        proc.join()
-    finally:
-        if proc.is_alive():   # interrupted (Ctrl-C) or timed out: leave no orphan behind
-            proc.kill()
-            proc.join()
-        recv.close()
-    if body is None:
-        code = proc.exitcode
+        for line in open("/sys/fs/cgroup/memory.events", encoding="ascii"):
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class CellProcess:
+    """One cell in a fresh child process; `poll()` until it returns the row body."""
+
+    def __init__(self, cell: Cell, *, start_method: str = "forkserver", timeout_s: float | None = None,
+                 env: dict[str, str] | None = None, memory_limit_bytes: int | None = None,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None):
+        self.cell, self.timeout_s, self.on_epoch = cell, timeout_s, on_epoch
+        ctx = mp.get_context(start_method)
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._oom_before = _oom_kills()
+        options = {"env": env or {}, "memory_limit_bytes": memory_limit_bytes}
+        self.proc = ctx.Process(target=_child, args=(cell.to_dict(), send, options), name=f"lorabench-{cell.key()}")
+        self.proc.start()   # the first start under forkserver waits for the server to boot: not the cell's time
+        self.started = time.monotonic()
+        send.close()   # the child holds the only writer: EOF on the pipe means it is gone
+        self.body: dict[str, Any] | None = None
+
+    def poll(self, wait_s: float = 0.2) -> dict[str, Any] | None:
+        """Handle the child's messages for up to `wait_s`; the row body once the cell has ended."""
+        if self.body is not None:
+            return self.body
+        if self.timeout_s is not None and time.monotonic() - self.started > self.timeout_s:
+            self.kill()
+            self.body = _failure("timeout", "TimeoutError", f"cell exceeded its {self.timeout_s:g} s limit")
+            return self.body
+        if self._recv.poll(wait_s):
+            try:
+                msg = self._recv.recv()
+            except EOFError:
+                return self._ended()
+            if msg[0] == "epoch":
+                if self.on_epoch:
+                    self.on_epoch(msg[1])
+                return None
+            self.body = msg[1]
+            self.proc.join()
+            self._recv.close()
+            return self.body
+        if not self.proc.is_alive() and not self._recv.poll(0):
+            return self._ended()
+        return None
+
+    def _ended(self) -> dict[str, Any]:
+        """The child is gone without a result: say how it died."""
+        self.proc.join()
+        self._recv.close()
+        code = self.proc.exitcode
         if code is not None and code < 0:
             name = signal.Signals(-code).name
-            status = "oom" if -code == signal.SIGKILL else "crashed"
-            msg = f"the cell's process died from {name}" + (
-                " (SIGKILL: most often the kernel's out-of-memory killer)" if -code == signal.SIGKILL else "")
-            body = _failure(status, name, msg)
+            after = _oom_kills()
+            if -code == signal.SIGKILL and after is not None and self._oom_before is not None and after > self._oom_before:
+                self.body = _failure("oom", name, "killed by the kernel's out-of-memory killer (cgroup oom_kill count rose)")
+            else:
+                self.body = _failure("crashed", name, f"the cell's process died from {name}")
         else:
-            body = _failure("crashed", "ProcessExit", f"the cell's process exited with code {code} without a result")
-    return body
+            self.body = _failure("crashed", "ProcessExit", f"the cell's process exited with code {code} without a result")
+        return self.body
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join()
+        self._recv.close()
+
+
+def run_cell(cell: Cell, **options) -> dict[str, Any]:
+    """Run one cell in a fresh child and wait for its row body."""
+    cp = CellProcess(cell, **options)
+    try:
+        while (body := cp.poll()) is None:
+            pass
+        return body
+    finally:
+        cp.kill()
 
 
 def _failure(status: str, kind: str, message: str) -> dict[str, Any]:
@@ -235,23 +309,50 @@ def make_row(run_id: str, cell: Cell, body: dict[str, Any], wall_s: float) -> di
             "label": cell.label, "wall_s": wall_s, **body}
 
 
-def run_matrix(cells: list[Cell], run_dir: Path, run_id: str, *, progress: bool,
-               timeout_s: float | None = None, start_method: str = "forkserver") -> list[dict[str, Any]]:
-    """Run every cell, appending each row to run_dir/results.jsonl the moment it ends."""
-    bar = Progress(len(cells), progress)
+def pinning(device: str, slots: int) -> list[dict[str, str]]:
+    """Environment for each parallel slot: one visible GPU each, by the variable of the platform."""
+    if device != "cuda" or slots <= 1:
+        return [{}] * max(slots, 1)
+    var = "HIP_VISIBLE_DEVICES" if torch.version.hip else "CUDA_VISIBLE_DEVICES"
+    inherited = os.environ.get(var)
+    ids = [i.strip() for i in inherited.split(",")] if inherited else [str(i) for i in range(slots)]
+    return [{var: ids[i]} for i in range(slots)]
+
+
+def run_matrix(cells: list[Cell], run_dir: Path, run_id: str, *, progress: bool, timeout_s: float | None = None,
+               start_method: str = "forkserver", parallel: int = 1, memory_limit_bytes: int | None = None,
+               ) -> list[dict[str, Any]]:
+    """Run every cell, at most `parallel` at a time (one per pinned GPU), appending each row to
+    run_dir/results.jsonl the moment it ends. Interrupting (Ctrl-C) kills the running cells."""
+    bar = Progress(len(cells), progress and parallel == 1)
+    slots = pinning(cells[0].device if cells else "cpu", parallel)
+    free = list(range(len(slots)))
+    pending = list(enumerate(cells, 1))
+    running: dict[int, tuple[CellProcess, float]] = {}
     rows = []
     try:
-        for k, cell in enumerate(cells, 1):
-            bar.cell_started(k, cell)
-            t0 = time.perf_counter()
-            body = run_cell(cell, bar, timeout_s, start_method)
-            row = make_row(run_id, cell, body, time.perf_counter() - t0)
-            results.append_row(run_dir, row)
-            if k == 1 or not (run_dir / results.ENVIRONMENT_FILE).exists():
-                if row["environment"]:
+        while pending or running:
+            while pending and free:
+                slot = free.pop(0)
+                k, cell = pending.pop(0)
+                bar.cell_started(k, cell)
+                cp = CellProcess(cell, start_method=start_method, timeout_s=timeout_s, env=slots[slot],
+                                 memory_limit_bytes=memory_limit_bytes, on_epoch=bar.epoch)
+                running[slot] = (cp, cp.started)
+            for slot, (cp, t0) in list(running.items()):
+                body = cp.poll(0.2 / len(running))
+                if body is None:
+                    continue
+                del running[slot]
+                free.append(slot)
+                row = make_row(run_id, cp.cell, body, time.monotonic() - t0)
+                results.append_row(run_dir, row)
+                if row["environment"] and not (run_dir / results.ENVIRONMENT_FILE).exists():
                     results.write_json(run_dir / results.ENVIRONMENT_FILE, row["environment"])
-            rows.append(row)
-            bar.cell_done()
+                rows.append(row)
+                bar.cell_done()
     finally:
+        for cp, _ in running.values():   # interrupted: leave no orphan behind
+            cp.kill()
         bar.close()
     return rows

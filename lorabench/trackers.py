@@ -15,7 +15,6 @@ import threading
 from typing import Any
 
 import psutil
-import torch
 
 UNAVAILABLE = "unavailable: "
 
@@ -108,7 +107,7 @@ class TorchAllocator(Tracker):
     neither includes the CUDA context, which only the driver (NVML / amdsmi) sees.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device):   # a torch.device
         self.device = device
         self.baseline = 0
         self.peak_allocated = self.peak_reserved = None
@@ -116,6 +115,7 @@ class TorchAllocator(Tracker):
     def start(self) -> None:
         if self.device.type != "cuda":
             return
+        import torch
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self.baseline = torch.cuda.memory_allocated(self.device)
@@ -123,7 +123,11 @@ class TorchAllocator(Tracker):
     def stop(self) -> None:
         if self.device.type != "cuda":
             return
-        torch.cuda.synchronize(self.device)
+        import torch
+        try:
+            torch.cuda.synchronize(self.device)
+        except RuntimeError:   # after a device error the readings below are still what we have
+            pass
         self.peak_allocated = torch.cuda.max_memory_allocated(self.device)
         self.peak_reserved = torch.cuda.max_memory_reserved(self.device)
 

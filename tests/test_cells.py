@@ -23,7 +23,7 @@ def test_lora_scale_defaults_to_one_and_honours_alpha():
     ({"method": "lora"}, "needs a rank"),
     ({"method": "lora", "rank": 0}, "rank must be a whole number >= 1, got 0"),
     ({"method": "lora", "rank": -3}, "rank must be a whole number >= 1"),
-    ({"method": "lora", "rank": 2.5}, "rank must be a whole number >= 1"),
+    ({"method": "lora", "rank": 2.5}, "rank must be a whole number, got 2.5"),
     ({"epochs": 0}, "epochs must be a whole number >= 1, got 0"),
     ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
     ({"warmup_epochs": -1}, "warmup_epochs must be a whole number >= 0"),

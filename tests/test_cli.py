@@ -27,6 +27,17 @@ BAD = [
     (["run", "--bogus"], "unrecognized arguments: --bogus"),
     (["report", "no-such-run"], "no results.jsonl here"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["run", "--config", "missing.toml"], "--config missing.toml: no such file"),
+    (["run", "--retry-failed"], "--retry-failed goes with --resume RUN_DIR"),
+    (["run", "--resume", "nowhere"], "--resume nowhere: no plan.json here"),
+    (["run", "--shard", "3/2"], "--shard 3/2: need 1 <= K <= N"),
+    (["run", "--shard", "half"], "--shard must look like K/N"),
+    (["run", "--parallel", "0"], "--parallel must be auto or a whole number >= 1, got 0"),
+    (["run", "--parallel", "many"], "--parallel must be auto or a whole number >= 1, got 'many'"),
+    (["run", "--parallel", "2", "--device", "cpu"], "--parallel > 1 runs one cell per GPU"),
+    (["run", "--cell-memory-limit", "-5"], "--cell-memory-limit must be > 0 MiB"),
+    (["run", "--models", "bert-tiny", "--methods", "lora", "--ranks", "4", "--seq-len", "0"], "seq_len must be a whole number >= 1"),
+    (["merge", "nowhere", "--out", "m"], "nowhere: no readable plan.json"),
 ]
 
 
@@ -81,3 +92,60 @@ def test_help_everywhere(capsys):
             main(argv)
         assert e.value.code == 0
         assert "usage: lorabench" in capsys.readouterr().out
+
+
+CONFIGS = [
+    ('models = "cifar-mlp"\n', "models must be a list of model names, got 'cifar-mlp'"),
+    ("ranks = [1, 2.5]\n", "ranks must be a list of whole numbers"),
+    ("epochs = 3\n", "unknown key(s) epochs; accepted: methods, models, preset, ranks, repeat, settings"),
+    ("[settings]\nepochz = 3\n", "unknown setting(s) epochz"),
+    ("[settings]\nepochs = \"three\"\n", "epochs must be a whole number, got 'three'"),
+    ("[settings]\ndropout = \"x\"\n", "dropout must be a number, got 'x'"),
+    ("[settings]\nrank = 4\n", "rank is an axis of the matrix"),
+    ("models = [\n", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("text, message", CONFIGS)
+def test_bad_config_files_are_refused_in_one_line(cli, in_tmp, text, message):
+    (in_tmp / "c.toml").write_text(text)
+    code, out, err = cli("run", "--config", "c.toml")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert files_under(in_tmp) == ["c.toml"]
+
+
+def test_config_file_sets_the_matrix_and_flags_override_it(cli, in_tmp):
+    (in_tmp / "c.toml").write_text('models = ["cifar-mlp"]\nmethods = ["full", "lora-reparam"]\nranks = [1, 4]\n'
+                                   '[settings]\nbatch_size = 8\nsamples = 64\nepochs = 3\n')
+    code, out, err = cli("run", "--config", "c.toml", "--dry-run", "--epochs", "5")
+    assert code == 0, err
+    assert "lora-reparam r=4" in out and "| 0+5" not in out and "| 1+5" in out and "|       8 |" in out
+    assert "3 cells on cpu" in out
+
+
+def test_resume_refuses_matrix_flags(cli, in_tmp):
+    (in_tmp / "r").mkdir()
+    code, out, err = cli("run", "--resume", "r", "--models", "bert-tiny")
+    assert code == 2 and "--resume takes its cells from RUN_DIR/plan.json; drop --models" in err
+
+
+def test_dry_run_of_a_shard_shows_only_its_cells(cli):
+    counts = []
+    for k in (1, 2, 3):
+        code, out, err = cli("run", "--dry-run", "--shard", f"{k}/3")
+        assert code == 0
+        counts.append(int(out.strip().splitlines()[-1].split()[0]))
+    assert sum(counts) == 6 and all(c >= 1 for c in counts)
+
+
+def test_parallel_pins_one_gpu_per_slot(monkeypatch):
+    from lorabench import runner
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(runner.torch.version, "hip", None)
+    assert runner.pinning("cuda", 2) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa,GPU-bbb")   # UUIDs are passed through as given
+    assert runner.pinning("cuda", 2) == [{"CUDA_VISIBLE_DEVICES": "GPU-aaa"}, {"CUDA_VISIBLE_DEVICES": "GPU-bbb"}]
+    monkeypatch.setattr(runner.torch.version, "hip", "6.2")
+    monkeypatch.delenv("HIP_VISIBLE_DEVICES", raising=False)
+    assert runner.pinning("cuda", 2) == [{"HIP_VISIBLE_DEVICES": "0"}, {"HIP_VISIBLE_DEVICES": "1"}]
+    assert runner.pinning("cpu", 1) == [{}]
