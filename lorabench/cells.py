@@ -58,6 +58,8 @@ class Cell:
     seed: int = 0
     weights: str = "random"           # "random": built from the configuration; "pretrained": from_pretrained
     data: str = "synthetic"           # "synthetic" or a path to a local data set
+    task: str | None = None           # hf: models only, when the task cannot be inferred
+    pretrain_epochs: int = 0          # train the base in full this long before the method (seed 002), untimed
     repeat: int = 0                   # index of a repetition of the same cell (--repeat N)
 
     def __post_init__(self) -> None:
@@ -98,6 +100,13 @@ class Cell:
         for name in ("batch_size", "grad_accum", "seq_len", "epochs", "samples", "eval_samples"):
             _positive_int(name, getattr(self, name))
         _nonnegative_int("warmup_epochs", self.warmup_epochs)
+        _nonnegative_int("pretrain_epochs", self.pretrain_epochs)
+        if self.task is not None:
+            from .models import TASKS
+            if self.task not in TASKS:
+                raise CellError(f"unknown task {self.task!r}; choose from {_choices(TASKS)}")
+            if not is_byo(self.model):
+                raise CellError(f"--task applies to hf: models only; {self.model} knows its task")
         _nonnegative_int("repeat", self.repeat)
         _nonnegative_int("seed", self.seed)
         if self.samples < self.batch_size * self.grad_accum:
@@ -157,6 +166,7 @@ FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
                                              "samples", "eval_samples", "seed", "repeat")},
     "lr": ((float,), "a number"), "device": (_STR, "a device name"), "dtype": (_STR, "a dtype name"),
     "weights": (_STR, "random or pretrained"), "data": (_STR, "synthetic or a path"),
+    "task": ((str, type(None)), "a task name"), "pretrain_epochs": (_INT, "a whole number"),
 }
 
 
@@ -171,6 +181,8 @@ def _nonnegative_int(name: str, value: Any) -> None:
 
 
 CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
+# Settings of the adapter: a matrix leaves them out of its full fine-tuning cells.
+LORA_FIELDS = ("alpha", "dropout", "targets", "modules_to_save")
 
 
 @dataclass(frozen=True)
@@ -187,18 +199,53 @@ class Matrix:
         if lora_methods and not self.ranks:
             raise CellError(f"methods {', '.join(lora_methods)} need at least one rank (--ranks)")
         out = []
+        full_settings = {k: v for k, v in self.settings.items() if k not in LORA_FIELDS}
         for model in self.models:
             for method in self.methods:
                 for rank in ([None] if method == "full" else self.ranks):
-                    out.append(Cell(model=model, method=method, rank=rank, **self.settings))
+                    settings = full_settings if method == "full" else self.settings
+                    out.append(Cell(model=model, method=method, rank=rank, **settings))
         return out
 
 
 # Settings of the CPU default: small synthetic data so the whole matrix runs in about a minute.
 QUICK = {"batch_size": 32, "samples": 512, "eval_samples": 256, "seq_len": 64, "epochs": 2, "warmup_epochs": 1}
 
+# Seed 002: batch 8, Adam 1e-3, the full CIFAR-10 train/test split; 2 epochs from scratch (a
+# warm-up, then a timed one), then LoRA rank 1, alpha 1 continued from those trained weights.
+SEED_CIFAR = {"batch_size": 8, "samples": 50000, "eval_samples": 10000, "lr": 1e-3, "epochs": 1, "warmup_epochs": 1}
+
+# Seed 003 (slides): BERT-Tiny and BERT-Base, full vs LoRA r=8 (PEFT defaults: query, value), 5
+# epochs. The slides give no learning rate or data size: the HF Trainer's default 5e-5 for full
+# fine-tuning, 5e-4 for LoRA (adapters start at zero and need a larger step), 4,096 samples.
+SEED_BERT = {"batch_size": 32, "seq_len": 128, "samples": 4096, "eval_samples": 1024, "epochs": 4, "warmup_epochs": 1}
+
+# Seed 001: Bloom 1b4 (zh), LoraConfig(r=8 default, alpha 8 default, target regex on the blocks
+# whose index starts with 1, modules_to_save=["word_embeddings"]), batch 1 x 8 accumulated, 256
+# tokens, lr 5e-5 (Trainer default). The seed trains one epoch; an untimed warm-up epoch is added.
+SEED_BLOOM = {"batch_size": 1, "grad_accum": 8, "seq_len": 256, "samples": 512, "eval_samples": 64, "lr": 5e-5,
+              "epochs": 1, "warmup_epochs": 1, "alpha": 8.0, "targets": r".*\.1.*query_key_value",
+              "modules_to_save": ("word_embeddings",)}
+
+RANKS = (1, 2, 4, 8, 16, 32, 64)
+
 PRESETS: dict[str, tuple[Matrix, ...]] = {
     "quick": (Matrix(("cifar-mlp", "bert-tiny"), ("full", "lora"), (2, 8), QUICK),),
+    "seed-cifar-mlp": (
+        Matrix(("cifar-mlp",), ("full",), (), SEED_CIFAR),
+        Matrix(("cifar-mlp",), ("lora-reparam",), (1,), {**SEED_CIFAR, "alpha": 1.0, "pretrain_epochs": 2}),
+    ),
+    "seed-bert": (
+        Matrix(("bert-tiny", "bert-base"), ("full",), (), {**SEED_BERT, "lr": 5e-5}),
+        Matrix(("bert-tiny", "bert-base"), ("lora",), (8,), {**SEED_BERT, "lr": 5e-4}),
+    ),
+    "seed-bloom": (Matrix(("bloom-1b4-zh",), ("lora",), (8,), SEED_BLOOM),),
+    # Every rank against full fine-tuning. The MLP's head has 10 outputs, which caps a rank on it
+    # at 10: its sweep adapts the two hidden layers (fc1, fc2) at every rank instead.
+    "ranks": (
+        Matrix(("bert-tiny", "bert-base"), ("full", "lora"), RANKS, QUICK),
+        Matrix(("cifar-mlp",), ("full", "lora"), RANKS, {**QUICK, "targets": ("fc1", "fc2")}),
+    ),
 }
 
 

@@ -75,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, help="tokens per sample (text models)")
     s.add_argument("--lr", type=float, help="Adam learning rate")
     s.add_argument("--alpha", type=float, help="LoRA alpha (default: equal to the rank, scale 1)")
+    s.add_argument("--dropout", type=float, help="LoRA dropout (PEFT)")
+    s.add_argument("--targets", type=_csv, help="LoRA target modules, comma-separated names (PEFT's rule: a module "
+                   "matches when its name equals one or ends with '.'+one); default: the model's")
+    s.add_argument("--target-regex", help="LoRA targets as one regex matched against whole module names "
+                   r"(seed 001: '.*\.1.*query_key_value')")
+    s.add_argument("--modules-to-save", type=_csv, help="modules trained in full beside the adapters (PEFT)")
+    s.add_argument("--pretrain-epochs", type=int, help="train the base in full this many epochs before the method, "
+                   "untimed (seed 002 continues LoRA from trained weights)")
+    s.add_argument("--data", help="synthetic (default), a CIFAR-10 directory, a .csv/.jsonl with text,label, or a "
+                   ".jsonl with instruction,input,output")
+    s.add_argument("--download", action="store_true", help="download CIFAR-10 into --data DIR first (needs a network)")
+    s.add_argument("--task", choices=["sequence-classification", "causal-lm"],
+                   help="task of an hf: model when it cannot be inferred from its configuration")
     s.add_argument("--dtype", choices=DTYPES)
     s.add_argument("--weights", choices=WEIGHTS, help="random (from the configuration, default) or pretrained")
     s.add_argument("--seed", type=int)
@@ -90,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(their old rows are replaced)")
     o.add_argument("--parallel", default="1", metavar="auto|N", help="cells at a time, one per visible GPU, each "
                    "pinned by CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES (auto: one per GPU; the CPU runs one)")
+    o.add_argument("--force", action="store_true", help="run cells predicted not to fit in free memory (otherwise "
+                   "they are recorded as skipped)")
     o.add_argument("--cell-memory-limit", type=float, metavar="MIB", help="host memory (MiB) a cell's process may "
                    "map beyond what it holds at its start (RLIMIT_AS); an allocation past it ends the cell as oom")
     o.add_argument("--start-method", choices=["forkserver", "spawn"], default="forkserver",
@@ -147,13 +162,19 @@ def resolve_device(requested: str) -> str:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size,
              "samples": args.samples, "eval_samples": args.eval_samples, "seq_len": args.seq_len, "lr": args.lr,
-             "alpha": args.alpha, "dtype": args.dtype, "weights": args.weights, "seed": args.seed}
+             "alpha": args.alpha, "dtype": args.dtype, "weights": args.weights, "seed": args.seed,
+             "dropout": args.dropout, "targets": tuple(args.targets) if args.targets else args.target_regex,
+             "modules_to_save": tuple(args.modules_to_save) if args.modules_to_save else None,
+             "pretrain_epochs": args.pretrain_epochs, "data": args.data, "task": args.task}
+    if args.targets and args.target_regex:
+        raise UsageError("give --targets or --target-regex, not both")
     return {k: v for k, v in flags.items() if v is not None}
 
 
 MATRIX_FLAGS = ("preset", "models", "methods", "ranks", "repeat", "config", "shard", "device", "epochs",
                 "warmup_epochs", "batch_size", "samples", "eval_samples", "seq_len", "lr", "alpha", "dtype",
-                "weights", "seed")
+                "weights", "seed", "dropout", "targets", "target_regex", "modules_to_save", "pretrain_epochs",
+                "data", "task")
 
 
 def _parallel(text: str, device: str) -> int:
@@ -187,21 +208,57 @@ def _control(args: argparse.Namespace, device: str) -> dict[str, Any]:
             "memory_limit_bytes": int(args.cell_memory_limit * 2 ** 20) if args.cell_memory_limit else None}
 
 
-def _inspect_all(cells) -> list:
-    """Exact counts for every cell, built on the meta device; an unbuildable cell is bad input."""
-    from . import runner
+def _survey_all(cells) -> list:
+    """What is known of every cell before it runs (counts, task, prediction), built on the meta
+    device; an unbuildable cell, data of the wrong kind, or weights that cannot be had are bad input."""
+    from . import data, runner
     from .methods import MethodError
-    from .models import ModelError
+    from .models import ModelError, check_pretrained
 
-    counts = {}
+    surveys = {}
     for cell in cells:
-        shape = (cell.model, cell.method, cell.rank, cell.targets, cell.modules_to_save)
-        if shape not in counts:
+        shape = (cell.model, cell.method, cell.rank, cell.targets, cell.modules_to_save, cell.task,
+                 cell.batch_size, cell.grad_accum, cell.seq_len, cell.dtype)
+        if shape not in surveys:
             try:
-                counts[shape] = runner.inspect(cell)
+                surveys[shape] = runner.survey(cell)
             except (ModelError, MethodError) as e:
                 raise UsageError(str(e)) from None
-    return [counts[(c.model, c.method, c.rank, c.targets, c.modules_to_save)] for c in cells]
+        cell_survey = surveys[shape]
+        if cell.data != "synthetic":
+            try:
+                kind = data.detect(cell.data)
+            except data.DataError as e:
+                raise UsageError(str(e)) from None
+            if data.task_of(kind) != cell_survey.task:
+                raise UsageError(f"--data {cell.data} holds {kind} data ({data.task_of(kind)}) but {cell.model} is a "
+                                 f"{cell_survey.task} model")
+    for model in sorted({c.model for c in cells if c.weights == "pretrained"}):
+        try:
+            check_pretrained(model)
+        except ModelError as e:
+            raise UsageError(str(e)) from None
+    return [surveys[(c.model, c.method, c.rank, c.targets, c.modules_to_save, c.task, c.batch_size, c.grad_accum,
+                     c.seq_len, c.dtype)] for c in cells]
+
+
+def _fit_gate(cells, surveys, device: str, force: bool) -> dict[str, str]:
+    """{cell key: why it is skipped} for cells predicted not to fit in free memory. When no cell
+    fits, the whole plan is refused up front."""
+    from .environment import free_memory_bytes
+
+    free, what = free_memory_bytes(device)
+    if free is None or force:
+        return {}
+    gib = 2 ** 30
+    skipped = {c.key(): f"predicted to need {s.prediction.total_bytes / gib:.2f} GiB; {what}: {free / gib:.2f} GiB "
+                        "(--force runs it anyway)"
+               for c, s in zip(cells, surveys) if s.prediction.total_bytes > free}
+    if cells and len(skipped) == len(cells):
+        need = max(s.prediction.total_bytes for s in surveys)
+        raise UsageError(f"no cell fits this device: the largest is predicted to need {need / gib:.2f} GiB, "
+                         f"{what}: {free / gib:.2f} GiB (--force runs them anyway)")
+    return skipped
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -225,18 +282,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     control = _control(args, device)
     _writable_dir(args.out, "--out")
+    if args.download:
+        _download(cells)
     if not args.dry_run:
         runner.start_workers(args.start_method, cells)   # its imports overlap with the model builds below
-    params = _inspect_all(cells)
+    surveys = _survey_all(cells)
     matrix_id = runner.matrix_id(cells)
     if k_n:
-        chosen = {c.key() for c in shard(cells, [runner.predicted_cost(c, p) for c, p in zip(cells, params)], *k_n)}
-        params = [p for c, p in zip(cells, params) if c.key() in chosen]
+        chosen = {c.key() for c in shard(cells, [runner.predicted_cost(c, s) for c, s in zip(cells, surveys)], *k_n)}
+        surveys = [s for c, s in zip(cells, surveys) if c.key() in chosen]
         matrix, cells = cells, [c for c in cells if c.key() in chosen]
     else:
         matrix = cells
+    skipped = _fit_gate(cells, surveys, device, args.force)
     if args.dry_run:
-        print(report.plan_table(cells, params) if cells else "(this shard has no cells)")
+        print(report.plan_table(cells, surveys, skipped) if cells else "(this shard has no cells)")
         where = f", shard {args.shard} of a {len(matrix)}-cell matrix" if k_n else ""
         print(f"\n{len(cells)} cells on {device}{where}; dry run: nothing trained, nothing written.")
         return EXIT_OK
@@ -247,9 +307,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     with results.RunLock(run_dir):
         results.write_json(run_dir / results.PLAN_FILE, {
             "run_id": run_id, "argv": sys.argv[1:], "matrix_id": matrix_id, "shard": args.shard,
-            "lorabench_commit": environment.project_commit(),
+            "lorabench_commit": environment.project_commit(), "skipped": skipped,
             "cells": [c.to_dict() for c in cells], "matrix": [c.to_dict() for c in matrix]})
-        return _execute(args, cells, run_dir, run_id, control)
+        return _execute(args, cells, run_dir, run_id, control, surveys, skipped)
+
+
+def _download(cells) -> None:
+    from . import data
+    for path in sorted({c.data for c in cells if c.data != "synthetic"}):
+        try:
+            data.download_cifar10(path)
+        except Exception as e:   # no network, or a refused connection: one line, exit 2
+            raise UsageError(f"--download: cannot fetch CIFAR-10 into {path} ({type(e).__name__}: {e})") from None
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -292,21 +361,31 @@ def _resume(args: argparse.Namespace) -> int:
         if todo:
             from . import runner
             runner.start_workers(args.start_method, todo)
-        return _execute(args, todo, run_dir, plan["run_id"], control)
+        surveys = _survey_all(todo)
+        skipped = {} if args.force else {k: v for k, v in plan.get("skipped", {}).items()}
+        return _execute(args, todo, run_dir, plan["run_id"], control, surveys, skipped)
     finally:
         lock.__exit__(None, None, None)
 
 
-def _execute(args: argparse.Namespace, cells, run_dir: Path, run_id: str, control: dict[str, Any]) -> int:
-    """Run `cells` into run_dir, then report every row of the run directory."""
+def _execute(args: argparse.Namespace, cells, run_dir: Path, run_id: str, control: dict[str, Any],
+             surveys, skipped: dict[str, str]) -> int:
+    """Run `cells` into run_dir (skipped ones get their row at once), then report the run directory."""
     from . import report, results, runner
 
+    predicted = {c.key(): s.prediction.to_metrics() for c, s in zip(cells, surveys)}
+    for cell in cells:
+        if cell.key() in skipped:
+            body = runner.failure("skipped", "PredictedNotToFit", skipped[cell.key()])
+            body["metrics"].update(predicted[cell.key()])
+            results.append_row(run_dir, runner.make_row(run_id, cell, body, 0.0))
+    cells = [c for c in cells if c.key() not in skipped]
     progress = {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
     device = cells[0].device if cells else "cpu"
     print(f"lorabench: {len(cells)} cells on {device} -> {run_dir}", file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        runner.run_matrix(cells, run_dir, run_id, progress=progress, **control)
+        runner.run_matrix(cells, run_dir, run_id, progress=progress, predicted=predicted, **control)
     except KeyboardInterrupt:
         print(f"\nlorabench: interrupted; every finished cell is in {run_dir / results.RESULTS_FILE}.\n"
               f"Resume with: lorabench run --resume {run_dir}", file=sys.stderr)

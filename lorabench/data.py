@@ -6,11 +6,26 @@ Each task has a synthetic stand-in of the real set's shape that a model can lear
 accuracy move on a machine with no data and no network: CIFAR-shaped images made of a class
 prototype plus noise; token sequences whose class is marked by class-specific tokens; and
 arithmetic token progressions for causal LM, with the prompt part of each label masked (-100)
-as seed 001 does. Real data sets arrive through `--data PATH` (the workloads issue).
+as seed 001 does.
+
+Real data sets arrive through `--data PATH`, recognised by their shape:
+- a CIFAR-10 directory (`cifar-10-batches-py/`, as torchvision downloads it): ToTensor, then each
+  channel normalised with mean 0.5, std 0.5 (seed 002);
+- a `.csv` or `.jsonl` file with `text` and `label` columns: text classification;
+- a `.jsonl` file with `instruction`, `input`, `output`: seed 001's causal-LM format.
+Text is tokenised with the model's tokenizer when one is available offline, else with a
+deterministic word-hash tokenizer (the report names which). Sequences are padded to `seq_len`
+once, so every tensor is resident and every step has the same shape.
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
+import pickle
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -96,3 +111,221 @@ def build(task: str, *, samples: int, eval_samples: int, seq_len: int, seed: int
     if task == "causal-lm":
         return synthetic_causal_lm(samples, eval_samples, seq_len, vocab_size, g)
     raise ValueError(f"no data set for task {task!r}")
+
+
+# ---- real data sets --------------------------------------------------------------------------
+
+class DataError(ValueError):
+    """A data path that is missing, of an unknown kind, or malformed."""
+
+
+def detect(path: str) -> str:
+    """'cifar10', 'text-classification' or 'instructions' for a data path; DataError otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"--data {path}: no such file or directory")
+    if p.is_dir():
+        if _cifar_dir(p) is not None:
+            return "cifar10"
+        raise DataError(f"--data {path}: not a CIFAR-10 directory (expected cifar-10-batches-py/ with data_batch_1..5 "
+                        "and test_batch)")
+    if p.suffix not in (".csv", ".jsonl"):
+        raise DataError(f"--data {path}: unknown kind of file; use a .csv or .jsonl file or a CIFAR-10 directory")
+    records = _records(p)   # every line parsed up front: a malformed file is refused before any work
+    if not records:
+        raise DataError(f"--data {path}: no records")
+    columns = set(records[0])
+    for kind, needed in (("instructions", {"instruction", "output"}), ("text-classification", {"text", "label"})):
+        if needed <= columns:
+            for i, r in enumerate(records, 1):
+                if not needed <= set(r):
+                    raise DataError(f"--data {path}: record {i} lacks {', '.join(sorted(needed - set(r)))}")
+            return kind
+    raise DataError(f"--data {path}: columns {sorted(columns)}; expected text and label, or instruction, input, output")
+
+
+def task_of(kind: str) -> str:
+    return {"cifar10": "image-classification", "text-classification": "sequence-classification",
+            "instructions": "causal-lm"}[kind]
+
+
+def _records(path: Path) -> list[dict]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--data {path}: cannot read ({e})") from None
+    out = []
+    if path.suffix == ".csv":
+        return list(csv.DictReader(io.StringIO(text)))
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"--data {path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"--data {path}:{i}: each line must be a JSON object")
+        out.append(rec)
+    return out
+
+
+def _cifar_dir(p: Path) -> Path | None:
+    for d in (p / "cifar-10-batches-py", p):
+        if all((d / f).is_file() for f in ("data_batch_1", "test_batch")):
+            return d
+    return None
+
+
+class _NumpyOnly(pickle.Unpickler):
+    """CIFAR-10's batches are pickles: allow the numpy array machinery and nothing else, so a
+    crafted file cannot run code (the safe-loading rule, for a format that has no safe loader)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+def _cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
+    import numpy as np
+    try:
+        with open(path, "rb") as f:
+            batch = _NumpyOnly(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as e:
+        raise DataError(f"--data: {path} is not a CIFAR-10 batch ({e})") from None
+    # ToTensor (uint8 -> [0, 1]) then Normalize(mean=0.5, std=0.5) per channel, as seed 002
+    x = (torch.from_numpy(data).float() / 255.0 - 0.5) / 0.5
+    return x, torch.from_numpy(labels)
+
+
+def load_cifar10(path: str, samples: int, eval_samples: int, seed: int) -> Dataset:
+    d = _cifar_dir(Path(path))
+    train = [_cifar_batch(f) for f in sorted(d.glob("data_batch_*"))]
+    x, y = torch.cat([t[0] for t in train]), torch.cat([t[1] for t in train])
+    ex, ey = _cifar_batch(d / "test_batch")
+    g = torch.Generator().manual_seed(seed)
+    take, etake = torch.randperm(len(y), generator=g)[:samples], torch.arange(min(eval_samples, len(ey)))
+    if len(take) < samples:
+        raise DataError(f"--data {path}: {len(y)} training images, fewer than --samples {samples}")
+    return Dataset("image-classification", {"x": x[take], "labels": y[take]},
+                   {"x": ex[etake], "labels": ey[etake]}, f"CIFAR-10 from {path} ({samples} train / {len(etake)} test)")
+
+
+def download_cifar10(root: str) -> None:
+    """Fetch CIFAR-10 with torchvision (only when asked, and only where the network allows)."""
+    from torchvision.datasets import CIFAR10
+    CIFAR10(root, train=True, download=True)
+
+
+class HashTokenizer:
+    """Words -> ids by CRC32 (stable across processes, unlike hash()); 0 pads, 1 ends a sequence."""
+
+    name = "word-hash tokenizer (no tokenizer available offline)"
+    pad_id, eos_id = 0, 1
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return [2 + zlib.crc32(w.encode()) % (self.vocab_size - 2) for w in text.split()]
+
+
+class HFTokenizer:
+    def __init__(self, tok, source: str):
+        self.tok, self.name = tok, f"{source} tokenizer"
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else self.pad_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenizer_for(source: str | None, vocab_size: int):
+    """The model's own tokenizer when it loads without a network, else the word-hash one."""
+    if source:
+        try:
+            from transformers import AutoTokenizer
+            return HFTokenizer(AutoTokenizer.from_pretrained(source, local_files_only=True), source)
+        except Exception:   # not cached, no tokenizer files, or no network: fall back, and say so
+            pass
+    return HashTokenizer(vocab_size)
+
+
+def _split(records: list[dict], samples: int, eval_samples: int, seed: int, path: str) -> tuple[list, list]:
+    if len(records) < samples + eval_samples:
+        raise DataError(f"--data {path}: {len(records)} records, fewer than samples + eval samples "
+                        f"({samples} + {eval_samples})")
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [records[i] for i in order[:samples]], [records[i] for i in order[samples:samples + eval_samples]]
+
+
+def _pad(rows: list[list[int]], seq_len: int, value: int) -> Tensor:
+    return torch.tensor([r[:seq_len] + [value] * (seq_len - len(r[:seq_len])) for r in rows], dtype=torch.long)
+
+
+def load_text_classification(path: str, tokenizer, seq_len: int, samples: int, eval_samples: int,
+                             seed: int, num_labels: int) -> Dataset:
+    records = _records(Path(path))
+    for i, r in enumerate(records):
+        try:
+            r["label"] = int(r["label"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"--data {path}: record {i + 1} has no whole-number label") from None
+        if not 0 <= r["label"] < num_labels:
+            raise DataError(f"--data {path}: record {i + 1} has label {r['label']}; the model has {num_labels} labels")
+    train, test = _split(records, samples, eval_samples, seed, path)
+
+    def encode(rs):
+        ids = [tokenizer.encode(str(r["text"]))[:seq_len] for r in rs]
+        return {"input_ids": _pad(ids, seq_len, tokenizer.pad_id),
+                "attention_mask": _pad([[1] * len(i) for i in ids], seq_len, 0),
+                "labels": torch.tensor([r["label"] for r in rs])}
+
+    return Dataset("sequence-classification", encode(train), encode(test),
+                   f"{Path(path).name} ({samples} train / {eval_samples} eval), {tokenizer.name}, {seq_len} tokens")
+
+
+def seed001_prompt(instruction: str, inp: str) -> str:
+    """Seed 001's template: "Human: " + instruction + "\\n" + input, stripped, then "\\n\\nAssistant: "."""
+    return ("Human: " + instruction + "\n" + inp).strip() + "\n\nAssistant: "
+
+
+def load_instructions(path: str, tokenizer, seq_len: int, samples: int, eval_samples: int, seed: int) -> Dataset:
+    records = _records(Path(path))
+    for i, r in enumerate(records):
+        if not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
+            raise DataError(f"--data {path}: record {i + 1} needs string fields instruction and output")
+    train, test = _split(records, samples, eval_samples, seed, path)
+
+    def encode(rs):
+        ids, labels = [], []
+        for r in rs:
+            prompt = tokenizer.encode(seed001_prompt(r["instruction"], str(r.get("input") or "")))
+            response = tokenizer.encode(r["output"]) + [tokenizer.eos_id]
+            ids.append((prompt + response)[:seq_len])     # cut at seq_len (256 in seed 001)
+            labels.append(([IGNORE_INDEX] * len(prompt) + response)[:seq_len])
+        return {"input_ids": _pad(ids, seq_len, tokenizer.pad_id),
+                "attention_mask": _pad([[1] * len(i) for i in ids], seq_len, 0),
+                "labels": _pad(labels, seq_len, IGNORE_INDEX)}
+
+    return Dataset("causal-lm", encode(train), encode(test),
+                   f"{Path(path).name} ({samples} train / {eval_samples} eval, seed-001 template), "
+                   f"{tokenizer.name}, {seq_len} tokens")
+
+
+def load(path: str, *, samples: int, eval_samples: int, seq_len: int, seed: int, vocab_size: int | None,
+         num_labels: int | None, tokenizer_source: str | None) -> Dataset:
+    kind = detect(path)
+    if kind == "cifar10":
+        return load_cifar10(path, samples, eval_samples, seed)
+    tokenizer = tokenizer_for(tokenizer_source, vocab_size)
+    if kind == "text-classification":
+        return load_text_classification(path, tokenizer, seq_len, samples, eval_samples, seed, num_labels or 2)
+    return load_instructions(path, tokenizer, seq_len, samples, eval_samples, seed)

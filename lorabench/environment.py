@@ -76,3 +76,21 @@ def capture(device: str) -> dict[str, Any]:
             "gpu_arch": getattr(props, "gcnArchName", None) or f"sm_{props.major}{props.minor}",
         })
     return env
+
+
+def free_memory_bytes(device: str) -> tuple[int | None, str]:
+    """(bytes free for a cell, what was read). On a GPU the driver's view through NVML, so this
+    process never creates a CUDA context of its own (that would sit in every cell's device memory)."""
+    if device == "cpu":
+        return psutil.virtual_memory().available, "host memory available"
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            from .trackers import nvml_handle
+            handle = nvml_handle(pynvml, 0)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free), "GPU memory free (NVML)"
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as e:   # no NVML (ROCm, or no driver library): no gate, and say so
+        return None, f"free GPU memory unknown ({type(e).__name__})"

@@ -153,6 +153,48 @@ def set_reparam_enabled(module: nn.Module, enabled: bool) -> None:
             m.enabled = enabled
 
 
+def _state_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Size of a safetensors file holding `tensors` (header included), without writing it."""
+    from safetensors.torch import save
+    return len(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+
+
+@torch.no_grad()
+def adapter_checks(adapted: Adapted, cell: Cell, forward: Callable[[nn.Module], torch.Tensor],
+                   base_out: torch.Tensor) -> dict[str, float | int]:
+    """After training: the merged model must give the adapter model's outputs, and the adapter
+    switched off must give the base model's (`base_out`, taken before the adapter existed).
+    Ends by merging, so the module is left merged. Max absolute differences, in output units."""
+    module = adapted.module
+    module.eval()
+    on = forward(module)
+    if cell.method == "lora":
+        from peft import get_peft_model_state_dict
+        with module.disable_adapter():
+            off = forward(module)
+        adapter_bytes = _state_bytes(get_peft_model_state_dict(module))
+        merged = forward(module.merge_and_unload())
+    else:
+        set_reparam_enabled(module, False)
+        off = forward(module)
+        set_reparam_enabled(module, True)
+        adapter_bytes = _state_bytes({n: p for n, p in module.named_parameters() if "lora_" in n})
+        for name in adapted.targets:
+            parametrize.remove_parametrizations(module.get_submodule(name), "weight", leave_parametrized=True)
+        merged = forward(module)
+    return {
+        "check_merged_vs_adapter_max_abs_diff": (merged - on).abs().max().item(),
+        "check_adapter_off_vs_base_max_abs_diff": (off - base_out).abs().max().item(),
+        "check_adapter_on_vs_base_max_abs_diff": (on - base_out).abs().max().item(),
+        "adapter_file_bytes": adapter_bytes,
+    }
+
+
+def model_file_bytes(module: nn.Module) -> int:
+    """Bytes of the model's tensors as a checkpoint would hold them (weights and buffers)."""
+    return sum(t.nbytes for t in module.state_dict().values())
+
+
 METHODS: dict[str, Callable[[Bundle, Cell], Adapted]] = {
     "full": apply_full,
     "lora": apply_lora,

@@ -129,9 +129,9 @@ def build_byo(source: str, weights: str = "random", task: str | None = None) -> 
                   tokenizer_source=source)
 
 
-def build(name: str, weights: str = "random") -> Bundle:
+def build(name: str, weights: str = "random", task: str | None = None) -> Bundle:
     if is_byo(name):
-        return build_byo(name[3:], weights)
+        return build_byo(name[3:], weights, task)
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))} or hf:<dir or hub id>")
     return MODELS[name](weights)
@@ -176,5 +176,25 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def count_dtype_bytes(dtype: str) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+HUB_IDS = {"bert-tiny": "prajjwal1/bert-tiny", "bert-base": "bert-base-uncased",
+           "bloom-560m": "bigscience/bloom-560m", "bloom-1b4-zh": "Langboat/bloom-1b4-zh"}
+
+
+def check_pretrained(name: str) -> None:
+    """Refuse up front when pretrained weights cannot be had: not in a local directory or the HF
+    cache while HF_HUB_OFFLINE is set (or for a model that has none)."""
+    import os
+    from pathlib import Path
+
+    if name == "cifar-mlp":
+        raise ModelError("cifar-mlp has no published weights; it trains from scratch (use --weights random)")
+    source = name[3:] if is_byo(name) else HUB_IDS[name]
+    if Path(source).is_dir():
+        return
+    from huggingface_hub import snapshot_download
+    try:
+        snapshot_download(source, local_files_only=True)
+    except Exception:
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise ModelError(f"pretrained weights for {source!r} are not in the HF cache and HF_HUB_OFFLINE is set; "
+                             "download them first (huggingface-cli download), or use --weights random") from None

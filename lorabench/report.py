@@ -41,9 +41,15 @@ COMPARISON_ROWS = [
     ("samples_per_s", "throughput (samples/s)", "rate"),
     ("final_eval_accuracy", "final eval accuracy", "acc"),
     ("final_eval_loss", "final eval loss", "loss"),
+    ("checkpoint_bytes", "checkpoint to store (full model / adapter file)", "size"),
+    ("predicted_total_bytes", "predicted: weights+grads+Adam+activations (MiB)", "bytes"),
+    ("check_merged_vs_adapter_max_abs_diff", "check: merged vs adapter outputs, max abs diff", "sci"),
+    ("check_adapter_off_vs_base_max_abs_diff", "check: adapter off vs base outputs, max abs diff", "sci"),
 ]
 
-GROUP_FIELDS_EXCLUDED = ("method", "rank", "alpha", "dropout", "targets", "modules_to_save", "repeat")
+# Fields that may differ between the columns of one comparison table (the method's own settings).
+GROUP_FIELDS_EXCLUDED = ("method", "rank", "alpha", "dropout", "targets", "modules_to_save", "repeat", "lr",
+                         "pretrain_epochs")
 
 
 def _num(v: Any) -> bool:
@@ -71,6 +77,13 @@ def fmt(value: Any, kind: str) -> str:
         return f"{value:,.0f}"
     if kind == "acc":
         return f"{value:.4f}"
+    if kind == "sci":
+        return f"{value:.1e}"
+    if kind == "size":
+        for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+            if value >= scale:
+                return f"{value / scale:,.1f} {unit}"
+        return f"{value:.0f} B"
     return f"{value:.4f}"
 
 
@@ -82,7 +95,7 @@ def delta(full: Any, other: Any, kind: str) -> str:
         return f"{(other - full) * 100:+.1f} pt"
     if kind == "loss":
         return f"{other - full:+.4f}"
-    if kind == "pct" or full == 0:
+    if kind in ("pct", "sci") or full == 0:
         return ""
     if kind == "rate":
         return f"{(other - full) / full * 100:+.1f}% faster" if other >= full else f"{(other - full) / full * 100:.1f}% slower"
@@ -152,6 +165,8 @@ def _column_name(v: dict[str, Any]) -> str:
     c = v["cell"]
     if c["rank"] is not None and c.get("alpha") is not None and c["alpha"] != c["rank"]:
         name += f" a={c['alpha']:g}"
+    if c.get("pretrain_epochs"):
+        name += f" after {c['pretrain_epochs']} full epochs"
     if v["repeats"] > 1:
         name += f" (x{v['repeats']})"
     return name
@@ -203,8 +218,9 @@ def epochs_table(variants: list[dict[str, Any]]) -> str:
     return _markdown(df.fillna(""), [c for c in df.columns if c != "epoch"])
 
 
-def plan_table(cells, counts) -> str:
-    """The dry-run plan: every cell with its exact parameter counts."""
+def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
+    """The dry-run plan: every cell with its exact parameter counts and predicted need."""
+    counts = [s.params for s in surveys]
     df = pd.DataFrame({
         "#": list(range(1, len(cells) + 1)),
         "model": [c.model for c in cells],
@@ -214,12 +230,15 @@ def plan_table(cells, counts) -> str:
         "trained in full": [fmt(p.full_trained, "count") for p in counts],
         "total": [fmt(p.total, "count") for p in counts],
         "trainable %": [f"{p.trainable_pct:.3f}%" for p in counts],
-        "batch": [c.batch_size for c in cells],
+        "predicted memory (MiB)": [fmt(s.prediction.total_bytes, "bytes") for s in surveys],
+        "GFLOP/step": [f"{s.prediction.flops_per_step / 1e9:,.2f}" for s in surveys],
+        "batch": [c.batch_size if c.grad_accum == 1 else f"{c.batch_size}x{c.grad_accum}" for c in cells],
         "samples": [c.samples for c in cells],
         "epochs (warm-up+timed)": [f"{c.warmup_epochs}+{c.epochs}" for c in cells],
-        "device": [c.device for c in cells],
+        "device": [c.device + (" (skipped)" if skipped and c.key() in skipped else "") for c in cells],
     })
-    return _markdown(df, ["#", "trainable", "adapters", "trained in full", "total", "trainable %", "batch", "samples"])
+    return _markdown(df, ["#", "trainable", "adapters", "trained in full", "total", "trainable %",
+                          "predicted memory (MiB)", "GFLOP/step", "batch", "samples"])
 
 
 def _settings_line(cell: dict[str, Any], variants) -> str:

@@ -30,9 +30,10 @@ from . import data as data_mod
 from . import environment, methods, models, results
 from .cells import Cell
 from .methods import ParamCount
+from .predictions import Prediction, predict
 from .stats import Summary
 from .trackers import HostMemory, TorchAllocator, unavailable
-from .train import EpochRecord, fit
+from .train import EpochRecord, compute_loss, fit
 
 START_METHODS = ("forkserver", "spawn")
 # Imported once by the fork server; every cell process starts with them already loaded.
@@ -42,12 +43,30 @@ PRELOAD_HF = ["peft", "transformers.models.bert.modeling_bert"]   # ~4 s on 2 co
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def inspect(cell: Cell) -> ParamCount:
-    """Build the cell's model and method on the meta device: exact counts, no memory, milliseconds.
-    Raises ModelError / MethodError for a cell that cannot be built (the plan is refused)."""
+@dataclass(frozen=True)
+class Survey:
+    """What is known of a cell before it runs."""
+
+    params: ParamCount
+    task: str
+    prediction: Prediction
+
+
+def survey(cell: Cell) -> Survey:
+    """Build the cell's model and method on the meta device: exact counts and the closed-form
+    prediction, no memory, milliseconds. Raises ModelError / MethodError for a cell that cannot
+    be built (the plan is refused)."""
     with torch.device("meta"):
-        bundle = models.build(cell.model, "random")
-        return methods.apply(bundle, cell).params
+        bundle = models.build(cell.model, "random", cell.task)
+        adapted = methods.apply(bundle, cell)
+        pred = predict(adapted.module, adapted.params, method=cell.method, task=bundle.task,
+                       batch_size=cell.batch_size, grad_accum=cell.grad_accum, seq_len=cell.seq_len, dtype=cell.dtype)
+        return Survey(adapted.params, bundle.task, pred)
+
+
+def inspect(cell: Cell) -> ParamCount:
+    """Exact parameter counts of a cell, built on the meta device."""
+    return survey(cell).params
 
 
 def matrix_id(cells: list[Cell]) -> str:
@@ -56,12 +75,10 @@ def matrix_id(cells: list[Cell]) -> str:
     return hashlib.sha256("\n".join(c.key() for c in cells).encode()).hexdigest()[:16]
 
 
-def predicted_cost(cell: Cell, params: ParamCount) -> float:
-    """Training FLOPs of the cell, roughly: 2N per token forward, plus 4N backward for full
-    fine-tuning, or 2N (activation gradients only) + 4 x trainable for LoRA. Used to balance shards."""
-    tokens = cell.seq_len if cell.model != "cifar-mlp" else 1
-    per_token = 6 * params.total if cell.method == "full" else 4 * params.total + 2 * params.trainable
-    return float(per_token) * tokens * cell.samples * (cell.epochs + cell.warmup_epochs)
+def predicted_cost(cell: Cell, s: Survey) -> float:
+    """Predicted training FLOPs of the whole cell (balances shards)."""
+    steps = cell.samples // (cell.batch_size * cell.grad_accum)
+    return s.prediction.flops_per_step * steps * (cell.epochs + cell.warmup_epochs + cell.pretrain_epochs)
 
 
 # ---- the child: one cell -------------------------------------------------------------------
@@ -75,18 +92,28 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
     started = time.perf_counter()
     try:
         torch.manual_seed(cell.seed)
-        device = torch.device(cell.device)
-        bundle = models.build(cell.model, cell.weights)
+        device, dtype = torch.device(cell.device), DTYPES[cell.dtype]
+        bundle = models.build(cell.model, cell.weights, cell.task)
+        model = bundle.module.to(device=device, dtype=dtype)
+        ds = load_data(cell, bundle).to(device, dtype)
+        metrics["data"] = ds.source
+        if cell.pretrain_epochs:   # seed 002: the base is trained in full first, untimed
+            pre = fit(model, ds, epochs=cell.pretrain_epochs, warmup_epochs=0, batch_size=cell.batch_size,
+                      grad_accum=cell.grad_accum, lr=cell.lr, seed=cell.seed, device=device)
+            metrics["pretrain_epochs"] = [vars(e) for e in pre.epochs]
+        probe = {k: v[:min(cell.batch_size, 32)] for k, v in ds.eval.items()}
+        forward = lambda m: compute_loss(m, ds.task, probe)[1].float()   # noqa: E731 (logits of one batch)
+        metrics["model_file_bytes"] = methods.model_file_bytes(model)
+        if cell.method != "full":
+            model.eval()
+            with torch.no_grad():
+                base_out = forward(model)
         adapted = methods.apply(bundle, cell)
-        model = adapted.module.to(device=device, dtype=DTYPES[cell.dtype])
+        model = adapted.module.to(device=device, dtype=dtype)
         p = adapted.params
         metrics.update(params_total=p.total, params_trainable=p.trainable, params_trainable_adapter=p.adapter,
                        params_trainable_full=p.full_trained, params_trainable_pct=p.trainable_pct,
                        lora_targets=len(adapted.targets))
-        ds = data_mod.build(bundle.task, samples=cell.samples, eval_samples=cell.eval_samples,
-                            seq_len=cell.seq_len, seed=cell.seed, vocab_size=bundle.vocab_size,
-                            num_labels=bundle.num_labels).to(device, DTYPES[cell.dtype])
-        metrics["data"] = ds.source
         host, alloc = HostMemory(), TorchAllocator(device)
         try:
             # Baselines are taken here: weights and data are already in place.
@@ -97,6 +124,10 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
         finally:
             metrics.update(host.result())
             metrics.update(alloc.result())
+        if cell.method != "full":   # after the timed region: the module is left merged
+            metrics.update(methods.adapter_checks(adapted, cell, forward, base_out))
+        # what a fine-tuning run leaves to store: the whole model, or the adapter beside the base
+        metrics["checkpoint_bytes"] = metrics.get("adapter_file_bytes", metrics["model_file_bytes"])
         metrics.update(_fit_metrics(result))
         status, error = "ok", None
     except Exception as e:   # the row records the failure; the matrix goes on
@@ -105,6 +136,15 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
                  "traceback": traceback.format_exc().splitlines()[-12:]}
     metrics["cell_wall_s"] = time.perf_counter() - started
     return {"status": status, "error": error, "metrics": metrics, "environment": environment.capture(cell.device)}
+
+
+def load_data(cell: Cell, bundle) -> data_mod.Dataset:
+    """The cell's data set: synthetic of the model's task, or the real one at `cell.data`."""
+    kw = dict(samples=cell.samples, eval_samples=cell.eval_samples, seq_len=cell.seq_len, seed=cell.seed,
+              vocab_size=bundle.vocab_size, num_labels=bundle.num_labels)
+    if cell.data == "synthetic":
+        return data_mod.build(bundle.task, **kw)
+    return data_mod.load(cell.data, tokenizer_source=bundle.tokenizer_source, **kw)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -246,7 +286,7 @@ class CellProcess:
             return self.body
         if self.timeout_s is not None and time.monotonic() - self.started > self.timeout_s:
             self.kill()
-            self.body = _failure("timeout", "TimeoutError", f"cell exceeded its {self.timeout_s:g} s limit")
+            self.body = failure("timeout", "TimeoutError", f"cell exceeded its {self.timeout_s:g} s limit")
             return self.body
         if self._recv.poll(wait_s):
             try:
@@ -274,11 +314,11 @@ class CellProcess:
             name = signal.Signals(-code).name
             after = _oom_kills()
             if -code == signal.SIGKILL and after is not None and self._oom_before is not None and after > self._oom_before:
-                self.body = _failure("oom", name, "killed by the kernel's out-of-memory killer (cgroup oom_kill count rose)")
+                self.body = failure("oom", name, "killed by the kernel's out-of-memory killer (cgroup oom_kill count rose)")
             else:
-                self.body = _failure("crashed", name, f"the cell's process died from {name}")
+                self.body = failure("crashed", name, f"the cell's process died from {name}")
         else:
-            self.body = _failure("crashed", "ProcessExit", f"the cell's process exited with code {code} without a result")
+            self.body = failure("crashed", "ProcessExit", f"the cell's process exited with code {code} without a result")
         return self.body
 
     def kill(self) -> None:
@@ -299,7 +339,7 @@ def run_cell(cell: Cell, **options) -> dict[str, Any]:
         cp.kill()
 
 
-def _failure(status: str, kind: str, message: str) -> dict[str, Any]:
+def failure(status: str, kind: str, message: str) -> dict[str, Any]:
     return {"status": status, "error": {"type": kind, "message": message, "traceback": []},
             "metrics": {}, "environment": {}}
 
@@ -321,7 +361,7 @@ def pinning(device: str, slots: int) -> list[dict[str, str]]:
 
 def run_matrix(cells: list[Cell], run_dir: Path, run_id: str, *, progress: bool, timeout_s: float | None = None,
                start_method: str = "forkserver", parallel: int = 1, memory_limit_bytes: int | None = None,
-               ) -> list[dict[str, Any]]:
+               predicted: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Run every cell, at most `parallel` at a time (one per pinned GPU), appending each row to
     run_dir/results.jsonl the moment it ends. Interrupting (Ctrl-C) kills the running cells."""
     bar = Progress(len(cells), progress and parallel == 1)
@@ -345,6 +385,7 @@ def run_matrix(cells: list[Cell], run_dir: Path, run_id: str, *, progress: bool,
                     continue
                 del running[slot]
                 free.append(slot)
+                body["metrics"].update((predicted or {}).get(cp.cell.key(), {}))
                 row = make_row(run_id, cp.cell, body, time.monotonic() - t0)
                 results.append_row(run_dir, row)
                 if row["environment"] and not (run_dir / results.ENVIRONMENT_FILE).exists():

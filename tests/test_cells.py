@@ -107,13 +107,15 @@ def test_repeat_makes_distinct_cells_and_duplicates_collapse():
 def test_key_is_stable_and_covers_every_field():
     a = Cell(model="bert-tiny", method="lora", rank=8)
     assert a.key() == Cell(model="bert-tiny", method="lora", rank=8).key()
+    byo = dataclasses.replace(a, model="hf:/models/x")
+    assert dataclasses.replace(byo, task="causal-lm").key() != byo.key()
     for f in dataclasses.fields(Cell):
-        if f.name in ("model", "method", "rank"):
+        if f.name in ("model", "method", "rank", "task"):
             continue
         changed = {"alpha": 4.0, "dropout": 0.1, "targets": ("query",), "modules_to_save": ("classifier",),
                    "batch_size": 8, "grad_accum": 2, "seq_len": 32, "epochs": 3, "warmup_epochs": 0,
                    "samples": 1024, "eval_samples": 64, "lr": 1e-4, "device": "cuda", "dtype": "bfloat16",
-                   "seed": 1, "weights": "pretrained", "data": "/data", "repeat": 1}[f.name]
+                   "seed": 1, "weights": "pretrained", "data": "/data", "repeat": 1, "pretrain_epochs": 2}[f.name]
         assert dataclasses.replace(a, **{f.name: changed}).key() != a.key(), f.name
 
 

@@ -38,6 +38,13 @@ def test_every_cell_has_one_ok_row_with_its_metrics(tiny_run):
         assert [e["timed"] for e in m["epochs"]] == [False, True]
         assert m["optimizer"] == "adam(fused)"
         assert r["environment"]["torch"] and r["environment"]["device"] == "cpu"
+    for r in rows:
+        if r["cell"]["method"] != "full":
+            m = r["metrics"]
+            assert m["check_merged_vs_adapter_max_abs_diff"] < 1e-3, r["label"]
+            assert m["check_adapter_off_vs_base_max_abs_diff"] < 1e-5, r["label"]
+            assert m["adapter_file_bytes"] > 0 and m["model_file_bytes"] > 0
+            assert m["predicted_total_bytes"] > m["predicted_weights_bytes"] > 0
     mlp_lora = rows[1]["metrics"]
     assert mlp_lora["params_trainable"] == 2 * (3072 + 4096 + 4096 + 2048 + 2048 + 10)
     assert json.loads((run_dir / "environment.json").read_text())["device"] == "cpu"

@@ -1,0 +1,84 @@
+"""Predictions made before a cell runs: memory by closed form and training FLOPs per step.
+
+    lorabench run --dry-run --preset seed-bert      # prints each cell's predicted need
+
+Memory: weights at the training dtype for every parameter; a gradient and Adam's two moments
+for every trainable one (fp32: 4 + 4 + 8 bytes; a frozen parameter costs its 4 alone); plus a
+rough activation term. FLOPs per token: 2N forward and 4N backward for full fine-tuning (6N);
+with LoRA the frozen weights skip their weight-gradient matmul (2N + 2N) and the adapters cost
+6 per parameter. N counts matmul weights only (Linear layers, the LM head), not embedding
+lookups, which are gathers; attention adds 12 x layers x seq x hidden per token (QK^T and AV,
+forward and backward). These are estimates: the measured figures sit beside them in the report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .methods import ParamCount
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    weights_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    flops_per_step: float
+    tokens_per_step: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+
+    def to_metrics(self) -> dict[str, float | int]:
+        return {"predicted_weights_bytes": self.weights_bytes, "predicted_grads_bytes": self.grads_bytes,
+                "predicted_optimizer_bytes": self.optimizer_bytes,
+                "predicted_activations_bytes": self.activations_bytes, "predicted_total_bytes": self.total_bytes,
+                "predicted_flops_per_step": self.flops_per_step, "tokens_per_step": self.tokens_per_step}
+
+
+def _shape(module: nn.Module) -> tuple[int, int, int]:
+    """(layers, hidden, heads) of a transformer; zeros for a model without a config."""
+    cfg = getattr(module, "config", None)
+    if cfg is None:
+        base = getattr(module, "base_model", None)
+        cfg = getattr(getattr(base, "model", None), "config", None)
+    if cfg is None:
+        return 0, 0, 0
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0)
+    return int(layers), int(hidden), int(heads)
+
+
+def matmul_params(module: nn.Module) -> int:
+    """Weights of the base model's Linear layers: the matmuls of a forward pass (LoRA's own A and B
+    are counted apart, as adapter parameters). A tied LM head counts: it multiplies."""
+    return sum(m.weight.numel() for name, m in module.named_modules()
+               if isinstance(m, nn.Linear) and "lora_" not in name and "original_module" not in name)
+
+
+def predict(module: nn.Module, params: ParamCount, *, method: str, task: str, batch_size: int, grad_accum: int,
+            seq_len: int, dtype: str) -> Prediction:
+    b = DTYPE_BYTES[dtype]
+    layers, hidden, heads = _shape(module)
+    tokens = batch_size * grad_accum * (seq_len if task != "image-classification" else 1)
+    n = matmul_params(module)
+    attention = 12 * layers * seq_len * hidden if layers else 0
+    if method == "full":
+        per_token = 6 * n + attention
+    else:
+        per_token = 4 * n + 6 * params.adapter + attention
+    if layers:
+        # Korthikanti et al. 2022: ~ s*b*h*(34 + 5*a*s/h) bytes per layer at 16 bits; scaled to the dtype.
+        act = layers * seq_len * batch_size * hidden * (34 + 5 * heads * seq_len / max(hidden, 1)) * b / 2
+    else:
+        # an MLP keeps each layer's input and output per sample
+        act = batch_size * sum(m.in_features + m.out_features for m in module.modules() if isinstance(m, nn.Linear)) * b
+    return Prediction(weights_bytes=params.total * b, grads_bytes=params.trainable * b,
+                      optimizer_bytes=2 * params.trainable * b, activations_bytes=int(act),
+                      flops_per_step=float(per_token) * tokens, tokens_per_step=tokens)
