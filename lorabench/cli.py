@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(their old rows are replaced)")
     o.add_argument("--parallel", default="1", metavar="auto|N", help="cells at a time, one per visible GPU, each "
                    "pinned by CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES (auto: one per GPU; the CPU runs one)")
+    o.add_argument("--sample-interval-ms", type=float, default=10.0, metavar="MS",
+                   help="sampling period of the memory samplers (host RSS, NVML, amdsmi); default 10")
     o.add_argument("--force", action="store_true", help="run cells predicted not to fit in free memory (otherwise "
                    "they are recorded as skipped)")
     o.add_argument("--cell-memory-limit", type=float, metavar="MIB", help="host memory (MiB) a cell's process may "
@@ -203,7 +205,10 @@ def _control(args: argparse.Namespace, device: str) -> dict[str, Any]:
     if args.cell_memory_limit is not None and not args.cell_memory_limit > 0:
         raise UsageError(f"--cell-memory-limit must be > 0 MiB, got {args.cell_memory_limit:g}")
     _writable_dir(args.report_dir, "--report-dir")
+    if not args.sample_interval_ms > 0:
+        raise UsageError(f"--sample-interval-ms must be > 0, got {args.sample_interval_ms:g}")
     return {"timeout_s": args.cell_timeout, "start_method": args.start_method,
+            "sample_interval_s": args.sample_interval_ms / 1e3,
             "parallel": _parallel(args.parallel, device),
             "memory_limit_bytes": int(args.cell_memory_limit * 2 ** 20) if args.cell_memory_limit else None}
 
@@ -385,7 +390,12 @@ def _execute(args: argparse.Namespace, cells, run_dir: Path, run_id: str, contro
     print(f"lorabench: {len(cells)} cells on {device} -> {run_dir}", file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        runner.run_matrix(cells, run_dir, run_id, progress=progress, predicted=predicted, **control)
+        flops = runner.calibrate(device, cells[0].dtype, control["start_method"]) if cells else None
+        if flops:
+            results.write_json(run_dir / "calibration.json", {"device": device, "dtype": cells[0].dtype,
+                                                              "matmul_flops": flops})
+        runner.run_matrix(cells, run_dir, run_id, progress=progress, predicted=predicted, matmul_flops=flops,
+                          **control)
     except KeyboardInterrupt:
         print(f"\nlorabench: interrupted; every finished cell is in {run_dir / results.RESULTS_FILE}.\n"
               f"Resume with: lorabench run --resume {run_dir}", file=sys.stderr)

@@ -32,13 +32,21 @@ COMPARISON_ROWS = [
     ("torch_peak_allocated_bytes", "peak torch allocated (MiB, framework)", "bytes"),
     ("torch_peak_reserved_bytes", "peak torch reserved (MiB, framework)", "bytes"),
     ("torch_peak_above_baseline_bytes", "peak torch allocated above weights+data (MiB)", "bytes"),
+    ("nvml_process_peak_bytes", "peak GPU memory of the process (MiB, NVML: driver, CUDA context included)", "bytes"),
+    ("nvml_device_used_peak_bytes", "peak GPU memory used on the device (MiB, NVML: every process)", "bytes"),
+    ("nvml_device_used_before_bytes", "GPU memory used before the cell (MiB, NVML: others' load)", "bytes"),
+    ("amdsmi_process_peak_bytes", "peak VRAM of the process (MiB, amdsmi: driver)", "bytes"),
+    ("amdsmi_device_vram_used_peak_bytes", "peak VRAM used on the device (MiB, amdsmi: every process)", "bytes"),
     ("host_peak_rss_bytes", "peak host RSS of the cell process (MiB)", "bytes"),
     ("host_peak_above_baseline_bytes", "host RSS peak above weights+data (MiB)", "bytes"),
     ("state_bytes", "weights + grads + Adam state (MiB, tensor sum)", "bytes"),
+    ("activations_bytes", "activations + temporaries (MiB, peak less the above)", "bytes"),
     ("epoch_s", "epoch time (s, median of timed epochs)", "time"),
     ("step_s_p50", "step time p50 (ms)", "ms"),
     ("step_s_p90", "step time p90 (ms)", "ms"),
     ("samples_per_s", "throughput (samples/s)", "rate"),
+    ("mfu_pct", "model FLOPs utilisation (% of the measured matmul rate)", "pct"),
+    ("energy_j_per_epoch", "energy per timed epoch (J)", "joules"),
     ("final_eval_accuracy", "final eval accuracy", "acc"),
     ("final_eval_loss", "final eval loss", "loss"),
     ("checkpoint_bytes", "checkpoint to store (full model / adapter file)", "size"),
@@ -79,6 +87,8 @@ def fmt(value: Any, kind: str) -> str:
         return f"{value:.4f}"
     if kind == "sci":
         return f"{value:.1e}"
+    if kind == "joules":
+        return f"{value:,.1f}"
     if kind == "size":
         for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
             if value >= scale:
@@ -195,6 +205,30 @@ def comparison_table(variants: list[dict[str, Any]]) -> str:
     return _markdown(pd.DataFrame(columns), numeric_cols)
 
 
+PREDICTION_ROWS = [
+    ("weights", "predicted_weights_bytes", "weights_bytes"),
+    ("gradients", "predicted_grads_bytes", "grads_bytes"),
+    ("Adam state", "predicted_optimizer_bytes", "optimizer_state_bytes"),
+    ("activations + temporaries", "predicted_activations_bytes", "activations_bytes"),
+]
+
+
+def prediction_table(variants: list[dict[str, Any]]) -> str:
+    """Predicted (closed form, before the run) vs measured memory, MiB, per variant."""
+    ok = [v for v in variants if v["status"] == "ok" and _num(v["metrics"].get("predicted_total_bytes"))]
+    if not ok:
+        return ""
+    cols: dict[str, list[str]] = {"memory (MiB)": [label for label, _, _ in PREDICTION_ROWS] + ["total"]}
+    for v in ok:
+        m, name = v["metrics"], _column_name(v)
+        pred = [m.get(p) for _, p, _ in PREDICTION_ROWS]
+        meas = [m.get(k) for _, _, k in PREDICTION_ROWS]
+        cols[f"{name} predicted"] = [fmt(x, "bytes") for x in pred] + [fmt(m["predicted_total_bytes"], "bytes")]
+        total = sum(meas) if all(_num(x) for x in meas) else None
+        cols[f"{name} measured"] = [fmt(x, "bytes") for x in meas] + [fmt(total, "bytes")]
+    return _markdown(pd.DataFrame(cols), [c for c in cols if c != "memory (MiB)"])
+
+
 def epochs_table(variants: list[dict[str, Any]]) -> str:
     """Loss and accuracy per epoch for each variant (first repeat), as seed 003's table."""
     frames = []
@@ -292,6 +326,11 @@ How to read these figures:
   4 per frozen one): what LoRA saves before activations.
 - **epoch time** is wall time between device synchronisations, warm-up epochs excluded; the step times
   time each optimizer step (CUDA events on a GPU), and throughput is samples per step / median step time.
+- **NVML / amdsmi** figures are the driver's view: this process's GPU memory (CUDA context included) and the
+  device's used memory (every process on it). They are higher than the allocator's by the context and by
+  anything else on the device.
+- **model FLOPs utilisation** divides the predicted training FLOPs of a step by its median time and by the
+  matmul rate measured on the same device at the start of the run.
 """
 
 
@@ -315,6 +354,11 @@ def render(rows: list[dict[str, Any]], warnings: Iterable[str] = ()) -> str:
             table = epochs_table(variants)
             if table:
                 out += ["### Quality per epoch (eval set)", "", table, ""]
+            table = prediction_table(variants)
+            if table:
+                out += ["### Memory: predicted before the run vs measured", "", table, "",
+                        "Measured activations come from the torch allocator on a GPU and from sampled host RSS on "
+                        "the CPU (coarse: the allocator's and the interpreter's own growth land there too).", ""]
         else:
             out += ["No cell of this model finished.", ""]
     failures = _failures(rows)

@@ -13,6 +13,7 @@ cell ends. A child that dies without reporting becomes a `crashed` row naming th
 from __future__ import annotations
 
 import multiprocessing as mp
+from contextlib import ExitStack
 import os
 import resource
 import signal
@@ -32,7 +33,9 @@ from .cells import Cell
 from .methods import ParamCount
 from .predictions import Prediction, predict
 from .stats import Summary
-from .trackers import HostMemory, TorchAllocator, unavailable
+from .trackers import (AmdsmiMemory, EnergyMeter, HostMemory, NvmlMemory, TorchAllocator, amdsmi_energy,
+                       amdsmi_handle, device_identity, measure_matmul_flops, nvml_energy, nvml_handle,
+                       unavailable, unavailable_energy)
 from .train import EpochRecord, compute_loss, fit
 
 START_METHODS = ("forkserver", "spawn")
@@ -83,7 +86,35 @@ def predicted_cost(cell: Cell, s: Survey) -> float:
 
 # ---- the child: one cell -------------------------------------------------------------------
 
-def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = None) -> dict[str, Any]:
+def driver_trackers(device: torch.device, interval_s: float) -> tuple[list, EnergyMeter, dict[str, Any]]:
+    """Device-level trackers for a GPU cell: NVML on CUDA builds, amdsmi on ROCm builds, each matched
+    to torch's device by UUID / PCI bus id. What cannot be had is reported as unavailable, with why."""
+    if device.type != "cuda":
+        return [], unavailable_energy("no energy counter is read on the CPU"), {}
+    ident = device_identity(device.index or 0)
+    rocm = bool(torch.version.hip)
+    try:
+        if rocm:
+            import amdsmi
+            amdsmi.amdsmi_init()
+            handle = amdsmi_handle(amdsmi, ident)
+            return [AmdsmiMemory(amdsmi, handle, interval_s)], amdsmi_energy(amdsmi, handle), {
+                "gpu_driver_view": "amdsmi"}
+        import pynvml
+        pynvml.nvmlInit()
+        handle = nvml_handle(pynvml, device.index or 0, ident)
+        return [NvmlMemory(pynvml, handle, interval_s)], nvml_energy(pynvml, handle), {
+            "gpu_driver_view": "NVML", "gpu_driver": pynvml.nvmlSystemGetDriverVersion()}
+    except Exception as e:   # ImportError, a driver error, permissions, an unmappable device
+        lib = "amdsmi" if rocm else "NVML"
+        reason = unavailable(f"{lib}: {type(e).__name__}: {e}")
+        keys = (("amdsmi_process_peak_bytes", "amdsmi_device_vram_used_peak_bytes") if rocm
+                else ("nvml_process_peak_bytes", "nvml_device_used_peak_bytes"))
+        return [], unavailable_energy(f"{lib} unavailable"), {k: reason for k in keys}
+
+
+def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = None,
+            sample_interval_s: float = 0.01) -> dict[str, Any]:
     """Run one cell in this process and return its row (status, metrics, environment).
 
     Exceptions become `error` / `oom` rows carrying whatever was measured before them.
@@ -93,6 +124,9 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
     try:
         torch.manual_seed(cell.seed)
         device, dtype = torch.device(cell.device), DTYPES[cell.dtype]
+        # Built before the model loads, so the device's used memory "before" is others' load.
+        drivers, energy, driver_info = driver_trackers(device, sample_interval_s)
+        metrics.update(driver_info)
         bundle = models.build(cell.model, cell.weights, cell.task)
         model = bundle.module.to(device=device, dtype=dtype)
         ds = load_data(cell, bundle).to(device, dtype)
@@ -114,21 +148,26 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
         metrics.update(params_total=p.total, params_trainable=p.trainable, params_trainable_adapter=p.adapter,
                        params_trainable_full=p.full_trained, params_trainable_pct=p.trainable_pct,
                        lora_targets=len(adapted.targets))
-        host, alloc = HostMemory(), TorchAllocator(device)
+        trackers = [HostMemory(sample_interval_s), TorchAllocator(device), *drivers]
         try:
             # Baselines are taken here: weights and data are already in place.
-            with host, alloc:
+            with ExitStack() as stack:
+                for t in trackers:
+                    stack.enter_context(t)
                 result = fit(model, ds, epochs=cell.epochs, warmup_epochs=cell.warmup_epochs,
                              batch_size=cell.batch_size, grad_accum=cell.grad_accum, lr=cell.lr,
-                             seed=cell.seed, device=device, on_epoch=on_epoch)
+                             seed=cell.seed, device=device, on_epoch=on_epoch,
+                             on_timed=lambda edge: energy.begin() if edge == "begin" else energy.end())
         finally:
-            metrics.update(host.result())
-            metrics.update(alloc.result())
+            for t in trackers:
+                metrics.update(t.result())
+            metrics.update(energy.result())
         if cell.method != "full":   # after the timed region: the module is left merged
             metrics.update(methods.adapter_checks(adapted, cell, forward, base_out))
         # what a fine-tuning run leaves to store: the whole model, or the adapter beside the base
         metrics["checkpoint_bytes"] = metrics.get("adapter_file_bytes", metrics["model_file_bytes"])
         metrics.update(_fit_metrics(result))
+        metrics.update(_activations(metrics, device))
         status, error = "ok", None
     except Exception as e:   # the row records the failure; the matrix goes on
         status = "oom" if _is_oom(e) else "error"
@@ -152,6 +191,17 @@ def _is_oom(e: BaseException) -> bool:
         return True
     # torch's CPU allocator raises a plain RuntimeError when malloc fails
     return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+
+
+def _activations(m: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Activations and temporaries: the peak above weights and data, less gradients and optimizer
+    state (all measured). On a GPU from the allocator; on the CPU from sampled RSS, coarser."""
+    key = "torch_peak_above_baseline_bytes" if device.type == "cuda" else "host_peak_above_baseline_bytes"
+    parts = [m.get(key), m.get("grads_bytes"), m.get("optimizer_state_bytes")]
+    if not all(isinstance(v, (int, float)) for v in parts):
+        return {}
+    return {"activations_bytes": max(parts[0] - parts[1] - parts[2], 0),
+            "activations_source": "torch allocator" if device.type == "cuda" else "host RSS (approximate)"}
 
 
 def _fit_metrics(f) -> dict[str, Any]:
@@ -206,7 +256,8 @@ def _child(cell_dict: dict[str, Any], conn, options: dict[str, Any]) -> None:
     quiet_library_warnings()
     try:
         cell = Cell.from_dict(cell_dict)
-        row = execute(cell, on_epoch=lambda rec, total: conn.send(("epoch", vars(rec), total)))
+        row = execute(cell, on_epoch=lambda rec, total: conn.send(("epoch", vars(rec), total)),
+                      sample_interval_s=options.get("sample_interval_s", 0.01))
         conn.send(("result", row))
     finally:
         conn.close()
@@ -268,12 +319,12 @@ class CellProcess:
 
     def __init__(self, cell: Cell, *, start_method: str = "forkserver", timeout_s: float | None = None,
                  env: dict[str, str] | None = None, memory_limit_bytes: int | None = None,
-                 on_epoch: Callable[[dict[str, Any]], None] | None = None):
+                 sample_interval_s: float = 0.01, on_epoch: Callable[[dict[str, Any]], None] | None = None):
         self.cell, self.timeout_s, self.on_epoch = cell, timeout_s, on_epoch
         ctx = mp.get_context(start_method)
         self._recv, send = ctx.Pipe(duplex=False)
         self._oom_before = _oom_kills()
-        options = {"env": env or {}, "memory_limit_bytes": memory_limit_bytes}
+        options = {"env": env or {}, "memory_limit_bytes": memory_limit_bytes, "sample_interval_s": sample_interval_s}
         self.proc = ctx.Process(target=_child, args=(cell.to_dict(), send, options), name=f"lorabench-{cell.key()}")
         self.proc.start()   # the first start under forkserver waits for the server to boot: not the cell's time
         self.started = time.monotonic()
@@ -344,6 +395,44 @@ def failure(status: str, kind: str, message: str) -> dict[str, Any]:
             "metrics": {}, "environment": {}}
 
 
+def utilisation(m: dict[str, Any], matmul_flops: float | None) -> dict[str, Any]:
+    """Model FLOPs utilisation: predicted training FLOPs per step / median step time, as a share
+    of the matmul rate measured on this device at the start of the run."""
+    flops, step = m.get("predicted_flops_per_step"), m.get("step_s_p50")
+    if not matmul_flops:
+        return {}
+    out: dict[str, Any] = {"device_matmul_flops": matmul_flops}
+    if isinstance(flops, (int, float)) and isinstance(step, (int, float)) and step > 0:
+        out["achieved_flops"] = flops / step
+        out["mfu_pct"] = 100.0 * flops / step / matmul_flops
+    return out
+
+
+def _calibrate_child(device: str, dtype: str, conn) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        conn.send(measure_matmul_flops(torch.device(device), DTYPES[dtype]))
+    finally:
+        conn.close()
+
+
+def calibrate(device: str, dtype: str, start_method: str = "forkserver") -> float | None:
+    """The device's matmul rate (FLOP/s), measured once per run in a fresh process on the same device."""
+    ctx = mp.get_context(start_method)
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_calibrate_child, args=(device, dtype, send), name="lorabench-calibrate")
+    proc.start()
+    send.close()
+    try:
+        return recv.recv() if recv.poll(120) else None
+    except EOFError:
+        return None
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+
+
 def make_row(run_id: str, cell: Cell, body: dict[str, Any], wall_s: float) -> dict[str, Any]:
     return {"schema": results.SCHEMA, "run_id": run_id, "cell_key": cell.key(), "cell": cell.to_dict(),
             "label": cell.label, "wall_s": wall_s, **body}
@@ -361,7 +450,8 @@ def pinning(device: str, slots: int) -> list[dict[str, str]]:
 
 def run_matrix(cells: list[Cell], run_dir: Path, run_id: str, *, progress: bool, timeout_s: float | None = None,
                start_method: str = "forkserver", parallel: int = 1, memory_limit_bytes: int | None = None,
-               predicted: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+               predicted: dict[str, dict[str, Any]] | None = None, sample_interval_s: float = 0.01,
+               matmul_flops: float | None = None) -> list[dict[str, Any]]:
     """Run every cell, at most `parallel` at a time (one per pinned GPU), appending each row to
     run_dir/results.jsonl the moment it ends. Interrupting (Ctrl-C) kills the running cells."""
     bar = Progress(len(cells), progress and parallel == 1)
@@ -377,7 +467,8 @@ def run_matrix(cells: list[Cell], run_dir: Path, run_id: str, *, progress: bool,
                 k, cell = pending.pop(0)
                 bar.cell_started(k, cell)
                 cp = CellProcess(cell, start_method=start_method, timeout_s=timeout_s, env=slots[slot],
-                                 memory_limit_bytes=memory_limit_bytes, on_epoch=bar.epoch)
+                                 memory_limit_bytes=memory_limit_bytes, sample_interval_s=sample_interval_s,
+                                 on_epoch=bar.epoch)
                 running[slot] = (cp, cp.started)
             for slot, (cp, t0) in list(running.items()):
                 body = cp.poll(0.2 / len(running))
@@ -386,6 +477,7 @@ def run_matrix(cells: list[Cell], run_dir: Path, run_id: str, *, progress: bool,
                 del running[slot]
                 free.append(slot)
                 body["metrics"].update((predicted or {}).get(cp.cell.key(), {}))
+                body["metrics"].update(utilisation(body["metrics"], matmul_flops))
                 row = make_row(run_id, cp.cell, body, time.monotonic() - t0)
                 results.append_row(run_dir, row)
                 if row["environment"] and not (run_dir / results.ENVIRONMENT_FILE).exists():

@@ -136,8 +136,10 @@ class _Clock:
 
 def fit(model: nn.Module, data: Dataset, *, epochs: int, warmup_epochs: int, batch_size: int,
         grad_accum: int = 1, lr: float = 1e-3, seed: int = 0, device: torch.device,
-        on_epoch: Callable[[EpochRecord, int], None] | None = None) -> Fit:
-    """Train `model` in place; `on_epoch(record, total_epochs)` is called after each epoch."""
+        on_epoch: Callable[[EpochRecord, int], None] | None = None,
+        on_timed: Callable[[str], None] | None = None) -> Fit:
+    """Train `model` in place; `on_epoch(record, total_epochs)` is called after each epoch, and
+    `on_timed("begin" | "end")` at the synchronised edges of each timed epoch (energy counters)."""
     task = data.task
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, impl = make_optimizer(params, lr)
@@ -155,6 +157,8 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, warmup_epochs: int, bat
         timed = epoch > warmup_epochs
         perm = torch.randperm(n, generator=generator).to(device)
         clock.sync()
+        if timed and on_timed:
+            on_timed("begin")
         t0 = time.perf_counter()
         shuffled = {k: v[perm] for k, v in data.train.items()}
         loss_sum = torch.zeros((), device=device, dtype=torch.float32)
@@ -169,14 +173,20 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, warmup_epochs: int, bat
                 loss_sum += loss.detach().float()
             if not breakdown:
                 breakdown["grads_bytes"] = sum(p.grad.nbytes for p in params if p.grad is not None)
+                if clock.cuda:   # allocator at the phase boundary: weights + data + grads
+                    breakdown["torch_allocated_after_first_backward_bytes"] = torch.cuda.memory_allocated(device)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             clock.stop(epoch_steps)
             if "optimizer_state_bytes" not in breakdown:
                 breakdown["optimizer_state_bytes"] = sum(
                     t.nbytes for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
+                if clock.cuda:   # grads freed, optimizer state allocated
+                    breakdown["torch_allocated_after_first_step_bytes"] = torch.cuda.memory_allocated(device)
         clock.sync()
         epoch_s = time.perf_counter() - t0
+        if timed and on_timed:
+            on_timed("end")
         clock.collect(epoch_steps)
         if timed:
             step_s.extend(epoch_steps)

@@ -1,0 +1,158 @@
+"""Stand-ins for the GPU driver libraries, the only parts of lorabench the tests may fake.
+
+They keep the real modules' call signatures, return types, units and exceptions:
+- FakeNVML follows nvidia-ml-py (`pynvml`): handles from index, UUID (GPU-/MIG-) or PCI bus id;
+  memory info in bytes; compute processes with `pid` and `usedGpuMemory` (None when NVML cannot
+  say); total energy in millijoules; errors are pynvml's own NVMLError subclasses, built from codes.
+- FakeAmdsmi follows amdsmi: processor handles matched by BDF; `amdsmi_get_gpu_vram_usage` in MB;
+  the process list as dicts (amdsmi >= 6.1) or as handles resolved by `amdsmi_get_gpu_process_info`;
+  the energy counter with its resolution in microjoules; AmdSmiLibraryException with status codes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pynvml
+
+
+@dataclass
+class FakeGPU:
+    uuid: str = "GPU-11111111-2222-3333-4444-555555555555"
+    pci_bus_id: str = "00000000:3B:00.0"
+    total: int = 80 * 2 ** 30
+    used: int = 2 * 2 ** 30
+    processes: dict[int, int | None] = field(default_factory=dict)   # pid -> usedGpuMemory
+    energy_mj: int | None = 1_000_000                               # None: counter not supported
+    mig: list["FakeGPU"] = field(default_factory=list)
+
+
+class FakeNVML:
+    NVMLError = pynvml.NVMLError
+    NVMLError_NotSupported = pynvml.NVMLError_NotSupported
+    NVMLError_NoPermission = pynvml.NVMLError_NoPermission
+    NVMLError_NotFound = pynvml.NVMLError_NotFound
+
+    def __init__(self, gpus: list[FakeGPU], init_error: int | None = None, process_error: int | None = None):
+        self.gpus, self.init_error, self.process_error = gpus, init_error, process_error
+        self.initialised = 0
+
+    def _all(self):
+        for g in self.gpus:
+            yield g
+            yield from g.mig
+
+    def nvmlInit(self):
+        if self.init_error is not None:
+            raise pynvml.NVMLError(self.init_error)
+        self.initialised += 1
+
+    def nvmlShutdown(self):
+        self.initialised -= 1
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return "550.54.15"
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int):
+        if not 0 <= index < len(self.gpus):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return self.gpus[index]
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str):
+        for g in self._all():
+            if g.uuid == uuid:
+                return g
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus: str):
+        for g in self.gpus:
+            if g.pci_bus_id.upper() == bus.upper():
+                return g
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+
+    def nvmlDeviceGetMemoryInfo(self, handle: FakeGPU):
+        return SimpleNamespace(total=handle.total, free=handle.total - handle.used, used=handle.used)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeGPU):
+        if self.process_error is not None:
+            raise pynvml.NVMLError(self.process_error)
+        return [SimpleNamespace(pid=pid, usedGpuMemory=mem, gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF)
+                for pid, mem in handle.processes.items()]
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeGPU) -> int:
+        if handle.energy_mj is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return handle.energy_mj
+
+
+class AmdSmiException(Exception):
+    pass
+
+
+class AmdSmiLibraryException(AmdSmiException):
+    def __init__(self, err_code: int):
+        self.err_code = err_code
+        super().__init__(f"Error code:\n\t{err_code} | {AMDSMI_STATUS.get(err_code, 'UNKNOWN')}")
+
+
+AMDSMI_STATUS = {1: "AMDSMI_STATUS_INVAL", 2: "AMDSMI_STATUS_NOT_SUPPORTED", 10: "AMDSMI_STATUS_NO_PERM"}
+AMDSMI_STATUS_NOT_SUPPORTED, AMDSMI_STATUS_NO_PERM = 2, 10
+
+
+@dataclass
+class FakeAMD:
+    bdf: str = "0000:c1:00.0"
+    vram_total_mb: int = 196_592
+    vram_used_mb: int = 512
+    processes: dict[int, int] = field(default_factory=dict)   # pid -> VRAM bytes
+    energy: int | None = 5_000_000                            # counter units
+    resolution_uj: float = 15.3
+
+
+class FakeAmdsmi:
+    AmdSmiException = AmdSmiException
+    AmdSmiLibraryException = AmdSmiLibraryException
+
+    def __init__(self, gpus: list[FakeAMD], process_api: str = "dicts", process_error: int | None = None,
+                 energy_key: str = "energy_accumulator"):
+        self.gpus, self.process_api, self.process_error, self.energy_key = gpus, process_api, process_error, energy_key
+
+    def amdsmi_init(self, flag=None):
+        pass
+
+    def amdsmi_shut_down(self):
+        pass
+
+    def amdsmi_get_processor_handles(self):
+        return list(self.gpus)
+
+    def amdsmi_get_gpu_device_bdf(self, handle: FakeAMD) -> str:
+        return handle.bdf
+
+    def amdsmi_get_gpu_vram_usage(self, handle: FakeAMD) -> dict:
+        return {"vram_total": handle.vram_total_mb, "vram_used": handle.vram_used_mb}
+
+    def amdsmi_get_gpu_process_list(self, handle: FakeAMD):
+        if self.process_error is not None:
+            raise AmdSmiLibraryException(self.process_error)
+        infos = [{"name": "python", "pid": pid, "mem": vram, "engine_usage": {"gfx": 0, "enc": 0},
+                  "memory_usage": {"gtt_mem": 0, "cpu_mem": 0, "vram_mem": vram}} for pid, vram in handle.processes.items()]
+        return infos if self.process_api == "dicts" else [("proc", i) for i in range(len(infos))]
+
+    def amdsmi_get_gpu_process_info(self, handle: FakeAMD, proc):
+        infos = [{"name": "python", "pid": pid, "mem": vram, "memory_usage": {"vram_mem": vram}}
+                 for pid, vram in handle.processes.items()]
+        return infos[proc[1]]
+
+    def amdsmi_get_energy_count(self, handle: FakeAMD) -> dict:
+        if handle.energy is None:
+            raise AmdSmiLibraryException(AMDSMI_STATUS_NOT_SUPPORTED)
+        return {self.energy_key: handle.energy, "counter_resolution": handle.resolution_uj, "timestamp": 0}
+
+
+def me() -> int:
+    return os.getpid()

@@ -1,0 +1,37 @@
+"""Checks that need a real GPU. Skipped here, with the reason; run them wherever one is attached
+(`python -m pytest tests/test_gpu.py`) and commit that run's results and report."""
+import pytest
+import torch
+
+from lorabench.cells import Cell
+from lorabench.runner import execute
+from lorabench.trackers import TorchAllocator
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU; none is visible to torch")]
+MiB = 2 ** 20
+
+
+def test_allocator_peak_rises_by_an_allocated_tensor_within_10_percent():
+    size = 256 * MiB
+    device = torch.device("cuda", 0)
+    with TorchAllocator(device) as t:
+        x = torch.empty(size // 4, dtype=torch.float32, device=device)
+        x.fill_(1)
+        del x
+    r = t.result()
+    assert abs(r["torch_peak_above_baseline_bytes"] - size) < 0.1 * size, r
+    assert r["torch_peak_reserved_bytes"] >= r["torch_peak_allocated_bytes"]
+
+
+def test_a_gpu_cell_reports_framework_and_device_memory_side_by_side():
+    row = execute(Cell(model="cifar-mlp", method="full", device="cuda", samples=256, eval_samples=64,
+                       batch_size=32, epochs=2, warmup_epochs=1))
+    assert row["status"] == "ok", row["error"]
+    m = row["metrics"]
+    assert m["torch_peak_allocated_bytes"] >= 4 * 4 * 20_998_154          # weights + grads + Adam
+    driver = m.get("nvml_process_peak_bytes", m.get("amdsmi_process_peak_bytes"))
+    if isinstance(driver, int):   # the driver sees the CUDA context on top of the allocator's pool
+        assert driver >= m["torch_peak_reserved_bytes"]
+    assert m["step_s_p50"] > 0 and len(m["epoch_s_all"]) == 2
+    assert m["torch_allocated_after_first_step_bytes"] > m["torch_allocated_baseline_bytes"]

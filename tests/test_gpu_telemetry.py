@@ -1,0 +1,188 @@
+"""The NVML and amdsmi adapters against fakes that keep the real APIs' shapes and failures."""
+import time
+
+import pynvml
+import pytest
+import torch
+
+from fakes import (AMDSMI_STATUS_NO_PERM, FakeAMD, FakeAmdsmi, FakeGPU, FakeNVML, me)
+from lorabench import environment, runner
+from lorabench.trackers import (AmdsmiMemory, NvmlMemory, amdsmi_energy, amdsmi_handle, is_unavailable,
+                                nvml_energy, nvml_handle)
+
+GiB = 2 ** 30
+A = "GPU-aaaaaaaa-0000-0000-0000-000000000000"
+B = "GPU-bbbbbbbb-0000-0000-0000-000000000000"
+MIG = "MIG-cccccccc-0000-0000-0000-000000000000"
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    for var in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
+        monkeypatch.delenv(var, raising=False)
+    gpus = [FakeGPU(uuid=A, pci_bus_id="00000000:3B:00.0"),
+            FakeGPU(uuid=B, pci_bus_id="00000000:86:00.0", mig=[FakeGPU(uuid=MIG, pci_bus_id="00000000:86:00.0")])]
+    return FakeNVML(gpus), gpus
+
+
+def test_handle_by_the_torch_devices_uuid_not_its_index(two_gpus):
+    nvml, gpus = two_gpus
+    # torch reports the UUID without its prefix; CUDA's fastest-first order put GPU B first
+    assert nvml_handle(nvml, 0, {"uuid": B[4:], "pci_bus_id": "00000000:86:00.0"}) is gpus[1]
+    assert nvml_handle(nvml, 0, {"uuid": MIG[4:]}) is gpus[1].mig[0]
+    assert nvml_handle(nvml, 0, {"uuid": "", "pci_bus_id": "00000000:3B:00.0"}) is gpus[0]
+
+
+def test_handle_from_visible_devices_uuids_and_mig_ids(two_gpus, monkeypatch):
+    nvml, gpus = two_gpus
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{B},{A}")
+    assert nvml_handle(nvml, 0) is gpus[1] and nvml_handle(nvml, 1) is gpus[0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", MIG)
+    assert nvml_handle(nvml, 0) is gpus[1].mig[0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-ffffffff-0000-0000-0000-000000000000")
+    with pytest.raises(pynvml.NVMLError_NotFound):
+        nvml_handle(nvml, 0)
+
+
+def test_an_index_is_only_trusted_in_pci_bus_order(two_gpus, monkeypatch):
+    nvml, gpus = two_gpus
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with pytest.raises(LookupError, match="fastest-first order, which NVML does not share"):
+        nvml_handle(nvml, 0)
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    assert nvml_handle(nvml, 0) is gpus[1]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.delenv("CUDA_DEVICE_ORDER")
+    with pytest.raises(LookupError, match="several GPUs"):
+        nvml_handle(nvml, 0)
+    assert nvml_handle(FakeNVML([gpus[0]]), 0) is gpus[0]      # one GPU: nothing to confuse
+
+
+def test_nvml_samples_this_process_and_the_device():
+    gpu = FakeGPU(used=3 * GiB, processes={12345: 1 * GiB})
+    nvml = FakeNVML([gpu])
+    t = NvmlMemory(nvml, gpu, interval_s=0.001)
+    with t:
+        gpu.processes[me()] = int(1.5 * GiB)     # this process allocates, then frees
+        gpu.used = int(4.5 * GiB)
+        time.sleep(0.02)
+        gpu.processes[me()] = int(0.5 * GiB)
+        gpu.used = int(3.5 * GiB)
+    r = t.result()
+    assert r == {"nvml_process_peak_bytes": int(1.5 * GiB), "nvml_device_used_peak_bytes": int(4.5 * GiB),
+                 "nvml_device_used_before_bytes": 3 * GiB}
+
+
+def test_nvml_process_not_visible_is_unavailable_not_zero():
+    gpu = FakeGPU(processes={4242: GiB})          # only another PID (a container's view)
+    with NvmlMemory(FakeNVML([gpu]), gpu, interval_s=0.001) as t:
+        pass
+    r = t.result()
+    assert r["nvml_process_peak_bytes"].startswith("unavailable: process not visible to NVML")
+    assert r["nvml_device_used_peak_bytes"] == gpu.used
+
+
+def test_nvml_per_process_memory_not_available():
+    gpu = FakeGPU(processes={me(): None})       # NVML_VALUE_NOT_AVAILABLE -> usedGpuMemory None
+    with NvmlMemory(FakeNVML([gpu]), gpu, interval_s=0.001) as t:
+        pass
+    assert t.result()["nvml_process_peak_bytes"] == "unavailable: NVML reports no per-process memory on this device"
+
+
+def test_nvml_permission_error_while_listing_processes_is_reported():
+    gpu = FakeGPU()
+    with NvmlMemory(FakeNVML([gpu], process_error=pynvml.NVML_ERROR_NO_PERMISSION), gpu, interval_s=0.001) as t:
+        pass
+    r = t.result()
+    assert is_unavailable(r["nvml_process_peak_bytes"])
+    assert r["nvml_device_used_peak_bytes"] == gpu.used
+
+
+def test_nvml_energy_per_interval_and_not_supported():
+    gpu = FakeGPU(energy_mj=1_000_000)
+    meter = nvml_energy(FakeNVML([gpu]), gpu)
+    for joules in (250, 350):
+        meter.begin()
+        gpu.energy_mj += joules * 1000
+        meter.end()
+    assert meter.result() == {"energy_j_per_epoch": 300.0, "energy_source": "NVML total energy counter"}
+    old = FakeGPU(energy_mj=None)                 # pre-Volta: NVML_ERROR_NOT_SUPPORTED
+    meter = nvml_energy(FakeNVML([old]), old)
+    meter.begin()
+    meter.end()
+    assert meter.result()["energy_j_per_epoch"] == "unavailable: NVML total energy counter: NVMLError_NotSupported: Not Supported"
+
+
+def test_driver_trackers_use_nvml_by_identity(monkeypatch):
+    gpu = FakeGPU(uuid=A, pci_bus_id="00000000:3B:00.0")
+    fake = FakeNVML([FakeGPU(uuid=B), gpu])
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", fake)
+    monkeypatch.setattr(runner, "device_identity", lambda i: {"uuid": A[4:], "pci_bus_id": gpu.pci_bus_id})
+    monkeypatch.setattr(runner.torch.version, "hip", None)
+    trackers, energy, info = runner.driver_trackers(torch.device("cuda", 0), 0.001)
+    assert isinstance(trackers[0], NvmlMemory) and trackers[0].handle is gpu
+    assert info == {"gpu_driver_view": "NVML", "gpu_driver": "550.54.15"}
+
+
+def test_driver_trackers_without_the_library_report_why(monkeypatch):
+    fake = FakeNVML([FakeGPU()], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", fake)
+    monkeypatch.setattr(runner, "device_identity", lambda i: {"uuid": A[4:]})
+    monkeypatch.setattr(runner.torch.version, "hip", None)
+    trackers, energy, info = runner.driver_trackers(torch.device("cuda", 0), 0.001)
+    assert trackers == []
+    assert info["nvml_process_peak_bytes"] == "unavailable: NVML: NVMLError_LibraryNotFound: NVML Shared Library Not Found"
+    assert is_unavailable(energy.result()["energy_j_per_epoch"])
+
+
+def test_free_memory_gate_reads_nvml_without_cuda(monkeypatch):
+    gpu = FakeGPU(total=80 * GiB, used=30 * GiB)
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", FakeNVML([gpu]))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert environment.free_memory_bytes("cuda") == (50 * GiB, "GPU memory free (NVML)")
+    monkeypatch.setitem(__import__("sys").modules, "pynvml",
+                        FakeNVML([gpu], init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED))
+    free, what = environment.free_memory_bytes("cuda")
+    assert free is None and "NVMLError_DriverNotLoaded" in what
+
+
+# ---- amdsmi -------------------------------------------------------------------------------------
+
+def test_amdsmi_handle_by_bus_id_whatever_the_visible_devices_numbering(monkeypatch):
+    gpus = [FakeAMD(bdf="0000:c1:00.0"), FakeAMD(bdf="0000:03:00.0")]
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "1")        # torch's device 0 is the second GPU
+    smi = FakeAmdsmi(gpus)
+    assert amdsmi_handle(smi, {"pci_bus_id": "00000000:03:00.0"}) is gpus[1]
+    with pytest.raises(LookupError, match="no amdsmi device with PCI bus id"):
+        amdsmi_handle(smi, {"pci_bus_id": "00000000:44:00.0"})
+
+
+@pytest.mark.parametrize("api", ["dicts", "handles"])
+def test_amdsmi_vram_in_use_not_capacity_and_this_process(api):
+    gpu = FakeAMD(vram_used_mb=1024, processes={me(): 3 * GiB, 999: GiB})
+    with AmdsmiMemory(FakeAmdsmi([gpu], process_api=api), gpu, interval_s=0.001) as t:
+        gpu.vram_used_mb = 4096
+        time.sleep(0.01)
+    r = t.result()
+    assert r["amdsmi_device_vram_used_before_bytes"] == 1024 * 2 ** 20
+    assert r["amdsmi_device_vram_used_peak_bytes"] == 4096 * 2 ** 20 < gpu.vram_total_mb * 2 ** 20
+    assert r["amdsmi_process_peak_bytes"] == 3 * GiB
+
+
+def test_amdsmi_permission_denied_is_unavailable_with_the_reason():
+    gpu = FakeAMD(processes={me(): GiB})
+    with AmdsmiMemory(FakeAmdsmi([gpu], process_error=AMDSMI_STATUS_NO_PERM), gpu, interval_s=0.001) as t:
+        pass
+    r = t.result()
+    assert r["amdsmi_process_peak_bytes"].startswith("unavailable: process not visible to amdsmi")
+    assert "AMDSMI_STATUS_NO_PERM" in r["amdsmi_process_peak_bytes"]
+
+
+@pytest.mark.parametrize("key", ["energy_accumulator", "power"])
+def test_amdsmi_energy_counter_times_resolution(key):
+    gpu = FakeAMD(energy=1000, resolution_uj=15.3)
+    meter = amdsmi_energy(FakeAmdsmi([gpu], energy_key=key), gpu)
+    meter.begin()
+    gpu.energy += 10_000_000                     # x 15.3 uJ = 153 J
+    meter.end()
+    assert meter.result()["energy_j_per_epoch"] == pytest.approx(153.0)
