@@ -231,6 +231,10 @@ RANKS = (1, 2, 4, 8, 16, 32, 64)
 
 PRESETS: dict[str, tuple[Matrix, ...]] = {
     "quick": (Matrix(("cifar-mlp", "bert-tiny"), ("full", "lora"), (2, 8), QUICK),),
+    # The nightly GPU job: small enough for minutes, large enough that steps are not launch-bound.
+    "ci": (Matrix(("cifar-mlp", "bert-tiny"), ("full", "lora", "lora-reparam"), (8,),
+                  {"batch_size": 64, "samples": 4096, "eval_samples": 512, "seq_len": 128, "epochs": 3,
+                   "warmup_epochs": 1}),),
     "seed-cifar-mlp": (
         Matrix(("cifar-mlp",), ("full",), (), SEED_CIFAR),
         Matrix(("cifar-mlp",), ("lora-reparam",), (1,), {**SEED_CIFAR, "alpha": 1.0, "pretrain_epochs": 2}),
@@ -288,13 +292,16 @@ def plan(
         raise CellError(f"unknown setting(s) {', '.join(unknown)}; accepted: {_choices(CELL_FIELDS)}")
     if repeat < 1:
         raise CellError(f"repeat must be a whole number >= 1, got {repeat}")
-    cells: dict[str, Cell] = {}
+    base: list[Cell] = []
     for mx in matrices:
-        mx = dataclasses.replace(mx, settings={**mx.settings, **overrides})
-        for cell in mx.cells():
-            for r in range(repeat):
-                c = dataclasses.replace(cell, repeat=r)
-                cells.setdefault(c.key(), c)   # identical cells from overlapping presets run once
+        base += dataclasses.replace(mx, settings={**mx.settings, **overrides}).cells()
+    cells: dict[str, Cell] = {}
+    # Repeat-major order (the whole matrix, then the whole matrix again): the spread of a cell's
+    # repeats then covers the drift of the machine over the run, not just a few seconds of it.
+    for r in range(repeat):
+        for cell in base:
+            c = dataclasses.replace(cell, repeat=r)
+            cells.setdefault(c.key(), c)   # identical cells from overlapping presets run once
     return list(cells.values())
 
 

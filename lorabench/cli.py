@@ -115,11 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress bars (auto: only when stderr is a terminal)")
 
-    rep = sub.add_parser("report", help="render the markdown report of a run directory",
-                         description="Render RUN_DIR/results.jsonl into markdown (from the results file alone).")
-    rep.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    rep = sub.add_parser("report", help="render the markdown report of one or more run directories",
+                         description="Render RUN_DIR/results.jsonl into markdown (from the results files alone). "
+                                     "Several run directories (shards, repeats) render as one report.")
+    rep.add_argument("run_dirs", type=Path, nargs="*", metavar="RUN_DIR")
+    rep.add_argument("--pytest-benchmark", type=Path, metavar="FILE.json",
+                     help="render a pytest-benchmark JSON (pytest bench/ --benchmark-json FILE) instead")
     rep.add_argument("--report-dir", type=Path, default=Path("report"), help="where <run-id>.md goes (default: report)")
     rep.add_argument("-o", "--output", type=Path, help="write the report to this file instead")
+
+    cmp_ = sub.add_parser("compare", help="compare two runs and flag regressions",
+                          description="Match the cells of two runs by their parameters, print the change of every "
+                                      "figure, and flag regressions past the thresholds (and past twice the measured "
+                                      "spread where repeats exist).")
+    cmp_.add_argument("base", type=Path, metavar="BASE_RUN")
+    cmp_.add_argument("new", type=Path, metavar="NEW_RUN")
+    cmp_.add_argument("--time-threshold", type=float, default=10.0, metavar="PCT", help="slower by more than this %% (default 10)")
+    cmp_.add_argument("--memory-threshold", type=float, default=5.0, metavar="PCT", help="larger by more than this %% (default 5)")
+    cmp_.add_argument("--quality-threshold", type=float, default=1.0, metavar="POINTS",
+                      help="accuracy lower by more than this many points (default 1)")
+    cmp_.add_argument("--fail-on-regression", action="store_true", help="exit 1 when any regression is flagged")
+    cmp_.add_argument("-o", "--output", type=Path, help="also write the comparison (markdown) to this file")
 
     sub.add_parser("list", help="list models, methods and presets", description="List the registries.")
 
@@ -403,7 +419,8 @@ def _execute(args: argparse.Namespace, cells, run_dir: Path, run_id: str, contro
     rows, warnings = results.read_rows(run_dir)   # the report comes from the results file alone
     args.report_dir.mkdir(parents=True, exist_ok=True)
     report_path = args.report_dir / f"{run_id}.md"
-    report_path.write_text(report.render(rows, warnings), encoding="utf-8")
+    report_path.write_text(report.render(rows, warnings, plot_dir=args.report_dir / run_id, plot_link=f"{run_id}/"),
+                           encoding="utf-8")
     print(report.summary(rows))
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"{len(cells)} cells in {time.perf_counter() - t0:.1f} s; the run has {len(rows)} rows, {failed} not ok. "
@@ -457,33 +474,84 @@ def cmd_merge(args: argparse.Namespace) -> int:
         (out / results.ENVIRONMENT_FILE).write_text(env.read_text(encoding="utf-8"), encoding="utf-8")
     args.report_dir.mkdir(parents=True, exist_ok=True)
     report_path = args.report_dir / f"{out.name}.md"
-    report_path.write_text(report.render(merged), encoding="utf-8")
+    report_path.write_text(report.render(merged, plot_dir=args.report_dir / out.name, plot_link=f"{out.name}/"),
+                           encoding="utf-8")
     print(f"merged {len(args.dirs)} shards: {len(merged)} of {len(matrix)} cells"
           + (f" ({missing} cells have no row in any shard)" if missing else "") + f" -> {out}; report {report_path}")
     return EXIT_OK
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from . import report, results
-
-    path = args.run_dir / results.RESULTS_FILE
-    if not path.is_file():
-        raise UsageError(f"{args.run_dir}: no {results.RESULTS_FILE} here; pass a run directory made by `lorabench run`")
-    rows, warnings = results.read_rows(args.run_dir)
+def _load_rows(run_dirs) -> tuple[list, list]:
+    from . import results
+    rows, warnings = [], []
+    for d in run_dirs:
+        path = d / results.RESULTS_FILE
+        if not path.is_file():
+            raise UsageError(f"{d}: no {results.RESULTS_FILE} here; pass a run directory made by `lorabench run`")
+        r, w = results.read_rows(d)
+        rows += list(results.final_rows(r).values())
+        warnings += w
     if not rows:
-        raise UsageError(f"{path}: no result rows to report")
-    for w in warnings:
-        print(f"lorabench: warning: {w}", file=sys.stderr)
-    out = args.output
-    if out is None:
-        _writable_dir(args.report_dir, "--report-dir")
-        out = args.report_dir / f"{rows[0]['run_id']}.md"
-    elif out.is_dir():
+        raise UsageError(f"{', '.join(map(str, run_dirs))}: no result rows")
+    return rows, warnings
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import report
+
+    if args.pytest_benchmark is not None:
+        if args.run_dirs:
+            raise UsageError("give run directories or --pytest-benchmark FILE.json, not both")
+        try:
+            data = json.loads(args.pytest_benchmark.read_text(encoding="utf-8"))
+            benchmarks = data["benchmarks"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--pytest-benchmark {args.pytest_benchmark}: not a pytest-benchmark JSON ({e})") from None
+        if not isinstance(benchmarks, list):
+            raise UsageError(f"--pytest-benchmark {args.pytest_benchmark}: 'benchmarks' is not a list")
+        text = report.pytest_benchmark_report(data)
+        out = args.output or args.report_dir / f"{args.pytest_benchmark.stem}.md"
+    else:
+        if not args.run_dirs:
+            raise UsageError("give a run directory (RUN_DIR) or --pytest-benchmark FILE.json")
+        rows, warnings = _load_rows(args.run_dirs)
+        for w in warnings:
+            print(f"lorabench: warning: {w}", file=sys.stderr)
+        name = rows[0]["run_id"] if len(args.run_dirs) == 1 else args.run_dirs[0].name + "-combined"
+        out = args.output or args.report_dir / f"{name}.md"
+        if out.is_dir():
+            raise UsageError(f"--output {out} is a directory; give a file name")
+        _writable_dir(out.parent, "--report-dir")
+        text = report.render(rows, warnings, plot_dir=out.parent / out.stem, plot_link=f"{out.stem}/")
+    if out.is_dir():
         raise UsageError(f"--output {out} is a directory; give a file name")
+    _writable_dir(out.parent, "--report-dir")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.render(rows, warnings), encoding="utf-8")
+    out.write_text(text, encoding="utf-8")
     print(out)
     return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from . import report
+    from .compare import compare
+
+    for flag, value in (("--time-threshold", args.time_threshold), ("--memory-threshold", args.memory_threshold),
+                        ("--quality-threshold", args.quality_threshold)):
+        if not value >= 0:
+            raise UsageError(f"{flag} must be >= 0, got {value:g}")
+    base, bw = _load_rows([args.base])
+    new, nw = _load_rows([args.new])
+    for w in bw + nw:
+        print(f"lorabench: warning: {w}", file=sys.stderr)
+    result = compare(base, new, {"time": args.time_threshold, "memory": args.memory_threshold,
+                                 "quality": args.quality_threshold})
+    text = report.comparison_report(result, args.base.name, args.new.name)
+    print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text, encoding="utf-8")
+    return EXIT_FAILED_CELLS if (args.fail_on_regression and result.regressions) else EXIT_OK
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -508,7 +576,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "list": cmd_list, "merge": cmd_merge}
+COMMANDS = {"run": cmd_run, "report": cmd_report, "list": cmd_list, "merge": cmd_merge, "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

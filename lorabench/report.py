@@ -334,7 +334,61 @@ How to read these figures:
 """
 
 
-def render(rows: list[dict[str, Any]], warnings: Iterable[str] = ()) -> str:
+def _memory_key(variants) -> tuple[str, str]:
+    """The peak memory figure the sweep plots: the allocator's on a GPU, host RSS on the CPU."""
+    if any(_num(v["metrics"].get("torch_peak_allocated_bytes")) for v in variants):
+        return "torch_peak_allocated_bytes", "peak torch allocated (MiB)"
+    return "host_peak_rss_bytes", "peak host RSS (MiB)"
+
+
+def rank_sweep_table(variants: list[dict[str, Any]]) -> str:
+    """One row per rank (full first), per LoRA method: trainable parameters, memory, time, quality."""
+    ok = [v for v in variants if v["status"] == "ok"]
+    mem_key, mem_label = _memory_key(ok)
+    df = pd.DataFrame({
+        "method": [v["cell"]["method"] for v in ok],
+        "rank": [str(v["cell"]["rank"]) if v["cell"]["rank"] else "-" for v in ok],
+        "trainable": [fmt(v["metrics"].get("params_trainable"), "count") for v in ok],
+        mem_label: [fmt(v["metrics"].get(mem_key), "bytes") for v in ok],
+        "weights + grads + Adam (MiB)": [fmt(v["metrics"].get("state_bytes"), "bytes") for v in ok],
+        "epoch time (s)": [fmt(v["metrics"].get("epoch_s"), "time") for v in ok],
+        "final accuracy": [fmt(v["metrics"].get("final_eval_accuracy"), "acc") for v in ok],
+    })
+    return _markdown(df, [c for c in df.columns if c not in ("method", "rank")])
+
+
+def rank_sweep_plot(model: str, variants: list[dict[str, Any]], path) -> None:
+    """Peak memory, epoch time and final accuracy against rank, full fine-tuning as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")   # no display: render to a file
+    import matplotlib.pyplot as plt
+
+    ok = [v for v in variants if v["status"] == "ok"]
+    mem_key, mem_label = _memory_key(ok)
+    panels = [(mem_key, mem_label, 1 / MiB), ("epoch_s", "epoch time (s)", 1.0),
+              ("final_eval_accuracy", "final eval accuracy", 1.0)]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    full = next((v for v in ok if v["cell"]["method"] == "full"), None)
+    for ax, (key, label, scale) in zip(axes, panels):
+        for method in sorted({v["cell"]["method"] for v in ok} - {"full"}):
+            pts = sorted((v["cell"]["rank"], v["metrics"][key] * scale) for v in ok
+                         if v["cell"]["method"] == method and _num(v["metrics"].get(key)))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        if full is not None and _num(full["metrics"].get(key)):
+            ax.axhline(full["metrics"][key] * scale, linestyle="--", color="black", label="full fine-tuning")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("LoRA rank")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{model}: LoRA rank sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(rows: list[dict[str, Any]], warnings: Iterable[str] = (), plot_dir=None, plot_link: str = "") -> str:
     run_ids = sorted({r["run_id"] for r in rows})
     statuses = defaultdict(int)
     for r in rows:
@@ -351,6 +405,17 @@ def render(rows: list[dict[str, Any]], warnings: Iterable[str] = ()) -> str:
             if spread:
                 out += ["Spread of epoch time across repeats: " + "; ".join(
                     f"{label}: median {s.median:.3f} s, stdev {s.stdev_pct:.1f}% (n={s.n})" for label, s in spread), ""]
+            ranks = {v["cell"]["rank"] for v in variants if v["status"] == "ok" and v["cell"]["rank"]}
+            if len(ranks) >= 2:
+                out += ["### Rank sweep", "", rank_sweep_table(variants), ""]
+                if plot_dir is not None:
+                    from pathlib import Path
+                    import hashlib
+                    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in cell["model"])
+                    name = f"{slug}-{hashlib.sha1(_group_key(cell).encode()).hexdigest()[:6]}-rank-sweep.png"
+                    Path(plot_dir).mkdir(parents=True, exist_ok=True)
+                    rank_sweep_plot(cell["model"], variants, Path(plot_dir) / name)
+                    out += [f"![{cell['model']}: peak memory, epoch time and accuracy against rank]({plot_link}{name})", ""]
             table = epochs_table(variants)
             if table:
                 out += ["### Quality per epoch (eval set)", "", table, ""]
@@ -386,4 +451,77 @@ def summary(rows: list[dict[str, Any]]) -> str:
     failures = _failures(rows)
     if failures:
         out += ["Cells that did not finish:", "", failures, ""]
+    return "\n".join(out)
+
+
+# ---- compare -------------------------------------------------------------------------------
+
+def comparison_report(cmp, base_name: str, new_name: str) -> str:
+    """The change of every figure of every matched cell, regressions flagged."""
+    out = [f"# lorabench compare: {base_name} -> {new_name}", ""]
+    regs = cmp.regressions
+    out.append(f"{len(regs)} regression(s) flagged among {len(cmp.changes)} figures compared." if regs
+               else f"No regression among {len(cmp.changes)} figures compared.")
+    out.append("")
+    if cmp.changes:
+        def change(c):
+            if c.kind == "quality":
+                return f"{c.change:+.2f} pt"
+            if c.kind == "exact":
+                return f"{c.change:+,.0f} (must not change)"
+            return f"{c.change:+.1f}%"
+        df = pd.DataFrame({
+            "model": [c.model for c in cmp.changes],
+            "cell": [c.label for c in cmp.changes],
+            "figure": [c.figure for c in cmp.changes],
+            "base": [_fmt_any(c.base) for c in cmp.changes],
+            "new": [_fmt_any(c.new) for c in cmp.changes],
+            "change": [change(c) for c in cmp.changes],
+            "limit": ["" if c.kind == "exact" else (f"{c.threshold:.1f} pt" if c.kind == "quality" else f"{c.threshold:.1f}%")
+                      for c in cmp.changes],
+            "verdict": ["REGRESSION" if c.regression else "ok" for c in cmp.changes],
+        })
+        out += [_markdown(df, ["base", "new", "change", "limit"]), ""]
+    for title, cells in (("Only in the base run", cmp.only_in_base), ("Only in the new run", cmp.only_in_new)):
+        if cells:
+            out += [f"{title}: " + ", ".join(cells), ""]
+    return "\n".join(out)
+
+
+def _fmt_any(v: float) -> str:
+    if abs(v) >= 1e6:
+        return f"{v:,.0f}"
+    return f"{v:.4g}"
+
+
+# ---- pytest-benchmark -----------------------------------------------------------------------
+
+def pytest_benchmark_report(data: dict[str, Any]) -> str:
+    """Render a pytest-benchmark JSON (`--benchmark-json`) as the same kind of markdown table."""
+    machine = data.get("machine_info", {})
+    out = ["# lorabench: pytest-benchmark results", "",
+           f"{len(data.get('benchmarks', []))} benchmarks, saved {data.get('datetime', '?')}, "
+           f"on {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
+           f"Python {machine.get('python_version', '?')}.", ""]
+    rows = []
+    for b in data.get("benchmarks", []):
+        st, info = b.get("stats", {}), b.get("extra_info", {})
+        cell = info.get("cell", {})
+        rows.append({
+            "benchmark": b.get("name", ""),
+            "group": b.get("group") or "",
+            "model": cell.get("model", info.get("model", "")),
+            "method": info.get("label", cell.get("method", "")),
+            "trainable": fmt(info.get("params_trainable"), "count") if info.get("params_trainable") is not None else "",
+            "min (ms)": f"{st['min'] * 1e3:.2f}" if "min" in st else "",
+            "median (ms)": f"{st['median'] * 1e3:.2f}" if "median" in st else "",
+            "mean (ms)": f"{st['mean'] * 1e3:.2f}" if "mean" in st else "",
+            "stddev (ms)": f"{st['stddev'] * 1e3:.2f}" if "stddev" in st else "",
+            "rounds": st.get("rounds", ""),
+            "peak memory (MiB)": fmt(info.get("peak_memory_bytes"), "bytes") if info.get("peak_memory_bytes") else "",
+        })
+    if rows:
+        df = pd.DataFrame(rows)
+        out += [_markdown(df, ["trainable", "min (ms)", "median (ms)", "mean (ms)", "stddev (ms)", "rounds",
+                               "peak memory (MiB)"]), ""]
     return "\n".join(out)

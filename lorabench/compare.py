@@ -1,0 +1,109 @@
+"""Compare two runs cell by cell and flag regressions a CI job can gate on.
+
+    lorabench compare results/<base-run> results/<new-run> --fail-on-regression
+
+Cells are matched by all their parameters except the repeat index; repeats fold into their
+median. A change is a regression when it is worse than its figure's threshold (time 10 %,
+memory 5 %, accuracy 1 point by default) and, where either run has repeats, also beyond twice
+the combined measured spread, so noise alone does not fail a build. Counts and tensor sizes that
+are exact by construction (parameters, weights, gradients, optimizer state, checkpoints) are
+called out when they change at all.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .stats import Summary
+
+# figure -> (kind, +1 when higher is worse / -1 when lower is worse)
+GATED: dict[str, tuple[str, int]] = {
+    "epoch_s": ("time", +1),
+    "step_s_p50": ("time", +1),
+    "samples_per_s": ("time", -1),
+    "torch_peak_allocated_bytes": ("memory", +1),
+    "torch_peak_reserved_bytes": ("memory", +1),
+    "nvml_process_peak_bytes": ("memory", +1),
+    "amdsmi_process_peak_bytes": ("memory", +1),
+    "host_peak_rss_bytes": ("memory", +1),
+    "final_eval_accuracy": ("quality", -1),
+}
+EXACT = ("params_total", "params_trainable", "params_trainable_adapter", "params_trainable_full", "weights_bytes",
+         "grads_bytes", "optimizer_state_bytes", "model_file_bytes", "adapter_file_bytes")
+DEFAULT_THRESHOLDS = {"time": 10.0, "memory": 5.0, "quality": 1.0}   # %, %, accuracy points
+
+
+@dataclass(frozen=True)
+class Change:
+    model: str
+    label: str
+    figure: str
+    kind: str            # time | memory | quality | exact
+    base: float
+    new: float
+    change: float        # % of base for time and memory; points for quality; absolute for exact
+    threshold: float     # what the change had to exceed to count (spread included)
+    regression: bool
+
+
+@dataclass
+class Comparison:
+    changes: list[Change] = field(default_factory=list)
+    only_in_base: list[str] = field(default_factory=list)
+    only_in_new: list[str] = field(default_factory=list)
+
+    @property
+    def regressions(self) -> list[Change]:
+        return [c for c in self.changes if c.regression]
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _variants(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list] = defaultdict(list)
+    for r in rows:
+        if r["status"] == "ok":
+            key = json.dumps({k: v for k, v in r["cell"].items() if k != "repeat"}, sort_keys=True)
+            out[key].append(r)
+    return out
+
+
+def _values(rows, figure) -> list[float]:
+    return [r["metrics"][figure] for r in rows if _num(r["metrics"].get(figure))]
+
+
+def compare(base_rows: list[dict[str, Any]], new_rows: list[dict[str, Any]],
+            thresholds: dict[str, float] | None = None) -> Comparison:
+    th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    base, new = _variants(base_rows), _variants(new_rows)
+    result = Comparison()
+    describe = lambda rows: f"{rows[0]['cell']['model']} {rows[0]['label']}"   # noqa: E731
+    result.only_in_base = sorted(describe(base[k]) for k in base.keys() - new.keys())
+    result.only_in_new = sorted(describe(new[k]) for k in new.keys() - base.keys())
+    for key in [k for k in base if k in new]:
+        b_rows, n_rows = base[key], new[key]
+        model, label = b_rows[0]["cell"]["model"], b_rows[0]["label"]
+        for figure, (kind, worse) in GATED.items():
+            bv, nv = _values(b_rows, figure), _values(n_rows, figure)
+            if not bv or not nv:
+                continue
+            b, n = Summary.of(bv), Summary.of(nv)
+            if kind == "quality":
+                change = (n.median - b.median) * 100          # points
+                noise = 2 * math.hypot(b.stdev, n.stdev) * 100
+            else:
+                change = (n.median - b.median) / b.median * 100 if b.median else 0.0
+                noise = 2 * math.hypot(b.stdev_pct, n.stdev_pct)
+            limit = max(th[kind], noise)
+            result.changes.append(Change(model, label, figure, kind, b.median, n.median, change, limit,
+                                         change * worse > limit))
+        for figure in EXACT:
+            bv, nv = _values(b_rows, figure), _values(n_rows, figure)
+            if bv and nv and bv[0] != nv[0]:
+                result.changes.append(Change(model, label, figure, "exact", bv[0], nv[0], nv[0] - bv[0], 0.0, True))
+    return result
