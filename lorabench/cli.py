@@ -42,6 +42,7 @@ def _ranks(value: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .cells import DTYPES, PRESETS, WEIGHTS
+    from .runner import START_METHODS
 
     parser = _Parser(prog="lorabench", description=(
         "Measure what LoRA buys against full fine-tuning on this machine: trainable parameters, "
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "they are recorded as skipped)")
     o.add_argument("--cell-memory-limit", type=float, metavar="MIB", help="host memory (MiB) a cell's process may "
                    "map beyond what it holds at its start (RLIMIT_AS); an allocation past it ends the cell as oom")
-    o.add_argument("--start-method", choices=["forkserver", "spawn"], default="forkserver",
+    o.add_argument("--start-method", choices=START_METHODS, default="forkserver",
                    help="how each cell's fresh process starts (forkserver: forked from a clean server that "
                         "preloaded torch/transformers/peft; spawn: a new interpreter per cell)")
     o.add_argument("--progress", choices=["auto", "on", "off"], default="auto",

@@ -64,6 +64,28 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
+def _size(value: float) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if value >= scale:
+            return f"{value / scale:,.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+FORMATS = {
+    "count": lambda v: f"{int(round(v)):,}",
+    "pct": lambda v: f"{v:.3g}%",
+    "bytes": lambda v: f"{v / MiB:,.1f}",          # shown in MiB; the results keep bytes
+    "time": lambda v: f"{v:.3f}" if v < 10 else f"{v:,.1f}",
+    "ms": lambda v: f"{v * 1e3:.2f}",
+    "rate": lambda v: f"{v:,.0f}",
+    "acc": lambda v: f"{v:.4f}",
+    "loss": lambda v: f"{v:.4f}",
+    "sci": lambda v: f"{v:.1e}",
+    "joules": lambda v: f"{v:,.1f}",
+    "size": _size,
+}
+
+
 def fmt(value: Any, kind: str) -> str:
     if value is None:
         return ""
@@ -71,30 +93,7 @@ def fmt(value: Any, kind: str) -> str:
         return "unavailable"
     if not _num(value):
         return str(value)
-    if kind == "count":
-        return f"{int(round(value)):,}"
-    if kind == "pct":
-        return f"{value:.3g}%"
-    if kind == "bytes":
-        return f"{value / MiB:,.1f}"
-    if kind == "time":
-        return f"{value:.3f}" if value < 10 else f"{value:,.1f}"
-    if kind == "ms":
-        return f"{value * 1e3:.2f}"
-    if kind == "rate":
-        return f"{value:,.0f}"
-    if kind == "acc":
-        return f"{value:.4f}"
-    if kind == "sci":
-        return f"{value:.1e}"
-    if kind == "joules":
-        return f"{value:,.1f}"
-    if kind == "size":
-        for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-            if value >= scale:
-                return f"{value / scale:,.1f} {unit}"
-        return f"{value:.0f} B"
-    return f"{value:.4f}"
+    return FORMATS[kind](value)
 
 
 def delta(full: Any, other: Any, kind: str) -> str:

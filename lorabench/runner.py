@@ -379,17 +379,6 @@ class CellProcess:
         self._recv.close()
 
 
-def run_cell(cell: Cell, **options) -> dict[str, Any]:
-    """Run one cell in a fresh child and wait for its row body."""
-    cp = CellProcess(cell, **options)
-    try:
-        while (body := cp.poll()) is None:
-            pass
-        return body
-    finally:
-        cp.kill()
-
-
 def failure(status: str, kind: str, message: str) -> dict[str, Any]:
     return {"status": status, "error": {"type": kind, "message": message, "traceback": []},
             "metrics": {}, "environment": {}}

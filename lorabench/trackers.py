@@ -46,7 +46,44 @@ class Tracker:
         raise NotImplementedError
 
 
-class HostMemory(Tracker):
+class _Sampler(Tracker):
+    """A background thread calling `_sample()` every `interval_s`, stopped in finally."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None   # the first failure of a reading: the figure becomes unavailable
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._safe_sample()
+
+    def _safe_sample(self) -> None:
+        try:
+            self._sample()
+        except Exception as e:   # a sampler must never take the cell down
+            self.error = self.error or f"{type(e).__name__}: {e}"
+
+    def _sample(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._safe_sample()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=type(self).__name__, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        try:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+        finally:
+            self._safe_sample()
+
+
+class HostMemory(_Sampler):
     """Resident memory of this process and its children, sampled in a background thread.
 
     `host_peak_rss_bytes` is the sampled maximum inside the block (it can miss a spike shorter
@@ -62,10 +99,8 @@ class HostMemory(Tracker):
     CHILD_SCAN_S = 1.0
 
     def __init__(self, interval_s: float = 0.01):
-        self.interval_s = interval_s
+        super().__init__(interval_s)
         self._proc = psutil.Process(os.getpid())
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._children: list[psutil.Process] = []
         self._scanned = 0.0
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -98,24 +133,18 @@ class HostMemory(Tracker):
         return rss
 
     def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self._rss())
+        self.peak = max(self.peak, self._rss())
 
     def start(self) -> None:
-        self._scanned = 0.0
+        self._scanned = 0.0   # look for children now
         self.baseline = self.peak = self._rss()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, name="lorabench-host-memory", daemon=True)
-        self._thread.start()
+        super().start()
 
     def stop(self) -> None:
+        self._scanned = 0.0   # the final sample (the block's end state) looks for children again
         try:
-            self._stop.set()
-            if self._thread is not None:
-                self._thread.join()
+            super().stop()
         finally:
-            self._scanned = 0.0
-            self.peak = max(self.peak, self._rss())   # the block's end state counts too
             if self._statm is not None:
                 os.close(self._statm)
                 self._statm = None
@@ -234,43 +263,6 @@ def _my_pids() -> set[int]:
     except psutil.Error:
         pass
     return pids
-
-
-class _Sampler(Tracker):
-    """A background thread calling `_sample()` every `interval_s`, stopped in finally."""
-
-    def __init__(self, interval_s: float):
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.error: str | None = None   # the first failure of a reading: the figure becomes unavailable
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._safe_sample()
-
-    def _safe_sample(self) -> None:
-        try:
-            self._sample()
-        except Exception as e:   # a sampler must never take the cell down
-            self.error = self.error or f"{type(e).__name__}: {e}"
-
-    def _sample(self) -> None:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        self._safe_sample()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name=type(self).__name__, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        try:
-            self._stop.set()
-            if self._thread is not None:
-                self._thread.join()
-        finally:
-            self._safe_sample()
 
 
 class NvmlMemory(_Sampler):
