@@ -277,9 +277,12 @@ def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
 def _settings_line(cell: dict[str, Any], variants) -> str:
     data = next((v["metrics"].get("data") for v in variants if v["metrics"].get("data")), cell.get("data"))
     accum = f" x {cell['grad_accum']} accumulated" if cell.get("grad_accum", 1) > 1 else ""
+    lrs = {v["label"]: v["cell"]["lr"] for v in variants}
+    lr = (f"{cell['lr']:g}" if len(set(lrs.values())) == 1
+          else ", ".join(f"{lr_:g} ({label})" for label, lr_ in lrs.items()))
     return (f"Device `{cell['device']}` ({cell['dtype']}), weights: {cell['weights']}, data: {data}; "
             f"batch {cell['batch_size']}{accum}, {cell['samples']} training / {cell['eval_samples']} eval samples, "
-            f"{cell['warmup_epochs']} warm-up + {cell['epochs']} timed epochs, Adam lr {cell['lr']:g}, seed {cell['seed']}.")
+            f"{cell['warmup_epochs']} warm-up + {cell['epochs']} timed epochs, Adam lr {lr}, seed {cell['seed']}.")
 
 
 def _failures(rows: list[dict[str, Any]]) -> str:
