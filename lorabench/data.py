@@ -11,8 +11,9 @@ as seed 001 does.
 Real data sets arrive through `--data PATH`, recognised by their shape:
 - a CIFAR-10 directory (`cifar-10-batches-py/`, as torchvision downloads it): ToTensor, then each
   channel normalised with mean 0.5, std 0.5 (seed 002);
-- a `.csv` or `.jsonl` file with `text` and `label` columns: text classification;
-- a `.jsonl` file with `instruction`, `input`, `output`: seed 001's causal-LM format.
+- a `.csv` or `.jsonl` file, or a data set saved by `datasets` (save_to_disk), with `text` and
+  `label` columns: text classification;
+- the same with `instruction`, `input`, `output`: seed 001's causal-LM format.
 Text is tokenised with the model's tokenizer when one is available offline, else with a
 deterministic word-hash tokenizer (the report names which). Sequences are padded to `seq_len`
 once, so every tensor is resident and every step has the same shape.
@@ -127,9 +128,10 @@ def detect(path: str) -> str:
     if p.is_dir():
         if _cifar_dir(p) is not None:
             return "cifar10"
-        raise DataError(f"--data {path}: not a CIFAR-10 directory (expected cifar-10-batches-py/ with data_batch_1..5 "
-                        "and test_batch)")
-    if p.suffix not in (".csv", ".jsonl"):
+        if not _is_hf_dataset(p):
+            raise DataError(f"--data {path}: neither a CIFAR-10 directory (cifar-10-batches-py/ with data_batch_1..5 "
+                            "and test_batch) nor a data set saved by datasets' save_to_disk")
+    elif p.suffix not in (".csv", ".jsonl"):
         raise DataError(f"--data {path}: unknown kind of file; use a .csv or .jsonl file or a CIFAR-10 directory")
     records = _records(p)   # every line parsed up front: a malformed file is refused before any work
     if not records:
@@ -149,7 +151,32 @@ def task_of(kind: str) -> str:
             "instructions": "causal-lm"}[kind]
 
 
+def _is_hf_dataset(p: Path) -> bool:
+    return (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()
+
+
+def _hf_records(path: Path) -> list[dict]:
+    """Rows of a data set saved with `datasets`' save_to_disk (Arrow files: data, never code);
+    of a DatasetDict, its train split."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"--data {path}: reading a saved HF data set needs the datasets package "
+                        "(pip install 'lorabench[hf]')") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:   # datasets raises several kinds for a damaged directory
+        raise DataError(f"--data {path}: cannot load the saved data set ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"--data {path}: the saved DatasetDict has no train split ({', '.join(ds)})")
+        ds = ds["train"]
+    return ds.to_list()
+
+
 def _records(path: Path) -> list[dict]:
+    if path.is_dir():
+        return _hf_records(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -116,6 +116,20 @@ def test_text_classification_csv_and_jsonl(tmp_path):
         assert set(lengths.tolist()) <= {3, 4} and (ds.train["input_ids"][ds.train["attention_mask"] == 0] == 0).all()
 
 
+def test_a_data_set_saved_by_datasets_loads_like_a_file(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the [hf] extra (datasets) is not installed")
+    rows = {"text": [f"word{i % 3} text {i}" for i in range(30)], "label": [i % 2 for i in range(30)]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "saved"))
+    assert data.detect(str(tmp_path / "saved")) == "text-classification"
+    ds = data.load(str(tmp_path / "saved"), samples=20, eval_samples=10, seq_len=4, seed=0, vocab_size=500,
+                   num_labels=2, tokenizer_source=None)
+    assert ds.train["input_ids"].shape == (20, 4) and sorted(ds.eval["labels"].tolist() + ds.train["labels"].tolist()) \
+        == sorted(rows["label"])
+    instr = {"instruction": ["say hi"] * 8, "input": [""] * 8, "output": ["hi there"] * 8}
+    datasets.Dataset.from_dict(instr).save_to_disk(str(tmp_path / "instr"))
+    assert data.detect(str(tmp_path / "instr")) == "instructions"
+
+
 def test_instruction_jsonl_uses_the_seed_001_template_masking_and_cut(tmp_path):
     path = tmp_path / "alpaca.jsonl"
     recs = [{"instruction": f"say {i}", "input": "" if i % 2 else "politely", "output": f"ok {i} " * 3}
