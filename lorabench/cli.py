@@ -515,8 +515,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise UsageError(f"--pytest-benchmark {args.pytest_benchmark}: not a pytest-benchmark JSON ({e})") from None
         if not isinstance(benchmarks, list):
             raise UsageError(f"--pytest-benchmark {args.pytest_benchmark}: 'benchmarks' is not a list")
-        text = report.pytest_benchmark_report(data)
         out = args.output or args.report_dir / f"{args.pytest_benchmark.stem}.md"
+        render = lambda: report.pytest_benchmark_report(data)   # noqa: E731
     else:
         if not args.run_dirs:
             raise UsageError("give a run directory (RUN_DIR) or --pytest-benchmark FILE.json")
@@ -525,13 +525,12 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"lorabench: warning: {w}", file=sys.stderr)
         name = rows[0]["run_id"] if len(args.run_dirs) == 1 else args.run_dirs[0].name + "-combined"
         out = args.output or args.report_dir / f"{name}.md"
-        if out.is_dir():
-            raise UsageError(f"--output {out} is a directory; give a file name")
-        _writable_dir(out.parent, "--report-dir")
-        text = report.render(rows, warnings, plot_dir=out.parent / out.stem, plot_link=f"{out.stem}/")
-    if out.is_dir():
+        render = lambda: report.render(rows, warnings, plot_dir=out.parent / out.stem,   # noqa: E731
+                                       plot_link=f"{out.stem}/")
+    if out.is_dir():   # checked before anything (plots included) is written
         raise UsageError(f"--output {out} is a directory; give a file name")
     _writable_dir(out.parent, "--report-dir")
+    text = render()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     print(out)

@@ -349,8 +349,7 @@ class CellProcess:
                     self.on_epoch(msg[1])
                 return None
             self.body = msg[1]
-            self.proc.join()
-            self._recv.close()
+            self.kill()   # it has reported and is exiting: reap it and release the pipe
             return self.body
         if not self.proc.is_alive() and not self._recv.poll(0):
             return self._ended()
@@ -358,8 +357,7 @@ class CellProcess:
 
     def _ended(self) -> dict[str, Any]:
         """The child is gone without a result: say how it died."""
-        self.proc.join()
-        self._recv.close()
+        self.kill()
         code = self.proc.exitcode
         if code is not None and code < 0:
             name = signal.Signals(-code).name
@@ -373,6 +371,7 @@ class CellProcess:
         return self.body
 
     def kill(self) -> None:
+        """End the child (killing it only if it still runs), reap it, and release the pipe."""
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join()
