@@ -53,8 +53,14 @@ def cell_processes(parent_pid: int):
         tree = psutil.Process(parent_pid).children(recursive=True)
     except psutil.Error:
         return []
-    servers = [p for p in tree if "forkserver" in " ".join(p.cmdline())]
-    return [c for s in servers for c in s.children()]
+    cells = []
+    for p in tree:
+        try:   # a short-lived child (git, the resource tracker) may exit between the listing and this read
+            if "forkserver" in " ".join(p.cmdline()):
+                cells += p.children()
+        except psutil.Error:
+            continue
+    return cells
 
 
 MATRIX = ["--models", "cifar-mlp,bert-tiny", "--methods", "full,lora", "--ranks", "1"]
