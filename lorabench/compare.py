@@ -6,7 +6,7 @@ Cells are matched by all their parameters except the repeat index; repeats fold 
 median. A change is a regression when it is worse than its figure's threshold (time 10 %,
 memory 5 %, accuracy 1 point by default) and, where either run has repeats, also beyond twice
 the combined measured spread, so noise alone does not fail a build. Counts and tensor sizes that
-are exact by construction (parameters, weights, gradients, optimizer state, checkpoints) are
+are exact by construction (parameters, weights, gradients, optimizer state, saved activations, checkpoints) are
 called out when they change at all.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ GATED: dict[str, tuple[str, int]] = {
     "final_eval_accuracy": ("quality", -1),
 }
 EXACT = ("params_total", "params_trainable", "params_trainable_adapter", "params_trainable_full", "weights_bytes",
-         "grads_bytes", "optimizer_state_bytes", "model_file_bytes", "adapter_file_bytes")
+         "grads_bytes", "optimizer_state_bytes", "activations_saved_bytes", "model_file_bytes", "adapter_file_bytes")
 DEFAULT_THRESHOLDS = {"time": 10.0, "memory": 5.0, "quality": 1.0}   # %, %, accuracy points
 
 

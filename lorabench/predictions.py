@@ -3,9 +3,9 @@
     lorabench run --dry-run --preset seed-bert      # prints each cell's predicted need
 
 Memory: weights at the training dtype for every parameter; a gradient and Adam's two moments
-for every trainable one (fp32: 4 + 4 + 8 bytes; a frozen parameter costs its 4 alone); plus a
-rough activation term. FLOPs per token: 2N forward and 4N backward for full fine-tuning (6N);
-with LoRA the frozen weights skip their weight-gradient matmul (2N + 2N) and the adapters cost
+for every trainable one (fp32: 4 + 4 + 8 bytes; a frozen parameter costs its 4 alone); plus the
+activations autograd saves for backward (which `trackers.SavedTensors` measures). FLOPs per
+token: 2N forward and 4N backward for full fine-tuning (6N); with LoRA the frozen weights skip their weight-gradient matmul (2N + 2N) and the adapters cost
 6 per parameter. N counts matmul weights only (Linear layers, the LM head), not embedding
 lookups, which are gathers; attention adds 12 x layers x seq x hidden per token (QK^T and AV,
 forward and backward). These are estimates: the measured figures sit beside them in the report.
@@ -77,8 +77,9 @@ def predict(module: nn.Module, params: ParamCount, *, method: str, task: str, ba
         # Korthikanti et al. 2022: ~ s*b*h*(34 + 5*a*s/h) bytes per layer at 16 bits; scaled to the dtype.
         act = layers * seq_len * batch_size * hidden * (34 + 5 * heads * seq_len / max(hidden, 1)) * b / 2
     else:
-        # an MLP keeps each layer's input and output per sample
-        act = batch_size * sum(m.in_features + m.out_features for m in module.modules() if isinstance(m, nn.Linear)) * b
+        # an MLP keeps each layer's output per sample for backward (a ReLU's output is also the next
+        # Linear's input, one tensor); the first layer's input is the data set, resident already
+        act = batch_size * sum(m.out_features for m in module.modules() if isinstance(m, nn.Linear)) * b
     return Prediction(weights_bytes=params.total * b, grads_bytes=params.trainable * b,
                       optimizer_bytes=2 * params.trainable * b, activations_bytes=int(act),
                       flops_per_step=float(per_token) * tokens, tokens_per_step=tokens)

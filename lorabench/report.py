@@ -40,7 +40,8 @@ COMPARISON_ROWS = [
     ("host_peak_rss_bytes", "peak host RSS of the cell process (MiB)", "bytes"),
     ("host_peak_above_baseline_bytes", "host RSS peak above weights+data (MiB)", "bytes"),
     ("state_bytes", "weights + grads + Adam state (MiB, tensor sum)", "bytes"),
-    ("activations_bytes", "activations + temporaries (MiB, peak less the above)", "bytes"),
+    ("activations_saved_bytes", "activations saved for backward (MiB, saved-tensor hooks)", "bytes"),
+    ("activations_bytes", "activations + temporaries (MiB, peak less weights, grads, Adam)", "bytes"),
     ("epoch_s", "epoch time (s, median of timed epochs)", "time"),
     ("step_s_p50", "step time p50 (ms)", "ms"),
     ("step_s_p90", "step time p90 (ms)", "ms"),
@@ -204,11 +205,14 @@ def comparison_table(variants: list[dict[str, Any]]) -> str:
     return _markdown(pd.DataFrame(columns), numeric_cols)
 
 
+# (row, predicted figure, measured figure); "total" sums the first three and the peak-based
+# activations + temporaries, the measured counterpart of the predicted total
 PREDICTION_ROWS = [
     ("weights", "predicted_weights_bytes", "weights_bytes"),
     ("gradients", "predicted_grads_bytes", "grads_bytes"),
     ("Adam state", "predicted_optimizer_bytes", "optimizer_state_bytes"),
-    ("activations + temporaries", "predicted_activations_bytes", "activations_bytes"),
+    ("activations saved for backward", "predicted_activations_bytes", "activations_saved_bytes"),
+    ("activations + temporaries at the peak", None, "activations_bytes"),
 ]
 
 
@@ -220,10 +224,11 @@ def prediction_table(variants: list[dict[str, Any]]) -> str:
     cols: dict[str, list[str]] = {"memory (MiB)": [label for label, _, _ in PREDICTION_ROWS] + ["total"]}
     for v in ok:
         m, name = v["metrics"], _column_name(v)
-        pred = [m.get(p) for _, p, _ in PREDICTION_ROWS]
+        pred = [m.get(p) if p else None for _, p, _ in PREDICTION_ROWS]
         meas = [m.get(k) for _, _, k in PREDICTION_ROWS]
         cols[f"{name} predicted"] = [fmt(x, "bytes") for x in pred] + [fmt(m["predicted_total_bytes"], "bytes")]
-        total = sum(meas) if all(_num(x) for x in meas) else None
+        peak_parts = meas[:3] + meas[4:]
+        total = sum(peak_parts) if all(_num(x) for x in peak_parts) else None
         cols[f"{name} measured"] = [fmt(x, "bytes") for x in meas] + [fmt(total, "bytes")]
     return _markdown(pd.DataFrame(cols), [c for c in cols if c != "memory (MiB)"])
 
@@ -326,6 +331,9 @@ How to read these figures:
   relative savings. **above weights+data** subtracts the reading taken once the model and data were in place.
 - **weights + grads + Adam state** sums the tensors themselves (4 + 4 + 8 bytes per trainable fp32 parameter,
   4 per frozen one): what LoRA saves before activations.
+- **activations saved for backward** is what autograd keeps from the first forward pass (saved-tensor hooks,
+  parameters and the resident data left out), exact on every device. LoRA by re-parametrization also keeps the
+  materialised W + BA of each adapted layer whose input needs a gradient; PEFT's side path does not.
 - **epoch time** is wall time between device synchronisations, warm-up epochs excluded; the step times
   time each optimizer step (CUDA events on a GPU), and throughput is samples per step / median step time.
 - **NVML / amdsmi** figures are the driver's view: this process's GPU memory (CUDA context included) and the
@@ -424,8 +432,11 @@ def render(rows: list[dict[str, Any]], warnings: Iterable[str] = (), plot_dir=No
             table = prediction_table(variants)
             if table:
                 out += ["### Memory: predicted before the run vs measured", "", table, "",
-                        "Measured activations come from the torch allocator on a GPU and from sampled host RSS on "
-                        "the CPU (coarse: the allocator's and the interpreter's own growth land there too).", ""]
+                        "Saved activations are counted exactly, on every device, by saved-tensor hooks around the "
+                        "first forward pass. Activations + temporaries at the peak come from the torch allocator on "
+                        "a GPU and from sampled host RSS on the CPU (coarse: the allocator's and the interpreter's "
+                        "own growth land there too); total = weights + gradients + Adam state + that peak figure.",
+                        ""]
         else:
             out += ["No cell of this model finished.", ""]
     failures = _failures(rows)

@@ -207,6 +207,49 @@ class TorchAllocator(Tracker):
 
 # ---- device-level memory: the driver's view (NVML on NVIDIA, amdsmi on AMD) -------------------
 
+class SavedTensors(Tracker):
+    """What autograd keeps for the backward pass of the block: activations, dropout masks, softmax
+    outputs. Counted exactly, on any device, through saved-tensor hooks, by storage: a saved view
+    keeps its whole storage alive, and a storage saved twice (a ReLU output that is also the next
+    Linear's input) counts once. Storages in `exclude` (the parameters, the resident data set)
+    are not activations and are left out.
+
+    Not a sampler and not free: one Python call per saved tensor (240 for a BERT-Base forward), so
+    wrap one step, not an epoch. It is a lower bound of the activation memory at the peak: the
+    temporaries of the backward pass itself come on top (the allocator's reading on a GPU).
+    """
+
+    def __init__(self, exclude: set[int] = frozenset()):
+        self.exclude = exclude
+        self._storages: dict[int, int] = {}   # storage address -> bytes
+        self._hooks = None
+
+    def _pack(self, t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.exclude:
+            self._storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def start(self) -> None:
+        import torch
+        self._storages.clear()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._hooks.__enter__()
+
+    def stop(self) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+
+    def result(self) -> dict[str, Any]:
+        return {"activations_saved_bytes": sum(self._storages.values()),
+                "activations_saved_tensors": len(self._storages)}
+
+
+def _unpack(t):
+    return t
+
+
 def device_identity(index: int = 0) -> dict[str, str]:
     """UUID and PCI bus id of torch's device `index`, in this (cell) process: the keys that map a
     torch device to the driver's, whose order differs (CUDA orders fastest-first, NVML by bus)."""

@@ -7,7 +7,8 @@ no DataLoader worker or host-to-device copy sits inside a timed step. Step times
 events on a GPU (recorded without synchronising, read after the epoch's closing synchronize)
 and from perf_counter on the CPU, where every op has finished when it returns. Epoch time is
 wall time between two device synchronizations. Nothing in the step calls `.item()`, which
-would synchronise the device once per step.
+would synchronise the device once per step. The first forward pass (of the first warm-up epoch
+when there is one) runs inside saved-tensor hooks that count the activations kept for backward.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import IGNORE_INDEX, Dataset
+from .trackers import SavedTensors
 
 
 @dataclass
@@ -168,10 +170,16 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, warmup_epochs: int, bat
             for m in range(grad_accum):
                 lo = (s * grad_accum + m) * batch_size
                 batch = {k: v[lo:lo + batch_size] for k, v in shuffled.items()}
-                loss, _ = compute_loss(model, task, batch)
+                if "activations_saved_bytes" in breakdown:
+                    loss, _ = compute_loss(model, task, batch)
+                else:   # the very first forward: count what autograd keeps for backward
+                    exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *shuffled.values())}
+                    with SavedTensors(exclude) as saved:
+                        loss, _ = compute_loss(model, task, batch)
+                    breakdown.update(saved.result())
                 (loss / grad_accum).backward()
                 loss_sum += loss.detach().float()
-            if not breakdown:
+            if "grads_bytes" not in breakdown:
                 breakdown["grads_bytes"] = sum(p.grad.nbytes for p in params if p.grad is not None)
                 if clock.cuda:   # allocator at the phase boundary: weights + data + grads
                     breakdown["torch_allocated_after_first_backward_bytes"] = torch.cuda.memory_allocated(device)

@@ -37,6 +37,7 @@ def test_every_cell_has_one_ok_row_with_its_metrics(tiny_run):
         assert m["torch_peak_allocated_bytes"].startswith("unavailable:")
         assert [e["timed"] for e in m["epochs"]] == [False, True]
         assert m["optimizer"] == "adam(fused)"
+        assert m["activations_saved_bytes"] > 0 and m["activations_saved_tensors"] > 0
         assert r["environment"]["torch"] and r["environment"]["device"] == "cpu"
     for r in rows:
         if r["cell"]["method"] != "full":
@@ -58,7 +59,8 @@ def test_run_prints_the_comparison_and_writes_the_report(tiny_run):
     text = report_file.read_text()
     assert text == report.render(results.read_rows(run_dir)[0])   # generated from the results file alone
     for needle in ("## cifar-mlp", "## bert-tiny", "| trainable parameters", "| epoch time (s, median of timed epochs)",
-                   "### Quality per epoch", "1 (warm-up)", "## Environment", "weights: random"):
+                   "### Quality per epoch", "1 (warm-up)", "## Environment", "weights: random",
+                   "| activations saved for backward (MiB, saved-tensor hooks)"):
         assert needle in text
 
 

@@ -1,7 +1,7 @@
 """Physics: the trackers must see memory we allocate on purpose."""
 import torch
 
-from lorabench.trackers import HostMemory, TorchAllocator, is_unavailable
+from lorabench.trackers import HostMemory, SavedTensors, TorchAllocator, is_unavailable
 
 MiB = 2 ** 20
 
@@ -37,3 +37,23 @@ def test_torch_allocator_on_cpu_is_unavailable_not_zero():
     r = t.result()
     assert all(is_unavailable(v) for v in r.values())
     assert r["torch_peak_allocated_bytes"].startswith("unavailable: torch keeps no allocator statistics")
+
+
+def test_saved_tensors_counts_what_autograd_keeps_once_and_leaves_out_parameters():
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    x = torch.randn(8, 32, requires_grad=True)
+    with SavedTensors(exclude={w.untyped_storage().data_ptr()}) as t:
+        h = torch.relu(x @ w.t())            # mm saves x and w; relu saves its output
+        y = (h * h).sum()                    # mul saves h twice: one storage
+    r = t.result()
+    assert r == {"activations_saved_bytes": x.nbytes + h.nbytes, "activations_saved_tensors": 2}
+    y.backward()                             # the graph still works: the hooks hand tensors back untouched
+    assert torch.allclose(x.grad, (2 * h * (h > 0)) @ w.detach())
+
+
+def test_saved_tensors_count_the_whole_storage_a_saved_view_keeps_alive():
+    base = torch.randn(100, 10, requires_grad=True)
+    with SavedTensors() as t:
+        big = base * 2
+        (big[:10] ** 2).sum()                # pow saves a 10-row view of big's storage
+    assert t.result()["activations_saved_bytes"] >= big.nbytes

@@ -71,3 +71,21 @@ def test_synthetic_data_is_deterministic_per_seed():
     # the class marker is present in every sample of its class
     for ids, label in zip(a.train["input_ids"], a.train["labels"]):
         assert (ids == 2 + label).sum() >= 4
+
+
+def test_saved_activations_of_the_mlp_equal_the_closed_form_and_reparam_keeps_the_merged_weight():
+    """Per sample the MLP keeps each ReLU's output (4096, 2048: also the next layer's input) and
+    the logits' log-softmax (10), in fp32, and nll_loss one fp32 scalar (its total weight); the
+    first input and the labels are the data set, left out."""
+    ds = data.build("image-classification", samples=32, eval_samples=16, seq_len=1, seed=0)
+    saved = {}
+    for method in ("full", "lora", "lora-reparam"):
+        lora = {} if method == "full" else {"rank": 2}
+        adapted = apply(models.build("cifar-mlp"), Cell(model="cifar-mlp", method=method, **lora))
+        f = fit(adapted.module, ds, epochs=1, warmup_epochs=0, batch_size=16, device=CPU)
+        saved[method] = f.breakdown_bytes["activations_saved_bytes"]
+    assert saved["full"] == 16 * (4096 + 2048 + 10) * 4 + 4
+    # PEFT's side path adds only the r-wide outputs of A (and their inputs, already counted)
+    assert 0 < saved["lora"] - saved["full"] < 16 * 2 * 3 * 4 * 2
+    # the re-parametrized second and third layers keep their materialised W + BA for grad-input
+    assert saved["lora-reparam"] - saved["full"] >= (4096 * 2048 + 2048 * 10) * 4

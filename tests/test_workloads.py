@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import files_under
-from lorabench import data, models
+from lorabench import data, methods, models
 from lorabench.cells import Cell, plan
 from lorabench.methods import match_targets
 from lorabench.runner import execute, inspect, survey
@@ -57,8 +57,27 @@ def test_prediction_for_full_fp32_is_16_bytes_per_parameter_plus_activations():
     assert (p.weights_bytes, p.grads_bytes, p.optimizer_bytes) == (4 * 20_998_154, 4 * 20_998_154, 8 * 20_998_154)
     matmul = 3072 * 4096 + 4096 * 2048 + 2048 * 10
     assert p.flops_per_step == 6 * matmul * 8
+    assert p.activations_bytes == 8 * (4096 + 2048 + 10) * 4   # each layer's output, per sample, fp32
     lora = survey(Cell(model="cifar-mlp", method="lora", rank=1, batch_size=8)).prediction
     assert lora.flops_per_step == (4 * matmul + 6 * 15_370) * 8
+
+
+def test_transformer_activation_prediction_is_within_20_percent_of_what_autograd_saves():
+    """Korthikanti et al.'s per-layer estimate against the saved-tensor count of a real forward."""
+    import torch
+    from lorabench.train import compute_loss
+    from lorabench.trackers import SavedTensors
+    cell = Cell(model="bert-tiny", method="full", batch_size=16, seq_len=64)
+    bundle = models.build("bert-tiny")
+    module = methods.apply(bundle, cell).module
+    ds = data.build(bundle.task, samples=16, eval_samples=8, seq_len=64, seed=0, vocab_size=bundle.vocab_size,
+                    num_labels=2)
+    exclude = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *ds.train.values())}
+    with SavedTensors(exclude) as saved:
+        compute_loss(module, bundle.task, ds.train)
+    measured = saved.result()["activations_saved_bytes"]
+    predicted = survey(cell).prediction.activations_bytes
+    assert abs(predicted - measured) < 0.2 * measured, (predicted, measured)
 
 
 # ---- real data, from small files the tests write ---------------------------------------------
