@@ -18,6 +18,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -254,6 +255,10 @@ def _child(cell_dict: dict[str, Any], conn, options: dict[str, Any]) -> None:
         limit = vms + options["memory_limit_bytes"]
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     quiet_library_warnings()
+    # tqdm (peft's merge_and_unload draws a bar, disabled) would create a multiprocessing lock: a
+    # POSIX semaphore that a cell killed on timeout leaves behind. One process needs a thread lock.
+    from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())
     try:
         cell = Cell.from_dict(cell_dict)
         row = execute(cell, on_epoch=lambda rec, total: conn.send(("epoch", vars(rec), total)),
@@ -314,6 +319,9 @@ def _oom_kills() -> int | None:
     return None
 
 
+EXIT_GRACE_S = 10.0   # how long a child that has sent its row may take to exit before it is killed
+
+
 class CellProcess:
     """One cell in a fresh child process; `poll()` until it returns the row body."""
 
@@ -349,7 +357,9 @@ class CellProcess:
                     self.on_epoch(msg[1])
                 return None
             self.body = msg[1]
-            self.kill()   # it has reported and is exiting: reap it and release the pipe
+            # It has reported and is exiting: let it run its exit handlers (killing it there leaves
+            # its semaphores to the resource tracker, which warns), then reap it.
+            self.kill(grace_s=EXIT_GRACE_S)
             return self.body
         if not self.proc.is_alive() and not self._recv.poll(0):
             return self._ended()
@@ -370,8 +380,9 @@ class CellProcess:
             self.body = failure("crashed", "ProcessExit", f"the cell's process exited with code {code} without a result")
         return self.body
 
-    def kill(self) -> None:
-        """End the child (killing it only if it still runs), reap it, and release the pipe."""
+    def kill(self, grace_s: float = 0.0) -> None:
+        """End the child (killing it only if it still runs after `grace_s`), reap it, and release the pipe."""
+        self.proc.join(grace_s)
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join()
@@ -416,6 +427,7 @@ def calibrate(device: str, dtype: str, start_method: str = "forkserver") -> floa
     except EOFError:
         return None
     finally:
+        proc.join(EXIT_GRACE_S)   # let it exit on its own; kill only a hung one
         if proc.is_alive():
             proc.kill()
         proc.join()

@@ -33,8 +33,11 @@ def cli(in_tmp, capsys):
     return run
 
 
-def run_subprocess(*args, cwd, timeout=300):
-    """The real command line, as a user runs it (python -m lorabench ...)."""
+def run_subprocess(*args, cwd, timeout=300, show_warnings=False):
+    """The real command line, as a user runs it (python -m lorabench ...); Python's warnings are
+    silenced unless `show_warnings`, which shows them as a user's terminal would."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if show_warnings:
+        del env["PYTHONWARNINGS"]
     return subprocess.run([sys.executable, "-m", "lorabench", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)

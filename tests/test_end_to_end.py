@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def tiny_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("run")
     proc = run_subprocess("run", "--models", "cifar-mlp,bert-tiny", "--methods", "full,lora,lora-reparam",
-                          "--ranks", "2", *TINY, cwd=cwd)
+                          "--ranks", "2", *TINY, cwd=cwd, show_warnings=True)
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = (cwd / "results").iterdir()
     return cwd, run_dir, proc
@@ -55,6 +55,8 @@ def test_every_cell_has_one_ok_row_with_its_metrics(tiny_run):
 def test_run_prints_the_comparison_and_writes_the_report(tiny_run):
     cwd, run_dir, proc = tiny_run
     assert "| Comparison" in proc.stdout and "Delta lora r=2" in proc.stdout
+    # nothing but our own one-line progress reaches stderr: no library or resource-tracker warning
+    assert "Warning" not in proc.stderr and "leaked" not in proc.stderr, proc.stderr
     report_file = cwd / "report" / f"{run_dir.name}.md"
     text = report_file.read_text()
     assert text == report.render(results.read_rows(run_dir)[0])   # generated from the results file alone
