@@ -100,7 +100,7 @@ def driver_trackers(device: torch.device, interval_s: float) -> tuple[list, Ener
             amdsmi.amdsmi_init()
             handle = amdsmi_handle(amdsmi, ident)
             return [AmdsmiMemory(amdsmi, handle, interval_s)], amdsmi_energy(amdsmi, handle), {
-                "gpu_driver_view": "amdsmi"}
+                "gpu_driver_view": "amdsmi", "gpu_driver": _amd_driver_version(amdsmi, handle)}
         import pynvml
         pynvml.nvmlInit()
         handle = nvml_handle(pynvml, device.index or 0, ident)
@@ -112,6 +112,13 @@ def driver_trackers(device: torch.device, interval_s: float) -> tuple[list, Ener
         keys = (("amdsmi_process_peak_bytes", "amdsmi_device_vram_used_peak_bytes") if rocm
                 else ("nvml_process_peak_bytes", "nvml_device_used_peak_bytes"))
         return [], unavailable_energy(f"{lib} unavailable"), {k: reason for k in keys}
+
+
+def _amd_driver_version(amdsmi, handle) -> str:
+    try:
+        return str(amdsmi.amdsmi_get_gpu_driver_info(handle)["driver_version"])
+    except Exception as e:   # an older amdsmi without the call, or the query not supported
+        return unavailable(f"amdsmi driver info: {type(e).__name__}: {e}")
 
 
 def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = None,
@@ -175,7 +182,11 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
         error = {"type": type(e).__name__, "message": str(e).strip().splitlines()[0] if str(e).strip() else "",
                  "traceback": traceback.format_exc().splitlines()[-12:]}
     metrics["cell_wall_s"] = time.perf_counter() - started
-    return {"status": status, "error": error, "metrics": metrics, "environment": environment.capture(cell.device)}
+    env = environment.capture(cell.device)
+    for key in ("gpu_driver", "gpu_driver_view"):   # facts of the machine, not of the cell: the environment
+        if key in metrics:
+            env[key] = metrics.pop(key)
+    return {"status": status, "error": error, "metrics": metrics, "environment": env}
 
 
 def load_data(cell: Cell, bundle) -> data_mod.Dataset:

@@ -111,6 +111,7 @@ class FakeAMD:
     processes: dict[int, int] = field(default_factory=dict)   # pid -> VRAM bytes
     energy: int | None = 5_000_000                            # counter units
     resolution_uj: float = 15.3
+    driver_version: str | None = "6.8.5"                      # None: the query is not supported
 
 
 class FakeAmdsmi:
@@ -132,6 +133,11 @@ class FakeAmdsmi:
 
     def amdsmi_get_gpu_device_bdf(self, handle: FakeAMD) -> str:
         return handle.bdf
+
+    def amdsmi_get_gpu_driver_info(self, handle: FakeAMD) -> dict:
+        if handle.driver_version is None:
+            raise AmdSmiLibraryException(AMDSMI_STATUS_NOT_SUPPORTED)
+        return {"driver_name": "amdgpu", "driver_version": handle.driver_version, "driver_date": "2015/01/01 00:00"}
 
     def amdsmi_get_gpu_vram_usage(self, handle: FakeAMD) -> dict:
         return {"vram_total": handle.vram_total_mb, "vram_used": handle.vram_used_mb}

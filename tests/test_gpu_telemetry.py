@@ -186,3 +186,30 @@ def test_amdsmi_energy_counter_times_resolution(key):
     gpu.energy += 10_000_000                     # x 15.3 uJ = 153 J
     meter.end()
     assert meter.result()["energy_j_per_epoch"] == pytest.approx(153.0)
+
+
+def test_driver_trackers_use_amdsmi_by_bus_id_on_rocm_and_record_the_driver(monkeypatch):
+    gpus = [FakeAMD(bdf="0000:03:00.0"), FakeAMD(bdf="0000:c1:00.0", driver_version=None)]
+    monkeypatch.setitem(__import__("sys").modules, "amdsmi", FakeAmdsmi(gpus))
+    monkeypatch.setattr(runner.torch.version, "hip", "6.2.41133")
+    monkeypatch.setattr(runner, "device_identity", lambda i: {"pci_bus_id": "0000:03:00.0"})
+    trackers, energy, info = runner.driver_trackers(torch.device("cuda", 0), 0.001)
+    assert isinstance(trackers[0], AmdsmiMemory) and trackers[0].handle is gpus[0]
+    assert info == {"gpu_driver_view": "amdsmi", "gpu_driver": "6.8.5"}
+    # a device whose driver query is not supported: the version is unavailable, the trackers still run
+    monkeypatch.setattr(runner, "device_identity", lambda i: {"pci_bus_id": "0000:c1:00.0"})
+    trackers, energy, info = runner.driver_trackers(torch.device("cuda", 0), 0.001)
+    assert trackers[0].handle is gpus[1]
+    assert info["gpu_driver"].startswith("unavailable: amdsmi driver info: AmdSmiLibraryException")
+
+
+def test_the_driver_version_lands_in_the_rows_environment_not_its_metrics(monkeypatch):
+    from lorabench.cells import Cell
+    from lorabench.trackers import unavailable_energy
+    monkeypatch.setattr(runner, "driver_trackers", lambda device, interval: (
+        [], unavailable_energy("fake"), {"gpu_driver_view": "NVML", "gpu_driver": "550.54.15"}))
+    row = runner.execute(Cell(model="cifar-mlp", method="lora", rank=1, samples=16, eval_samples=8, batch_size=8,
+                              epochs=1, warmup_epochs=0))
+    assert row["status"] == "ok", row["error"]
+    assert row["environment"]["gpu_driver"] == "550.54.15" and row["environment"]["gpu_driver_view"] == "NVML"
+    assert "gpu_driver" not in row["metrics"]
