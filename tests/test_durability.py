@@ -42,13 +42,19 @@ def wait_for(predicate, timeout=120.0):
     raise AssertionError("timed out waiting")
 
 
+def calibrated(cwd: Path) -> bool:
+    """The run's calibration process has finished (the next fork-server child is a cell)."""
+    return bool(list((cwd / "results").glob("*/calibration.json")))
+
+
 def row_count(cwd: Path) -> int:
     files = list((cwd / "results").glob("*/results.jsonl"))
     return len(files[0].read_text().splitlines()) if files else 0
 
 
 def cell_processes(parent_pid: int):
-    """The cells' own processes: children of the fork server under the lorabench process."""
+    """The cells' own processes: children of the fork server under the lorabench process. The
+    matmul calibration runs there too, before the first cell: wait for `calibrated` first."""
     try:
         tree = psutil.Process(parent_pid).children(recursive=True)
     except psutil.Error:
@@ -110,7 +116,7 @@ def test_out_of_memory_becomes_an_oom_row_the_next_cell_runs_and_retry_replaces_
 def test_a_cell_killed_by_a_signal_is_a_crashed_row_and_the_matrix_goes_on(tmp_path):
     proc = start("run", "--models", "cifar-mlp", "--methods", "full,lora", "--ranks", "1", "--samples", "4096",
                  "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--progress", "off", cwd=tmp_path)
-    wait_for(lambda: cell_processes(proc.pid))
+    wait_for(lambda: calibrated(tmp_path) and cell_processes(proc.pid))
     time.sleep(1.0)
     cell_processes(proc.pid)[0].send_signal(signal.SIGSEGV)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
@@ -145,7 +151,7 @@ def test_a_second_writer_is_refused_while_the_first_lives(tmp_path):
 def test_ctrl_c_stops_cleanly_prints_how_to_resume_and_exits_130(tmp_path):
     proc = start("run", "--models", "cifar-mlp", "--methods", "full,lora", "--ranks", "1", "--samples", "4096",
                  "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--progress", "off", cwd=tmp_path)
-    wait_for(lambda: cell_processes(proc.pid))
+    wait_for(lambda: calibrated(tmp_path) and cell_processes(proc.pid))
     children = cell_processes(proc.pid)
     os.kill(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=60) == 130
