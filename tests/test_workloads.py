@@ -62,22 +62,27 @@ def test_prediction_for_full_fp32_is_16_bytes_per_parameter_plus_activations():
     assert lora.flops_per_step == (4 * matmul + 6 * 15_370) * 8
 
 
-def test_transformer_activation_prediction_is_within_20_percent_of_what_autograd_saves():
-    """Korthikanti et al.'s per-layer estimate against the saved-tensor count of a real forward."""
-    import torch
+@pytest.mark.parametrize("model,method,tolerance", [
+    ("cifar-mlp", "full", 0.0), ("cifar-mlp", "lora", 0.0), ("cifar-mlp", "lora-reparam", 0.0),
+    ("bert-tiny", "full", 0.2), ("bert-tiny", "lora", 0.2), ("bert-tiny", "lora-reparam", 0.2)])
+def test_activation_prediction_matches_what_autograd_saves(model, method, tolerance):
+    """The closed form against the saved-tensor count of a real forward: exact for the MLP (layer
+    outputs, A's outputs, re-parametrization's merged weights), within 20 % for Korthikanti et al.'s
+    transformer estimate (and its LoRA variant, where frozen Linear layers keep no input)."""
     from lorabench.train import compute_loss
     from lorabench.trackers import SavedTensors
-    cell = Cell(model="bert-tiny", method="full", batch_size=16, seq_len=64)
-    bundle = models.build("bert-tiny")
+    cell = Cell(model=model, method=method, batch_size=16, seq_len=64, **({} if method == "full" else {"rank": 8}))
+    bundle = models.build(model)
     module = methods.apply(bundle, cell).module
     ds = data.build(bundle.task, samples=16, eval_samples=8, seq_len=64, seed=0, vocab_size=bundle.vocab_size,
-                    num_labels=2)
+                    num_labels=bundle.num_labels)
     exclude = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *ds.train.values())}
     with SavedTensors(exclude) as saved:
         compute_loss(module, bundle.task, ds.train)
     measured = saved.result()["activations_saved_bytes"]
     predicted = survey(cell).prediction.activations_bytes
-    assert abs(predicted - measured) < 0.2 * measured, (predicted, measured)
+    # the MLP's loss also keeps nll_loss's fp32 total weight: 4 bytes the closed form leaves out
+    assert abs(predicted - measured) <= tolerance * measured + 4, (predicted, measured)
 
 
 # ---- real data, from small files the tests write ---------------------------------------------
