@@ -319,6 +319,12 @@ def environment_table(env: dict[str, Any]) -> str:
     return _markdown(pd.DataFrame({"key": list(flat), "value": [str(v) for v in flat.values()]}))
 
 
+RANDOM_WEIGHTS_NOTE = (
+    "The weights are random (built from the configuration), so LoRA here adapts a frozen *random* network: "
+    "its quality says what a low-rank update can do on top of noise, not what it does on a pretrained model. "
+    "Parameter, memory and time figures do not depend on the weights; for quality, run with "
+    "`--weights pretrained` (and real data, `--data`).")
+
 READING_NOTES = """\
 How to read these figures:
 - **Delta** is the reduction relative to full fine-tuning, as in the published tables: 99% fewer
@@ -429,6 +435,8 @@ def render(rows: list[dict[str, Any]], warnings: Iterable[str] = (), plot_dir=No
             table = epochs_table(variants)
             if table:
                 out += ["### Quality per epoch (eval set)", "", table, ""]
+                if cell["weights"] == "random" and any(v["cell"]["method"] != "full" for v in variants):
+                    out += [RANDOM_WEIGHTS_NOTE, ""]
             table = prediction_table(variants)
             if table:
                 out += ["### Memory: predicted before the run vs measured", "", table, "",

@@ -64,6 +64,12 @@ def test_run_prints_the_comparison_and_writes_the_report(tiny_run):
                    "### Quality per epoch", "1 (warm-up)", "## Environment", "weights: random",
                    "| activations saved for backward (MiB, saved-tensor hooks)"):
         assert needle in text
+    # quality on random weights is flagged as such; the same rows with pretrained weights are not
+    assert text.count("LoRA here adapts a frozen *random* network") == 2      # one per model
+    rows = results.read_rows(run_dir)[0]
+    for r in rows:
+        r["cell"]["weights"] = "pretrained"
+    assert "frozen *random* network" not in report.render(rows)
 
 
 def test_report_command_regenerates_the_same_markdown(tiny_run, tmp_path):
