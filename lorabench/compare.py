@@ -6,8 +6,8 @@ Cells are matched by all their parameters except the repeat index; repeats fold 
 median. A change is a regression when it is worse than its figure's threshold (time 10 %,
 memory 5 %, accuracy 1 point by default) and, where either run has repeats, also beyond twice
 the combined measured spread, so noise alone does not fail a build. Counts and tensor sizes that
-are exact by construction (parameters, weights, gradients, optimizer state, saved activations, checkpoints) are
-called out when they change at all.
+are exact by construction (parameters, weights, gradients, optimizer state, saved activations,
+checkpoints) are called out when they change at all.
 """
 from __future__ import annotations
 

@@ -5,11 +5,11 @@
 Memory: weights at the training dtype for every parameter; a gradient and Adam's two moments
 for every trainable one (fp32: 4 + 4 + 8 bytes; a frozen parameter costs its 4 alone); plus the
 activations autograd saves for backward (which `trackers.SavedTensors` measures; a frozen Linear
-keeps no input, so LoRA saves less than full fine-tuning, not the same). FLOPs per
-token: 2N forward and 4N backward for full fine-tuning (6N); with LoRA the frozen weights skip their weight-gradient matmul (2N + 2N) and the adapters cost
-6 per parameter. N counts matmul weights only (Linear layers, the LM head), not embedding
-lookups, which are gathers; attention adds 12 x layers x seq x hidden per token (QK^T and AV,
-forward and backward). These are estimates: the measured figures sit beside them in the report.
+keeps no input, so LoRA saves less than full fine-tuning, not the same). FLOPs per token: 2N
+forward and 4N backward for full fine-tuning (6N); with LoRA the frozen weights skip their
+weight-gradient matmul (2N + 2N) and the adapters cost 6 per parameter. N counts matmul weights
+only (Linear layers, the LM head), not embedding lookups, which are gathers; attention adds
+12 x layers x seq x hidden per token (QK^T and AV, forward and backward). These are estimates: the measured figures sit beside them in the report.
 """
 from __future__ import annotations
 

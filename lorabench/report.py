@@ -205,8 +205,8 @@ def comparison_table(variants: list[dict[str, Any]]) -> str:
     return _markdown(pd.DataFrame(columns), numeric_cols)
 
 
-# (row, predicted figure, measured figure); "total" sums the first three and the peak-based
-# activations + temporaries, the measured counterpart of the predicted total
+# (row, predicted figure, measured figure); the measured total sums every row but the saved
+# activations, which the peak-based activations + temporaries already contain
 PREDICTION_ROWS = [
     ("weights", "predicted_weights_bytes", "weights_bytes"),
     ("gradients", "predicted_grads_bytes", "grads_bytes"),
@@ -227,7 +227,7 @@ def prediction_table(variants: list[dict[str, Any]]) -> str:
         pred = [m.get(p) if p else None for _, p, _ in PREDICTION_ROWS]
         meas = [m.get(k) for _, _, k in PREDICTION_ROWS]
         cols[f"{name} predicted"] = [fmt(x, "bytes") for x in pred] + [fmt(m["predicted_total_bytes"], "bytes")]
-        peak_parts = meas[:3] + meas[4:]
+        peak_parts = [m.get(k) for _, _, k in PREDICTION_ROWS if k != "activations_saved_bytes"]
         total = sum(peak_parts) if all(_num(x) for x in peak_parts) else None
         cols[f"{name} measured"] = [fmt(x, "bytes") for x in meas] + [fmt(total, "bytes")]
     return _markdown(pd.DataFrame(cols), [c for c in cols if c != "memory (MiB)"])

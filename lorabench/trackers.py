@@ -205,8 +205,6 @@ class TorchAllocator(Tracker):
         }
 
 
-# ---- device-level memory: the driver's view (NVML on NVIDIA, amdsmi on AMD) -------------------
-
 class SavedTensors(Tracker):
     """What autograd keeps for the backward pass of the block: activations, dropout masks, softmax
     outputs. Counted exactly, on any device, through saved-tensor hooks, by storage: a saved view
@@ -249,6 +247,8 @@ class SavedTensors(Tracker):
 def _unpack(t):
     return t
 
+
+# ---- device-level memory: the driver's view (NVML on NVIDIA, amdsmi on AMD) -------------------
 
 def device_identity(index: int = 0) -> dict[str, str]:
     """UUID and PCI bus id of torch's device `index`, in this (cell) process: the keys that map a
