@@ -393,11 +393,16 @@ class CellProcess:
 
     def kill(self, grace_s: float = 0.0) -> None:
         """End the child (killing it only if it still runs after `grace_s`), reap it, and release the pipe."""
-        self.proc.join(grace_s)
-        if self.proc.is_alive():
-            self.proc.kill()
-        self.proc.join()
+        end_process(self.proc, grace_s)
         self._recv.close()
+
+
+def end_process(proc, grace_s: float = 0.0) -> None:
+    """Give a child `grace_s` to exit on its own (its exit handlers run), then kill it; always reap it."""
+    proc.join(grace_s)
+    if proc.is_alive():
+        proc.kill()
+    proc.join()
 
 
 def failure(status: str, kind: str, message: str) -> dict[str, Any]:
@@ -438,10 +443,8 @@ def calibrate(device: str, dtype: str, start_method: str = "forkserver") -> floa
     except EOFError:
         return None
     finally:
-        proc.join(EXIT_GRACE_S)   # let it exit on its own; kill only a hung one
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
+        end_process(proc, EXIT_GRACE_S)   # kill only a hung one
+        recv.close()
 
 
 def make_row(run_id: str, cell: Cell, body: dict[str, Any], wall_s: float) -> dict[str, Any]:
