@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorabench import data, models
+from lorabench import models
 from lorabench.cells import Cell
-from lorabench.methods import apply
+from lorabench.methods import METHODS
 from lorabench.stats import Summary
 from lorabench.train import fit
 
@@ -30,10 +30,10 @@ TARGET = 1.03   # harness epoch / hand epoch
 def setup_case(model: str):
     torch.manual_seed(0)
     bundle = models.build(model)
-    module = apply(bundle, Cell(model=model, method="full")).module
-    ds = data.build(bundle.task, samples=SAMPLES, eval_samples=BATCH, seq_len=SEQ, seed=0,
+    module = METHODS["full"].apply(bundle, Cell(model=model, method="full").adapter).module
+    ds = bundle.task.build_data(samples=SAMPLES, eval_samples=BATCH, seq_len=SEQ, seed=0,
                     vocab_size=bundle.vocab_size, num_labels=bundle.num_labels)
-    return module, ds
+    return module, bundle.task, ds
 
 
 def hand_epoch(model, ds, optimizer, generator) -> float:
@@ -45,7 +45,7 @@ def hand_epoch(model, ds, optimizer, generator) -> float:
     labels = tensors["labels"]
     for i in range(n // BATCH):
         sl = slice(i * BATCH, (i + 1) * BATCH)
-        if ds.task == "image-classification":
+        if "x" in tensors:   # the image MLP
             logits = model(tensors["x"][sl])
         else:
             logits = model(input_ids=tensors["input_ids"][sl], attention_mask=tensors["attention_mask"][sl]).logits
@@ -55,12 +55,12 @@ def hand_epoch(model, ds, optimizer, generator) -> float:
     return time.perf_counter() - t0
 
 
-def harness_run(model, ds, epochs: int) -> list[float]:
+def harness_run(model, task, ds, epochs: int) -> list[float]:
     """The harness's own protocol: a fresh optimizer, one warm-up epoch, then `epochs` timed epochs."""
-    return fit(model, ds, epochs=epochs, warmup_epochs=1, batch_size=BATCH, device=CPU).timed_epoch_s
+    return fit(model, task, ds, epochs=epochs, warmup_epochs=1, batch_size=BATCH, device=CPU).timed_epoch_s
 
 
-def hand_run(model, ds, epochs: int) -> list[float]:
+def hand_run(model, task, ds, epochs: int) -> list[float]:
     """The same protocol by hand (the harness's eval pass between epochs is left out)."""
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
     g = torch.Generator().manual_seed(0)
@@ -71,13 +71,13 @@ def hand_run(model, ds, epochs: int) -> list[float]:
 @pytest.mark.parametrize("model", ["cifar-mlp", "bert-tiny"])
 @pytest.mark.parametrize("loop", ["harness", "hand"])
 def test_epoch(benchmark, model, loop):
-    module, ds = setup_case(model)
+    module, task, ds = setup_case(model)
     benchmark.group = f"epoch {model} full, batch {BATCH}, {SAMPLES} samples"
     benchmark.extra_info.update(model=model, loop=loop, batch_size=BATCH, samples=SAMPLES,
                                 params_trainable=sum(p.numel() for p in module.parameters()))
     run = harness_run if loop == "harness" else hand_run
     # One round = warm-up epoch + 1 timed epoch; the benchmark reports the whole round.
-    benchmark.pedantic(run, args=(module, ds, 1), rounds=5, warmup_rounds=1)
+    benchmark.pedantic(run, args=(module, task, ds, 1), rounds=5, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("model", ["cifar-mlp", "bert-tiny"])
@@ -86,12 +86,12 @@ def test_harness_within_3_percent_of_hand_loop(model):
     the fastest timed epoch of each side: on a shared 2-core machine the median of either swings by
     +-3 % from one run to the next, while noise only ever adds time, so the minimum is the steadier
     estimate of what the loop itself costs. Medians are printed beside it."""
-    module, ds = setup_case(model)
+    module, task, ds = setup_case(model)
     harness, hand = [], []
     for block in range(6):   # alternate which loop goes first, so neither always inherits the other's state
         runs = [(harness, harness_run), (hand, hand_run)]
         for out, run in (runs if block % 2 == 0 else runs[::-1]):
-            out += run(module, ds, 3)
+            out += run(module, task, ds, 3)
     ratio = min(harness) / min(hand)
     print(f"{model}: fastest epoch harness {min(harness) * 1e3:.1f} ms, hand {min(hand) * 1e3:.1f} ms, ratio {ratio:.3f}; "
           f"medians {Summary.of(harness).median * 1e3:.1f} / {Summary.of(hand).median * 1e3:.1f} ms")

@@ -7,26 +7,25 @@ training loop now and then. Target: under 2 % of epoch time (fastest of interlea
 in the harness benchmark; on a GPU the NVML sampler adds its own reading and is checked the same
 way where one is attached).
 """
-import time
 
 import pytest
 import torch
 
-from lorabench import data, models
+from lorabench import models
 from lorabench.cells import Cell
-from lorabench.methods import apply
+from lorabench.methods import METHODS
 from lorabench.trackers import HostMemory
 from lorabench.train import fit
 
 CPU = torch.device("cpu")
 
 
-def epochs(module, ds, sampled: bool, n: int = 3) -> list[float]:
+def epochs(module, task, ds, sampled: bool, n: int = 3) -> list[float]:
     tracker = HostMemory(0.01) if sampled else None
     if tracker:
         tracker.start()
     try:
-        return fit(module, ds, epochs=n, warmup_epochs=1, batch_size=32, device=CPU).timed_epoch_s
+        return fit(module, task, ds, epochs=n, warmup_epochs=1, batch_size=32, device=CPU).timed_epoch_s
     finally:
         if tracker:
             tracker.stop()
@@ -36,13 +35,13 @@ def epochs(module, ds, sampled: bool, n: int = 3) -> list[float]:
 def test_sampling_costs_under_2_percent(model, benchmark):
     torch.manual_seed(0)
     bundle = models.build(model)
-    module = apply(bundle, Cell(model=model, method="full")).module
-    ds = data.build(bundle.task, samples=256, eval_samples=32, seq_len=64, seed=0, vocab_size=bundle.vocab_size,
+    module = METHODS["full"].apply(bundle, Cell(model=model, method="full").adapter).module
+    ds = bundle.task.build_data(samples=256, eval_samples=32, seq_len=64, seed=0, vocab_size=bundle.vocab_size,
                     num_labels=bundle.num_labels)
     on, off = [], []
     for block in range(6):
         for sampled in ((True, False) if block % 2 == 0 else (False, True)):
-            (on if sampled else off).extend(epochs(module, ds, sampled))
+            (on if sampled else off).extend(epochs(module, bundle.task, ds, sampled))
     overhead = min(on) / min(off) - 1
     benchmark.extra_info.update(model=model, overhead_pct=100 * overhead, fastest_on_s=min(on), fastest_off_s=min(off))
     benchmark.pedantic(lambda: None, rounds=1)   # the figure is in extra_info; pedantic keeps the JSON uniform

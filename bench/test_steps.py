@@ -15,11 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabench import data, models
+from lorabench import models
 from lorabench.cells import Cell
-from lorabench.methods import apply
+from lorabench.methods import METHODS
 from lorabench.trackers import HostMemory
-from lorabench.train import compute_loss, make_optimizer
+from lorabench.train import make_optimizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = [(m, meth, r) for m in ("cifar-mlp", "bert-tiny") for meth, r in (("full", None), ("lora", 8), ("lora-reparam", 8))]
@@ -35,15 +35,15 @@ def test_training_step(benchmark, model, method, rank):
     cell = Cell(model=model, method=method, rank=rank, batch_size=32, seq_len=64, device=DEVICE.type)
     torch.manual_seed(0)
     bundle = models.build(model)
-    adapted = apply(bundle, cell)
+    adapted = METHODS[method].apply(bundle, cell.adapter)
     module = adapted.module.to(DEVICE).train()
-    ds = data.build(bundle.task, samples=cell.batch_size, eval_samples=1, seq_len=cell.seq_len, seed=0,
+    ds = bundle.task.build_data(samples=cell.batch_size, eval_samples=1, seq_len=cell.seq_len, seed=0,
                     vocab_size=bundle.vocab_size, num_labels=bundle.num_labels).to(DEVICE, torch.float32)
     batch = ds.train
     optimizer, impl = make_optimizer([p for p in module.parameters() if p.requires_grad], cell.lr)
 
     def step():
-        loss, _ = compute_loss(module, ds.task, batch)
+        loss, _ = bundle.task.loss(module, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

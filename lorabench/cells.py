@@ -1,10 +1,12 @@
-"""Experiment cells: one frozen dataclass per (model, method, rank, settings), matrices and presets.
+"""Experiment cells: one frozen, self-validating dataclass per (model, method, rank, settings).
 
-    lorabench run --dry-run --preset quick      # expands the preset below into cells
+    lorabench run --help            # the "cell settings" flags are generated from Cell's fields
 
 A cell is pure data: building it validates every field, so a bad matrix is refused before
-anything runs or is written. Presets are named tuples of `Matrix` (models x methods x ranks with
-shared settings); CLI flags and a TOML file override them.
+anything runs or is written. Each settings field carries its CLI spelling and help text in its
+metadata, so a new setting is one line here and appears in `lorabench run --help`, the TOML
+`[settings]` table and `--resume`'s refusal of matrix flags at once. Matrices and presets are in
+`plan`.
 """
 from __future__ import annotations
 
@@ -12,22 +14,58 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from .methods import METHODS
+from .errors import InputError
+from .methods import BASELINE, METHODS, Adapter
 from .models import MODELS, is_byo
+from .tasks import TASKS
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTS = ("random", "pretrained")
 
 
-class CellError(ValueError):
+class CellError(InputError):
     """A cell or matrix a user asked for is invalid; the message says why and what is accepted."""
 
 
 def _choices(names: Iterable[str]) -> str:
     return ", ".join(sorted(names))
+
+
+def csv_list(value: str) -> tuple[str, ...]:
+    """A comma-separated command-line list."""
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise ValueError("expected a comma-separated list, got nothing")
+    return items
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a cell field is spelled on the command line."""
+
+    flag: str                                   # e.g. --batch-size
+    help: str = ""
+    parse: Callable[[str], Any] | None = None   # argparse type
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+
+def setting(default: Any, help: str = "", *flags: Flag, parse=None, choices=None, metavar=None):
+    """A cell field that the command line and a TOML [settings] table may set. Without `flags`,
+    the flag is the field's name with dashes; several flags are alternatives (one may be given)."""
+    return field(default=default, metadata={"flags": flags, "help": help, "parse": parse, "choices": choices,
+                                            "metavar": metavar})
+
+
+def cli_flags(f: dataclasses.Field) -> tuple[Flag, ...]:
+    """The command-line flags of a cell field (none for the matrix axes)."""
+    if "help" not in f.metadata:
+        return ()
+    md = f.metadata
+    return md["flags"] or (Flag("--" + f.name.replace("_", "-"), md["help"], md["parse"], md["choices"], md["metavar"]),)
 
 
 @dataclass(frozen=True)
@@ -38,28 +76,36 @@ class Cell:
     trains `warmup_epochs + epochs` epochs in all and evaluates after each one.
     """
 
-    model: str
+    model: str                        # the matrix's axes: --models, --methods, --ranks, --repeat
     method: str
     rank: int | None = None           # LoRA rank; None for full fine-tuning
-    alpha: float | None = None        # LoRA scale is alpha / rank; None means alpha = rank (scale 1)
-    dropout: float = 0.0              # LoRA dropout (PEFT only)
-    targets: tuple[str, ...] | str | None = None  # module names, or one regex; None: the model's default
-    modules_to_save: tuple[str, ...] = ()         # modules trained in full beside the adapters (PEFT)
-    batch_size: int = 32
-    grad_accum: int = 1               # micro-batches per optimizer step
-    seq_len: int = 64                 # tokens per sample (text models; ignored by the image MLP)
-    epochs: int = 2
-    warmup_epochs: int = 1
-    samples: int = 512                # training samples per epoch
-    eval_samples: int = 256
-    lr: float = 1e-3
-    device: str = "cpu"
-    dtype: str = "float32"
-    seed: int = 0
-    weights: str = "random"           # "random": built from the configuration; "pretrained": from_pretrained
-    data: str = "synthetic"           # "synthetic" or a path to a local data set
-    task: str | None = None           # hf: models only, when the task cannot be inferred
-    pretrain_epochs: int = 0          # train the base in full this long before the method (seed 002), untimed
+    alpha: float | None = setting(None, "LoRA alpha (default: equal to the rank, scale 1)", parse=float)
+    dropout: float = setting(0.0, "LoRA dropout (PEFT)", parse=float)
+    targets: tuple[str, ...] | str | None = setting(  # module names, or one regex; None: the model's default
+        None, "", Flag("--targets", "LoRA target modules, comma-separated names (PEFT's rule: a module matches when "
+                       "its name equals one or ends with '.'+one); default: the model's", csv_list),
+        Flag("--target-regex", r"LoRA targets as one regex matched against whole module names "
+                               r"(seed 001: '.*\.1.*query_key_value')"))
+    modules_to_save: tuple[str, ...] = setting((), "modules trained in full beside the adapters (PEFT)", parse=csv_list)
+    batch_size: int = setting(32, "samples per micro-batch", parse=int)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", parse=int)
+    seq_len: int = setting(64, "tokens per sample (text models; ignored by the image MLP)", parse=int)
+    epochs: int = setting(2, "timed epochs per cell", parse=int)
+    warmup_epochs: int = setting(1, "untimed epochs before the timed ones", parse=int)
+    samples: int = setting(512, "training samples per epoch", parse=int)
+    eval_samples: int = setting(256, "samples in the eval pass after each epoch", parse=int)
+    lr: float = setting(1e-3, "Adam learning rate", parse=float)
+    device: str = setting("cpu", "auto: cuda when torch sees a GPU (a ROCm build counts as cuda), else cpu",
+                          choices=("auto", *DEVICES))
+    dtype: str = setting("float32", "training dtype of weights and inputs", choices=DTYPES)
+    seed: int = setting(0, "seed of weights, data and order", parse=int)
+    weights: str = setting("random", "random (from the configuration, default) or pretrained", choices=WEIGHTS)
+    data: str = setting("synthetic", "synthetic (default), a CIFAR-10 directory, a .csv/.jsonl with text,label, or a "
+                        ".jsonl with instruction,input,output")
+    task: str | None = setting(None, "task of an hf: model when it cannot be inferred from its configuration",
+                               choices=tuple(t for t in TASKS if TASKS[t].hf_auto_class))
+    pretrain_epochs: int = setting(0, "train the base in full this many epochs before the method, untimed (seed 002 "
+                                   "continues LoRA from trained weights)", parse=int)
     repeat: int = 0                   # index of a repetition of the same cell (--repeat N)
 
     def __post_init__(self) -> None:
@@ -84,9 +130,9 @@ class Cell:
             raise CellError(f"unknown model {self.model!r}; choose from {_choices(MODELS)} or hf:<dir or hub id>")
         if self.method not in METHODS:
             raise CellError(f"unknown method {self.method!r}; choose from {_choices(METHODS)}")
-        if self.method == "full":
+        if not METHODS[self.method].adapts:
             if self.rank is not None:
-                raise CellError("a rank was given to full fine-tuning; ranks apply to the lora methods only")
+                raise CellError(f"a rank was given to {METHODS[self.method].title}; ranks apply to the lora methods only")
             if self.targets is not None or self.modules_to_save:
                 raise CellError("targets and modules_to_save apply to the lora methods only")
         else:
@@ -102,7 +148,6 @@ class Cell:
         _nonnegative_int("warmup_epochs", self.warmup_epochs)
         _nonnegative_int("pretrain_epochs", self.pretrain_epochs)
         if self.task is not None:
-            from .models import TASKS
             if self.task not in TASKS:
                 raise CellError(f"unknown task {self.task!r}; choose from {_choices(TASKS)}")
             if not is_byo(self.model):
@@ -129,6 +174,16 @@ class Cell:
         if self.rank is None:
             return None
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    @property
+    def is_baseline(self) -> bool:
+        """The method other columns are compared against (full fine-tuning)."""
+        return self.method == BASELINE
+
+    @property
+    def adapter(self) -> Adapter:
+        """What the method is asked to apply."""
+        return Adapter(self.rank, self.alpha, self.dropout, self.targets, self.modules_to_save, self.model)
 
     @property
     def label(self) -> str:
@@ -181,188 +236,7 @@ def _nonnegative_int(name: str, value: Any) -> None:
 
 
 CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
-# Settings of the adapter: a matrix leaves them out of its full fine-tuning cells.
+SETTINGS = tuple(f for f in dataclasses.fields(Cell) if cli_flags(f))   # what flags and [settings] may set
+# Settings of the adapter: a matrix leaves them out of its baseline (full fine-tuning) cells.
 LORA_FIELDS = ("alpha", "dropout", "targets", "modules_to_save")
 
-
-@dataclass(frozen=True)
-class Matrix:
-    """models x methods x ranks, sharing `settings` (any other Cell field)."""
-
-    models: tuple[str, ...]
-    methods: tuple[str, ...]
-    ranks: tuple[int, ...] = ()
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def cells(self) -> list[Cell]:
-        lora_methods = [m for m in self.methods if m != "full"]
-        if lora_methods and not self.ranks:
-            raise CellError(f"methods {', '.join(lora_methods)} need at least one rank (--ranks)")
-        out = []
-        full_settings = {k: v for k, v in self.settings.items() if k not in LORA_FIELDS}
-        for model in self.models:
-            for method in self.methods:
-                for rank in ([None] if method == "full" else self.ranks):
-                    settings = full_settings if method == "full" else self.settings
-                    out.append(Cell(model=model, method=method, rank=rank, **settings))
-        return out
-
-
-# Settings of the CPU default: small synthetic data so the whole matrix runs in about a minute.
-QUICK = {"batch_size": 32, "samples": 512, "eval_samples": 256, "seq_len": 64, "epochs": 2, "warmup_epochs": 1}
-
-# Seed 002: batch 8, Adam 1e-3, the full CIFAR-10 train/test split; 2 epochs from scratch (a
-# warm-up, then a timed one), then LoRA rank 1, alpha 1 continued from those trained weights.
-SEED_CIFAR = {"batch_size": 8, "samples": 50000, "eval_samples": 10000, "lr": 1e-3, "epochs": 1, "warmup_epochs": 1}
-
-# Seed 003 (slides): BERT-Tiny and BERT-Base, full vs LoRA r=8 (PEFT defaults: query, value), 5
-# epochs. The slides give no learning rate or data size: the HF Trainer's default 5e-5 for full
-# fine-tuning, 5e-4 for LoRA (adapters start at zero and need a larger step), 4,096 samples.
-SEED_BERT = {"batch_size": 32, "seq_len": 128, "samples": 4096, "eval_samples": 1024, "epochs": 4, "warmup_epochs": 1}
-
-# Seed 001: Bloom 1b4 (zh), LoraConfig(r=8 default, alpha 8 default, target regex on the blocks
-# whose index starts with 1, modules_to_save=["word_embeddings"]), batch 1 x 8 accumulated, 256
-# tokens, lr 5e-5 (Trainer default). The seed trains one epoch; an untimed warm-up epoch is added.
-SEED_BLOOM = {"batch_size": 1, "grad_accum": 8, "seq_len": 256, "samples": 512, "eval_samples": 64, "lr": 5e-5,
-              "epochs": 1, "warmup_epochs": 1, "alpha": 8.0, "targets": r".*\.1.*query_key_value",
-              "modules_to_save": ("word_embeddings",)}
-
-RANKS = (1, 2, 4, 8, 16, 32, 64)
-
-PRESETS: dict[str, tuple[Matrix, ...]] = {
-    "quick": (Matrix(("cifar-mlp", "bert-tiny"), ("full", "lora"), (2, 8), QUICK),),
-    # The nightly GPU job: small enough for minutes, large enough that steps are not launch-bound.
-    "ci": (Matrix(("cifar-mlp", "bert-tiny"), ("full", "lora", "lora-reparam"), (8,),
-                  {"batch_size": 64, "samples": 4096, "eval_samples": 512, "seq_len": 128, "epochs": 3,
-                   "warmup_epochs": 1}),),
-    "seed-cifar-mlp": (
-        Matrix(("cifar-mlp",), ("full",), (), SEED_CIFAR),
-        Matrix(("cifar-mlp",), ("lora-reparam",), (1,), {**SEED_CIFAR, "alpha": 1.0, "pretrain_epochs": 2}),
-    ),
-    "seed-bert": (
-        Matrix(("bert-tiny", "bert-base"), ("full",), (), {**SEED_BERT, "lr": 5e-5}),
-        Matrix(("bert-tiny", "bert-base"), ("lora",), (8,), {**SEED_BERT, "lr": 5e-4}),
-    ),
-    "seed-bloom": (Matrix(("bloom-1b4-zh",), ("lora",), (8,), SEED_BLOOM),),
-    # Every rank against full fine-tuning. The MLP's head has 10 outputs, which caps a rank on it
-    # at 10: its sweep adapts the two hidden layers (fc1, fc2) at every rank instead.
-    "ranks": (
-        Matrix(("bert-tiny", "bert-base"), ("full", "lora"), RANKS, QUICK),
-        Matrix(("cifar-mlp",), ("full", "lora"), RANKS, {**QUICK, "targets": ("fc1", "fc2")}),
-    ),
-}
-
-
-def plan(
-    presets: Iterable[str] = ("quick",),
-    models: Iterable[str] | None = None,
-    methods: Iterable[str] | None = None,
-    ranks: Iterable[int] | None = None,
-    overrides: dict[str, Any] | None = None,
-    repeat: int = 1,
-) -> list[Cell]:
-    """Expand presets into cells, with axis replacements and field overrides applied.
-
-    `models` restricts each preset matrix to the models it names; a requested model that no
-    matrix names gets the first matrix's methods, ranks and settings. `methods` and `ranks`
-    replace those axes everywhere; `overrides` replace cell fields everywhere.
-    """
-    matrices: list[Matrix] = []
-    for name in presets:
-        if name not in PRESETS:
-            raise CellError(f"unknown preset {name!r}; choose from {_choices(PRESETS)}")
-        matrices.extend(PRESETS[name])
-    if models is not None:
-        wanted = list(dict.fromkeys(models))
-        covered = {m for mx in matrices for m in mx.models}
-        kept = [dataclasses.replace(mx, models=tuple(m for m in mx.models if m in wanted)) for mx in matrices]
-        extra = tuple(m for m in wanted if m not in covered)
-        if extra:
-            kept.append(dataclasses.replace(matrices[0], models=extra))
-        matrices = [mx for mx in kept if mx.models]
-    if methods is not None:
-        matrices = [dataclasses.replace(mx, methods=tuple(methods)) for mx in matrices]
-    if ranks is not None:
-        if methods is not None and all(m == "full" for m in methods):
-            raise CellError("--ranks was given but the only method is full; ranks apply to the lora methods")
-        matrices = [dataclasses.replace(mx, ranks=tuple(ranks)) for mx in matrices]
-    overrides = overrides or {}
-    unknown = sorted(set(overrides) - set(CELL_FIELDS))
-    if unknown:
-        raise CellError(f"unknown setting(s) {', '.join(unknown)}; accepted: {_choices(CELL_FIELDS)}")
-    if repeat < 1:
-        raise CellError(f"repeat must be a whole number >= 1, got {repeat}")
-    base: list[Cell] = []
-    for mx in matrices:
-        base += dataclasses.replace(mx, settings={**mx.settings, **overrides}).cells()
-    cells: dict[str, Cell] = {}
-    # Repeat-major order (the whole matrix, then the whole matrix again): the spread of a cell's
-    # repeats then covers the drift of the machine over the run, not just a few seconds of it.
-    for r in range(repeat):
-        for cell in base:
-            c = dataclasses.replace(cell, repeat=r)
-            cells.setdefault(c.key(), c)   # identical cells from overlapping presets run once
-    return list(cells.values())
-
-
-def shard(cells: list[Cell], costs: list[float], k: int, n: int) -> list[Cell]:
-    """Cells of shard k (1-based) of n: every cell lands in exactly one shard, balanced by cost.
-
-    Greedy longest-processing-time: the costliest cell goes to the least loaded shard, ties broken
-    by the cell's key and the shard's index, so every machine computes the same partition.
-    """
-    if not 1 <= k <= n:
-        raise CellError(f"--shard {k}/{n}: K must be between 1 and N")
-    load = [0.0] * n
-    owner: dict[str, int] = {}
-    for cost, cell in sorted(zip(costs, cells), key=lambda ck: (-ck[0], ck[1].key())):
-        i = min(range(n), key=lambda j: (load[j], j))
-        load[i] += cost
-        owner[cell.key()] = i + 1
-    return [c for c in cells if owner[c.key()] == k]
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        k, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise CellError(f"--shard must look like K/N (e.g. 2/4), got {text!r}") from None
-    if n < 1 or not 1 <= k <= n:
-        raise CellError(f"--shard {text}: need 1 <= K <= N")
-    return k, n
-
-
-# Keys a --config TOML file may hold, with their types; [settings] takes any Cell field.
-CONFIG_KEYS: dict[str, tuple[type, str]] = {
-    "preset": (list, "a list of preset names"), "models": (list, "a list of model names"),
-    "methods": (list, "a list of method names"), "ranks": (list, "a list of whole numbers"),
-    "repeat": (int, "a whole number"), "settings": (dict, "a table of cell settings"),
-}
-
-
-def load_config(path: str) -> dict[str, Any]:
-    """Read and validate a TOML config (tomllib: data only, nothing executed)."""
-    import tomllib
-
-    try:
-        with open(path, "rb") as f:
-            config = tomllib.load(f)
-    except FileNotFoundError:
-        raise CellError(f"--config {path}: no such file") from None
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise CellError(f"--config {path}: not valid TOML ({e})") from None
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        raise CellError(f"--config {path}: unknown key(s) {', '.join(unknown)}; accepted: {_choices(CONFIG_KEYS)}")
-    for key, (kind, what) in CONFIG_KEYS.items():
-        if key in config and (isinstance(config[key], bool) or not isinstance(config[key], kind)):
-            raise CellError(f"--config {path}: {key} must be {what}, got {config[key]!r}")
-    if "ranks" in config and not all(isinstance(r, int) and not isinstance(r, bool) for r in config["ranks"]):
-        raise CellError(f"--config {path}: ranks must be a list of whole numbers, got {config['ranks']!r}")
-    bad = sorted(set(config.get("settings", {})) - set(CELL_FIELDS) - {"model", "method", "rank", "repeat"})
-    if bad:
-        raise CellError(f"--config {path}: unknown setting(s) {', '.join(bad)}; accepted: {_choices(CELL_FIELDS)}")
-    for key in ("model", "method", "rank", "repeat"):
-        if key in config.get("settings", {}):
-            raise CellError(f"--config {path}: {key} is an axis of the matrix, not a setting; use models/methods/ranks/repeat")
-    return config

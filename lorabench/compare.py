@@ -7,7 +7,8 @@ median. A change is a regression when it is worse than its figure's threshold (t
 memory 5 %, accuracy 1 point by default) and, where either run has repeats, also beyond twice
 the combined measured spread, so noise alone does not fail a build. Counts and tensor sizes that
 are exact by construction (parameters, weights, gradients, optimizer state, saved activations,
-checkpoints) are called out when they change at all.
+checkpoints) are called out when they change at all. Which figure is gated, in which direction,
+and which is exact is declared once, in `rows.METRICS`.
 """
 from __future__ import annotations
 
@@ -15,25 +16,17 @@ import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
+from .errors import InputError
+from .rows import METRICS, Row, is_number
 from .stats import Summary
 
 # figure -> (kind, +1 when higher is worse / -1 when lower is worse)
-GATED: dict[str, tuple[str, int]] = {
-    "epoch_s": ("time", +1),
-    "step_s_p50": ("time", +1),
-    "samples_per_s": ("time", -1),
-    "torch_peak_allocated_bytes": ("memory", +1),
-    "torch_peak_reserved_bytes": ("memory", +1),
-    "nvml_process_peak_bytes": ("memory", +1),
-    "amdsmi_process_peak_bytes": ("memory", +1),
-    "host_peak_rss_bytes": ("memory", +1),
-    "final_eval_accuracy": ("quality", -1),
-}
-EXACT = ("params_total", "params_trainable", "params_trainable_adapter", "params_trainable_full", "weights_bytes",
-         "grads_bytes", "optimizer_state_bytes", "activations_saved_bytes", "model_file_bytes", "adapter_file_bytes")
-DEFAULT_THRESHOLDS = {"time": 10.0, "memory": 5.0, "quality": 1.0}   # %, %, accuracy points
+GATED: dict[str, tuple[str, int]] = {m.key: (m.gate, m.worse) for m in METRICS if m.gate}
+EXACT = tuple(m.key for m in METRICS if m.exact)
+# kind -> (default limit, its unit, what a regression is)
+THRESHOLDS = {"time": (10.0, "%", "slower"), "memory": (5.0, "%", "larger"), "quality": (1.0, "points", "accuracy lower")}
+DEFAULT_THRESHOLDS = {kind: default for kind, (default, _, _) in THRESHOLDS.items()}
 
 
 @dataclass(frozen=True)
@@ -60,34 +53,31 @@ class Comparison:
         return [c for c in self.changes if c.regression]
 
 
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _variants(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list] = defaultdict(list)
+def _variants(rows: list[Row]) -> dict[str, list[Row]]:
+    out: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
-        if r["status"] == "ok":
-            key = json.dumps({k: v for k, v in r["cell"].items() if k != "repeat"}, sort_keys=True)
-            out[key].append(r)
+        if r.ok:
+            out[json.dumps({k: v for k, v in r.cell.to_dict().items() if k != "repeat"}, sort_keys=True)].append(r)
     return out
 
 
-def _values(rows, figure) -> list[float]:
-    return [r["metrics"][figure] for r in rows if _num(r["metrics"].get(figure))]
+def _values(rows: list[Row], figure: str) -> list[float]:
+    return [r.metrics[figure] for r in rows if is_number(r.metrics.get(figure))]
 
 
-def compare(base_rows: list[dict[str, Any]], new_rows: list[dict[str, Any]],
-            thresholds: dict[str, float] | None = None) -> Comparison:
+def compare(base_rows: list[Row], new_rows: list[Row], thresholds: dict[str, float] | None = None) -> Comparison:
     th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    for kind, value in th.items():
+        if not value >= 0:
+            raise InputError(f"--{kind}-threshold must be >= 0, got {value:g}")
     base, new = _variants(base_rows), _variants(new_rows)
     result = Comparison()
-    describe = lambda rows: f"{rows[0]['cell']['model']} {rows[0]['label']}"   # noqa: E731
+    describe = lambda rows: f"{rows[0].cell.model} {rows[0].label}"   # noqa: E731
     result.only_in_base = sorted(describe(base[k]) for k in base.keys() - new.keys())
     result.only_in_new = sorted(describe(new[k]) for k in new.keys() - base.keys())
     for key in [k for k in base if k in new]:
         b_rows, n_rows = base[key], new[key]
-        model, label = b_rows[0]["cell"]["model"], b_rows[0]["label"]
+        model, label = b_rows[0].cell.model, b_rows[0].label
         for figure, (kind, worse) in GATED.items():
             bv, nv = _values(b_rows, figure), _values(n_rows, figure)
             if not bv or not nv:

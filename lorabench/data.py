@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 IGNORE_INDEX = -100   # label value the loss skips (prompt tokens, padding)
 
 
 @dataclass
 class Dataset:
-    task: str
     train: dict[str, Tensor]   # every tensor shares its first dimension (samples)
     eval: dict[str, Tensor]
     source: str                # what the data is, for the report
@@ -45,7 +46,7 @@ class Dataset:
         """Move to the device once, casting floating inputs to the training dtype."""
         def move(split: dict[str, Tensor]) -> dict[str, Tensor]:
             return {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in split.items()}
-        return Dataset(self.task, move(self.train), move(self.eval), self.source)
+        return Dataset(move(self.train), move(self.eval), self.source)
 
 
 def synthetic_images(n: int, n_eval: int, num_classes: int, generator: torch.Generator) -> Dataset:
@@ -61,7 +62,7 @@ def synthetic_images(n: int, n_eval: int, num_classes: int, generator: torch.Gen
         x = 0.15 * prototypes[labels] + torch.randn(count, 3, 32, 32, generator=generator)
         return {"x": x, "labels": labels}
 
-    return Dataset("image-classification", split(n), split(n_eval),
+    return Dataset(split(n), split(n_eval),
                    f"synthetic CIFAR-shaped images ({num_classes} class prototypes + noise)")
 
 
@@ -79,7 +80,7 @@ def synthetic_text_classification(n: int, n_eval: int, seq_len: int, vocab_size:
         ids.scatter_(1, places, (2 + labels).unsqueeze(1).expand_as(places))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
-    return Dataset("sequence-classification", split(n), split(n_eval),
+    return Dataset(split(n), split(n_eval),
                    f"synthetic token sequences ({num_labels} classes marked by class tokens), {seq_len} tokens")
 
 
@@ -97,26 +98,15 @@ def synthetic_causal_lm(n: int, n_eval: int, seq_len: int, vocab_size: int, gene
         labels[:, :prompt] = IGNORE_INDEX
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
-    return Dataset("causal-lm", split(n), split(n_eval),
+    return Dataset(split(n), split(n_eval),
                    f"synthetic token progressions (prompt masked), {seq_len} tokens")
 
 
-def build(task: str, *, samples: int, eval_samples: int, seq_len: int, seed: int,
-          vocab_size: int | None = None, num_labels: int | None = None) -> Dataset:
-    """The synthetic data set for `task`; the same seed gives every method the same data."""
-    g = torch.Generator().manual_seed(seed)
-    if task == "image-classification":
-        return synthetic_images(samples, eval_samples, num_labels or 10, g)
-    if task == "sequence-classification":
-        return synthetic_text_classification(samples, eval_samples, seq_len, vocab_size, num_labels or 2, g)
-    if task == "causal-lm":
-        return synthetic_causal_lm(samples, eval_samples, seq_len, vocab_size, g)
-    raise ValueError(f"no data set for task {task!r}")
 
 
 # ---- real data sets --------------------------------------------------------------------------
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data path that is missing, of an unknown kind, or malformed."""
 
 
@@ -146,9 +136,6 @@ def detect(path: str) -> str:
     raise DataError(f"--data {path}: columns {sorted(columns)}; expected text and label, or instruction, input, output")
 
 
-def task_of(kind: str) -> str:
-    return {"cifar10": "image-classification", "text-classification": "sequence-classification",
-            "instructions": "causal-lm"}[kind]
 
 
 def _is_hf_dataset(p: Path) -> bool:
@@ -241,14 +228,17 @@ def load_cifar10(path: str, samples: int, eval_samples: int, seed: int) -> Datas
     take, etake = torch.randperm(len(y), generator=g)[:samples], torch.arange(min(eval_samples, len(ey)))
     if len(take) < samples:
         raise DataError(f"--data {path}: {len(y)} training images, fewer than --samples {samples}")
-    return Dataset("image-classification", {"x": x[take], "labels": y[take]},
+    return Dataset({"x": x[take], "labels": y[take]},
                    {"x": ex[etake], "labels": ey[etake]}, f"CIFAR-10 from {path} ({samples} train / {len(etake)} test)")
 
 
 def download_cifar10(root: str) -> None:
     """Fetch CIFAR-10 with torchvision (only when asked, and only where the network allows)."""
     from torchvision.datasets import CIFAR10
-    CIFAR10(root, train=True, download=True)
+    try:
+        CIFAR10(root, train=True, download=True)
+    except Exception as e:   # no network, or a refused connection
+        raise DataError(f"--download: cannot fetch CIFAR-10 into {root} ({type(e).__name__}: {e})") from None
 
 
 class HashTokenizer:
@@ -315,7 +305,7 @@ def load_text_classification(path: str, tokenizer, seq_len: int, samples: int, e
                 "attention_mask": _pad([[1] * len(i) for i in ids], seq_len, 0),
                 "labels": torch.tensor([r["label"] for r in rs])}
 
-    return Dataset("sequence-classification", encode(train), encode(test),
+    return Dataset(encode(train), encode(test),
                    f"{Path(path).name} ({samples} train / {eval_samples} eval), {tokenizer.name}, {seq_len} tokens")
 
 
@@ -342,7 +332,7 @@ def load_instructions(path: str, tokenizer, seq_len: int, samples: int, eval_sam
                 "attention_mask": _pad([[1] * len(i) for i in ids], seq_len, 0),
                 "labels": _pad(labels, seq_len, IGNORE_INDEX)}
 
-    return Dataset("causal-lm", encode(train), encode(test),
+    return Dataset(encode(train), encode(test),
                    f"{Path(path).name} ({samples} train / {eval_samples} eval, seed-001 template), "
                    f"{tokenizer.name}, {seq_len} tokens")
 

@@ -87,10 +87,23 @@ def free_memory_bytes(device: str) -> tuple[int | None, str]:
         import pynvml
         pynvml.nvmlInit()
         try:
-            from .trackers import nvml_handle
+            from .drivers import nvml_handle
             handle = nvml_handle(pynvml, 0)
             return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free), "GPU memory free (NVML)"
         finally:
             pynvml.nvmlShutdown()
     except Exception as e:   # no NVML (ROCm, or no driver library): no gate, and say so
         return None, f"free GPU memory unknown ({type(e).__name__})"
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` -> cuda when torch sees a GPU (a ROCm build counts: HIP answers as cuda), else cpu;
+    InputError for cuda where torch sees none."""
+    from .errors import InputError
+    has_gpu = torch.cuda.is_available()
+    if requested == "cuda" and not has_gpu:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else (
+            f"ROCm {torch.version.hip}" if torch.version.hip else "CPU-only")
+        raise InputError(f"--device cuda: torch sees no GPU here (torch {torch.__version__}, {build} build); "
+                         "use --device cpu or auto")
+    return ("cuda" if has_gpu else "cpu") if requested == "auto" else requested

@@ -12,19 +12,34 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-if TYPE_CHECKING:
-    from .cells import Cell
-    from .models import Bundle
+from .errors import InputError
+from .models import Bundle, linear_names
 
 
-class MethodError(ValueError):
+class MethodError(InputError):
     """A method cannot be applied as asked (no matching target, rank too large)."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """What a cell asks of a method: the LoRA settings (rank None for full fine-tuning)."""
+
+    rank: int | None = None
+    alpha: float | None = None        # None: alpha = rank (scale 1)
+    dropout: float = 0.0
+    targets: tuple[str, ...] | str | None = None   # None: the model's default targets
+    modules_to_save: tuple[str, ...] = ()
+    model: str = "the model"          # for messages
+
+    @property
+    def scale_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else self.rank
 
 
 @dataclass(frozen=True)
@@ -62,8 +77,6 @@ def count_params(module: nn.Module) -> ParamCount:
 def match_targets(module: nn.Module, targets: tuple[str, ...] | str) -> list[str]:
     """PEFT's matching rule: a string is a regex matched against the whole module name; a list
     matches a module whose name equals an entry or ends with '.' + entry. Linear layers only."""
-    from .models import linear_names
-
     names = linear_names(module)
     if isinstance(targets, str):
         pattern = re.compile(targets)
@@ -71,46 +84,133 @@ def match_targets(module: nn.Module, targets: tuple[str, ...] | str) -> list[str
     return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
 
 
-def _resolve(bundle: Bundle, cell: Cell) -> list[str]:
-    from .models import linear_names
-
-    targets = cell.targets if cell.targets is not None else bundle.lora_targets
+def _resolve(bundle: Bundle, adapter: Adapter) -> list[str]:
+    targets = adapter.targets if adapter.targets is not None else bundle.lora_targets
     matched = match_targets(bundle.module, targets)
     if not matched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names(bundle.module)})
-        raise MethodError(f"target {targets!r} matches no Linear module of {cell.model}; its Linear modules end in: "
+        raise MethodError(f"target {targets!r} matches no Linear module of {adapter.model}; its Linear modules end in: "
                           f"{', '.join(leaves)}")
     for name in matched:
         layer = bundle.module.get_submodule(name)
         smaller = min(layer.weight.shape)
-        if cell.rank > smaller:
-            raise MethodError(f"rank {cell.rank} exceeds the smaller dimension ({smaller}) of target {name} "
-                              f"{tuple(layer.weight.shape)} in {cell.model}; use a rank <= {smaller} or other targets")
+        if adapter.rank > smaller:
+            raise MethodError(f"rank {adapter.rank} exceeds the smaller dimension ({smaller}) of target {name} "
+                              f"{tuple(layer.weight.shape)} in {adapter.model}; use a rank <= {smaller} or other targets")
     return matched
 
 
-def apply_full(bundle: Bundle, cell: Cell) -> Adapted:
-    bundle.module.requires_grad_(True)
-    return Adapted(bundle.module, count_params(bundle.module), [])
+def _adapter_activations(module: nn.Module, rows: int, b: int, inputs: bool = True) -> int:
+    """Bytes LoRA adds to what autograd saves: the r-wide output of each A (PEFT), each adapted
+    layer's input (`inputs`: once per parent module, as q, k and v of a block share theirs), and for
+    the re-parametrization the materialised W + BA of every adapted layer whose input needs a
+    gradient (all but a first one that nothing trainable precedes)."""
+    sites: dict[str, int] = {}
+    extra, trainable_before = 0, False
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear) and ".lora_A." in f"{name}.":
+            extra += rows * m.out_features * b
+            layer = name.split(".lora_A")[0]
+        elif isinstance(m, nn.Linear) and parametrize.is_parametrized(m, "weight"):
+            if trainable_before:
+                extra += m.out_features * m.in_features * b
+            layer = name
+        else:
+            trainable_before |= any(p.requires_grad for p in m.parameters(recurse=False))
+            continue
+        trainable_before = True
+        parent = layer.rsplit(".", 1)[0]
+        sites[parent] = max(sites.get(parent, 0), m.in_features)
+    return extra + (rows * sum(sites.values()) * b if inputs else 0)
 
 
-def apply_lora(bundle: Bundle, cell: Cell) -> Adapted:
-    from peft import LoraConfig, TaskType, get_peft_model
+class Method:
+    """Full fine-tuning: every parameter trains. The base of the other methods.
 
-    matched = _resolve(bundle, cell)
-    targets = cell.targets if cell.targets is not None else bundle.lora_targets
-    task_type = {"sequence-classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}.get(bundle.task)
-    config = LoraConfig(
-        r=cell.rank,
-        lora_alpha=cell.alpha if cell.alpha is not None else cell.rank,
-        lora_dropout=cell.dropout,
-        target_modules=targets if isinstance(targets, str) else list(targets),
-        modules_to_save=list(cell.modules_to_save) or None,
-        task_type=task_type,   # SEQ_CLS also trains the classifier head in full, as PEFT does by default
-    )
-    bundle.module.requires_grad_(False)   # the base is frozen; PEFT unfreezes adapters and saved modules
-    module = get_peft_model(bundle.module, config)
-    return Adapted(module, count_params(module), matched)
+    A method owns how it is applied, its checks after training, and its terms in the
+    predictions: FLOPs per token and the activations it changes."""
+
+    name, title = "full", "full fine-tuning"
+    adapts = False            # trains adapters, needs a rank
+    uses_peft = False
+    linear_input_units = 14   # Korthikanti's 34 units per layer keep the 4 Linear inputs (14) for weight gradients
+
+    def apply(self, bundle: Bundle, adapter: Adapter) -> Adapted:
+        bundle.module.requires_grad_(True)
+        return Adapted(bundle.module, count_params(bundle.module), [])
+
+    def flops_per_token(self, matmul_params: int, adapter_params: int) -> float:
+        return 6.0 * matmul_params   # 2N forward, 4N backward (input and weight gradients)
+
+    def extra_activations(self, module: nn.Module, rows: int, b: int, inputs: bool) -> int:
+        return 0
+
+    def checks(self, adapted: Adapted, forward: Callable[[nn.Module], torch.Tensor],
+               base_out: torch.Tensor) -> dict[str, float | int]:
+        return {}
+
+
+class _LoRA(Method):
+    adapts = True
+    linear_input_units = 0    # a frozen Linear keeps no input; the adapted ones come back in extra_activations
+
+    def flops_per_token(self, matmul_params: int, adapter_params: int) -> float:
+        return 4.0 * matmul_params + 6.0 * adapter_params   # frozen weights skip their weight gradient
+
+    def extra_activations(self, module: nn.Module, rows: int, b: int, inputs: bool) -> int:
+        return _adapter_activations(module, rows, b, inputs)
+
+    def _views(self, adapted: Adapted, forward) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(output with the adapter off, adapter file bytes, output merged); leaves the module merged."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def checks(self, adapted, forward, base_out):
+        """After training: the merged model must give the adapter model's outputs, and the adapter
+        switched off must give the base model's (`base_out`, taken before the adapter existed).
+        Ends by merging, so the module is left merged. Max absolute differences, in output units."""
+        adapted.module.eval()
+        on = forward(adapted.module)
+        off, adapter_bytes, merged = self._views(adapted, forward)
+        return {
+            "check_merged_vs_adapter_max_abs_diff": (merged - on).abs().max().item(),
+            "check_adapter_off_vs_base_max_abs_diff": (off - base_out).abs().max().item(),
+            "check_adapter_on_vs_base_max_abs_diff": (on - base_out).abs().max().item(),
+            "adapter_file_bytes": adapter_bytes,
+        }
+
+
+class PeftLoRA(_LoRA):
+    """LoRA through PEFT: an adapter path x A^T B^T beside each frozen Linear."""
+
+    name, title = "lora", "LoRA through PEFT"
+    uses_peft = True
+
+    def apply(self, bundle: Bundle, adapter: Adapter) -> Adapted:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        matched = _resolve(bundle, adapter)
+        targets = adapter.targets if adapter.targets is not None else bundle.lora_targets
+        task_type = bundle.task.peft_task_type
+        config = LoraConfig(
+            r=adapter.rank,
+            lora_alpha=adapter.scale_alpha,
+            lora_dropout=adapter.dropout,
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            modules_to_save=list(adapter.modules_to_save) or None,
+            task_type=getattr(TaskType, task_type) if task_type else None,   # SEQ_CLS trains the head in full too
+        )
+        bundle.module.requires_grad_(False)   # the base is frozen; PEFT unfreezes adapters and saved modules
+        module = get_peft_model(bundle.module, config)
+        return Adapted(module, count_params(module), matched)
+
+    def _views(self, adapted, forward):
+        from peft import get_peft_model_state_dict
+        module = adapted.module
+        with module.disable_adapter():
+            off = forward(module)
+        adapter_bytes = _state_bytes(get_peft_model_state_dict(module))
+        return off, adapter_bytes, forward(module.merge_and_unload())
 
 
 class LoRAParametrization(nn.Module):
@@ -130,20 +230,34 @@ class LoRAParametrization(nn.Module):
         return weight + (self.lora_B @ self.lora_A) * self.scale
 
 
-def apply_lora_reparam(bundle: Bundle, cell: Cell) -> Adapted:
-    if cell.modules_to_save:
-        raise MethodError("lora-reparam trains adapters only; modules_to_save needs --methods lora")
-    matched = _resolve(bundle, cell)
-    bundle.module.requires_grad_(False)   # every non-LoRA parameter is frozen (seed 002)
-    alpha = cell.alpha if cell.alpha is not None else cell.rank
-    for name in matched:
-        layer = bundle.module.get_submodule(name)
-        if not isinstance(layer, nn.Linear):
-            raise MethodError(f"lora-reparam adapts nn.Linear only; {name} is a {type(layer).__name__}")
-        w = layer.weight
-        parametrize.register_parametrization(
-            layer, "weight", LoRAParametrization(w.shape[0], w.shape[1], cell.rank, alpha, device=w.device, dtype=w.dtype))
-    return Adapted(bundle.module, count_params(bundle.module), matched)
+class ReparamLoRA(_LoRA):
+    """Seed 002's LoRA: the weight re-parametrized as W + (B @ A) * alpha/r, materialised per forward."""
+
+    name, title = "lora-reparam", "LoRA by re-parametrization"
+
+    def apply(self, bundle: Bundle, adapter: Adapter) -> Adapted:
+        if adapter.modules_to_save:
+            raise MethodError("lora-reparam trains adapters only; modules_to_save needs --methods lora")
+        matched = _resolve(bundle, adapter)
+        bundle.module.requires_grad_(False)   # every non-LoRA parameter is frozen (seed 002)
+        for name in matched:
+            layer = bundle.module.get_submodule(name)
+            if not isinstance(layer, nn.Linear):
+                raise MethodError(f"lora-reparam adapts nn.Linear only; {name} is a {type(layer).__name__}")
+            w = layer.weight
+            parametrize.register_parametrization(layer, "weight", LoRAParametrization(
+                w.shape[0], w.shape[1], adapter.rank, adapter.scale_alpha, device=w.device, dtype=w.dtype))
+        return Adapted(bundle.module, count_params(bundle.module), matched)
+
+    def _views(self, adapted, forward):
+        module = adapted.module
+        set_reparam_enabled(module, False)
+        off = forward(module)
+        set_reparam_enabled(module, True)
+        adapter_bytes = _state_bytes({n: p for n, p in module.named_parameters() if "lora_" in n})
+        for name in adapted.targets:
+            parametrize.remove_parametrizations(module.get_submodule(name), "weight", leave_parametrized=True)
+        return off, adapter_bytes, forward(module)
 
 
 def set_reparam_enabled(module: nn.Module, enabled: bool) -> None:
@@ -159,48 +273,10 @@ def _state_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return len(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
 
 
-@torch.no_grad()
-def adapter_checks(adapted: Adapted, cell: Cell, forward: Callable[[nn.Module], torch.Tensor],
-                   base_out: torch.Tensor) -> dict[str, float | int]:
-    """After training: the merged model must give the adapter model's outputs, and the adapter
-    switched off must give the base model's (`base_out`, taken before the adapter existed).
-    Ends by merging, so the module is left merged. Max absolute differences, in output units."""
-    module = adapted.module
-    module.eval()
-    on = forward(module)
-    if cell.method == "lora":
-        from peft import get_peft_model_state_dict
-        with module.disable_adapter():
-            off = forward(module)
-        adapter_bytes = _state_bytes(get_peft_model_state_dict(module))
-        merged = forward(module.merge_and_unload())
-    else:
-        set_reparam_enabled(module, False)
-        off = forward(module)
-        set_reparam_enabled(module, True)
-        adapter_bytes = _state_bytes({n: p for n, p in module.named_parameters() if "lora_" in n})
-        for name in adapted.targets:
-            parametrize.remove_parametrizations(module.get_submodule(name), "weight", leave_parametrized=True)
-        merged = forward(module)
-    return {
-        "check_merged_vs_adapter_max_abs_diff": (merged - on).abs().max().item(),
-        "check_adapter_off_vs_base_max_abs_diff": (off - base_out).abs().max().item(),
-        "check_adapter_on_vs_base_max_abs_diff": (on - base_out).abs().max().item(),
-        "adapter_file_bytes": adapter_bytes,
-    }
-
-
 def model_file_bytes(module: nn.Module) -> int:
     """Bytes of the model's tensors as a checkpoint would hold them (weights and buffers)."""
     return sum(t.nbytes for t in module.state_dict().values())
 
 
-METHODS: dict[str, Callable[[Bundle, Cell], Adapted]] = {
-    "full": apply_full,
-    "lora": apply_lora,
-    "lora-reparam": apply_lora_reparam,
-}
-
-
-def apply(bundle: Bundle, cell: Cell) -> Adapted:
-    return METHODS[cell.method](bundle, cell)
+METHODS: dict[str, Method] = {m.name: m for m in (Method(), PeftLoRA(), ReparamLoRA())}
+BASELINE = next(name for name, m in METHODS.items() if not m.adapts)   # what Delta columns compare against

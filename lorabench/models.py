@@ -14,13 +14,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import nn
 
-TASKS = ("image-classification", "sequence-classification", "causal-lm")
+from .errors import InputError
+from .tasks import TASKS, Task
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """A model cannot be built as asked (unknown, not loadable, weights missing)."""
 
 
@@ -29,7 +29,7 @@ class Bundle:
     """A built model and the facts the data, method and training code need about it."""
 
     module: nn.Module
-    task: str                          # one of TASKS
+    task: Task
     lora_targets: tuple[str, ...] | str  # PEFT-style default target module names (or a regex)
     vocab_size: int | None = None      # token models: ids are drawn below this
     num_labels: int | None = None      # classifiers
@@ -48,7 +48,7 @@ def build_cifar_mlp(weights: str = "random") -> Bundle:
         relu2=nn.ReLU(),
         fc3=nn.Linear(2048, 10),
     ))
-    return Bundle(module, "image-classification", ("fc1", "fc2", "fc3"), num_labels=10)
+    return Bundle(module, TASKS["image-classification"], ("fc1", "fc2", "fc3"), num_labels=10)
 
 
 def _bert(hub_id: str, weights: str, **shape) -> Bundle:
@@ -58,7 +58,7 @@ def _bert(hub_id: str, weights: str, **shape) -> Bundle:
         module = _from_pretrained(BertForSequenceClassification, hub_id, num_labels=2)
     else:
         module = BertForSequenceClassification(BertConfig(num_labels=2, **shape))
-    return Bundle(module, "sequence-classification", ("query", "value"),
+    return Bundle(module, TASKS["sequence-classification"], ("query", "value"),
                   vocab_size=module.config.vocab_size, num_labels=2, tokenizer_source=hub_id)
 
 
@@ -80,7 +80,7 @@ def _bloom(hub_id: str, weights: str, **shape) -> Bundle:
         module = _from_pretrained(BloomForCausalLM, hub_id)
     else:
         module = BloomForCausalLM(BloomConfig(**shape))
-    return Bundle(module, "causal-lm", ("query_key_value",), vocab_size=module.config.vocab_size,
+    return Bundle(module, TASKS["causal-lm"], ("query_key_value",), vocab_size=module.config.vocab_size,
                   tokenizer_source=hub_id)
 
 
@@ -109,24 +109,23 @@ def is_byo(name: str) -> bool:
 
 def build_byo(source: str, weights: str = "random", task: str | None = None) -> Bundle:
     """Any model transformers can load for sequence classification or causal LM (`hf:<dir or id>`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = transformers.AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a configuration from {source!r}: {_first_line(e)}") from None
-    task = task or _infer_task(config)
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    if task == "sequence-classification" and not getattr(config, "num_labels", None):
+    the_task = TASKS[task or _infer_task(config)]
+    auto = getattr(transformers, the_task.hf_auto_class)
+    if the_task.classifier and not getattr(config, "num_labels", None):
         config.num_labels = 2
     try:
         module = auto.from_pretrained(source) if weights == "pretrained" else auto.from_config(config)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot build {source!r} for {task}: {_first_line(e)}") from None
+        raise ModelError(f"cannot build {source!r} for {the_task.name}: {_first_line(e)}") from None
     targets = _default_targets(module)
-    return Bundle(module, task, targets, vocab_size=getattr(config, "vocab_size", None),
-                  num_labels=config.num_labels if task == "sequence-classification" else None,
-                  tokenizer_source=source)
+    return Bundle(module, the_task, targets, vocab_size=getattr(config, "vocab_size", None),
+                  num_labels=config.num_labels if the_task.classifier else None, tokenizer_source=source)
 
 
 def build(name: str, weights: str = "random", task: str | None = None) -> Bundle:
@@ -135,6 +134,11 @@ def build(name: str, weights: str = "random", task: str | None = None) -> Bundle
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))} or hf:<dir or hub id>")
     return MODELS[name](weights)
+
+
+def uses_transformers(name: str) -> bool:
+    """Whether building `name` imports transformers (worth preloading in the fork server)."""
+    return name != "cifar-mlp"
 
 
 def linear_names(module: nn.Module) -> list[str]:

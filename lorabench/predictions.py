@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .methods import ParamCount
+from .methods import Method, ParamCount
+from .tasks import Task
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -63,57 +64,29 @@ def matmul_params(module: nn.Module) -> int:
                if isinstance(m, nn.Linear) and "lora_" not in name and "original_module" not in name)
 
 
-def _adapter_activations(module: nn.Module, rows: int, b: int, inputs: bool = True) -> int:
-    """Bytes LoRA adds to what autograd saves: the r-wide output of each A (PEFT), each adapted
-    layer's input (`inputs`: once per parent module, as q, k and v of a block share theirs), and for
-    the re-parametrization the materialised W + BA of every adapted layer whose input needs a
-    gradient (all but a first one that nothing trainable precedes)."""
-    from torch.nn.utils import parametrize
-    sites: dict[str, int] = {}
-    extra, trainable_before = 0, False
-    for name, m in module.named_modules():
-        if isinstance(m, nn.Linear) and ".lora_A." in f"{name}.":
-            extra += rows * m.out_features * b
-            layer = name.split(".lora_A")[0]
-        elif isinstance(m, nn.Linear) and parametrize.is_parametrized(m, "weight"):
-            if trainable_before:
-                extra += m.out_features * m.in_features * b
-            layer = name
-        else:
-            trainable_before |= any(p.requires_grad for p in m.parameters(recurse=False))
-            continue
-        trainable_before = True
-        parent = layer.rsplit(".", 1)[0]
-        sites[parent] = max(sites.get(parent, 0), m.in_features)
-    return extra + (rows * sum(sites.values()) * b if inputs else 0)
-
-
-def predict(module: nn.Module, params: ParamCount, *, method: str, task: str, batch_size: int, grad_accum: int,
+def predict(module: nn.Module, params: ParamCount, *, method: Method, task: Task, batch_size: int, grad_accum: int,
             seq_len: int, dtype: str) -> Prediction:
     b = DTYPE_BYTES[dtype]
     layers, hidden, heads = _shape(module)
-    tokens = batch_size * grad_accum * (seq_len if task != "image-classification" else 1)
+    per_sample = task.tokens_per_sample(seq_len)
+    tokens = batch_size * grad_accum * per_sample
     n = matmul_params(module)
     attention = 12 * layers * seq_len * hidden if layers else 0
-    if method == "full":
-        per_token = 6 * n + attention
-    else:
-        per_token = 4 * n + 6 * params.adapter + attention
-    rows = batch_size * (seq_len if task != "image-classification" else 1)   # activation rows of one micro-batch
+    per_token = method.flops_per_token(n, params.adapter) + attention
+    rows = batch_size * per_sample   # activation rows of one micro-batch
     if layers:
         # Korthikanti et al. 2022: ~ s*b*h*(34 + 5*a*s/h) bytes per layer at 16 bits, scaled to the
         # dtype. 14 of the 34 are the inputs of the four Linear layers, which autograd keeps only for
-        # a weight gradient: with LoRA the frozen ones drop out and the adapted inputs come back.
-        units = (34 if method == "full" else 20) + 5 * heads * seq_len / max(hidden, 1)
+        # a weight gradient: the method says how many it keeps, and what its adapters add back.
+        units = 20 + method.linear_input_units + 5 * heads * seq_len / max(hidden, 1)
         act = layers * seq_len * batch_size * hidden * units * b / 2
-        if method != "full":
-            act += _adapter_activations(module, rows, b)
+        act += method.extra_activations(module, rows, b, inputs=True)
     else:
         # an MLP keeps each layer's output per sample for backward (a ReLU's output is also the next
         # Linear's input, one tensor); the first layer's input is the data set, resident already
         act = rows * sum(m.out_features for name, m in module.named_modules()
                          if isinstance(m, nn.Linear) and "lora_" not in name) * b
-        act += _adapter_activations(module, rows, b, inputs=False)
+        act += method.extra_activations(module, rows, b, inputs=False)
     return Prediction(weights_bytes=params.total * b, grads_bytes=params.trainable * b,
                       optimizer_bytes=2 * params.trainable * b, activations_bytes=int(act),
                       flops_per_step=float(per_token) * tokens, tokens_per_step=tokens)

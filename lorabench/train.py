@@ -7,21 +7,21 @@ no DataLoader worker or host-to-device copy sits inside a timed step. Step times
 events on a GPU (recorded without synchronising, read after the epoch's closing synchronize)
 and from perf_counter on the CPU, where every op has finished when it returns. Epoch time is
 wall time between two device synchronizations. Nothing in the step calls `.item()`, which
-would synchronise the device once per step. The first forward pass (of the first warm-up epoch
-when there is one) runs inside saved-tensor hooks that count the activations kept for backward.
+would synchronise the device once per step. The loop is the training loop and nothing else: the
+one-off memory bookkeeping (saved tensors, phase readings) happens in `experiment.probe_step`,
+before it, so bench/test_harness_overhead.py compares like with like.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import IGNORE_INDEX, Dataset
-from .trackers import SavedTensors
+from .data import Dataset
+from .tasks import Task
 
 
 @dataclass
@@ -41,7 +41,6 @@ class Fit:
     steps_per_epoch: int
     samples_per_step: int          # batch_size x grad_accum
     optimizer_impl: str
-    breakdown_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def timed_epoch_s(self) -> list[float]:
@@ -61,28 +60,8 @@ def make_optimizer(params: list[nn.Parameter], lr: float) -> tuple[torch.optim.O
         return torch.optim.Adam(params, lr=lr, foreach=True), "adam(foreach)"
 
 
-def compute_loss(model: nn.Module, task: str, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(loss, logits) for one batch of `task`."""
-    if task == "image-classification":
-        logits = model(batch["x"])
-        return F.cross_entropy(logits, batch["labels"]), logits
-    if task == "sequence-classification":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return F.cross_entropy(logits, batch["labels"]), logits
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    return out.loss, out.logits
-
-
-def _correct(task: str, logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
-    if task == "causal-lm":   # position i predicts token i + 1
-        pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]
-        mask = target != IGNORE_INDEX
-        return (pred[mask] == target[mask]).sum(), int(mask.sum())
-    return (logits.argmax(-1) == labels).sum(), labels.numel()
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, task: str, split: dict[str, Tensor], batch_size: int) -> tuple[float, float]:
+def evaluate(model: nn.Module, task: Task, split: dict[str, Tensor], batch_size: int) -> tuple[float, float]:
     """(mean loss per batch element, accuracy) over `split`."""
     was_training = model.training
     model.eval()
@@ -92,9 +71,9 @@ def evaluate(model: nn.Module, task: str, split: dict[str, Tensor], batch_size: 
     counted = 0
     for i in range(0, n, batch_size):
         batch = {k: v[i:i + batch_size] for k, v in split.items()}
-        loss, logits = compute_loss(model, task, batch)
+        loss, logits = task.loss(model, batch)
         loss_sum += loss.double() * batch["labels"].shape[0]
-        c, k = _correct(task, logits, batch["labels"])
+        c, k = task.correct(logits, batch["labels"])
         correct += c
         counted += k
     model.train(was_training)
@@ -136,21 +115,21 @@ class _Clock:
         self._pending.clear()
 
 
-def fit(model: nn.Module, data: Dataset, *, epochs: int, warmup_epochs: int, batch_size: int,
+def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epochs: int, batch_size: int,
         grad_accum: int = 1, lr: float = 1e-3, seed: int = 0, device: torch.device,
+        optimizer: tuple[torch.optim.Optimizer, str] | None = None,
         on_epoch: Callable[[EpochRecord, int], None] | None = None,
         on_timed: Callable[[str], None] | None = None) -> Fit:
-    """Train `model` in place; `on_epoch(record, total_epochs)` is called after each epoch, and
-    `on_timed("begin" | "end")` at the synchronised edges of each timed epoch (energy counters)."""
-    task = data.task
+    """Train `model` in place (with `optimizer`, an (optimizer, name) pair, when the caller made
+    one); `on_epoch(record, total_epochs)` is called after each epoch, and `on_timed("begin" |
+    "end")` at the synchronised edges of each timed epoch (energy counters)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, impl = make_optimizer(params, lr)
+    optimizer, impl = optimizer or make_optimizer(params, lr)
     n = next(iter(data.train.values())).shape[0]
     per_step = batch_size * grad_accum
     steps = n // per_step            # the ragged tail is dropped so every step has the same shape
     clock = _Clock(device)
     generator = torch.Generator().manual_seed(seed)
-    breakdown: dict[str, int] = {}
     records: list[EpochRecord] = []
     step_s: list[float] = []
     total_epochs = warmup_epochs + epochs
@@ -169,28 +148,12 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, warmup_epochs: int, bat
             clock.start()
             for m in range(grad_accum):
                 lo = (s * grad_accum + m) * batch_size
-                batch = {k: v[lo:lo + batch_size] for k, v in shuffled.items()}
-                if "activations_saved_bytes" in breakdown:
-                    loss, _ = compute_loss(model, task, batch)
-                else:   # the very first forward: count what autograd keeps for backward
-                    exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *shuffled.values())}
-                    with SavedTensors(exclude) as saved:
-                        loss, _ = compute_loss(model, task, batch)
-                    breakdown.update(saved.result())
+                loss, _ = task.loss(model, {k: v[lo:lo + batch_size] for k, v in shuffled.items()})
                 (loss / grad_accum).backward()
                 loss_sum += loss.detach().float()
-            if "grads_bytes" not in breakdown:
-                breakdown["grads_bytes"] = sum(p.grad.nbytes for p in params if p.grad is not None)
-                if clock.cuda:   # allocator at the phase boundary: weights + data + grads
-                    breakdown["torch_allocated_after_first_backward_bytes"] = torch.cuda.memory_allocated(device)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             clock.stop(epoch_steps)
-            if "optimizer_state_bytes" not in breakdown:
-                breakdown["optimizer_state_bytes"] = sum(
-                    t.nbytes for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
-                if clock.cuda:   # grads freed, optimizer state allocated
-                    breakdown["torch_allocated_after_first_step_bytes"] = torch.cuda.memory_allocated(device)
         clock.sync()
         epoch_s = time.perf_counter() - t0
         if timed and on_timed:
@@ -203,6 +166,4 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, warmup_epochs: int, bat
         records.append(record)
         if on_epoch is not None:
             on_epoch(record, total_epochs)
-    breakdown["weights_bytes"] = sum(p.nbytes for p in model.parameters())
-    breakdown["trainable_weights_bytes"] = sum(p.nbytes for p in params)
-    return Fit(records, step_s, steps, per_step, impl, breakdown)
+    return Fit(records, step_s, steps, per_step, impl)

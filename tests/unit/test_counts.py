@@ -1,9 +1,13 @@
 """Parameter counts by closed form: LoRA adds r * (in + out) per adapted Linear."""
 import pytest
 
-from lorabench.cells import Cell, plan
+from lorabench.cells import Cell
 from lorabench.methods import MethodError
-from lorabench.runner import inspect
+from lorabench.plan import plan, survey
+
+
+def inspect(cell):
+    return survey(cell).params
 
 MLP_LINEARS = [(3072, 4096), (4096, 2048), (2048, 10)]
 MLP_TOTAL = sum(i * o + o for i, o in MLP_LINEARS)

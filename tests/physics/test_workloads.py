@@ -8,10 +8,16 @@ import pytest
 import torch
 
 from conftest import files_under
-from lorabench import data, methods, models
-from lorabench.cells import Cell, plan
-from lorabench.methods import match_targets
-from lorabench.runner import execute, inspect, survey
+from lorabench import data, models
+from lorabench.cells import Cell
+from lorabench.experiment import execute
+from lorabench.methods import METHODS, match_targets
+from lorabench.plan import plan, survey
+from lorabench.tasks import task_of_data
+
+
+def inspect(cell):
+    return survey(cell).params
 
 
 def test_seed_presets_dry_run_prints_the_published_counts(cli, in_tmp):
@@ -69,16 +75,15 @@ def test_activation_prediction_matches_what_autograd_saves(model, method, tolera
     """The closed form against the saved-tensor count of a real forward: exact for the MLP (layer
     outputs, A's outputs, re-parametrization's merged weights), within 20 % for Korthikanti et al.'s
     transformer estimate (and its LoRA variant, where frozen Linear layers keep no input)."""
-    from lorabench.train import compute_loss
     from lorabench.trackers import SavedTensors
     cell = Cell(model=model, method=method, batch_size=16, seq_len=64, **({} if method == "full" else {"rank": 8}))
     bundle = models.build(model)
-    module = methods.apply(bundle, cell).module
-    ds = data.build(bundle.task, samples=16, eval_samples=8, seq_len=64, seed=0, vocab_size=bundle.vocab_size,
+    module = METHODS[method].apply(bundle, cell.adapter).module
+    ds = bundle.task.build_data(samples=16, eval_samples=8, seq_len=64, seed=0, vocab_size=bundle.vocab_size,
                     num_labels=bundle.num_labels)
     exclude = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *ds.train.values())}
     with SavedTensors(exclude) as saved:
-        compute_loss(module, bundle.task, ds.train)
+        bundle.task.loss(module, ds.train)
     measured = saved.result()["activations_saved_bytes"]
     predicted = survey(cell).prediction.activations_bytes
     # the MLP's loss also keeps nll_loss's fp32 total weight: 4 bytes the closed form leaves out
@@ -163,7 +168,7 @@ def test_instruction_jsonl_uses_the_seed_001_template_masking_and_cut(tmp_path):
     assert data.seed001_prompt("say 2", "politely") == "Human: say 2\npolitely\n\nAssistant: "
     tok = data.HashTokenizer(500)
     ds = data.load_instructions(str(path), tok, seq_len=16, samples=8, eval_samples=4, seed=0)
-    assert ds.task == "causal-lm" and ds.train["input_ids"].shape == (8, 16)
+    assert task_of_data(data.detect(str(path))).name == "causal-lm" and ds.train["input_ids"].shape == (8, 16)
     ids, labels = ds.train["input_ids"][0].tolist(), ds.train["labels"][0].tolist()
     n_prompt = labels.index(next(v for v in labels if v != data.IGNORE_INDEX))
     assert n_prompt in (4, 5)       # "Human: say N\n\nAssistant:" (+ "politely") in words
@@ -221,8 +226,8 @@ def test_byo_sequence_classifier_from_a_local_directory(local_models):
     assert p.adapter == 2 * 2 * 4 * (32 + 32)          # PEFT's BERT defaults: query and value
     row = execute(Cell(model=name, method="lora", rank=4, samples=32, eval_samples=16, batch_size=8, seq_len=12,
                        epochs=1, warmup_epochs=0))
-    assert row["status"] == "ok", row["error"]
-    assert row["metrics"]["params_trainable_adapter"] == p.adapter
+    assert row.ok, row.error
+    assert row.metrics["params_trainable_adapter"] == p.adapter
 
 
 def test_byo_causal_lm_infers_its_task_and_trains_pretrained_weights(local_models):
@@ -231,8 +236,8 @@ def test_byo_causal_lm_infers_its_task_and_trains_pretrained_weights(local_model
     assert s.task == "causal-lm"
     row = execute(Cell(model=name, method="lora", rank=2, weights="pretrained", samples=16, eval_samples=8,
                        batch_size=4, seq_len=16, epochs=1, warmup_epochs=0))
-    assert row["status"] == "ok", row["error"]
-    assert row["metrics"]["lora_targets"] == 2           # c_attn of each block (PEFT's GPT-2 default)
+    assert row.ok, row.error
+    assert row.metrics["lora_targets"] == 2           # c_attn of each block (PEFT's GPT-2 default)
 
 
 def test_byo_task_flag_and_bad_sources(cli, local_models):
@@ -252,9 +257,9 @@ def test_merged_equals_adapter_and_off_equals_base_after_training(method):
     cell = Cell(model="cifar-mlp", method=method, rank=2, samples=64, eval_samples=16, batch_size=16, epochs=1,
                 warmup_epochs=0, pretrain_epochs=1)
     row = execute(cell)
-    assert row["status"] == "ok", row["error"]
-    m = row["metrics"]
-    assert len(m["pretrain_epochs"]) == 1
+    assert row.ok, row.error
+    m = row.metrics
+    assert len(row.pretrain_epochs) == 1
     assert m["check_merged_vs_adapter_max_abs_diff"] < 1e-4
     assert m["check_adapter_off_vs_base_max_abs_diff"] < 1e-5    # the base weights did not move
     assert m["check_adapter_on_vs_base_max_abs_diff"] > 1e-3     # the adapter learned something

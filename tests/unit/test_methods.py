@@ -3,11 +3,16 @@ from torch import nn
 
 from lorabench import models
 from lorabench.cells import Cell
-from lorabench.methods import LoRAParametrization, apply, count_params, match_targets, set_reparam_enabled
+from lorabench.methods import METHODS, LoRAParametrization, count_params, match_targets, set_reparam_enabled
+from lorabench.tasks import TASKS
+
+
+def apply(bundle, cell):
+    return METHODS[cell.method].apply(bundle, cell.adapter)
 
 
 def small_mlp():
-    return models.Bundle(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), "image-classification", ("0", "2"))
+    return models.Bundle(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), TASKS["image-classification"], ("0", "2"))
 
 
 def test_reparam_is_w_plus_ba_times_scale():

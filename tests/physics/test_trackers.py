@@ -36,7 +36,7 @@ def test_torch_allocator_on_cpu_is_unavailable_not_zero():
         pass
     r = t.result()
     assert all(is_unavailable(v) for v in r.values())
-    assert r["torch_peak_allocated_bytes"].startswith("unavailable: torch keeps no allocator statistics")
+    assert r["torch_peak_allocated_bytes"].reason.startswith("torch keeps no allocator statistics")
 
 
 def test_saved_tensors_counts_what_autograd_keeps_once_and_leaves_out_parameters():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fakes import (AMDSMI_STATUS_NO_PERM, FakeAMD, FakeAmdsmi, FakeGPU, FakeNVML, me)
-from lorabench import environment, runner
-from lorabench.trackers import (AmdsmiMemory, NvmlMemory, amdsmi_energy, amdsmi_handle, is_unavailable,
-                                nvml_energy, nvml_handle)
+from lorabench import drivers, environment, experiment
+from lorabench.drivers import AmdsmiMemory, NvmlMemory, amdsmi_energy, amdsmi_handle, nvml_energy, nvml_handle
+from lorabench.trackers import Unavailable, is_unavailable
 
 GiB = 2 ** 30
 A = "GPU-aaaaaaaa-0000-0000-0000-000000000000"
@@ -78,7 +78,7 @@ def test_nvml_process_not_visible_is_unavailable_not_zero():
     with NvmlMemory(FakeNVML([gpu]), gpu, interval_s=0.001) as t:
         pass
     r = t.result()
-    assert r["nvml_process_peak_bytes"].startswith("unavailable: process not visible to NVML")
+    assert r["nvml_process_peak_bytes"].reason.startswith("process not visible to NVML")
     assert r["nvml_device_used_peak_bytes"] == gpu.used
 
 
@@ -86,7 +86,7 @@ def test_nvml_per_process_memory_not_available():
     gpu = FakeGPU(processes={me(): None})       # NVML_VALUE_NOT_AVAILABLE -> usedGpuMemory None
     with NvmlMemory(FakeNVML([gpu]), gpu, interval_s=0.001) as t:
         pass
-    assert t.result()["nvml_process_peak_bytes"] == "unavailable: NVML reports no per-process memory on this device"
+    assert t.result()["nvml_process_peak_bytes"] == Unavailable("NVML reports no per-process memory on this device")
 
 
 def test_nvml_permission_error_while_listing_processes_is_reported():
@@ -110,16 +110,17 @@ def test_nvml_energy_per_interval_and_not_supported():
     meter = nvml_energy(FakeNVML([old]), old)
     meter.begin()
     meter.end()
-    assert meter.result()["energy_j_per_epoch"] == "unavailable: NVML total energy counter: NVMLError_NotSupported: Not Supported"
+    assert meter.result()["energy_j_per_epoch"] == Unavailable(
+        "NVML total energy counter: NVMLError_NotSupported: Not Supported")
 
 
 def test_driver_trackers_use_nvml_by_identity(monkeypatch):
     gpu = FakeGPU(uuid=A, pci_bus_id="00000000:3B:00.0")
     fake = FakeNVML([FakeGPU(uuid=B), gpu])
     monkeypatch.setitem(__import__("sys").modules, "pynvml", fake)
-    monkeypatch.setattr(runner, "device_identity", lambda i: {"uuid": A[4:], "pci_bus_id": gpu.pci_bus_id})
-    monkeypatch.setattr(runner.torch.version, "hip", None)
-    trackers, energy, info = runner.driver_trackers(torch.device("cuda", 0), 0.001)
+    monkeypatch.setattr(drivers, "device_identity", lambda i: {"uuid": A[4:], "pci_bus_id": gpu.pci_bus_id})
+    monkeypatch.setattr(torch.version, "hip", None)
+    trackers, energy, info, missing = drivers.driver_trackers(torch.device("cuda", 0), 0.001)
     assert isinstance(trackers[0], NvmlMemory) and trackers[0].handle is gpu
     assert info == {"gpu_driver_view": "NVML", "gpu_driver": "550.54.15"}
 
@@ -127,11 +128,11 @@ def test_driver_trackers_use_nvml_by_identity(monkeypatch):
 def test_driver_trackers_without_the_library_report_why(monkeypatch):
     fake = FakeNVML([FakeGPU()], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
     monkeypatch.setitem(__import__("sys").modules, "pynvml", fake)
-    monkeypatch.setattr(runner, "device_identity", lambda i: {"uuid": A[4:]})
-    monkeypatch.setattr(runner.torch.version, "hip", None)
-    trackers, energy, info = runner.driver_trackers(torch.device("cuda", 0), 0.001)
-    assert trackers == []
-    assert info["nvml_process_peak_bytes"] == "unavailable: NVML: NVMLError_LibraryNotFound: NVML Shared Library Not Found"
+    monkeypatch.setattr(drivers, "device_identity", lambda i: {"uuid": A[4:]})
+    monkeypatch.setattr(torch.version, "hip", None)
+    trackers, energy, info, missing = drivers.driver_trackers(torch.device("cuda", 0), 0.001)
+    assert trackers == [] and info == {}
+    assert missing["nvml_process_peak_bytes"] == Unavailable("NVML: NVMLError_LibraryNotFound: NVML Shared Library Not Found")
     assert is_unavailable(energy.result()["energy_j_per_epoch"])
 
 
@@ -174,8 +175,8 @@ def test_amdsmi_permission_denied_is_unavailable_with_the_reason():
     with AmdsmiMemory(FakeAmdsmi([gpu], process_error=AMDSMI_STATUS_NO_PERM), gpu, interval_s=0.001) as t:
         pass
     r = t.result()
-    assert r["amdsmi_process_peak_bytes"].startswith("unavailable: process not visible to amdsmi")
-    assert "AMDSMI_STATUS_NO_PERM" in r["amdsmi_process_peak_bytes"]
+    assert r["amdsmi_process_peak_bytes"].reason.startswith("process not visible to amdsmi")
+    assert "AMDSMI_STATUS_NO_PERM" in r["amdsmi_process_peak_bytes"].reason
 
 
 @pytest.mark.parametrize("key", ["energy_accumulator", "power"])
@@ -191,25 +192,25 @@ def test_amdsmi_energy_counter_times_resolution(key):
 def test_driver_trackers_use_amdsmi_by_bus_id_on_rocm_and_record_the_driver(monkeypatch):
     gpus = [FakeAMD(bdf="0000:03:00.0"), FakeAMD(bdf="0000:c1:00.0", driver_version=None)]
     monkeypatch.setitem(__import__("sys").modules, "amdsmi", FakeAmdsmi(gpus))
-    monkeypatch.setattr(runner.torch.version, "hip", "6.2.41133")
-    monkeypatch.setattr(runner, "device_identity", lambda i: {"pci_bus_id": "0000:03:00.0"})
-    trackers, energy, info = runner.driver_trackers(torch.device("cuda", 0), 0.001)
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    monkeypatch.setattr(drivers, "device_identity", lambda i: {"pci_bus_id": "0000:03:00.0"})
+    trackers, energy, info, missing = drivers.driver_trackers(torch.device("cuda", 0), 0.001)
     assert isinstance(trackers[0], AmdsmiMemory) and trackers[0].handle is gpus[0]
     assert info == {"gpu_driver_view": "amdsmi", "gpu_driver": "6.8.5"}
     # a device whose driver query is not supported: the version is unavailable, the trackers still run
-    monkeypatch.setattr(runner, "device_identity", lambda i: {"pci_bus_id": "0000:c1:00.0"})
-    trackers, energy, info = runner.driver_trackers(torch.device("cuda", 0), 0.001)
+    monkeypatch.setattr(drivers, "device_identity", lambda i: {"pci_bus_id": "0000:c1:00.0"})
+    trackers, energy, info, missing = drivers.driver_trackers(torch.device("cuda", 0), 0.001)
     assert trackers[0].handle is gpus[1]
     assert info["gpu_driver"].startswith("unavailable: amdsmi driver info: AmdSmiLibraryException")
 
 
 def test_the_driver_version_lands_in_the_rows_environment_not_its_metrics(monkeypatch):
     from lorabench.cells import Cell
-    from lorabench.trackers import unavailable_energy
-    monkeypatch.setattr(runner, "driver_trackers", lambda device, interval: (
-        [], unavailable_energy("fake"), {"gpu_driver_view": "NVML", "gpu_driver": "550.54.15"}))
-    row = runner.execute(Cell(model="cifar-mlp", method="lora", rank=1, samples=16, eval_samples=8, batch_size=8,
-                              epochs=1, warmup_epochs=0))
-    assert row["status"] == "ok", row["error"]
-    assert row["environment"]["gpu_driver"] == "550.54.15" and row["environment"]["gpu_driver_view"] == "NVML"
-    assert "gpu_driver" not in row["metrics"]
+    from lorabench.drivers import unavailable_energy
+    monkeypatch.setattr(experiment, "driver_trackers", lambda device, interval: (
+        [], unavailable_energy("fake"), {"gpu_driver_view": "NVML", "gpu_driver": "550.54.15"}, {}))
+    row = experiment.execute(Cell(model="cifar-mlp", method="lora", rank=1, samples=16, eval_samples=8, batch_size=8,
+                                  epochs=1, warmup_epochs=0))
+    assert row.ok, row.error
+    assert row.environment["gpu_driver"] == "550.54.15" and row.environment["gpu_driver_view"] == "NVML"
+    assert "gpu_driver" not in row.metrics and "gpu_driver" not in row.info

@@ -2,7 +2,9 @@ import dataclasses
 
 import pytest
 
-from lorabench.cells import PRESETS, Cell, CellError, Matrix, plan
+from lorabench.cells import Cell, CellError
+from lorabench.methods import METHODS
+from lorabench.plan import PRESETS, Matrix, plan, survey_all
 
 
 def test_full_cell_defaults_are_valid():
@@ -127,6 +129,11 @@ def test_round_trip_through_dict():
         Cell.from_dict({**c.to_dict(), "bogus": 1})
 
 
-def test_every_preset_expands():
-    for name in PRESETS:
-        assert plan([name]), name
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_expands_to_its_closed_form_count_and_every_cell_builds(name):
+    # full once per model, each adapting method once per rank: models x (baselines + ranks x adapters)
+    expected = sum(len(mx.models) * sum(len(mx.ranks) if METHODS[m].adapts else 1 for m in mx.methods)
+                   for mx in PRESETS[name])
+    cells = plan([name])
+    assert len(cells) == expected > 0
+    assert len(survey_all(cells)) == expected   # each builds on the meta device, or PlanError names it

@@ -2,8 +2,18 @@ import torch
 
 from lorabench import data, models
 from lorabench.cells import Cell
-from lorabench.methods import apply
-from lorabench.train import evaluate, fit
+from lorabench.experiment import probe_step
+from lorabench.methods import METHODS
+from lorabench.tasks import TASKS
+from lorabench.train import evaluate, fit, make_optimizer
+
+
+def apply(bundle, cell):
+    return METHODS[cell.method].apply(bundle, cell.adapter)
+
+
+def synthetic(task, **kw):
+    return TASKS[task].build_data(**kw)
 
 CPU = torch.device("cpu")
 
@@ -11,9 +21,9 @@ CPU = torch.device("cpu")
 def test_mlp_learns_the_synthetic_images_and_times_only_timed_epochs():
     torch.manual_seed(0)
     adapted = apply(models.build("cifar-mlp"), Cell(model="cifar-mlp", method="full"))
-    ds = data.build("image-classification", samples=256, eval_samples=128, seq_len=1, seed=0)
+    ds = synthetic("image-classification", samples=256, eval_samples=128, seq_len=1, seed=0)
     seen = []
-    f = fit(adapted.module, ds, epochs=2, warmup_epochs=1, batch_size=32, device=CPU,
+    f = fit(adapted.module, TASKS["image-classification"], ds, epochs=2, warmup_epochs=1, batch_size=32, device=CPU,
             on_epoch=lambda rec, total: seen.append((rec.epoch, rec.timed, total)))
     assert seen == [(1, False, 3), (2, True, 3), (3, True, 3)]
     assert f.steps_per_epoch == 8 and len(f.step_s) == 16 and len(f.timed_epoch_s) == 2
@@ -24,15 +34,16 @@ def test_mlp_learns_the_synthetic_images_and_times_only_timed_epochs():
 
 
 def test_state_breakdown_is_4_4_8_bytes_per_trainable_fp32_parameter():
+    """The probe step before the training loop measures the gradients and Adam's state it allocates."""
     torch.manual_seed(0)
-    cell = Cell(model="cifar-mlp", method="lora", rank=2)
-    adapted = apply(models.build("cifar-mlp"), cell)
+    cell = Cell(model="cifar-mlp", method="lora", rank=2, batch_size=16)
+    bundle = models.build("cifar-mlp")
+    adapted = apply(bundle, cell)
     p = adapted.params
-    ds = data.build("image-classification", samples=32, eval_samples=16, seq_len=1, seed=0)
-    f = fit(adapted.module, ds, epochs=1, warmup_epochs=0, batch_size=16, device=CPU)
-    b = f.breakdown_bytes
-    assert b["weights_bytes"] == 4 * p.total
-    assert b["trainable_weights_bytes"] == 4 * p.trainable
+    ds = synthetic("image-classification", samples=32, eval_samples=16, seq_len=1, seed=0)
+    optimizer, _ = make_optimizer([q for q in adapted.module.parameters() if q.requires_grad], 1e-3)
+    b = probe_step(adapted.module, bundle.task, ds, optimizer, cell, CPU)
+    assert sum(q.nbytes for q in adapted.module.parameters()) == 4 * p.total
     assert b["grads_bytes"] == 4 * p.trainable
     # Adam keeps exp_avg and exp_avg_sq (4 bytes each) per parameter, plus one scalar step per tensor.
     n_tensors = sum(1 for q in adapted.module.parameters() if q.requires_grad)
@@ -41,32 +52,32 @@ def test_state_breakdown_is_4_4_8_bytes_per_trainable_fp32_parameter():
 
 def test_gradient_accumulation_counts_steps_per_optimizer_update():
     adapted = apply(models.build("cifar-mlp"), Cell(model="cifar-mlp", method="lora", rank=1))
-    ds = data.build("image-classification", samples=64, eval_samples=16, seq_len=1, seed=0)
-    f = fit(adapted.module, ds, epochs=1, warmup_epochs=0, batch_size=8, grad_accum=4, device=CPU)
+    ds = synthetic("image-classification", samples=64, eval_samples=16, seq_len=1, seed=0)
+    f = fit(adapted.module, TASKS["image-classification"], ds, epochs=1, warmup_epochs=0, batch_size=8, grad_accum=4, device=CPU)
     assert f.steps_per_epoch == 2 and f.samples_per_step == 32 and len(f.step_s) == 2
 
 
 def test_bert_and_causal_lm_train_and_evaluate():
     torch.manual_seed(0)
     bert = models.build("bert-tiny")
-    ds = data.build("sequence-classification", samples=128, eval_samples=64, seq_len=16, seed=0,
-                    vocab_size=bert.vocab_size, num_labels=2)
-    f = fit(apply(bert, Cell(model="bert-tiny", method="full")).module, ds, epochs=3, warmup_epochs=0,
+    ds = synthetic("sequence-classification", samples=128, eval_samples=64, seq_len=16, seed=0,
+                   vocab_size=bert.vocab_size, num_labels=2)
+    f = fit(apply(bert, Cell(model="bert-tiny", method="full")).module, bert.task, ds, epochs=3, warmup_epochs=0,
             batch_size=16, device=CPU)
     assert f.epochs[-1].eval_accuracy >= 0.75
     from transformers import BloomConfig, BloomForCausalLM
     lm = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=2, n_head=2, vocab_size=128))
-    ds = data.build("causal-lm", samples=32, eval_samples=16, seq_len=16, seed=0, vocab_size=128)
+    ds = synthetic("causal-lm", samples=32, eval_samples=16, seq_len=16, seed=0, vocab_size=128)
     assert (ds.train["labels"][:, :4] == data.IGNORE_INDEX).all()
-    loss, acc = evaluate(lm, "causal-lm", ds.eval, 8)
+    loss, acc = evaluate(lm, TASKS["causal-lm"], ds.eval, 8)
     assert 0 <= acc <= 1 and loss > 0
-    f = fit(lm, ds, epochs=1, warmup_epochs=0, batch_size=8, device=CPU)
+    f = fit(lm, TASKS["causal-lm"], ds, epochs=1, warmup_epochs=0, batch_size=8, device=CPU)
     assert len(f.step_s) == 4
 
 
 def test_synthetic_data_is_deterministic_per_seed():
-    a = data.build("sequence-classification", samples=8, eval_samples=4, seq_len=12, seed=3, vocab_size=100, num_labels=2)
-    b = data.build("sequence-classification", samples=8, eval_samples=4, seq_len=12, seed=3, vocab_size=100, num_labels=2)
+    a = synthetic("sequence-classification", samples=8, eval_samples=4, seq_len=12, seed=3, vocab_size=100, num_labels=2)
+    b = synthetic("sequence-classification", samples=8, eval_samples=4, seq_len=12, seed=3, vocab_size=100, num_labels=2)
     assert torch.equal(a.train["input_ids"], b.train["input_ids"])
     # the class marker is present in every sample of its class
     for ids, label in zip(a.train["input_ids"], a.train["labels"]):
@@ -77,13 +88,14 @@ def test_saved_activations_of_the_mlp_equal_the_closed_form_and_reparam_keeps_th
     """Per sample the MLP keeps each ReLU's output (4096, 2048: also the next layer's input) and
     the logits' log-softmax (10), in fp32, and nll_loss one fp32 scalar (its total weight); the
     first input and the labels are the data set, left out."""
-    ds = data.build("image-classification", samples=32, eval_samples=16, seq_len=1, seed=0)
+    ds = synthetic("image-classification", samples=32, eval_samples=16, seq_len=1, seed=0)
     saved = {}
     for method in ("full", "lora", "lora-reparam"):
-        lora = {} if method == "full" else {"rank": 2}
-        adapted = apply(models.build("cifar-mlp"), Cell(model="cifar-mlp", method=method, **lora))
-        f = fit(adapted.module, ds, epochs=1, warmup_epochs=0, batch_size=16, device=CPU)
-        saved[method] = f.breakdown_bytes["activations_saved_bytes"]
+        cell = Cell(model="cifar-mlp", method=method, batch_size=16, **({} if method == "full" else {"rank": 2}))
+        bundle = models.build("cifar-mlp")
+        module = apply(bundle, cell).module
+        optimizer, _ = make_optimizer([q for q in module.parameters() if q.requires_grad], 1e-3)
+        saved[method] = probe_step(module, bundle.task, ds, optimizer, cell, CPU)["activations_saved_bytes"]
     assert saved["full"] == 16 * (4096 + 2048 + 10) * 4 + 4
     # PEFT's side path adds only the r-wide outputs of A (and their inputs, already counted)
     assert 0 < saved["lora"] - saved["full"] < 16 * 2 * 3 * 4 * 2

@@ -1,0 +1,11 @@
+"""Bad input, as one family: the CLI prints the message on one line and exits with code 2.
+
+    lorabench run --models gpt-17        # a ModelError, an InputError: one line, exit 2
+
+Each module raises its own kind (CellError, DataError, ModelError, MethodError, RunDirError,
+OptionsError) so callers can tell them apart; `lorabench.cli.main` catches the family once.
+"""
+
+
+class InputError(ValueError):
+    """Something a user asked for cannot be done as asked; the message says why and what is accepted."""

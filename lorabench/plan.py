@@ -1,0 +1,345 @@
+"""The plan of a run: matrices and presets expanded into cells, surveyed before anything runs.
+
+    lorabench run --dry-run --preset quick      # expands, surveys and prints the plan
+
+Presets are named tuples of `Matrix` (models x methods x ranks with shared settings); CLI flags
+and a TOML file override them. Every cell is then surveyed on torch's meta device (exact
+parameter counts and the closed-form prediction, in milliseconds), which refuses an unbuildable
+cell before anything is written, balances shards by predicted cost, and gates cells predicted
+not to fit in free memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from . import data, environment, models
+from .cells import CELL_FIELDS, LORA_FIELDS, Cell, CellError, _choices
+from .methods import METHODS, MethodError, ParamCount
+from .predictions import Prediction, predict
+from .tasks import task_of_data
+
+
+class PlanError(CellError):
+    """A plan that cannot run here: an unbuildable cell, data of the wrong kind, missing weights."""
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """models x methods x ranks, sharing `settings` (any other Cell field)."""
+
+    models: tuple[str, ...]
+    methods: tuple[str, ...]
+    ranks: tuple[int, ...] = ()
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise CellError(f"unknown method {unknown[0]!r}; choose from {_choices(METHODS)}")
+        lora_methods = [m for m in self.methods if METHODS[m].adapts]
+        if lora_methods and not self.ranks:
+            raise CellError(f"methods {', '.join(lora_methods)} need at least one rank (--ranks)")
+        out = []
+        base_settings = {k: v for k, v in self.settings.items() if k not in LORA_FIELDS}
+        for model in self.models:
+            for method in self.methods:
+                adapts = METHODS[method].adapts
+                for rank in (self.ranks if adapts else [None]):
+                    out.append(Cell(model=model, method=method, rank=rank,
+                                    **(self.settings if adapts else base_settings)))
+        return out
+
+
+# Settings of the CPU default: small synthetic data so the whole matrix runs in about a minute.
+QUICK = {"batch_size": 32, "samples": 512, "eval_samples": 256, "seq_len": 64, "epochs": 2, "warmup_epochs": 1}
+
+# Seed 002: batch 8, Adam 1e-3, the full CIFAR-10 train/test split; 2 epochs from scratch (a
+# warm-up, then a timed one), then LoRA rank 1, alpha 1 continued from those trained weights.
+SEED_CIFAR = {"batch_size": 8, "samples": 50000, "eval_samples": 10000, "lr": 1e-3, "epochs": 1, "warmup_epochs": 1}
+
+# Seed 003 (slides): BERT-Tiny and BERT-Base, full vs LoRA r=8 (PEFT defaults: query, value), 5
+# epochs. The slides give no learning rate or data size: the HF Trainer's default 5e-5 for full
+# fine-tuning, 5e-4 for LoRA (adapters start at zero and need a larger step), 4,096 samples.
+SEED_BERT = {"batch_size": 32, "seq_len": 128, "samples": 4096, "eval_samples": 1024, "epochs": 4, "warmup_epochs": 1}
+
+# Seed 001: Bloom 1b4 (zh), LoraConfig(r=8 default, alpha 8 default, target regex on the blocks
+# whose index starts with 1, modules_to_save=["word_embeddings"]), batch 1 x 8 accumulated, 256
+# tokens, lr 5e-5 (Trainer default). The seed trains one epoch; an untimed warm-up epoch is added.
+SEED_BLOOM = {"batch_size": 1, "grad_accum": 8, "seq_len": 256, "samples": 512, "eval_samples": 64, "lr": 5e-5,
+              "epochs": 1, "warmup_epochs": 1, "alpha": 8.0, "targets": r".*\.1.*query_key_value",
+              "modules_to_save": ("word_embeddings",)}
+
+RANKS = (1, 2, 4, 8, 16, 32, 64)
+
+PRESETS: dict[str, tuple[Matrix, ...]] = {
+    "quick": (Matrix(("cifar-mlp", "bert-tiny"), ("full", "lora"), (2, 8), QUICK),),
+    # The nightly GPU job: small enough for minutes, large enough that steps are not launch-bound.
+    "ci": (Matrix(("cifar-mlp", "bert-tiny"), ("full", "lora", "lora-reparam"), (8,),
+                  {"batch_size": 64, "samples": 4096, "eval_samples": 512, "seq_len": 128, "epochs": 3,
+                   "warmup_epochs": 1}),),
+    "seed-cifar-mlp": (
+        Matrix(("cifar-mlp",), ("full",), (), SEED_CIFAR),
+        Matrix(("cifar-mlp",), ("lora-reparam",), (1,), {**SEED_CIFAR, "alpha": 1.0, "pretrain_epochs": 2}),
+    ),
+    "seed-bert": (
+        Matrix(("bert-tiny", "bert-base"), ("full",), (), {**SEED_BERT, "lr": 5e-5}),
+        Matrix(("bert-tiny", "bert-base"), ("lora",), (8,), {**SEED_BERT, "lr": 5e-4}),
+    ),
+    "seed-bloom": (Matrix(("bloom-1b4-zh",), ("lora",), (8,), SEED_BLOOM),),
+    # Every rank against full fine-tuning. The MLP's head has 10 outputs, which caps a rank on it
+    # at 10: its sweep adapts the two hidden layers (fc1, fc2) at every rank instead.
+    "ranks": (
+        Matrix(("bert-tiny", "bert-base"), ("full", "lora"), RANKS, QUICK),
+        Matrix(("cifar-mlp",), ("full", "lora"), RANKS, {**QUICK, "targets": ("fc1", "fc2")}),
+    ),
+}
+
+
+def plan(
+    presets: Iterable[str] = ("quick",),
+    models: Iterable[str] | None = None,
+    methods: Iterable[str] | None = None,
+    ranks: Iterable[int] | None = None,
+    overrides: dict[str, Any] | None = None,
+    repeat: int = 1,
+) -> list[Cell]:
+    """Expand presets into cells, with axis replacements and field overrides applied.
+
+    `models` restricts each preset matrix to the models it names; a requested model that no
+    matrix names gets the first matrix's methods, ranks and settings. `methods` and `ranks`
+    replace those axes everywhere; `overrides` replace cell fields everywhere.
+    """
+    matrices: list[Matrix] = []
+    for name in presets:
+        if name not in PRESETS:
+            raise CellError(f"unknown preset {name!r}; choose from {_choices(PRESETS)}")
+        matrices.extend(PRESETS[name])
+    if models is not None:
+        wanted = list(dict.fromkeys(models))
+        covered = {m for mx in matrices for m in mx.models}
+        kept = [dataclasses.replace(mx, models=tuple(m for m in mx.models if m in wanted)) for mx in matrices]
+        extra = tuple(m for m in wanted if m not in covered)
+        if extra:
+            kept.append(dataclasses.replace(matrices[0], models=extra))
+        matrices = [mx for mx in kept if mx.models]
+    if methods is not None:
+        matrices = [dataclasses.replace(mx, methods=tuple(methods)) for mx in matrices]
+    if ranks is not None:
+        if methods is not None and not any(METHODS[m].adapts for m in methods if m in METHODS):
+            raise CellError(f"--ranks was given but the only method is {', '.join(methods)}; ranks apply to the "
+                            "lora methods")
+        matrices = [dataclasses.replace(mx, ranks=tuple(ranks)) for mx in matrices]
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(CELL_FIELDS))
+    if unknown:
+        raise CellError(f"unknown setting(s) {', '.join(unknown)}; accepted: {_choices(CELL_FIELDS)}")
+    if repeat < 1:
+        raise CellError(f"repeat must be a whole number >= 1, got {repeat}")
+    base: list[Cell] = []
+    for mx in matrices:
+        base += dataclasses.replace(mx, settings={**mx.settings, **overrides}).cells()
+    cells: dict[str, Cell] = {}
+    # Repeat-major order (the whole matrix, then the whole matrix again): the spread of a cell's
+    # repeats then covers the drift of the machine over the run, not just a few seconds of it.
+    for r in range(repeat):
+        for cell in base:
+            c = dataclasses.replace(cell, repeat=r)
+            cells.setdefault(c.key(), c)   # identical cells from overlapping presets run once
+    return list(cells.values())
+
+
+def shard(cells: list[Cell], costs: list[float], k: int, n: int) -> list[Cell]:
+    """Cells of shard k (1-based) of n: every cell lands in exactly one shard, balanced by cost.
+
+    Greedy longest-processing-time: the costliest cell goes to the least loaded shard, ties broken
+    by the cell's key and the shard's index, so every machine computes the same partition.
+    """
+    if not 1 <= k <= n:
+        raise CellError(f"--shard {k}/{n}: K must be between 1 and N")
+    load = [0.0] * n
+    owner: dict[str, int] = {}
+    for cost, cell in sorted(zip(costs, cells), key=lambda ck: (-ck[0], ck[1].key())):
+        i = min(range(n), key=lambda j: (load[j], j))
+        load[i] += cost
+        owner[cell.key()] = i + 1
+    return [c for c in cells if owner[c.key()] == k]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise CellError(f"--shard must look like K/N (e.g. 2/4), got {text!r}") from None
+    if n < 1 or not 1 <= k <= n:
+        raise CellError(f"--shard {text}: need 1 <= K <= N")
+    return k, n
+
+
+# Keys a --config TOML file may hold, with their types; [settings] takes any Cell field.
+CONFIG_KEYS: dict[str, tuple[type, str]] = {
+    "preset": (list, "a list of preset names"), "models": (list, "a list of model names"),
+    "methods": (list, "a list of method names"), "ranks": (list, "a list of whole numbers"),
+    "repeat": (int, "a whole number"), "settings": (dict, "a table of cell settings"),
+}
+
+
+def load_config(path: str) -> dict[str, Any]:
+    """Read and validate a TOML config (tomllib: data only, nothing executed)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except FileNotFoundError:
+        raise CellError(f"--config {path}: no such file") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise CellError(f"--config {path}: not valid TOML ({e})") from None
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise CellError(f"--config {path}: unknown key(s) {', '.join(unknown)}; accepted: {_choices(CONFIG_KEYS)}")
+    for key, (kind, what) in CONFIG_KEYS.items():
+        if key in config and (isinstance(config[key], bool) or not isinstance(config[key], kind)):
+            raise CellError(f"--config {path}: {key} must be {what}, got {config[key]!r}")
+    if "ranks" in config and not all(isinstance(r, int) and not isinstance(r, bool) for r in config["ranks"]):
+        raise CellError(f"--config {path}: ranks must be a list of whole numbers, got {config['ranks']!r}")
+    bad = sorted(set(config.get("settings", {})) - set(CELL_FIELDS))
+    if bad:
+        raise CellError(f"--config {path}: unknown setting(s) {', '.join(bad)}; accepted: {_choices(CELL_FIELDS)}")
+    for key in ("model", "method", "rank", "repeat"):
+        if key in config.get("settings", {}):
+            raise CellError(f"--config {path}: {key} is an axis of the matrix, not a setting; use models/methods/ranks/repeat")
+    return config
+
+
+# ---- the survey: what is known of a cell before it runs ----------------------------------------
+
+@dataclass(frozen=True)
+class Survey:
+    params: ParamCount
+    task: str
+    prediction: Prediction
+
+
+def survey(cell: Cell) -> Survey:
+    """Build the cell's model and method on the meta device: exact counts and the closed-form
+    prediction, no memory, milliseconds. Raises ModelError / MethodError for a cell that cannot
+    be built."""
+    with torch.device("meta"):
+        bundle = models.build(cell.model, "random", cell.task)
+        method = METHODS[cell.method]
+        adapted = method.apply(bundle, cell.adapter)
+        pred = predict(adapted.module, adapted.params, method=method, task=bundle.task, batch_size=cell.batch_size,
+                       grad_accum=cell.grad_accum, seq_len=cell.seq_len, dtype=cell.dtype)
+        return Survey(adapted.params, bundle.task.name, pred)
+
+
+def survey_all(cells: list[Cell]) -> list[Survey]:
+    """Every cell's survey (cells of one shape share one build); an unbuildable cell, data of the
+    wrong kind, or pretrained weights that cannot be had raise PlanError."""
+    surveys: dict[tuple, Survey] = {}
+    kinds: dict[str, str] = {}
+    shape = lambda c: (c.model, c.method, c.rank, c.targets, c.modules_to_save, c.task,   # noqa: E731
+                       c.batch_size, c.grad_accum, c.seq_len, c.dtype)
+    for cell in cells:
+        if shape(cell) not in surveys:
+            try:
+                surveys[shape(cell)] = survey(cell)
+            except (models.ModelError, MethodError) as e:
+                raise PlanError(str(e)) from None
+        task = surveys[shape(cell)].task
+        if cell.data != "synthetic":
+            if cell.data not in kinds:   # detection parses the whole file: once per path
+                try:
+                    kinds[cell.data] = data.detect(cell.data)
+                except data.DataError as e:
+                    raise PlanError(str(e)) from None
+            holds = task_of_data(kinds[cell.data]).name
+            if holds != task:
+                raise PlanError(f"--data {cell.data} holds {kinds[cell.data]} data ({holds}) but {cell.model} is a "
+                                f"{task} model")
+    for model in sorted({c.model for c in cells if c.weights == "pretrained"}):
+        try:
+            models.check_pretrained(model)
+        except models.ModelError as e:
+            raise PlanError(str(e)) from None
+    return [surveys[shape(c)] for c in cells]
+
+
+def matrix_id(cells: list[Cell]) -> str:
+    """Identity of a whole matrix (before sharding): shards of one matrix share it."""
+    return hashlib.sha256("\n".join(c.key() for c in cells).encode()).hexdigest()[:16]
+
+
+def predicted_cost(cell: Cell, s: Survey) -> float:
+    """Predicted training FLOPs of the whole cell (balances shards)."""
+    steps = cell.samples // (cell.batch_size * cell.grad_accum)
+    return s.prediction.flops_per_step * steps * (cell.epochs + cell.warmup_epochs + cell.pretrain_epochs)
+
+
+def fit_gate(cells: list[Cell], surveys: list[Survey], free: int | None, what: str, force: bool) -> dict[str, str]:
+    """{cell key: why it is skipped} for cells predicted to need more than `free` bytes (`what`
+    says what was read). When no cell fits, the whole plan is refused (PlanError)."""
+    if free is None or force:
+        return {}
+    gib = 2 ** 30
+    skipped = {c.key(): f"predicted to need {s.prediction.total_bytes / gib:.2f} GiB; {what}: {free / gib:.2f} GiB "
+                        "(--force runs it anyway)"
+               for c, s in zip(cells, surveys) if s.prediction.total_bytes > free}
+    if cells and len(skipped) == len(cells):
+        need = max(s.prediction.total_bytes for s in surveys)
+        raise PlanError(f"no cell fits this device: the largest is predicted to need {need / gib:.2f} GiB, "
+                        f"{what}: {free / gib:.2f} GiB (--force runs them anyway)")
+    return skipped
+
+
+def request(*, config: str | None = None, presets=None, models=None, methods=None, ranks=None, repeat=None,
+            settings: dict[str, Any] | None = None) -> list[Cell]:
+    """The cells a user asked for: a TOML config, overridden by what was given on the command line
+    (None: not given), the device resolved ("auto": a GPU when torch sees one)."""
+    cfg = load_config(config) if config else {}
+    merged = {**cfg.get("settings", {}), **(settings or {})}
+    merged["device"] = environment.resolve_device(merged.get("device") or "auto")
+    return plan(presets or cfg.get("preset") or ["quick"], models or cfg.get("models"), methods or cfg.get("methods"),
+                ranks or cfg.get("ranks"), merged, repeat if repeat is not None else cfg.get("repeat", 1))
+
+
+@dataclass
+class Plan:
+    """What a run will do: its cells (this shard's), the whole matrix, their surveys, and the cells
+    the fit gate skips, with why."""
+
+    cells: list[Cell]
+    matrix: list[Cell]
+    surveys: list[Survey]
+    skipped: dict[str, str] = field(default_factory=dict)
+    shard: str | None = None
+    fit_note: str | None = None   # why no fit check could be made, when none was
+
+    @classmethod
+    def of(cls, cells: list[Cell], shard_spec: str | None = None, force: bool = False) -> "Plan":
+        """Survey every cell, keep shard K/N of them, and gate those predicted not to fit."""
+        k_n = parse_shard(shard_spec) if shard_spec else None
+        surveys = survey_all(cells)
+        matrix = cells
+        if k_n:
+            chosen = {c.key() for c in shard(cells, [predicted_cost(c, s) for c, s in zip(cells, surveys)], *k_n)}
+            surveys = [s for c, s in zip(cells, surveys) if c.key() in chosen]
+            cells = [c for c in cells if c.key() in chosen]
+        device = cells[0].device if cells else "cpu"
+        free, what = environment.free_memory_bytes(device)
+        return cls(cells, matrix, surveys, fit_gate(cells, surveys, free, what, force), shard_spec,
+                   None if free is not None else f"no fit check before running: {what}")
+
+    def known(self) -> dict[str, dict[str, Any]]:
+        """Figures known of each cell before it runs (its prediction), by cell key."""
+        return {c.key(): s.prediction.to_metrics() for c, s in zip(self.cells, self.surveys)}
+
+    def to_json(self, run_id: str, argv: list[str]) -> dict[str, Any]:
+        return {"run_id": run_id, "argv": argv, "matrix_id": matrix_id(self.matrix), "shard": self.shard,
+                "lorabench_commit": environment.project_commit(), "skipped": self.skipped,
+                "cells": [c.to_dict() for c in self.cells], "matrix": [c.to_dict() for c in self.matrix]}

@@ -1,0 +1,295 @@
+"""Tables of a report: formats, repeats folded into variants, and one DataFrame per table.
+
+    lorabench report results/<run-id>       # report.py lays these tables out on the page
+
+Every figure is formatted here by its metric's kind (rows.METRICS), and every table is a pandas
+DataFrame rendered as GitHub-flavoured markdown. Delta columns follow the seed tables: the
+reduction relative to full fine-tuning (positive: LoRA needs less).
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pandas as pd
+
+from .cells import Cell
+from .rows import BY_KEY, METRICS, Row, Status, is_number
+from .stats import Summary
+
+MiB = 2 ** 20
+
+# Fields that may differ between the columns of one comparison table (the method's own settings).
+GROUP_FIELDS_EXCLUDED = ("method", "rank", "alpha", "dropout", "targets", "modules_to_save", "repeat", "lr",
+                         "pretrain_epochs")
+
+
+def _size(value: float) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if value >= scale:
+            return f"{value / scale:,.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+FORMATS = {
+    "count": lambda v: f"{int(round(v)):,}",
+    "pct": lambda v: f"{v:.3g}%",
+    "bytes": lambda v: f"{v / MiB:,.1f}",          # shown in MiB; the results keep bytes
+    "time": lambda v: f"{v:.3f}" if v < 10 else f"{v:,.1f}",
+    "ms": lambda v: f"{v * 1e3:.2f}",
+    "rate": lambda v: f"{v:,.0f}",
+    "acc": lambda v: f"{v:.4f}",
+    "loss": lambda v: f"{v:.4f}",
+    "sci": lambda v: f"{v:.1e}",
+    "joules": lambda v: f"{v:,.1f}",
+    "size": _size,
+    "num": lambda v: f"{v:.4g}",
+}
+
+
+def fmt(value: Any, kind: str, why: str | None = None) -> str:
+    """A figure as the report shows it; a missing one is blank, or `unavailable` when a reason is known."""
+    if not is_number(value):
+        return "unavailable" if why else ("" if value is None else str(value))
+    return FORMATS[kind](value)
+
+
+def delta(full: Any, other: Any, kind: str) -> str:
+    """The seed tables' Delta: reduction relative to full fine-tuning."""
+    if not (is_number(full) and is_number(other)):
+        return ""
+    if kind == "acc":
+        return f"{(other - full) * 100:+.1f} pt"
+    if kind == "loss":
+        return f"{other - full:+.4f}"
+    if kind in ("pct", "sci", "num") or full == 0:
+        return ""
+    if kind == "rate":
+        return f"{(other - full) / full * 100:+.1f}% faster" if other >= full else f"{(other - full) / full * 100:.1f}% slower"
+    return f"{(full - other) / full * 100:.2f}%"
+
+
+# ---- folding rows --------------------------------------------------------------------------
+
+@dataclass
+class Variant:
+    """The repeats of one cell folded into one column: numbers become their median."""
+
+    rows: list[Row]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    repeats: int = 0                   # rows that finished ok
+    epoch_summary: Summary | None = None
+
+    @property
+    def first(self) -> Row:
+        return next((r for r in self.rows if r.ok), self.rows[0])
+
+    @property
+    def cell(self) -> Cell:
+        return self.first.cell
+
+    @property
+    def label(self) -> str:
+        return self.first.label
+
+    @property
+    def ok(self) -> bool:
+        return self.repeats > 0
+
+    @property
+    def status(self) -> str:
+        return Status.OK.value if self.ok else self.first.status.value
+
+    @property
+    def info(self) -> dict[str, str]:
+        return self.first.info
+
+
+def fold(rows: list[Row]) -> Variant:
+    """Fold repeats of one cell: a figure every repeat measured -> their median; a figure one of
+    them could not measure stays unavailable, with that repeat's reason (never another's value)."""
+    v = Variant(rows)
+    ok = [r for r in rows if r.ok]
+    v.repeats = len(ok)
+    for key in dict.fromkeys(k for r in ok for k in r.metrics):
+        values = [r.metrics.get(key) for r in ok]
+        if all(is_number(x) for x in values):
+            v.metrics[key] = Summary.of(values).median
+        else:
+            v.metrics[key] = None
+            why = next((r.unavailable[key] for r in ok if key in r.unavailable), None)
+            if why:
+                v.unavailable[key] = why
+    spread = [r.metrics["epoch_s"] for r in ok if is_number(r.metrics.get("epoch_s"))]
+    v.epoch_summary = Summary.of(spread) if spread else None
+    return v
+
+
+def group_key(cell: Cell) -> str:
+    d = cell.to_dict()
+    return json.dumps({k: v for k, v in d.items() if k not in GROUP_FIELDS_EXCLUDED}, sort_keys=True)
+
+
+def _variant_key(cell: Cell) -> str:
+    return json.dumps({k: v for k, v in cell.to_dict().items() if k != "repeat"}, sort_keys=True)
+
+
+def _order(v: Variant) -> tuple:
+    c = v.cell
+    return (not c.is_baseline, c.method, c.rank or 0, str(c.alpha), str(c.targets))
+
+
+def groups(rows: list[Row]) -> list[tuple[Cell, list[Variant]]]:
+    """[(a cell of the group, [folded variant, ...])], one group per comparison table."""
+    by_variant: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        by_variant[_variant_key(r.cell)].append(r)
+    by_group: dict[str, list[Variant]] = defaultdict(list)
+    for variant_rows in by_variant.values():
+        folded = fold(variant_rows)
+        by_group[group_key(folded.cell)].append(folded)
+    out = []
+    for variants in by_group.values():
+        variants.sort(key=_order)
+        out.append((variants[0].cell, variants))
+    out.sort(key=lambda g: (g[0].model, group_key(g[0])))
+    return out
+
+
+# ---- tables --------------------------------------------------------------------------------
+
+def _markdown(df: pd.DataFrame, numeric_cols: Iterable[str] = ()) -> str:
+    numeric = set(numeric_cols)
+    align = ["right" if c in numeric else "left" for c in df.columns]
+    return df.to_markdown(index=False, colalign=align, disable_numparse=True)   # cells are formatted already
+
+
+def _column_name(v: Variant) -> str:
+    name, c = v.label, v.cell
+    if c.rank is not None and c.alpha is not None and c.alpha != c.rank:
+        name += f" a={c.alpha:g}"
+    if c.pretrain_epochs:
+        name += f" after {c.pretrain_epochs} full epochs"
+    if v.repeats > 1:
+        name += f" (x{v.repeats})"
+    return name
+
+
+def comparison_table(variants: list[Variant]) -> str:
+    """Rows: the shown figures of METRICS that any column measured; columns: full, then each
+    LoRA variant with its Delta vs full."""
+    ok = [v for v in variants if v.ok]
+    full = next((v for v in ok if v.cell.is_baseline), None)
+    present = [m for m in METRICS if m.shown and any(is_number(v.metrics.get(m.key)) for v in ok)]
+    columns: dict[str, list[str]] = {"Comparison": [m.label for m in present]}
+    numeric_cols = []
+    for v in ([full] if full else []) + [v for v in ok if v is not full]:   # seed layout: full first
+        name = _column_name(v)
+        columns[name] = [fmt(v.metrics.get(m.key), m.fmt, v.unavailable.get(m.key)) for m in present]
+        numeric_cols.append(name)
+        if v is not full and full is not None:
+            dname = f"Delta {name}"
+            columns[dname] = [delta(full.metrics.get(m.key), v.metrics.get(m.key), m.fmt) for m in present]
+            numeric_cols.append(dname)
+    return _markdown(pd.DataFrame(columns), numeric_cols)
+
+
+# (row, predicted figure, measured figure); the measured total sums every row but the saved
+# activations, which the peak-based activations + temporaries already contain
+PREDICTION_ROWS = [
+    ("weights", "predicted_weights_bytes", "weights_bytes"),
+    ("gradients", "predicted_grads_bytes", "grads_bytes"),
+    ("Adam state", "predicted_optimizer_bytes", "optimizer_state_bytes"),
+    ("activations saved for backward", "predicted_activations_bytes", "activations_saved_bytes"),
+    ("activations + temporaries at the peak", None, "activations_bytes"),
+]
+
+
+def prediction_table(variants: list[Variant]) -> str:
+    """Predicted (closed form, before the run) vs measured memory, MiB, per variant."""
+    ok = [v for v in variants if v.ok and is_number(v.metrics.get("predicted_total_bytes"))]
+    if not ok:
+        return ""
+    cols: dict[str, list[str]] = {"memory (MiB)": [label for label, _, _ in PREDICTION_ROWS] + ["total"]}
+    for v in ok:
+        m, name = v.metrics, _column_name(v)
+        pred = [m.get(p) if p else None for _, p, _ in PREDICTION_ROWS]
+        meas = [m.get(k) for _, _, k in PREDICTION_ROWS]
+        cols[f"{name} predicted"] = [fmt(x, "bytes") for x in pred] + [fmt(m["predicted_total_bytes"], "bytes")]
+        peak_parts = [m.get(k) for _, _, k in PREDICTION_ROWS if k != "activations_saved_bytes"]
+        total = sum(peak_parts) if all(is_number(x) for x in peak_parts) else None
+        cols[f"{name} measured"] = [fmt(x, "bytes") for x in meas] + [fmt(total, "bytes")]
+    return _markdown(pd.DataFrame(cols), [c for c in cols if c != "memory (MiB)"])
+
+
+def epochs_table(variants: list[Variant]) -> str:
+    """Loss and accuracy per epoch for each variant (first repeat), as seed 003's table."""
+    frames, timed = [], {}
+    for v in variants:
+        if not v.ok:
+            continue
+        recs = v.first.epochs
+        timed.update((e["epoch"], e["timed"]) for e in recs)
+        name = _column_name(v)
+        frames.append(pd.DataFrame({
+            "epoch": [e["epoch"] for e in recs],
+            f"{name} loss": [f"{e['eval_loss']:.4f}" for e in recs],
+            f"{name} acc": [f"{e['eval_accuracy']:.4f}" for e in recs],
+        }).set_index("epoch"))
+    if not frames:
+        return ""
+    df = pd.concat(frames, axis=1).reset_index()
+    df["epoch"] = [f"{e}" if timed.get(e, True) else f"{e} (warm-up)" for e in df["epoch"]]
+    return _markdown(df.fillna(""), [c for c in df.columns if c != "epoch"])
+
+
+def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
+    """The dry-run plan: every cell with its exact parameter counts and predicted need."""
+    counts = [s.params for s in surveys]
+    df = pd.DataFrame({
+        "#": list(range(1, len(cells) + 1)),
+        "model": [c.model for c in cells],
+        "method": [c.label for c in cells],
+        "trainable": [fmt(p.trainable, "count") for p in counts],
+        "adapters": [fmt(p.adapter, "count") for p in counts],
+        "trained in full": [fmt(p.full_trained, "count") for p in counts],
+        "total": [fmt(p.total, "count") for p in counts],
+        "trainable %": [f"{p.trainable_pct:.3f}%" for p in counts],
+        "predicted memory (MiB)": [fmt(s.prediction.total_bytes, "bytes") for s in surveys],
+        "GFLOP/step": [f"{s.prediction.flops_per_step / 1e9:,.2f}" for s in surveys],
+        "batch": [c.batch_size if c.grad_accum == 1 else f"{c.batch_size}x{c.grad_accum}" for c in cells],
+        "samples": [c.samples for c in cells],
+        "epochs (warm-up+timed)": [f"{c.warmup_epochs}+{c.epochs}" for c in cells],
+        "device": [c.device + (" (skipped)" if skipped and c.key() in skipped else "") for c in cells],
+    })
+    return _markdown(df, ["#", "trainable", "adapters", "trained in full", "total", "trainable %",
+                          "predicted memory (MiB)", "GFLOP/step", "batch", "samples"])
+
+
+def _memory_key(variants: list[Variant]) -> tuple[str, str]:
+    """The peak memory figure the sweep plots: the allocator's on a GPU, host RSS on the CPU."""
+    if any(is_number(v.metrics.get("torch_peak_allocated_bytes")) for v in variants):
+        return "torch_peak_allocated_bytes", "peak torch allocated (MiB)"
+    return "host_peak_rss_bytes", "peak host RSS (MiB)"
+
+
+def rank_sweep_table(variants: list[Variant]) -> str:
+    """One row per rank (full first), per LoRA method: trainable parameters, memory, time, quality."""
+    ok = [v for v in variants if v.ok]
+    mem_key, mem_label = _memory_key(ok)
+    figure = lambda key: [fmt(v.metrics.get(key), BY_KEY[key].fmt) for v in ok]   # noqa: E731
+    df = pd.DataFrame({
+        "method": [v.cell.method for v in ok],
+        "rank": [str(v.cell.rank) if v.cell.rank else "-" for v in ok],
+        "trainable": figure("params_trainable"),
+        mem_label: figure(mem_key),
+        "weights + grads + Adam (MiB)": figure("state_bytes"),
+        "epoch time (s)": figure("epoch_s"),
+        "final accuracy": figure("final_eval_accuracy"),
+    })
+    return _markdown(df, [c for c in df.columns if c not in ("method", "rank")])
+
+
