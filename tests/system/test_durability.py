@@ -7,19 +7,22 @@ import sys
 import time
 from pathlib import Path
 
+import multiprocessing as mp
+
 import psutil
 import pytest
 
 from conftest import TINY, run_subprocess
-from lorabench import results
-from lorabench.cells import Cell, plan, shard
+from lorabench.plan import plan
+from lorabench.rundir import RunDir, RunDirLocked
 
 pytestmark = pytest.mark.slow
 
 
 def rows_of(run_dir: Path):
-    rows, warnings = results.read_rows(run_dir)
-    return rows, warnings
+    """The rows as written (JSON), and the warnings of reading them."""
+    rows, warnings = RunDir(run_dir).rows()
+    return [r.to_json() for r in rows], warnings
 
 
 def only_run_dir(cwd: Path) -> Path:
@@ -80,7 +83,7 @@ def test_sigkill_then_resume_runs_every_cell_exactly_once(tmp_path):
     run_dir = only_run_dir(tmp_path)
     before = len(rows_of(run_dir)[0])
     assert 1 <= before < 4
-    assert (run_dir / results.LOCK_FILE).exists()   # left behind by the killed process
+    assert (run_dir / RunDir.OWNER).exists()   # left behind by the killed process (its flock died with it)
     out = run_subprocess("run", "--resume", str(run_dir), "--progress", "off", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "took over the lock" in out.stderr and f"{before} of 4 cells have rows" in out.stderr
@@ -88,7 +91,7 @@ def test_sigkill_then_resume_runs_every_cell_exactly_once(tmp_path):
     keys = [r["cell_key"] for r in rows]
     assert len(keys) == len(set(keys)) == 4 and warnings == []
     assert {r["status"] for r in rows} == {"ok"}
-    assert not (run_dir / results.LOCK_FILE).exists()
+    assert not (run_dir / RunDir.OWNER).exists()
     again = run_subprocess("run", "--resume", str(run_dir), "--progress", "off", cwd=tmp_path)
     assert "4 of 4 cells have rows, 0 to run" in again.stderr and len(rows_of(run_dir)[0]) == 4
 
@@ -159,14 +162,14 @@ def test_ctrl_c_stops_cleanly_prints_how_to_resume_and_exits_130(tmp_path):
     assert "Resume with: lorabench run --resume" in err
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == [], "the running cell was cleaned up"
-    assert not (only_run_dir(tmp_path) / results.LOCK_FILE).exists()
+    assert not (only_run_dir(tmp_path) / RunDir.OWNER).exists()   # the lock was released
 
 
 def test_truncated_last_line_is_reported_ignored_and_repaired_on_resume(tmp_path):
     out = run_subprocess("run", "--models", "cifar-mlp", "--methods", "full,lora", "--ranks", "1", *TINY, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     run_dir = only_run_dir(tmp_path)
-    path = run_dir / results.RESULTS_FILE
+    path = run_dir / RunDir.RESULTS
     lines = path.read_text().splitlines(keepends=True)
     path.write_text(lines[0] + lines[1][: len(lines[1]) // 2])     # killed while writing the second row
     rows, warnings = rows_of(run_dir)
@@ -178,19 +181,6 @@ def test_truncated_last_line_is_reported_ignored_and_repaired_on_resume(tmp_path
     assert res.returncode == 0, res.stderr
     rows, warnings = rows_of(run_dir)
     assert warnings == [] and [r["label"] for r in rows] == ["full", "lora r=1"]
-
-
-def test_shard_assigns_every_cell_exactly_once_balanced_and_deterministic():
-    cells = plan(["quick"], models=["cifar-mlp", "bert-tiny", "bert-base"], ranks=[1, 2, 4, 8])
-    costs = [float(i % 7 + 1) for i in range(len(cells))]
-    parts = [shard(cells, costs, k, 3) for k in (1, 2, 3)]
-    keys = [c.key() for part in parts for c in part]
-    assert sorted(keys) == sorted(c.key() for c in cells)
-    loads = [sum(costs[cells.index(c)] for c in part) for part in parts]
-    assert max(loads) - min(loads) <= max(costs)
-    assert parts == [shard(list(reversed(cells)), list(reversed(costs)), k, 3) for k in (1, 2, 3)] or all(
-        {c.key() for c in a} == {c.key() for c in b}
-        for a, b in zip(parts, [shard(list(reversed(cells)), list(reversed(costs)), k, 3) for k in (1, 2, 3)]))
 
 
 def test_three_shards_merge_into_the_cells_of_one_unsharded_run(tmp_path):
@@ -223,9 +213,34 @@ def test_merge_refuses_overlapping_shards_other_matrices_and_other_versions(tmp_
                                 ("lorabench_commit", "deadbeef", "merge only shards of one code version")]:
         other = tmp_path / f"other-{key}"
         shutil.copytree(d, other)
-        plan_file = other / results.PLAN_FILE
+        plan_file = other / RunDir.PLAN
         plan_file.write_text(json.dumps({**json.loads(plan_file.read_text()), key: value}))
-        (other / results.RESULTS_FILE).write_text("")
+        (other / RunDir.RESULTS).write_text("")
         bad = run_subprocess("merge", str(d), str(other), "--out", "mixed", cwd=tmp_path)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
     assert not (tmp_path / "mixed").exists() and not (tmp_path / "twice").exists()
+
+
+def _hold(path, ready, done):
+    with RunDir(path).lock():
+        ready.set()
+        done.wait(30)
+
+
+def test_the_lock_refuses_a_second_holder_and_dies_with_its_holder(tmp_path):
+    run = RunDir.create(tmp_path, "run-1")
+    ctx = mp.get_context("spawn")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(run.path, ready, done))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(RunDirLocked, match=f"in use by process {holder.pid}"):
+            with run.lock():
+                pass
+    finally:
+        holder.kill()   # SIGKILL: no finally runs in the holder, its .owner stays behind
+        holder.join()
+    with run.lock() as again:   # the kernel released the flock; the stale owner is reported
+        assert again.took_over == f"process {holder.pid} on " + again.took_over.split(" on ", 1)[1]
+    assert not (run.path / RunDir.OWNER).exists()

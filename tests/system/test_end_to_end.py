@@ -1,11 +1,15 @@
 """A real matrix on the CPU through the real command line, then the report read back."""
+import dataclasses
 import json
 
+import pandas as pd
 import pytest
 
 from conftest import TINY, run_subprocess
-from lorabench import report, results
+from lorabench import report
 from lorabench.cells import Cell
+from lorabench.rows import METRICS, Status, is_number
+from lorabench.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -22,32 +26,41 @@ def tiny_run(tmp_path_factory):
 
 def test_every_cell_has_one_ok_row_with_its_metrics(tiny_run):
     cwd, run_dir, proc = tiny_run
-    rows, warnings = results.read_rows(run_dir)
+    rows, warnings = RunDir(run_dir).rows()
     assert warnings == []
-    assert [(r["cell"]["model"], r["label"]) for r in rows] == [
+    assert [(r.cell.model, r.label) for r in rows] == [
         ("cifar-mlp", "full"), ("cifar-mlp", "lora r=2"), ("cifar-mlp", "lora-reparam r=2"),
         ("bert-tiny", "full"), ("bert-tiny", "lora r=2"), ("bert-tiny", "lora-reparam r=2")]
-    for r in rows:
-        assert r["status"] == "ok", r["error"]
-        m = r["metrics"]
-        assert r["cell_key"] == Cell.from_dict(r["cell"]).key()
+    raw = [json.loads(line) for line in (run_dir / RunDir.RESULTS).read_text().splitlines()]
+    for r, line in zip(rows, raw):
+        assert r.status is Status.OK, r.error
+        m = r.metrics
+        assert line["cell_key"] == Cell.from_dict(line["cell"]).key() and line["schema"] == 2
         assert m["epoch_s"] > 0 and m["step_s_p90"] >= m["step_s_p50"] > 0
         assert m["samples_per_s"] == pytest.approx(16 / m["step_s_p50"])
         assert m["host_peak_rss_bytes"] > m["host_rss_baseline_bytes"] > 0
-        assert m["torch_peak_allocated_bytes"].startswith("unavailable:")
-        assert [e["timed"] for e in m["epochs"]] == [False, True]
-        assert m["optimizer"] == "adam(fused)"
+        # not measurable on the CPU: null, with the reason beside it, never a string in a number's place
+        assert m["torch_peak_allocated_bytes"] is None and "allocator" in r.unavailable["torch_peak_allocated_bytes"]
+        assert all(v is None or is_number(v) for v in line["metrics"].values())
+        assert set(line["metrics"]) <= {metric.key for metric in METRICS}
+        assert [e["timed"] for e in r.epochs] == [False, True]
+        assert r.info["optimizer"] == "adam(fused)"
         assert m["activations_saved_bytes"] > 0 and m["activations_saved_tensors"] > 0
-        assert r["environment"]["torch"] and r["environment"]["device"] == "cpu"
+        # derived once, when the row was made
+        assert m["state_bytes"] == m["weights_bytes"] + m["grads_bytes"] + m["optimizer_state_bytes"]
+        assert r.environment["torch"] and r.environment["device"] == "cpu"
     for r in rows:
-        if r["cell"]["method"] != "full":
-            m = r["metrics"]
+        if not r.cell.is_baseline:
+            m = r.metrics
             assert m["check_merged_vs_adapter_max_abs_diff"] < 1e-3, r["label"]
             assert m["check_adapter_off_vs_base_max_abs_diff"] < 1e-5, r["label"]
             assert m["adapter_file_bytes"] > 0 and m["model_file_bytes"] > 0
             assert m["predicted_total_bytes"] > m["predicted_weights_bytes"] > 0
-    mlp_lora = rows[1]["metrics"]
+    mlp_lora = rows[1].metrics
     assert mlp_lora["params_trainable"] == 2 * (3072 + 4096 + 4096 + 2048 + 2048 + 10)
+    # a results file reads into a DataFrame whose metric columns are numbers (NaN where unavailable)
+    df = pd.json_normalize(raw).filter(like="metrics.")
+    assert len(df.columns) > 40 and df.astype(float).notna().any().sum() > 40
     assert json.loads((run_dir / "environment.json").read_text())["device"] == "cpu"
     assert len(json.loads((run_dir / "plan.json").read_text())["cells"]) == 6
 
@@ -59,16 +72,14 @@ def test_run_prints_the_comparison_and_writes_the_report(tiny_run):
     assert "Warning" not in proc.stderr and "leaked" not in proc.stderr, proc.stderr
     report_file = cwd / "report" / f"{run_dir.name}.md"
     text = report_file.read_text()
-    assert text == report.render(results.read_rows(run_dir)[0])   # generated from the results file alone
+    assert text == report.render(RunDir(run_dir).rows()[0], plot_dir=None)   # from the results file alone
     for needle in ("## cifar-mlp", "## bert-tiny", "| trainable parameters", "| epoch time (s, median of timed epochs)",
                    "### Quality per epoch", "1 (warm-up)", "## Environment", "weights: random",
                    "| activations saved for backward (MiB, saved-tensor hooks)"):
         assert needle in text
     # quality on random weights is flagged as such; the same rows with pretrained weights are not
     assert text.count("LoRA here adapts a frozen *random* network") == 2      # one per model
-    rows = results.read_rows(run_dir)[0]
-    for r in rows:
-        r["cell"]["weights"] = "pretrained"
+    rows = [r.replace(cell=dataclasses.replace(r.cell, weights="pretrained")) for r in RunDir(run_dir).rows()[0]]
     assert "frozen *random* network" not in report.render(rows)
 
 

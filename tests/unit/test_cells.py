@@ -137,3 +137,18 @@ def test_every_preset_expands_to_its_closed_form_count_and_every_cell_builds(nam
     cells = plan([name])
     assert len(cells) == expected > 0
     assert len(survey_all(cells)) == expected   # each builds on the meta device, or PlanError names it
+
+
+def test_shard_assigns_every_cell_exactly_once_balanced_and_deterministic():
+    from lorabench.plan import shard
+    cells = plan(["quick"], models=["cifar-mlp", "bert-tiny", "bert-base"], ranks=[1, 2, 4, 8])
+    costs = [float(i % 7 + 1) for i in range(len(cells))]
+    parts = [shard(cells, costs, k, 3) for k in (1, 2, 3)]
+    keys = [c.key() for part in parts for c in part]
+    assert sorted(keys) == sorted(c.key() for c in cells)          # each cell in exactly one shard
+    loads = [sum(costs[cells.index(c)] for c in part) for part in parts]
+    assert max(loads) - min(loads) <= max(costs)
+    # every machine computes the same partition, whatever order it lists the cells in
+    flipped = [shard(list(reversed(cells)), list(reversed(costs)), k, 3) for k in (1, 2, 3)]
+    assert [{c.key() for c in p} for p in parts] == [{c.key() for c in p} for p in flipped]
+    assert all(part == [c for c in cells if c in part] for part in parts)   # a shard keeps the matrix's order
