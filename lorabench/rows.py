@@ -107,6 +107,9 @@ METRICS: tuple[Metric, ...] = (
            inputs=("step_s_p50",),   # samples of one optimizer step / its median time
            derive=lambda m, c: c.batch_size * c.grad_accum / m["step_s_p50"]
            if is_number(m.get("step_s_p50")) and m["step_s_p50"] > 0 else None),
+    Metric("tokens_per_s", "tokens/s", "throughput (tokens/s; samples for the image MLP)", "rate",
+           inputs=("tokens_per_step", "step_s_p50"), derive=lambda m, c: m["tokens_per_step"] / m["step_s_p50"]
+           if _all(m, "tokens_per_step", "step_s_p50") and m["step_s_p50"] > 0 else None),
     Metric("mfu_pct", "%", "model FLOPs utilisation (% of the measured matmul rate)", "pct", derive=_mfu,
            inputs=("predicted_flops_per_step", "step_s_p50", "device_matmul_flops")),
     Metric("energy_j_per_epoch", "J", "energy per timed epoch (J)", "joules"),
