@@ -11,8 +11,11 @@ metadata, so a new setting is one line here and appears in `lorabench run --help
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -109,18 +112,14 @@ class Cell:
     repeat: int = 0                   # index of a repetition of the same cell (--repeat N)
 
     def __post_init__(self) -> None:
-        # Normalise list-like inputs so equal cells hash equal (targets from TOML arrive as lists).
-        if isinstance(self.targets, list):
-            object.__setattr__(self, "targets", tuple(self.targets))
-        if isinstance(self.modules_to_save, list):
-            object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
-        if isinstance(self.alpha, int) and not isinstance(self.alpha, bool):
-            object.__setattr__(self, "alpha", float(self.alpha))
-        if isinstance(self.lr, int) and not isinstance(self.lr, bool):
-            object.__setattr__(self, "lr", float(self.lr))
-        for name, (types, what) in FIELD_TYPES.items():
+        for name, (kinds, what) in field_types().items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, types):
+            # Normalise so equal cells hash equal: lists (from TOML) to tuples, whole numbers to floats.
+            if isinstance(value, list) and tuple in kinds:
+                object.__setattr__(self, name, value := tuple(value))
+            elif isinstance(value, int) and not isinstance(value, bool) and float in kinds and int not in kinds:
+                object.__setattr__(self, name, value := float(value))
+            if isinstance(value, bool) or not isinstance(value, kinds):
                 raise CellError(f"{name} must be {what}, got {value!r}")
         if isinstance(self.targets, tuple) and not all(isinstance(t, str) for t in self.targets):
             raise CellError(f"targets must be module names (strings), got {self.targets!r}")
@@ -211,18 +210,19 @@ class Cell:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-_INT, _NUM, _STR = (int,), (int, float), (str,)
-FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
-    "model": (_STR, "a model name"), "method": (_STR, "a method name"),
-    "rank": ((int, type(None)), "a whole number"), "alpha": ((float, type(None)), "a number"),
-    "dropout": (_NUM, "a number"), "targets": ((tuple, str, type(None)), "a list of module names or a regex"),
-    "modules_to_save": ((tuple,), "a list of module names"),
-    **{k: (_INT, "a whole number") for k in ("batch_size", "grad_accum", "seq_len", "epochs", "warmup_epochs",
-                                             "samples", "eval_samples", "seed", "repeat")},
-    "lr": ((float,), "a number"), "device": (_STR, "a device name"), "dtype": (_STR, "a dtype name"),
-    "weights": (_STR, "random or pretrained"), "data": (_STR, "synthetic or a path"),
-    "task": ((str, type(None)), "a task name"), "pretrain_epochs": (_INT, "a whole number"),
-}
+_WORDS = {int: "a whole number", float: "a number", str: "a string", tuple: "a list of names"}
+
+
+@functools.cache
+def field_types() -> dict[str, tuple[tuple[type, ...], str]]:
+    """{field: (accepted types, how a message names them)}, read from Cell's annotations, so a new
+    field is checked the moment it is declared."""
+    out = {}
+    for name, hint in typing.get_type_hints(Cell).items():
+        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kinds = tuple(typing.get_origin(o) or o for o in options)
+        out[name] = (kinds, " or ".join(_WORDS[k] for k in kinds if k is not type(None)))
+    return out
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -170,7 +170,7 @@ def _options(args: argparse.Namespace, device: str):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import data, plan, report, runner, tables
+    from . import data, plan, runner, tables
     from .cells import Cell
     from .rundir import RunDir, writable_dir
 

@@ -1,6 +1,5 @@
 """compare passes an honest rerun within noise; pytest-benchmark JSON is read by pytest-benchmark and
 by lorabench; the workflows lint clean. (Reports and compare on fixed rows: tests/unit/test_reports.py.)"""
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,7 +12,7 @@ from conftest import TINY, run_subprocess
 from lorabench.rundir import RunDir
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
