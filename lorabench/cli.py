@@ -214,7 +214,8 @@ def _resume(args: argparse.Namespace) -> int:
         raise UsageError(f"--resume takes its cells from RUN_DIR/{RunDir.PLAN}; drop {', '.join(given) or '--dry-run'}")
     try:
         run = RunDir.open(args.resume)
-        cells = run.plan()["cells"]
+        saved = run.plan()
+        cells = saved["cells"]
         device = environment.resolve_device(cells[0].device if cells else "cpu")
         options = _options(args, device)
         with run.lock():
@@ -227,7 +228,7 @@ def _resume(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             if todo:
                 runner.start_workers(options.start_method, todo)
-            skipped = {} if args.force else dict(run.plan().get("skipped", {}))
+            skipped = {} if args.force else dict(saved.get("skipped", {}))
             return _execute(args, run, plan.Plan(todo, cells, plan.survey_all(todo), skipped), options)
     except RunDirError as e:   # its message starts with the directory
         raise UsageError(f"--resume {e}") from None

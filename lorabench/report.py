@@ -20,7 +20,7 @@ import pandas as pd
 
 from .cells import Cell
 from .rows import METRICS, Row
-from .tables import (Variant, _markdown, _memory_key, comparison_table, epochs_table, fmt, group_key, groups,
+from .tables import (Variant, markdown, memory_key, comparison_table, epochs_table, fmt, group_key, groups,
                      prediction_table, rank_sweep_table)
 
 
@@ -47,7 +47,7 @@ def _failures(rows: list[Row]) -> str:
         "reason": [f"{(r.error or {}).get('type', '')}: {(r.error or {}).get('message', '')}".replace("|", "\\|")
                    for r in bad],
     })
-    return _markdown(df)
+    return markdown(df)
 
 
 def _unavailable_notes(rows: list[Row]) -> list[str]:
@@ -60,7 +60,7 @@ def _unavailable_notes(rows: list[Row]) -> list[str]:
 
 def environment_table(env: dict[str, Any]) -> str:
     flat = {k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in env.items()}
-    return _markdown(pd.DataFrame({"key": list(flat), "value": [str(v) for v in flat.values()]}))
+    return markdown(pd.DataFrame({"key": list(flat), "value": [str(v) for v in flat.values()]}))
 
 
 def metrics_table() -> str:
@@ -73,7 +73,7 @@ def metrics_table() -> str:
                                     + (" (derived)" if m.derive else "") for m in METRICS],
         "compare": ["exact: any change is called out" if m.exact else gate.get(m.gate, "") for m in METRICS],
     })
-    return _markdown(df)
+    return markdown(df)
 
 
 RANDOM_WEIGHTS_NOTE = (
@@ -123,7 +123,7 @@ def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str
             slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in cell.model)
             name = f"{slug}-{hashlib.sha1(group_key(cell).encode()).hexdigest()[:6]}-rank-sweep.png"
             Path(plot_dir).mkdir(parents=True, exist_ok=True)
-            rank_sweep_plot(cell.model, [v for v in variants if v.ok], Path(plot_dir) / name, _memory_key(variants))
+            rank_sweep_plot(cell.model, [v for v in variants if v.ok], Path(plot_dir) / name, memory_key(variants))
             out += [f"![{cell.model}: peak memory, epoch time and accuracy against rank]({plot_link}{name})", ""]
     table = epochs_table(variants)
     if table:
@@ -214,7 +214,7 @@ def comparison_report(cmp, base_name: str, new_name: str) -> str:
                       for c in cmp.changes],
             "verdict": ["REGRESSION" if c.regression else "ok" for c in cmp.changes],
         })
-        out += [_markdown(df, ["base", "new", "change", "limit"]), ""]
+        out += [markdown(df, ["base", "new", "change", "limit"]), ""]
     for title, cells in (("Only in the base run", cmp.only_in_base), ("Only in the new run", cmp.only_in_new)):
         if cells:
             out += [f"{title}: " + ", ".join(cells), ""]
@@ -286,6 +286,6 @@ def pytest_benchmark_report(data: dict[str, Any]) -> str:
         })
     if rows:
         df = pd.DataFrame(rows)
-        out += [_markdown(df, ["trainable", "min (ms)", "median (ms)", "mean (ms)", "stddev (ms)", "rounds",
+        out += [markdown(df, ["trainable", "min (ms)", "median (ms)", "mean (ms)", "stddev (ms)", "rounds",
                                "peak memory (MiB)"]), ""]
     return "\n".join(out)

@@ -19,10 +19,9 @@ import os
 import secrets
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
-
-from contextlib import contextmanager
 
 from filelock import FileLock, Timeout
 

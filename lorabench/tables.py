@@ -161,7 +161,7 @@ def groups(rows: list[Row]) -> list[tuple[Cell, list[Variant]]]:
 
 # ---- tables --------------------------------------------------------------------------------
 
-def _markdown(df: pd.DataFrame, numeric_cols: Iterable[str] = ()) -> str:
+def markdown(df: pd.DataFrame, numeric_cols: Iterable[str] = ()) -> str:
     numeric = set(numeric_cols)
     align = ["right" if c in numeric else "left" for c in df.columns]
     return df.to_markdown(index=False, colalign=align, disable_numparse=True)   # cells are formatted already
@@ -194,7 +194,7 @@ def comparison_table(variants: list[Variant]) -> str:
             dname = f"Delta {name}"
             columns[dname] = [delta(full.metrics.get(m.key), v.metrics.get(m.key), m.fmt) for m in present]
             numeric_cols.append(dname)
-    return _markdown(pd.DataFrame(columns), numeric_cols)
+    return markdown(pd.DataFrame(columns), numeric_cols)
 
 
 # (row, predicted figure, measured figure); the measured total sums every row but the saved
@@ -222,7 +222,7 @@ def prediction_table(variants: list[Variant]) -> str:
         peak_parts = [m.get(k) for _, _, k in PREDICTION_ROWS if k != "activations_saved_bytes"]
         total = sum(peak_parts) if all(is_number(x) for x in peak_parts) else None
         cols[f"{name} measured"] = [fmt(x, "bytes") for x in meas] + [fmt(total, "bytes")]
-    return _markdown(pd.DataFrame(cols), [c for c in cols if c != "memory (MiB)"])
+    return markdown(pd.DataFrame(cols), [c for c in cols if c != "memory (MiB)"])
 
 
 def epochs_table(variants: list[Variant]) -> str:
@@ -243,7 +243,7 @@ def epochs_table(variants: list[Variant]) -> str:
         return ""
     df = pd.concat(frames, axis=1).reset_index()
     df["epoch"] = [f"{e}" if timed.get(e, True) else f"{e} (warm-up)" for e in df["epoch"]]
-    return _markdown(df.fillna(""), [c for c in df.columns if c != "epoch"])
+    return markdown(df.fillna(""), [c for c in df.columns if c != "epoch"])
 
 
 def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
@@ -265,11 +265,11 @@ def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
         "epochs (warm-up+timed)": [f"{c.warmup_epochs}+{c.epochs}" for c in cells],
         "device": [c.device + (" (skipped)" if skipped and c.key() in skipped else "") for c in cells],
     })
-    return _markdown(df, ["#", "trainable", "adapters", "trained in full", "total", "trainable %",
+    return markdown(df, ["#", "trainable", "adapters", "trained in full", "total", "trainable %",
                           "predicted memory (MiB)", "GFLOP/step", "batch", "samples"])
 
 
-def _memory_key(variants: list[Variant]) -> tuple[str, str]:
+def memory_key(variants: list[Variant]) -> tuple[str, str]:
     """The peak memory figure the sweep plots: the allocator's on a GPU, host RSS on the CPU."""
     if any(is_number(v.metrics.get("torch_peak_allocated_bytes")) for v in variants):
         return "torch_peak_allocated_bytes", "peak torch allocated (MiB)"
@@ -279,7 +279,7 @@ def _memory_key(variants: list[Variant]) -> tuple[str, str]:
 def rank_sweep_table(variants: list[Variant]) -> str:
     """One row per rank (full first), per LoRA method: trainable parameters, memory, time, quality."""
     ok = [v for v in variants if v.ok]
-    mem_key, mem_label = _memory_key(ok)
+    mem_key, mem_label = memory_key(ok)
     figure = lambda key: [fmt(v.metrics.get(key), BY_KEY[key].fmt) for v in ok]   # noqa: E731
     df = pd.DataFrame({
         "method": [v.cell.method for v in ok],
@@ -290,6 +290,6 @@ def rank_sweep_table(variants: list[Variant]) -> str:
         "epoch time (s)": figure("epoch_s"),
         "final accuracy": figure("final_eval_accuracy"),
     })
-    return _markdown(df, [c for c in df.columns if c not in ("method", "rank")])
+    return markdown(df, [c for c in df.columns if c not in ("method", "rank")])
 
 

@@ -65,7 +65,9 @@ def test_nvml_samples_this_process_and_the_device():
     with t:
         gpu.processes[me()] = int(1.5 * GiB)     # this process allocates, then frees
         gpu.used = int(4.5 * GiB)
-        time.sleep(0.02)
+        deadline = time.monotonic() + 10         # a busy machine may delay the sampler's thread: wait for a sample
+        while t.device_peak < gpu.used and time.monotonic() < deadline:
+            time.sleep(0.001)
         gpu.processes[me()] = int(0.5 * GiB)
         gpu.used = int(3.5 * GiB)
     r = t.result()
