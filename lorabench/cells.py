@@ -55,6 +55,11 @@ class Flag:
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
 
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores it under."""
+        return self.flag[2:].replace("-", "_")
+
 
 def setting(default: Any, help: str = "", *flags: Flag, parse=None, choices=None, metavar=None):
     """A cell field that the command line and a TOML [settings] table may set. Without `flags`,
@@ -203,6 +208,10 @@ class Cell:
         if unknown:
             raise CellError(f"unknown cell field(s) {', '.join(unknown)}; accepted: {_choices(known)}")
         return cls(**d)
+
+    def variant_key(self) -> str:
+        """Identity of the cell whatever its repeat index: the repeats of one cell share it."""
+        return json.dumps({k: v for k, v in self.to_dict().items() if k != "repeat"}, sort_keys=True)
 
     def key(self) -> str:
         """Stable identity of the cell across runs (resume, compare, merge): a hash of every field."""

@@ -54,7 +54,7 @@ def _add_flags(group, cls) -> None:
     for f in dataclasses.fields(cls):
         for flag in cli_flags(f):
             kw: dict[str, Any] = {"help": flag.help or None, "metavar": flag.metavar, "choices": flag.choices,
-                                  "dest": flag.flag[2:].replace("-", "_")}
+                                  "dest": flag.dest}
             if flag.parse is not None:   # int and float keep argparse's own "invalid int value" message
                 kw["type"] = flag.parse if flag.parse in (int, float) else _argtype(flag.parse)
             group.add_argument(flag.flag, **kw)
@@ -66,7 +66,7 @@ def _given(args: argparse.Namespace, cls) -> dict[str, Any]:
     from .cells import cli_flags
     out = {}
     for f in dataclasses.fields(cls):
-        given = [(fl.flag, getattr(args, fl.flag[2:].replace("-", "_"))) for fl in cli_flags(f)]
+        given = [(fl.flag, getattr(args, fl.dest)) for fl in cli_flags(f)]
         given = [(flag, v) for flag, v in given if v is not None]
         if len(given) > 1:
             raise UsageError(f"give {' or '.join(flag for flag, _ in given)}, not both")
@@ -208,8 +208,9 @@ def _resume(args: argparse.Namespace) -> int:
     from .errors import InputError
     from .rundir import RunDir, RunDirError
 
-    given = [flag for flag in ["--" + a for a in AXES] + [fl.flag for f in SETTINGS for fl in cli_flags(f)]
-             if getattr(args, flag[2:].replace("-", "_")) is not None]
+    given = [flag for dest, flag in [(a, "--" + a) for a in AXES] + [(fl.dest, fl.flag) for f in SETTINGS
+                                                                    for fl in cli_flags(f)]
+             if getattr(args, dest) is not None]
     if given or args.dry_run:
         raise UsageError(f"--resume takes its cells from RUN_DIR/{RunDir.PLAN}; drop {', '.join(given) or '--dry-run'}")
     try:
@@ -221,7 +222,7 @@ def _resume(args: argparse.Namespace) -> int:
         with run.lock():
             if run.took_over:
                 print(f"lorabench: took over the lock of {run.took_over}, which is no longer running", file=sys.stderr)
-            todo, done, warnings = run.pending(args.retry_failed)
+            todo, done, warnings = run.pending(cells, args.retry_failed)
             for w in warnings:
                 print(f"lorabench: warning: {w}", file=sys.stderr)
             print(f"lorabench: resuming {run}: {done} of {len(cells)} cells have rows, {len(todo)} to run",

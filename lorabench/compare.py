@@ -12,7 +12,6 @@ and which is exact is declared once, in `rows.METRICS`.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ def _variants(rows: list[Row]) -> dict[str, list[Row]]:
     out: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
         if r.ok:
-            out[json.dumps({k: v for k, v in r.cell.to_dict().items() if k != "repeat"}, sort_keys=True)].append(r)
+            out[r.cell.variant_key()].append(r)
     return out
 
 

@@ -160,15 +160,15 @@ class RunDir:
             os.fsync(f.fileno())
         os.replace(tmp, self.results_path)
 
-    def pending(self, retry_failed: bool = False) -> tuple[list[Cell], int, list[str]]:
-        """(cells of the plan still to run, cells that keep their row, warnings). Drops a torn line,
-        and with `retry_failed` the rows of failed cells, from the file before anything is appended."""
+    def pending(self, cells: list[Cell], retry_failed: bool = False) -> tuple[list[Cell], int, list[str]]:
+        """(those of the plan's `cells` still to run, cells that keep their row, warnings). Drops a
+        torn line, and with `retry_failed` the rows of failed cells, before anything is appended."""
         rows, warnings = self.rows()
         keep = [r for r in final_rows(rows) if not (retry_failed and not r.ok)]
         if warnings or len(keep) != len(rows):
             self.rewrite(keep)
         done = {r.key for r in keep}
-        return [c for c in self.plan()["cells"] if c.key() not in done], len(done), warnings
+        return [c for c in cells if c.key() not in done], len(done), warnings
 
     # ---- one writer ----------------------------------------------------------------------------
 

@@ -133,10 +133,6 @@ def group_key(cell: Cell) -> str:
     return json.dumps({k: v for k, v in d.items() if k not in GROUP_FIELDS_EXCLUDED}, sort_keys=True)
 
 
-def _variant_key(cell: Cell) -> str:
-    return json.dumps({k: v for k, v in cell.to_dict().items() if k != "repeat"}, sort_keys=True)
-
-
 def _order(v: Variant) -> tuple:
     c = v.cell
     return (not c.is_baseline, c.method, c.rank or 0, str(c.alpha), str(c.targets))
@@ -146,7 +142,7 @@ def groups(rows: list[Row]) -> list[tuple[Cell, list[Variant]]]:
     """[(a cell of the group, [folded variant, ...])], one group per comparison table."""
     by_variant: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
-        by_variant[_variant_key(r.cell)].append(r)
+        by_variant[r.cell.variant_key()].append(r)
     by_group: dict[str, list[Variant]] = defaultdict(list)
     for variant_rows in by_variant.values():
         folded = fold(variant_rows)

@@ -32,7 +32,7 @@ def test_rows_append_read_back_and_a_torn_last_line_is_reported(tmp_path):
     rows, warnings = run.rows()
     assert [r.key for r in rows] == [CELLS[0].key()]
     assert len(warnings) == 1 and "truncated last line" in warnings[0]
-    todo, done, _ = run.pending()
+    todo, done, _ = run.pending(CELLS)
     assert [c.key() for c in todo] == [CELLS[1].key()] and done == 1
     assert run.rows() == (rows, [])   # the torn line was removed before anything is appended
 
@@ -41,8 +41,8 @@ def test_retry_failed_replaces_the_failed_rows(tmp_path):
     run = planned(tmp_path)
     run.append(row(CELLS[0], Status.OOM))
     run.append(row(CELLS[1]))
-    assert run.pending()[0] == []
-    todo, done, _ = run.pending(retry_failed=True)
+    assert run.pending(CELLS)[0] == []
+    todo, done, _ = run.pending(CELLS, retry_failed=True)
     assert [c.key() for c in todo] == [CELLS[0].key()] and done == 1
     assert [r.key for r in run.rows()[0]] == [CELLS[1].key()]
 
