@@ -247,7 +247,7 @@ def _execute(args: argparse.Namespace, run, the_plan, options) -> int:
     print(f"lorabench: {n} cells on {cells[0].device if cells else 'cpu'} -> {run}", file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        runner.run_cells(run, cells, the_plan.known(), skipped, options, progress)
+        runner.run_cells(run, cells, the_plan.known(), skipped, options, progress, the_plan.gemms())
     except KeyboardInterrupt:
         print(f"\nlorabench: interrupted; every finished cell is in {run.results_path}.\n"
               f"Resume with: lorabench run --resume {run}", file=sys.stderr)

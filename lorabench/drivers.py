@@ -65,34 +65,74 @@ def nvml_handle(nvml, index: int = 0, identity: dict[str, str] | None = None):
     raise LookupError("several GPUs and no way to tell which one torch uses; set CUDA_DEVICE_ORDER=PCI_BUS_ID")
 
 
-def _my_pids() -> set[int]:
-    me = psutil.Process()
-    pids = {me.pid}
+class _Pids:
+    """This process and its children, rescanned at most once a second: psutil's tree walk reads
+    every process on the machine (1-2 ms a call, more with more processes), too dear for a
+    sampler that runs every 10 ms beside the training it measures."""
+
+    SCAN_S = 1.0
+
+    def __init__(self):
+        self._me = psutil.Process()
+        self._pids: set[int] = {self._me.pid}
+        self._scanned = float("-inf")
+
+    def __call__(self) -> set[int]:
+        import time
+        now = time.monotonic()
+        if now - self._scanned >= self.SCAN_S:
+            try:
+                self._pids = {self._me.pid} | {c.pid for c in self._me.children(recursive=True)}
+            except psutil.Error:
+                self._pids = {self._me.pid}
+            self._scanned = now
+        return self._pids
+
+
+def nvml_used(nvml, handle) -> tuple[int, str, bool]:
+    """(used bytes, what they are, whether the v2 call answered). The v2 struct's `used` leaves out the memory the driver
+    reserves for itself (hundreds of MiB on recent cards), so an idle GPU reads about zero; v1's
+    `used` includes it, and is only read where the driver has no v2 call."""
     try:
-        pids |= {c.pid for c in me.children(recursive=True)}
-    except psutil.Error:
-        pass
-    return pids
+        info = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+        reserved_mib = int(info.reserved) / 2 ** 20
+        return int(info.used), f"NVML memory info v2: used, excluding {reserved_mib:,.0f} MiB driver-reserved", True
+    except (AttributeError, TypeError, nvml.NVMLError) as e:   # an old pynvml or driver without the v2 call
+        why = type(e).__name__ if not isinstance(e, nvml.NVMLError) else str(e)
+        used = int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
+        return used, f"NVML memory info v1: used, driver-reserved memory included (no v2: {why})", False
 
 
 class NvmlMemory(_Sampler):
     """NVML's view of GPU memory, sampled: this process tree's memory from the compute-process list
     (CUDA context included) and the whole device's used memory (other processes included).
     `before_bytes` is the device's used memory read when the tracker was built, before the cell
-    loaded anything: others' load, plus this process's CUDA context if it already had one."""
+    loaded anything: others' load, plus this process's CUDA context if it already had one.
+    `source` says which NVML reading `used` is (v2 leaves out driver-reserved memory)."""
 
     def __init__(self, nvml, handle, interval_s: float = 0.01):
         super().__init__(interval_s)
         self.nvml, self.handle = nvml, handle
-        self.before_bytes = nvml.nvmlDeviceGetMemoryInfo(handle).used
+        self.before_bytes, self.source, self.v2 = nvml_used(nvml, handle)
         self.process_peak = self.device_peak = 0
         self.process_seen = False
         self.process_reading_missing = False
+        self.process_error: str | None = None   # the per-process query failed (NoPermission, an old driver)
+        self._pids = _Pids()
 
     def _sample(self) -> None:
-        self.device_peak = max(self.device_peak, self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
-        pids = _my_pids()
-        mine = [p for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle) if p.pid in pids]
+        info = (self.nvml.nvmlDeviceGetMemoryInfo(self.handle, version=self.nvml.nvmlMemory_v2) if self.v2
+                else self.nvml.nvmlDeviceGetMemoryInfo(self.handle))
+        self.device_peak = max(self.device_peak, int(info.used))
+        if self.process_error:
+            return
+        try:
+            listed = self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+        except self.nvml.NVMLError as e:   # the device figure goes on; this one says why it is missing
+            self.process_error = f"{type(e).__name__}: {e}"
+            return
+        pids = self._pids()
+        mine = [p for p in listed if p.pid in pids]
         if mine:
             self.process_seen = True
             used = [p.usedGpuMemory for p in mine]
@@ -105,7 +145,9 @@ class NvmlMemory(_Sampler):
             reason = unavailable(f"NVML: {self.error}")
             return {"nvml_process_peak_bytes": reason, "nvml_device_used_peak_bytes": reason,
                     "nvml_device_used_before_bytes": self.before_bytes}
-        if not self.process_seen:
+        if self.process_error:
+            process = unavailable(f"NVML could not list the device's processes ({self.process_error})")
+        elif not self.process_seen:
             process = unavailable("process not visible to NVML (a container without the host PID namespace?)")
         elif self.process_reading_missing:
             process = unavailable("NVML reports no per-process memory on this device")
@@ -150,6 +192,7 @@ class AmdsmiMemory(_Sampler):
     def __init__(self, amdsmi, handle, interval_s: float = 0.01):
         super().__init__(interval_s)
         self.amdsmi, self.handle = amdsmi, handle
+        self._pids = _Pids()
         self.before_bytes = self._device_used()
         self.process_peak = self.device_peak = 0
         self.process_seen = False
@@ -159,7 +202,7 @@ class AmdsmiMemory(_Sampler):
 
     def _sample(self) -> None:
         self.device_peak = max(self.device_peak, self._device_used())
-        mine = _amd_process_vram(self.amdsmi, self.handle, _my_pids())
+        mine = _amd_process_vram(self.amdsmi, self.handle, self._pids())
         if mine is not None:
             self.process_seen = True
             self.process_peak = max(self.process_peak, mine)
@@ -205,7 +248,9 @@ class EnergyMeter:
         if self.error or not self.intervals:
             why = self.error or "no timed epoch"
             return {"energy_j_per_epoch": unavailable(f"{self.source}: {why}")}
-        return {"energy_j_per_epoch": self.joules / self.intervals, "energy_source": self.source}
+        # the counters are the device's, not the process's: another process's work is in them too
+        return {"energy_j_per_epoch": self.joules / self.intervals,
+                "energy_source": f"{self.source} (the whole device: other processes' work included)"}
 
 
 def nvml_energy(nvml, handle) -> EnergyMeter:
@@ -248,8 +293,10 @@ def driver_trackers(device, interval_s: float) -> tuple[list, "EnergyMeter", dic
         import pynvml
         pynvml.nvmlInit()
         handle = nvml_handle(pynvml, device.index or 0, ident)
-        return [NvmlMemory(pynvml, handle, interval_s)], nvml_energy(pynvml, handle), {
-            "gpu_driver_view": "NVML", "gpu_driver": pynvml.nvmlSystemGetDriverVersion()}, {}
+        sampler = NvmlMemory(pynvml, handle, interval_s)
+        return [sampler], nvml_energy(pynvml, handle), {
+            "gpu_driver_view": "NVML", "gpu_driver": pynvml.nvmlSystemGetDriverVersion(),
+            "gpu_memory_used": sampler.source}, {}
     except Exception as e:   # ImportError, a driver error, permissions, an unmappable device
         lib = "amdsmi" if rocm else "NVML"
         reason = unavailable(f"{lib}: {type(e).__name__}: {e}")

@@ -72,10 +72,18 @@ def capture(device: str) -> dict[str, Any]:
             "gpu_memory_bytes": props.total_memory,
             "cuda_runtime": torch.version.cuda,
             "hip_runtime": torch.version.hip,
-            # gfx arch on ROCm, compute capability on CUDA
-            "gpu_arch": getattr(props, "gcnArchName", None) or f"sm_{props.major}{props.minor}",
+            # gfx arch on ROCm, compute capability on CUDA (where torch fills gcnArchName with the
+            # card's name, so that attribute is only read on a ROCm build)
+            "gpu_arch": gpu_arch(props, bool(torch.version.hip)),
         })
     return env
+
+
+def gpu_arch(props, rocm: bool) -> str:
+    """`gfx90a` on ROCm (the part before any `:xnack-` feature flags), `sm_90` on CUDA."""
+    if rocm and getattr(props, "gcnArchName", None):
+        return props.gcnArchName.split(":")[0]
+    return f"sm_{props.major}{props.minor}"
 
 
 def free_memory_bytes(device: str) -> tuple[int | None, str]:
@@ -89,7 +97,7 @@ def free_memory_bytes(device: str) -> tuple[int | None, str]:
         try:
             from .drivers import nvml_handle
             handle = nvml_handle(pynvml, 0)
-            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free), "GPU memory free (NVML)"
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free), "GPU memory free (NVML)"   # v1 and v2 agree on free
         finally:
             pynvml.nvmlShutdown()
     except Exception as e:   # no NVML (ROCm, or no driver library): no gate, and say so

@@ -11,6 +11,7 @@ training loop, which is then left bare; the adapter checks run after the timed r
 """
 from __future__ import annotations
 
+import gc
 import time
 import traceback
 from contextlib import ExitStack
@@ -59,6 +60,7 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
             pre = fit(model, task, ds, epochs=cell.pretrain_epochs, warmup_epochs=0, batch_size=cell.batch_size,
                       grad_accum=cell.grad_accum, lr=cell.lr, seed=cell.seed, device=device)
             pretrain = [vars(e) for e in pre.epochs]
+            del pre   # its optimizer state and gradients are gone before anything is measured
         probe = {k: v[:min(cell.batch_size, 32)] for k, v in ds.eval.items()}
         forward = lambda m: task.loss(m, probe)[1].float()   # noqa: E731 (logits of one batch)
         measured["model_file_bytes"] = methods.model_file_bytes(model)
@@ -72,6 +74,7 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
         p = adapted.params
         measured.update(params_total=p.total, params_trainable=p.trainable, params_trainable_adapter=p.adapter,
                         params_trainable_full=p.full_trained, lora_targets=len(adapted.targets))
+        release(model, device)   # pretraining's and the checks' cached blocks must not count as this cell's
         trackers = [HostMemory(sample_interval_s), TorchAllocator(device), *drivers]
         try:
             # Baselines are taken here: weights and data are already in place.
@@ -92,8 +95,14 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
         measured["trainable_weights_bytes"] = sum(q.nbytes for q in model.parameters() if q.requires_grad)
         measured.update(fit_metrics(result))
         epochs = [vars(e) for e in result.epochs]
-        measured.update(method.checks(adapted, forward, base_out))   # after the timed region; leaves it merged
-        status = Status.OK
+        if result.diverged_at is None:
+            measured.update(method.checks(adapted, forward, base_out))   # after the timed region; leaves it merged
+            status = Status.OK
+        else:   # a result, not a crash: the row keeps what was measured and says where the loss went
+            status = Status.DIVERGED
+            last = result.epochs[-1]
+            error = {"type": "Diverged", "message": f"the training loss became {last.train_loss} in epoch "
+                     f"{result.diverged_at}; training stopped there (try a smaller --lr)", "traceback": []}
     except Exception as e:   # the row records the failure; the matrix goes on
         status = Status.OOM if _is_oom(e) else Status.ERROR
         error = {"type": type(e).__name__, "message": str(e).strip().splitlines()[0] if str(e).strip() else "",
@@ -118,10 +127,10 @@ def probe_step(model: nn.Module, task: Task, data: Dataset, optimizer: torch.opt
         batch = {k: v[m * cell.batch_size:(m + 1) * cell.batch_size] for k, v in data.train.items()}
         if m == 0:
             with SavedTensors(exclude) as saved:
-                loss, _ = task.loss(model, batch)
+                loss = task.loss(model, batch)[0]
             out.update(saved.result())
         else:
-            loss, _ = task.loss(model, batch)
+            loss = task.loss(model, batch)[0]
         (loss / cell.grad_accum).backward()
     out["grads_bytes"] = sum(p.grad.nbytes for p in params if p.grad is not None)
     if device.type == "cuda":   # allocator at the phase boundary: weights + data + grads
@@ -135,6 +144,16 @@ def probe_step(model: nn.Module, task: Task, data: Dataset, optimizer: torch.opt
     return out
 
 
+def release(model: nn.Module, device: torch.device) -> None:
+    """Free what earlier phases left: gradients, collected garbage (a finished optimizer's state),
+    and on a GPU the allocator's cached blocks, which would otherwise sit in the cell's reserved
+    and driver-view peaks (pretraining's full fine-tuning footprint in a LoRA cell)."""
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def load_data(cell: Cell, bundle: models.Bundle) -> Dataset:
     """The cell's data set: the task's synthetic stand-in, or the real one at `cell.data`."""
     kw = dict(samples=cell.samples, eval_samples=cell.eval_samples, seq_len=cell.seq_len, seed=cell.seed,
@@ -145,13 +164,14 @@ def load_data(cell: Cell, bundle: models.Bundle) -> Dataset:
 
 
 def fit_metrics(f: Fit) -> dict[str, Any]:
-    epochs = Summary.of(f.timed_epoch_s)
+    epochs = Summary.of(f.timed_epoch_s) if f.timed_epoch_s else None
     steps = Summary.of(f.step_s) if f.step_s else None
-    none = unavailable("no timed steps")
+    none = unavailable("no timed steps" if f.diverged_at is None else
+                       f"no timed steps: training diverged in epoch {f.diverged_at}")
     last = f.epochs[-1]
     return {
-        "epoch_s": epochs.median,
-        "epoch_s_stdev_pct": epochs.stdev_pct,
+        "epoch_s": epochs.median if epochs else none,
+        "epoch_s_stdev_pct": epochs.stdev_pct if epochs else none,
         "step_s_p50": steps.median if steps else none,
         "step_s_p90": steps.p90 if steps else none,
         "step_s_stdev_pct": steps.stdev_pct if steps else none,

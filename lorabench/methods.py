@@ -127,8 +127,8 @@ def _adapter_activations(module: nn.Module, rows: int, b: int, inputs: bool = Tr
 class Method:
     """Full fine-tuning: every parameter trains. The base of the other methods.
 
-    A method owns how it is applied, its checks after training, and its terms in the
-    predictions: FLOPs per token and the activations it changes."""
+    A method owns how it is applied, its checks after training, and its term in the memory
+    prediction: the activations it changes. (FLOPs are counted, not predicted: see `flops`.)"""
 
     name, title = "full", "full fine-tuning"
     adapts = False            # trains adapters, needs a rank
@@ -138,9 +138,6 @@ class Method:
     def apply(self, bundle: Bundle, adapter: Adapter) -> Adapted:
         bundle.module.requires_grad_(True)
         return Adapted(bundle.module, count_params(bundle.module), [])
-
-    def flops_per_token(self, matmul_params: int, adapter_params: int) -> float:
-        return 6.0 * matmul_params   # 2N forward, 4N backward (input and weight gradients)
 
     def extra_activations(self, module: nn.Module, rows: int, b: int, inputs: bool) -> int:
         return 0
@@ -153,9 +150,6 @@ class Method:
 class _LoRA(Method):
     adapts = True
     linear_input_units = 0    # a frozen Linear keeps no input; the adapted ones come back in extra_activations
-
-    def flops_per_token(self, matmul_params: int, adapter_params: int) -> float:
-        return 4.0 * matmul_params + 6.0 * adapter_params   # frozen weights skip their weight gradient
 
     def extra_activations(self, module: nn.Module, rows: int, b: int, inputs: bool) -> int:
         return _adapter_activations(module, rows, b, inputs)

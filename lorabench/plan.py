@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import torch
 
-from . import data, environment, models
+from . import data, environment, flops, models
 from .cells import CELL_FIELDS, LORA_FIELDS, Cell, CellError, _choices
 from .methods import METHODS, MethodError, ParamCount
 from .predictions import Prediction, predict
@@ -223,19 +223,24 @@ class Survey:
     params: ParamCount
     task: str
     prediction: Prediction
+    gemms: frozenset[tuple[int, int, int]] = frozenset()   # (M, K, N) of the model's Linear products
 
 
 def survey(cell: Cell) -> Survey:
-    """Build the cell's model and method on the meta device: exact counts and the closed-form
-    prediction, no memory, milliseconds. Raises ModelError / MethodError for a cell that cannot
-    be built."""
+    """Build the cell's model and method on the meta device: exact counts, the closed-form memory
+    prediction and the counted FLOPs of one step; no memory, milliseconds. Raises ModelError /
+    MethodError for a cell that cannot be built."""
     with torch.device("meta"):
         bundle = models.build(cell.model, "random", cell.task)
         method = METHODS[cell.method]
         adapted = method.apply(bundle, cell.adapter)
-        pred = predict(adapted.module, adapted.params, method=method, task=bundle.task, batch_size=cell.batch_size,
-                       grad_accum=cell.grad_accum, seq_len=cell.seq_len, dtype=cell.dtype)
-        return Survey(adapted.params, bundle.task.name, pred)
+    task = bundle.task
+    counted = flops.count(adapted.module, task, batch_size=cell.batch_size, grad_accum=cell.grad_accum,
+                          seq_len=cell.seq_len, vocab_size=bundle.vocab_size, num_labels=bundle.num_labels)
+    pred = predict(adapted.module, adapted.params, method=method, task=task, batch_size=cell.batch_size,
+                   grad_accum=cell.grad_accum, seq_len=cell.seq_len, dtype=cell.dtype, flops=counted)
+    rows = cell.batch_size * task.tokens_per_sample(cell.seq_len)
+    return Survey(adapted.params, task.name, pred, frozenset(flops.gemm_shapes(adapted.module, rows)))
 
 
 def survey_all(cells: list[Cell]) -> list[Survey]:
@@ -276,9 +281,13 @@ def matrix_id(cells: list[Cell]) -> str:
 
 
 def predicted_cost(cell: Cell, s: Survey) -> float:
-    """Predicted training FLOPs of the whole cell (balances shards)."""
+    """Training FLOPs of the whole cell (balances shards); 6 per parameter and token where they
+    could not be counted."""
     steps = cell.samples // (cell.batch_size * cell.grad_accum)
-    return s.prediction.flops_per_step * steps * (cell.epochs + cell.warmup_epochs + cell.pretrain_epochs)
+    per_step = s.prediction.flops_per_step
+    if per_step is None:
+        per_step = 6.0 * s.params.total * s.prediction.tokens_per_step
+    return per_step * steps * (cell.epochs + cell.warmup_epochs + cell.pretrain_epochs)
 
 
 def fit_gate(cells: list[Cell], surveys: list[Survey], free: int | None, what: str, force: bool) -> dict[str, str]:
@@ -338,6 +347,14 @@ class Plan:
     def known(self) -> dict[str, dict[str, Any]]:
         """Figures known of each cell before it runs (its prediction), by cell key."""
         return {c.key(): s.prediction.to_metrics() for c, s in zip(self.cells, self.surveys)}
+
+    def gemms(self) -> dict[str, list[tuple[int, int, int]]]:
+        """The GEMM shapes of the cells that will run, by dtype: what the matmul ceiling is measured on."""
+        out: dict[str, set] = {}
+        for c, s in zip(self.cells, self.surveys):
+            if c.key() not in self.skipped:
+                out.setdefault(c.dtype, set()).update(s.gemms)
+        return {dtype: sorted(shapes) for dtype, shapes in out.items()}
 
     def to_json(self, run_id: str, argv: list[str]) -> dict[str, Any]:
         return {"run_id": run_id, "argv": argv, "matrix_id": matrix_id(self.matrix), "shard": self.shard,

@@ -1,15 +1,15 @@
-"""Predictions made before a cell runs: memory by closed form and training FLOPs per step.
+"""Predictions made before a cell runs: memory by closed form, and training FLOPs per step as
+counted by `flops` on the meta device.
 
     lorabench run --dry-run --preset seed-bert      # prints each cell's predicted need
 
 Memory: weights at the training dtype for every parameter; a gradient and Adam's two moments
 for every trainable one (fp32: 4 + 4 + 8 bytes; a frozen parameter costs its 4 alone); plus the
 activations autograd saves for backward (which `trackers.SavedTensors` measures; a frozen Linear
-keeps no input, so LoRA saves less than full fine-tuning, not the same). FLOPs per token: 2N
-forward and 4N backward for full fine-tuning (6N); with LoRA the frozen weights skip their
-weight-gradient matmul (2N + 2N) and the adapters cost 6 per parameter. N counts matmul weights
-only (Linear layers, the LM head), not embedding lookups, which are gathers; attention adds
-12 x layers x seq x hidden per token (QK^T and AV, forward and backward). These are estimates: the measured figures sit beside them in the report.
+keeps no input, so LoRA saves less than full fine-tuning, not the same). A causal LM's loss
+upcasts the logits to fp32 and log_softmax keeps them: batch x seq x vocab x 4 bytes, often the
+largest single tensor of the step (the task says so: `Task.loss_saved_bytes`). These are
+estimates: the measured figures sit beside them in the report.
 """
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .flops import StepFlops
 from .methods import Method, ParamCount
 from .tasks import Task
+from .trackers import Unavailable
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -29,8 +31,12 @@ class Prediction:
     grads_bytes: int
     optimizer_bytes: int
     activations_bytes: int
-    flops_per_step: float
+    flops: StepFlops | Unavailable    # counted on the meta device, or why it could not be
     tokens_per_step: int
+
+    @property
+    def flops_per_step(self) -> float | None:
+        return None if isinstance(self.flops, Unavailable) else self.flops.total
 
     @property
     def total_bytes(self) -> int:
@@ -40,39 +46,30 @@ class Prediction:
         return {"predicted_weights_bytes": self.weights_bytes, "predicted_grads_bytes": self.grads_bytes,
                 "predicted_optimizer_bytes": self.optimizer_bytes,
                 "predicted_activations_bytes": self.activations_bytes, "predicted_total_bytes": self.total_bytes,
-                "predicted_flops_per_step": self.flops_per_step, "tokens_per_step": self.tokens_per_step}
+                "flops_per_step": self.flops if isinstance(self.flops, Unavailable) else self.flops.total,
+                "tokens_per_step": self.tokens_per_step}
 
 
-def _shape(module: nn.Module) -> tuple[int, int, int]:
-    """(layers, hidden, heads) of a transformer; zeros for a model without a config."""
+def _shape(module: nn.Module) -> tuple[int, int, int, int]:
+    """(layers, hidden, heads, vocab) of a transformer; zeros for a model without a config."""
     cfg = getattr(module, "config", None)
     if cfg is None:
         base = getattr(module, "base_model", None)
         cfg = getattr(getattr(base, "model", None), "config", None)
     if cfg is None:
-        return 0, 0, 0
+        return 0, 0, 0, 0
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0)
-    return int(layers), int(hidden), int(heads)
-
-
-def matmul_params(module: nn.Module) -> int:
-    """Weights of the base model's Linear layers: the matmuls of a forward pass (LoRA's own A and B
-    are counted apart, as adapter parameters). A tied LM head counts: it multiplies."""
-    return sum(m.weight.numel() for name, m in module.named_modules()
-               if isinstance(m, nn.Linear) and "lora_" not in name and "original_module" not in name)
+    return int(layers), int(hidden), int(heads), int(getattr(cfg, "vocab_size", 0) or 0)
 
 
 def predict(module: nn.Module, params: ParamCount, *, method: Method, task: Task, batch_size: int, grad_accum: int,
-            seq_len: int, dtype: str) -> Prediction:
+            seq_len: int, dtype: str, flops: StepFlops | Unavailable) -> Prediction:
     b = DTYPE_BYTES[dtype]
-    layers, hidden, heads = _shape(module)
+    layers, hidden, heads, vocab = _shape(module)
     per_sample = task.tokens_per_sample(seq_len)
     tokens = batch_size * grad_accum * per_sample
-    n = matmul_params(module)
-    attention = 12 * layers * seq_len * hidden if layers else 0
-    per_token = method.flops_per_token(n, params.adapter) + attention
     rows = batch_size * per_sample   # activation rows of one micro-batch
     if layers:
         # Korthikanti et al. 2022: ~ s*b*h*(34 + 5*a*s/h) bytes per layer at 16 bits, scaled to the
@@ -80,7 +77,7 @@ def predict(module: nn.Module, params: ParamCount, *, method: Method, task: Task
         # a weight gradient: the method says how many it keeps, and what its adapters add back.
         units = 20 + method.linear_input_units + 5 * heads * seq_len / max(hidden, 1)
         act = layers * seq_len * batch_size * hidden * units * b / 2
-        act += method.extra_activations(module, rows, b, inputs=True)
+        act += method.extra_activations(module, rows, b, inputs=True) + task.loss_saved_bytes(rows, vocab)
     else:
         # an MLP keeps each layer's output per sample for backward (a ReLU's output is also the next
         # Linear's input, one tensor); the first layer's input is the data set, resident already
@@ -89,4 +86,4 @@ def predict(module: nn.Module, params: ParamCount, *, method: Method, task: Task
         act += method.extra_activations(module, rows, b, inputs=False)
     return Prediction(weights_bytes=params.total * b, grads_bytes=params.trainable * b,
                       optimizer_bytes=2 * params.trainable * b, activations_bytes=int(act),
-                      flops_per_step=float(per_token) * tokens, tokens_per_step=tokens)
+                      flops=flops, tokens_per_step=tokens)

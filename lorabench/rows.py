@@ -45,7 +45,7 @@ class Metric:
     gate: str | None = None    # compare gates on it: "time", "memory" or "quality"
     worse: int = +1            # +1: higher is worse; -1: lower is worse
     shown: bool = True         # a row of the comparison table
-    derive: Callable[[dict[str, Any], Cell], float | None] | None = None   # computed from other metrics
+    derive: Callable[[dict[str, Any], Cell], float | Unavailable | None] | None = None   # from other metrics
     inputs: tuple[str, ...] = ()   # what `derive` reads (a reason for a missing input carries over)
 
 
@@ -65,9 +65,17 @@ def _activations(m, cell):
 
 
 def _mfu(m, cell):
-    if not _all(m, "predicted_flops_per_step", "step_s_p50", "device_matmul_flops") or m["step_s_p50"] <= 0:
+    """Counted FLOPs per step / median step time / the matmul ceiling measured on the model's own
+    GEMM shapes. Above 100 % it is not a utilisation but a sign that the ceiling or the step time
+    is wrong, so it is not shown as one."""
+    if not _all(m, "flops_per_step", "step_s_p50", "device_matmul_flops") or m["step_s_p50"] <= 0:
         return None
-    return 100.0 * m["predicted_flops_per_step"] / m["step_s_p50"] / m["device_matmul_flops"]
+    mfu = 100.0 * m["flops_per_step"] / m["step_s_p50"] / m["device_matmul_flops"]
+    if mfu > 100.0:
+        return Unavailable(f"measurement problem: {mfu:.0f} % of the calibrated matmul rate "
+                           f"({m['device_matmul_flops'] / 1e9:,.1f} GFLOP/s) is impossible; the ceiling was measured "
+                           "below what this model's GEMMs reach, or the step time is too short to trust")
+    return mfu
 
 
 _B, _C = "bytes", "count"
@@ -86,7 +94,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("nvml_process_peak_bytes", _B, "peak GPU memory of the process (MiB, NVML: driver, CUDA context included)",
            "bytes", gate="memory"),
     Metric("nvml_device_used_peak_bytes", _B, "peak GPU memory used on the device (MiB, NVML: every process)", "bytes"),
-    Metric("nvml_device_used_before_bytes", _B, "GPU memory used before the cell (MiB, NVML: others' load)", "bytes"),
+    Metric("nvml_device_used_before_bytes", _B,
+           "GPU memory used before the cell (MiB, NVML: others' load, driver-reserved left out)", "bytes"),
     Metric("amdsmi_process_peak_bytes", _B, "peak VRAM of the process (MiB, amdsmi: driver)", "bytes", gate="memory"),
     Metric("amdsmi_device_vram_used_peak_bytes", _B, "peak VRAM used on the device (MiB, amdsmi: every process)",
            "bytes"),
@@ -103,7 +112,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("epoch_s", "s", "epoch time (s, median of timed epochs)", "time", gate="time"),
     Metric("step_s_p50", "s", "step time p50 (ms)", "ms", gate="time"),
     Metric("step_s_p90", "s", "step time p90 (ms)", "ms"),
-    Metric("samples_per_s", "samples/s", "throughput (samples/s)", "rate", gate="time", worse=-1,
+    # not gated: it is step_s_p50 again (batch / its median), and compare gates that once
+    Metric("samples_per_s", "samples/s", "throughput (samples/s)", "rate", worse=-1,
            inputs=("step_s_p50",),   # samples of one optimizer step / its median time
            derive=lambda m, c: c.batch_size * c.grad_accum / m["step_s_p50"]
            if is_number(m.get("step_s_p50")) and m["step_s_p50"] > 0 else None),
@@ -111,8 +121,8 @@ METRICS: tuple[Metric, ...] = (
            inputs=("tokens_per_step", "step_s_p50"), derive=lambda m, c: m["tokens_per_step"] / m["step_s_p50"]
            if _all(m, "tokens_per_step", "step_s_p50") and m["step_s_p50"] > 0 else None),
     Metric("mfu_pct", "%", "model FLOPs utilisation (% of the measured matmul rate)", "pct", derive=_mfu,
-           inputs=("predicted_flops_per_step", "step_s_p50", "device_matmul_flops")),
-    Metric("energy_j_per_epoch", "J", "energy per timed epoch (J)", "joules"),
+           inputs=("flops_per_step", "step_s_p50", "device_matmul_flops")),
+    Metric("energy_j_per_epoch", "J", "energy per timed epoch (J, the whole device's counter)", "joules"),
     Metric("final_eval_accuracy", "fraction", "final eval accuracy", "acc", gate="quality", worse=-1),
     Metric("final_eval_loss", "nats", "final eval loss", "loss"),
     Metric("checkpoint_bytes", _B, "checkpoint to store (full model / adapter file)", "size",
@@ -156,14 +166,15 @@ METRICS: tuple[Metric, ...] = (
     Metric("predicted_grads_bytes", _B, "predicted gradients", "bytes", shown=False),
     Metric("predicted_optimizer_bytes", _B, "predicted Adam state", "bytes", shown=False),
     Metric("predicted_activations_bytes", _B, "predicted activations saved for backward", "bytes", shown=False),
-    Metric("predicted_flops_per_step", "FLOP", "predicted training FLOPs per optimizer step", "num", shown=False),
+    Metric("flops_per_step", "FLOP", "training FLOPs per optimizer step (matmuls of forward + backward, counted by "
+           "torch FlopCounterMode; Adam's elementwise update not included)", "num", shown=False, exact=True),
     Metric("tokens_per_step", _C, "tokens (or samples) per optimizer step", "count", shown=False),
-    Metric("device_matmul_flops", "FLOP/s", "matmul rate measured on the device at the start of the run", "num",
-           shown=False),
-    Metric("achieved_flops", "FLOP/s", "predicted FLOPs per step / median step time", "num", shown=False,
-           inputs=("predicted_flops_per_step", "step_s_p50"),
-           derive=lambda m, c: m["predicted_flops_per_step"] / m["step_s_p50"]
-           if _all(m, "predicted_flops_per_step", "step_s_p50") and m["step_s_p50"] > 0 else None),
+    Metric("device_matmul_flops", "FLOP/s", "best matmul rate measured at the start of the run, in the cell's dtype, on "
+           "the model's own GEMM shapes and a square one", "num", shown=False),
+    Metric("achieved_flops", "FLOP/s", "counted FLOPs per step / median step time", "num", shown=False,
+           inputs=("flops_per_step", "step_s_p50"),
+           derive=lambda m, c: m["flops_per_step"] / m["step_s_p50"]
+           if _all(m, "flops_per_step", "step_s_p50") and m["step_s_p50"] > 0 else None),
 )
 BY_KEY: dict[str, Metric] = {m.key: m for m in METRICS}
 # Descriptive facts of a row, strings: where they are kept instead of `metrics`.
@@ -205,6 +216,10 @@ class Row:
         """A row from raw measurements (numbers, Unavailable, INFO strings), derived figures added."""
         metrics, missing, info = split(measured or {})
         derive(cell, metrics, missing, info)
+        for key in ("epochs", "pretrain_epochs"):   # a diverged epoch's NaN loss is null in JSON
+            if key in fields:
+                fields[key] = [{k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in e.items()}
+                               for e in fields[key]]
         return cls(cell, Status(status), metrics, missing, {**info, **fields.pop("info", {})}, **fields)
 
     @classmethod
@@ -226,8 +241,9 @@ class Row:
         cell = Cell.from_dict(d["cell"])
         common = dict(environment=d.get("environment") or {}, error=d.get("error"), run_id=d.get("run_id", ""),
                       wall_s=d.get("wall_s", 0.0))
-        if d.get("schema", 1) >= 2:
-            return cls(cell, Status(d["status"]), d.get("metrics", {}), d.get("unavailable", {}), d.get("info", {}),
+        if d.get("schema", 1) >= 2:   # a figure this version no longer declares is dropped
+            metrics = {k: v for k, v in d.get("metrics", {}).items() if k in BY_KEY}
+            return cls(cell, Status(d["status"]), metrics, d.get("unavailable", {}), d.get("info", {}),
                        d.get("epochs", []), d.get("pretrain_epochs", []), **common)
         old = dict(d.get("metrics") or {})
         epochs, pretrain = old.pop("epochs", []), old.pop("pretrain_epochs", [])
@@ -269,7 +285,9 @@ def derive(cell: Cell, metrics: dict[str, Any], missing: dict[str, str], info: d
         if metric.derive is None:
             continue
         value = metric.derive(metrics, cell)
-        if value is not None and is_number(value):
+        if isinstance(value, Unavailable):   # computable, but not a figure to show: the reason says why
+            metrics[metric.key], missing[metric.key] = None, value.reason
+        elif value is not None and is_number(value):
             metrics[metric.key] = value
             missing.pop(metric.key, None)
         else:

@@ -263,21 +263,23 @@ def end_process(proc, grace_s: float = 0.0) -> None:
     proc.join()
 
 
-def _calibrate_child(device: str, dtype: str, conn) -> None:
+def _calibrate_child(device: str, gemms: dict[str, list], conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from .experiment import DTYPES
     from .trackers import measure_matmul_flops
     try:
-        conn.send(measure_matmul_flops(torch.device(device), DTYPES[dtype]))
+        conn.send({dtype: measure_matmul_flops(torch.device(device), DTYPES[dtype], shapes)
+                   for dtype, shapes in gemms.items()})
     finally:
         conn.close()
 
 
-def calibrate(device: str, dtype: str, start_method: str = "forkserver") -> float | None:
-    """The device's matmul rate (FLOP/s), measured once per run in a fresh process on the same device."""
+def calibrate(device: str, gemms: dict[str, list], start_method: str = "forkserver") -> dict[str, dict] | None:
+    """The device's matmul rate per dtype (FLOP/s, `trackers.measure_matmul_flops` on the cells'
+    GEMM shapes `gemms[dtype]`), measured once per run in a fresh process on the same device."""
     ctx = mp.get_context(start_method)
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_calibrate_child, args=(device, dtype, send), name="lorabench-calibrate")
+    proc = ctx.Process(target=_calibrate_child, args=(device, gemms, send), name="lorabench-calibrate")
     proc.start()
     send.close()
     try:
@@ -300,11 +302,12 @@ def pinning(device: str, slots: int) -> list[dict[str, str]]:
 
 
 def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], skipped: dict[str, str],
-              options: RunOptions, progress: bool) -> None:
+              options: RunOptions, progress: bool, gemms: dict[str, list] | None = None) -> None:
     """Run `cells` into `run`: a skipped cell gets its row at once; the matmul rate is measured
     once (calibration.json); then every cell runs, at most `options.parallel` at a time (one per
     pinned GPU), its row appended the moment it ends. `known[cell key]` holds the figures made
-    before it ran (its prediction). Interrupting (Ctrl-C) kills the running cells."""
+    before it ran (its prediction); `gemms[dtype]` the GEMM shapes the matmul rate is measured on.
+    Interrupting (Ctrl-C) kills the running cells."""
     for cell in cells:
         if cell.key() in skipped:
             run.append(Row.failure(cell, Status.SKIPPED, "PredictedNotToFit", skipped[cell.key()],
@@ -312,9 +315,11 @@ def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], 
     cells = [c for c in cells if c.key() not in skipped]
     if not cells:
         return
-    flops = calibrate(cells[0].device, cells[0].dtype, options.start_method)
-    if flops:
-        run.write_calibration({"device": cells[0].device, "dtype": cells[0].dtype, "matmul_flops": flops})
+    wanted = {c.dtype: [] for c in cells}
+    wanted.update({k: v for k, v in (gemms or {}).items() if k in wanted})
+    rates = calibrate(cells[0].device, wanted, options.start_method) or {}
+    if rates:
+        run.write_calibration({"device": cells[0].device, "rates": rates})
     bar = Progress(len(cells), progress and options.parallel == 1)
     slots = pinning(cells[0].device, options.parallel)
     free = list(range(len(slots)))
@@ -326,7 +331,8 @@ def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], 
                 slot = free.pop(0)
                 k, cell = pending.pop(0)
                 bar.cell_started(k, cell)
-                extra = {"device_matmul_flops": flops} if flops else {}
+                rate = rates.get(cell.dtype, {}).get("matmul_flops")
+                extra = {"device_matmul_flops": rate} if rate else {}
                 running[slot] = CellProcess(cell, options, env=slots[slot], known={**known.get(cell.key(), {}), **extra},
                                             on_epoch=bar.epoch)
             for slot, cp in list(running.items()):

@@ -67,7 +67,8 @@ def delta(full: Any, other: Any, kind: str) -> str:
     if kind in ("pct", "sci", "num") or full == 0:
         return ""
     if kind == "rate":
-        return f"{(other - full) / full * 100:+.1f}% faster" if other >= full else f"{(other - full) / full * 100:.1f}% slower"
+        change = abs(other - full) / full * 100
+        return f"{change:.1f}% faster" if other >= full else f"{change:.1f}% slower"
     return f"{(full - other) / full * 100:.2f}%"
 
 
@@ -255,7 +256,8 @@ def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
         "total": [fmt(p.total, "count") for p in counts],
         "trainable %": [f"{p.trainable_pct:.3f}%" for p in counts],
         "predicted memory (MiB)": [fmt(s.prediction.total_bytes, "bytes") for s in surveys],
-        "GFLOP/step": [f"{s.prediction.flops_per_step / 1e9:,.2f}" for s in surveys],
+        "GFLOP/step": [f"{s.prediction.flops_per_step / 1e9:,.2f}" if s.prediction.flops_per_step is not None
+                       else "unavailable" for s in surveys],
         "batch": [c.batch_size if c.grad_accum == 1 else f"{c.batch_size}x{c.grad_accum}" for c in cells],
         "samples": [c.samples for c in cells],
         "epochs (warm-up+timed)": [f"{c.warmup_epochs}+{c.epochs}" for c in cells],

@@ -34,8 +34,12 @@ class Task:
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(loss, logits) for one batch."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
         return F.cross_entropy(logits, batch["labels"]), logits
+
+    def loss_saved_bytes(self, rows: int, vocab: int) -> int:
+        """Bytes the loss keeps for backward beyond the model's layers (a classifier's few logits: 0)."""
+        return 0
 
     def correct(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
         """(number of correct predictions as a tensor, number of predictions)."""
@@ -57,8 +61,12 @@ class ImageClassification(Task):
 
 class CausalLM(Task):
     def loss(self, model, batch):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
         return out.loss, out.logits
+
+    def loss_saved_bytes(self, rows, vocab):
+        # transformers' loss upcasts the logits to fp32; log_softmax keeps its fp32 output for backward
+        return rows * vocab * 4
 
     def correct(self, logits, labels):
         pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]   # position i predicts token i + 1

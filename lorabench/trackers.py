@@ -254,26 +254,43 @@ def _unpack(t):
     return t
 
 
-def measure_matmul_flops(device, dtype, seconds: float = 0.5) -> float:
-    """Sustained FLOP/s of square matmuls at `dtype` on `device`: the ceiling that model FLOPs
-    utilisation is measured against. 2 n^3 FLOPs per n x n product; timed between synchronisations
-    after a warm-up, so kernel selection and clock ramp-up are excluded."""
+def measure_matmul_flops(device, dtype, shapes=(), seconds: float = 0.2) -> dict[str, Any]:
+    """Sustained FLOP/s of matmuls at `dtype` on `device`, on each (M, K, N) of `shapes` (the
+    model's own GEMMs) and on a square one: {"matmul_flops": the best, "shapes": each one's rate}.
+    The best is the ceiling model FLOPs utilisation is measured against: the model cannot beat
+    what the device does on the model's largest products, and a square GEMM alone can sit below
+    a wide one. 2 M K N FLOPs per product; each timed between synchronisations after a warm-up,
+    so kernel selection and clock ramp-up are excluded. The eight largest shapes are kept, and a
+    shape larger than the square one has its largest side halved until it is not (an LM head's
+    vocabulary-wide product would take a minute on a CPU); `shapes` says what was timed."""
     import time
 
     import torch
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    todo = []
+    for shape in sorted({tuple(int(x) for x in s) for s in shapes}, key=lambda s: -s[0] * s[1] * s[2])[:8]:
+        shape = list(shape)
+        while shape[0] * shape[1] * shape[2] > n ** 3:
+            i = shape.index(max(shape))
+            shape[i] //= 2
+        todo.append(tuple(shape))
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    count, t0 = 0, time.perf_counter()
-    while True:
-        for _ in range(4):
+    rates = []
+    for m, k, nn_ in [(n, n, n), *todo]:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, nn_, device=device, dtype=dtype)
+        for _ in range(3):
             a @ b
-        count += 4
         sync()
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds:
-            return 2 * n ** 3 * count / elapsed
+        count, t0 = 0, time.perf_counter()
+        while True:
+            for _ in range(4):
+                a @ b
+            count += 4
+            sync()
+            elapsed = time.perf_counter() - t0
+            if elapsed >= seconds:
+                break
+        rates.append({"shape": [m, k, nn_], "flops": 2 * m * k * nn_ * count / elapsed})
+        del a, b
+    return {"matmul_flops": max(r["flops"] for r in rates), "shapes": rates}

@@ -2,7 +2,8 @@
 
 They keep the real modules' call signatures, return types, units and exceptions:
 - FakeNVML follows nvidia-ml-py (`pynvml`): handles from index, UUID (GPU-/MIG-) or PCI bus id;
-  memory info in bytes; compute processes with `pid` and `usedGpuMemory` (None when NVML cannot
+  memory info in bytes, v1 (`used` includes driver-reserved memory) and v2 (`reserved` apart;
+  FUNCTION_NOT_FOUND where the driver lacks it); compute processes with `pid` and `usedGpuMemory` (None when NVML cannot
   say); total energy in millijoules; errors are pynvml's own NVMLError subclasses, built from codes.
 - FakeAmdsmi follows amdsmi: processor handles matched by BDF; `amdsmi_get_gpu_vram_usage` in MB;
   the process list as dicts (amdsmi >= 6.1) or as handles resolved by `amdsmi_get_gpu_process_info`;
@@ -22,7 +23,9 @@ class FakeGPU:
     uuid: str = "GPU-11111111-2222-3333-4444-555555555555"
     pci_bus_id: str = "00000000:3B:00.0"
     total: int = 80 * 2 ** 30
-    used: int = 2 * 2 ** 30
+    used: int = 2 * 2 ** 30                                         # processes' memory (v2's `used`)
+    reserved: int = 0                                               # the driver's own; v1's `used` includes it
+    v2: bool = True                                                 # the driver has nvmlDeviceGetMemoryInfo_v2
     processes: dict[int, int | None] = field(default_factory=dict)   # pid -> usedGpuMemory
     energy_mj: int | None = 1_000_000                               # None: counter not supported
     mig: list["FakeGPU"] = field(default_factory=list)
@@ -33,6 +36,7 @@ class FakeNVML:
     NVMLError_NotSupported = pynvml.NVMLError_NotSupported
     NVMLError_NoPermission = pynvml.NVMLError_NoPermission
     NVMLError_NotFound = pynvml.NVMLError_NotFound
+    nvmlMemory_v2 = pynvml.nvmlMemory_v2
 
     def __init__(self, gpus: list[FakeGPU], init_error: int | None = None, process_error: int | None = None):
         self.gpus, self.init_error, self.process_error = gpus, init_error, process_error
@@ -74,8 +78,16 @@ class FakeNVML:
                 return g
         raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
 
-    def nvmlDeviceGetMemoryInfo(self, handle: FakeGPU):
-        return SimpleNamespace(total=handle.total, free=handle.total - handle.used, used=handle.used)
+    def nvmlDeviceGetMemoryInfo(self, handle: FakeGPU, version=None):
+        """pynvml: no version -> nvmlMemory_t, whose `used` counts the driver-reserved memory too;
+        version=nvmlMemory_v2 -> the v2 struct (reserved apart), or FUNCTION_NOT_FOUND on an old driver."""
+        free = handle.total - handle.used - handle.reserved
+        if not version:
+            return SimpleNamespace(total=handle.total, free=free, used=handle.used + handle.reserved)
+        if not handle.v2:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        return SimpleNamespace(version=version, total=handle.total, reserved=handle.reserved, free=free,
+                               used=handle.used)
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeGPU):
         if self.process_error is not None:

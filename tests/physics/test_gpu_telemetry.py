@@ -66,7 +66,7 @@ def test_nvml_samples_this_process_and_the_device():
         gpu.processes[me()] = int(1.5 * GiB)     # this process allocates, then frees
         gpu.used = int(4.5 * GiB)
         deadline = time.monotonic() + 10         # a busy machine may delay the sampler's thread: wait for a sample
-        while t.device_peak < gpu.used and time.monotonic() < deadline:
+        while (t.device_peak < gpu.used or t.process_peak < gpu.processes[me()]) and time.monotonic() < deadline:
             time.sleep(0.001)
         gpu.processes[me()] = int(0.5 * GiB)
         gpu.used = int(3.5 * GiB)
@@ -96,8 +96,34 @@ def test_nvml_permission_error_while_listing_processes_is_reported():
     with NvmlMemory(FakeNVML([gpu], process_error=pynvml.NVML_ERROR_NO_PERMISSION), gpu, interval_s=0.001) as t:
         pass
     r = t.result()
-    assert is_unavailable(r["nvml_process_peak_bytes"])
+    # the driver's own error, not a guess about containers; the device figure goes on
+    assert r["nvml_process_peak_bytes"] == Unavailable(
+        "NVML could not list the device's processes (NVMLError_NoPermission: Insufficient Permissions)")
     assert r["nvml_device_used_peak_bytes"] == gpu.used
+
+
+def test_nvml_used_leaves_out_driver_reserved_memory_where_v2_exists():
+    idle = FakeGPU(used=0, reserved=512 * 2 ** 20)          # an idle card: the driver keeps 512 MiB for itself
+    t = NvmlMemory(FakeNVML([idle]), idle)
+    assert t.before_bytes == 0 and t.source == "NVML memory info v2: used, excluding 512 MiB driver-reserved"
+    old = FakeGPU(used=0, reserved=512 * 2 ** 20, v2=False)  # a driver without nvmlDeviceGetMemoryInfo_v2
+    t = NvmlMemory(FakeNVML([old]), old)
+    assert t.before_bytes == 512 * 2 ** 20
+    assert t.source.startswith("NVML memory info v1: used, driver-reserved memory included (no v2: Function Not Found")
+    with t:
+        pass
+    assert t.result()["nvml_device_used_peak_bytes"] == 512 * 2 ** 20
+
+
+def test_the_process_tree_is_walked_once_a_second_not_every_sample(monkeypatch):
+    calls = []
+    real = drivers.psutil.Process.children
+    monkeypatch.setattr(drivers.psutil.Process, "children", lambda self, **kw: calls.append(1) or real(self, **kw))
+    gpu = FakeGPU(processes={me(): GiB})
+    t = NvmlMemory(FakeNVML([gpu]), gpu, interval_s=0.001)
+    for _ in range(200):
+        t._sample()
+    assert len(calls) == 1 and t.process_peak == GiB
 
 
 def test_nvml_energy_per_interval_and_not_supported():
@@ -107,7 +133,8 @@ def test_nvml_energy_per_interval_and_not_supported():
         meter.begin()
         gpu.energy_mj += joules * 1000
         meter.end()
-    assert meter.result() == {"energy_j_per_epoch": 300.0, "energy_source": "NVML total energy counter"}
+    assert meter.result() == {"energy_j_per_epoch": 300.0, "energy_source":
+                              "NVML total energy counter (the whole device: other processes' work included)"}
     old = FakeGPU(energy_mj=None)                 # pre-Volta: NVML_ERROR_NOT_SUPPORTED
     meter = nvml_energy(FakeNVML([old]), old)
     meter.begin()
@@ -124,7 +151,17 @@ def test_driver_trackers_use_nvml_by_identity(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None)
     trackers, energy, info, missing = drivers.driver_trackers(torch.device("cuda", 0), 0.001)
     assert isinstance(trackers[0], NvmlMemory) and trackers[0].handle is gpu
-    assert info == {"gpu_driver_view": "NVML", "gpu_driver": "550.54.15"}
+    assert info == {"gpu_driver_view": "NVML", "gpu_driver": "550.54.15",
+                    "gpu_memory_used": "NVML memory info v2: used, excluding 0 MiB driver-reserved"}
+
+
+@pytest.mark.parametrize("rocm,name,expected", [(False, "NVIDIA H100 80GB HBM3", "sm_90"),
+                                                (True, "gfx90a:sramecc+:xnack-", "gfx90a")])
+def test_gpu_arch_is_the_compute_capability_on_cuda_and_the_gfx_target_on_rocm(rocm, name, expected):
+    # torch on CUDA puts the card's name in gcnArchName; only a ROCm build's is an architecture
+    from types import SimpleNamespace
+    props = SimpleNamespace(gcnArchName=name, major=9 if not rocm else 9, minor=0)
+    assert environment.gpu_arch(props, rocm) == expected
 
 
 def test_driver_trackers_without_the_library_report_why(monkeypatch):

@@ -101,3 +101,37 @@ def test_saved_activations_of_the_mlp_equal_the_closed_form_and_reparam_keeps_th
     assert 0 < saved["lora"] - saved["full"] < 16 * 2 * 3 * 4 * 2
     # the re-parametrized second and third layers keep their materialised W + BA for grad-input
     assert saved["lora-reparam"] - saved["full"] >= (4096 * 2048 + 2048 * 10) * 4
+
+
+def test_activation_memory_does_not_grow_with_the_data_set():
+    """The peak above weights+data is the step's, not the data set's: an epoch gathers each batch
+    by index and never a shuffled copy of the whole set (which at 16,384 images is 192 MiB)."""
+    from torch import nn
+
+    from lorabench.trackers import HostMemory
+    task = TASKS["image-classification"]
+    above = {}
+    for n in (1024, 16384):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3072, 16), nn.ReLU(), nn.Linear(16, 10))
+        ds = synthetic("image-classification", samples=n, eval_samples=64, seq_len=1, seed=0)
+        with HostMemory(0.002) as t:
+            fit(model, task, ds, epochs=2, warmup_epochs=0, batch_size=64, device=CPU)
+        r = t.result()
+        above[n] = r["host_peak_above_baseline_bytes"]
+        del ds
+    assert abs(above[16384] - above[1024]) < 8 * 2 ** 20, above
+
+
+def test_a_diverging_cell_is_a_diverged_row_with_null_losses_not_a_crash():
+    import json
+
+    from lorabench.experiment import execute
+    from lorabench.rows import Status
+    row = execute(Cell(model="cifar-mlp", method="lora", rank=2, lr=1e30, samples=64, eval_samples=16, batch_size=16,
+                       epochs=1, warmup_epochs=1))
+    assert row.status is Status.DIVERGED and row.error["type"] == "Diverged"
+    assert "epoch 1" in row.error["message"] and row.epochs[0]["train_loss"] is None
+    assert row.metrics["step_s_p50"] is None and "diverged" in row.unavailable["step_s_p50"]
+    assert row.metrics["params_trainable"] > 0       # what was measured before it diverged stays
+    json.dumps(row.to_json(), allow_nan=False)

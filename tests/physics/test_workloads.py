@@ -61,21 +61,47 @@ def test_prediction_for_full_fp32_is_16_bytes_per_parameter_plus_activations():
     s = survey(Cell(model="cifar-mlp", method="full", batch_size=8))
     p = s.prediction
     assert (p.weights_bytes, p.grads_bytes, p.optimizer_bytes) == (4 * 20_998_154, 4 * 20_998_154, 8 * 20_998_154)
-    matmul = 3072 * 4096 + 4096 * 2048 + 2048 * 10
-    assert p.flops_per_step == 6 * matmul * 8
     assert p.activations_bytes == 8 * (4096 + 2048 + 10) * 4   # each layer's output, per sample, fp32
-    lora = survey(Cell(model="cifar-mlp", method="lora", rank=1, batch_size=8)).prediction
-    assert lora.flops_per_step == (4 * matmul + 6 * 15_370) * 8
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "lora-reparam"])
+def test_counted_flops_of_the_mlp_equal_the_closed_form(method):
+    """FlopCounterMode on the meta device against the textbook count: the first layer computes no
+    input gradient; re-parametrization pays a full weight gradient and its B A products."""
+    from lorabench import flops
+    cell = Cell(model="cifar-mlp", method=method, batch_size=8, grad_accum=2, **({} if method == "full" else {"rank": 4}))
+    counted = survey(cell).prediction.flops
+    with torch.device("meta"):
+        module = METHODS[method].apply(models.build("cifar-mlp"), cell.adapter).module
+    closed = flops.closed_form(module, rows=8)
+    assert counted.forward == 2 * closed.forward and counted.backward == 2 * closed.backward   # 2 micro-batches
+    matmul = 3072 * 4096 + 4096 * 2048 + 2048 * 10
+    if method == "full":   # 2N forward, 2N weight gradients, input gradients for all but the first layer
+        assert counted.total == 16 * (6 * matmul - 2 * 3072 * 4096)
+
+
+@pytest.mark.parametrize("model", ["bert-tiny", "bloom-560m"])
+def test_transformer_flops_are_counted_and_lora_skips_the_frozen_weight_gradients(model):
+    full = survey(Cell(model=model, method="full", batch_size=4, seq_len=32)).prediction.flops
+    lora = survey(Cell(model=model, method="lora", rank=8, batch_size=4, seq_len=32)).prediction.flops
+    assert full.forward > 0 and lora.forward >= full.forward           # the adapters add a little forward work
+    # no weight gradients for frozen weights, and none of anything below the first adapter: about half
+    assert 0.4 * full.backward < lora.backward < 0.6 * full.backward
 
 
 @pytest.mark.parametrize("model,method,tolerance", [
     ("cifar-mlp", "full", 0.0), ("cifar-mlp", "lora", 0.0), ("cifar-mlp", "lora-reparam", 0.0),
-    ("bert-tiny", "full", 0.2), ("bert-tiny", "lora", 0.2), ("bert-tiny", "lora-reparam", 0.2)])
-def test_activation_prediction_matches_what_autograd_saves(model, method, tolerance):
+    ("bert-tiny", "full", 0.2), ("bert-tiny", "lora", 0.2), ("bert-tiny", "lora-reparam", 0.2),
+    ("tiny-bloom", "full", 0.2), ("tiny-bloom", "lora", 0.2)])
+def test_activation_prediction_matches_what_autograd_saves(model, method, tolerance, local_models):
     """The closed form against the saved-tensor count of a real forward: exact for the MLP (layer
     outputs, A's outputs, re-parametrization's merged weights), within 20 % for Korthikanti et al.'s
-    transformer estimate (and its LoRA variant, where frozen Linear layers keep no input)."""
+    transformer estimate (and its LoRA variant, where frozen Linear layers keep no input). A causal
+    LM's fp32 log-probabilities (batch x seq x vocab x 4 bytes) dominate a small-hidden, large-vocab
+    model: the tiny Bloom's vocabulary is 50,000."""
     from lorabench.trackers import SavedTensors
+    if model == "tiny-bloom":
+        model = f"hf:{local_models / 'tiny-bloom'}"
     cell = Cell(model=model, method=method, batch_size=16, seq_len=64, **({} if method == "full" else {"rank": 8}))
     bundle = models.build(model)
     module = METHODS[method].apply(bundle, cell.adapter).module
@@ -217,6 +243,8 @@ def local_models(tmp_path_factory):
                                   ).save_pretrained(root / "tiny-bert")
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300, n_positions=64)
                     ).save_pretrained(root / "tiny-gpt2")
+    from transformers import BloomConfig, BloomForCausalLM
+    BloomForCausalLM(BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=50_000)).save_pretrained(root / "tiny-bloom")
     return root
 
 

@@ -35,7 +35,7 @@ def test_an_undeclared_metric_is_refused():
 
 def test_derived_figures_by_hand():
     m = {"weights_bytes": 100, "grads_bytes": 10, "optimizer_state_bytes": 20, "host_peak_above_baseline_bytes": 50,
-         "torch_peak_above_baseline_bytes": Unavailable("cpu"), "step_s_p50": 0.5, "predicted_flops_per_step": 1e9,
+         "torch_peak_above_baseline_bytes": Unavailable("cpu"), "step_s_p50": 0.5, "flops_per_step": 1e9,
          "device_matmul_flops": 4e9, "params_trainable": 5, "params_total": 200, "model_file_bytes": 400,
          "adapter_file_bytes": 30}
     d = Row.make(CELL, Status.OK, m).metrics
@@ -47,6 +47,21 @@ def test_derived_figures_by_hand():
     assert d["checkpoint_bytes"] == 30                           # the adapter file, not the model
     row = Row.make(CELL, Status.OK, {**m, "torch_peak_above_baseline_bytes": 45})
     assert row.metrics["activations_bytes"] == 15 and row.info["activations_source"] == "torch allocator"
+
+
+def test_an_mfu_above_100_percent_is_a_measurement_problem_not_a_figure():
+    row = Row.make(CELL, Status.OK, {"step_s_p50": 0.5, "flops_per_step": 3e9, "device_matmul_flops": 4e9})
+    assert row.metrics["achieved_flops"] == 6e9 and row.metrics["mfu_pct"] is None
+    assert row.unavailable["mfu_pct"].startswith("measurement problem: 150 % of the calibrated matmul rate")
+
+
+def test_a_diverged_rows_nan_losses_are_null_and_the_row_is_valid_json():
+    import json
+    row = Row.make(CELL, Status.DIVERGED, {"final_eval_loss": float("nan")},
+                   epochs=[{"epoch": 1, "train_loss": float("nan"), "eval_loss": float("inf"), "epoch_s": 0.1}])
+    assert row.epochs == [{"epoch": 1, "train_loss": None, "eval_loss": None, "epoch_s": 0.1}]
+    assert row.metrics["final_eval_loss"] is None and "nan" in row.unavailable["final_eval_loss"]
+    json.dumps(row.to_json(), allow_nan=False)
 
 
 def test_a_derived_figure_carries_the_reason_of_a_missing_input():
