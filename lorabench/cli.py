@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmp_.add_argument(f"--{kind}-threshold", type=float, default=default, metavar="PCT" if unit == "%" else unit.upper(),
                           help=f"{worse} by more than this many {unit.replace('%', '%%')} (default {default:g})")
     cmp_.add_argument("--fail-on-regression", action="store_true", help="exit 1 when any regression is flagged")
+    cmp_.add_argument("--allow-environment-change", action="store_true",
+                      help="compare runs whose device model, GPU driver or torch version differ (refused otherwise)")
     cmp_.add_argument("-o", "--output", type=Path, help="also write the comparison (markdown) to this file")
 
     lst = sub.add_parser("list", help="list models, methods and presets", description="List the registries.")
@@ -309,9 +311,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from . import report
     from .compare import THRESHOLDS, compare
-
     limits = {kind: getattr(args, f"{kind}_threshold") for kind in THRESHOLDS}
-    result = compare(_load_rows([args.base])[0], _load_rows([args.new])[0], limits)
+    result = compare(_load_rows([args.base])[0], _load_rows([args.new])[0], limits, args.allow_environment_change)
     text = report.comparison_report(result, args.base.name, args.new.name)
     print(text)
     if args.output:

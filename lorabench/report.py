@@ -192,6 +192,9 @@ def summary(rows: list[Row]) -> str:
 def comparison_report(cmp, base_name: str, new_name: str) -> str:
     """The change of every figure of every matched cell, regressions flagged."""
     out = [f"# lorabench compare: {base_name} -> {new_name}", ""]
+    if cmp.environment_changes:
+        out += ["**The environment changed** (compared anyway, --allow-environment-change): "
+                + "; ".join(cmp.environment_changes) + ". Differences below may be the machine's, not the code's.", ""]
     regs = cmp.regressions
     out.append(f"{len(regs)} regression(s) flagged among {len(cmp.changes)} figures compared." if regs
                else f"No regression among {len(cmp.changes)} figures compared.")

@@ -92,3 +92,53 @@ def test_workflows_pass_actionlint_and_have_their_triggers():
     assert "pull_request" in ci[True]
     ci_runs = [step.get("run", "") for step in ci["jobs"]["test"]["steps"]]
     assert "python -m pytest" in ci_runs and "python -m pytest tests/system" in ci_runs
+
+
+def upload_and_download(paths: list[Path], into: Path) -> None:
+    """What upload-artifact then `gh run download --dir into` do: the artifact is rooted at the
+    least common ancestor of the uploaded paths (a single directory is its own root), and its
+    contents land under `into`."""
+    import os
+    root = Path(os.path.commonpath([str(p) for p in paths])) if len(paths) > 1 else paths[0]
+    root = root if root.is_dir() else root.parent
+    for p in paths:
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+        for f in files:
+            dest = into / f.relative_to(root)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dest)
+
+
+@pytest.mark.parametrize("uploaded", [["nightly"], ["nightly", "nightly-report", "compare.md"],
+                                      ["nightly", "report", "compare.md"]])
+def test_the_nightly_finds_its_baseline_whatever_the_artifact_layout(tmp_path, uploaded):
+    """The second night must find the first night's run directory: upload-artifact with several
+    paths roots the artifact at their common ancestor (baseline/nightly/<run>/, beside
+    baseline/report/), with one path at the path itself (baseline/<run>/)."""
+    night = tmp_path / "workspace"
+    for run_id in ("20261120-031700-aaaaaa", "20261121-031700-bbbbbb"):
+        (night / "nightly" / run_id).mkdir(parents=True)
+        (night / "nightly" / run_id / "results.jsonl").write_text("{}\n")
+        for folder in ("nightly-report", "report"):
+            (night / folder / run_id).mkdir(parents=True)
+            (night / folder / f"{run_id}.md").write_text("# report\n")
+    (night / "nightly" / "bench.json").write_text("{}")
+    (night / "compare.md").write_text("ok\n")
+    upload_and_download([night / p for p in uploaded], tmp_path / "baseline")
+    script = ROOT / ".github" / "scripts" / "latest-run"
+    out = subprocess.run([str(script), str(tmp_path / "baseline")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    found = Path(out.stdout.strip())
+    assert found.name == "20261121-031700-bbbbbb" and (found / "results.jsonl").is_file()
+    empty = subprocess.run([str(script), str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert empty.returncode == 1 and empty.stdout == ""
+
+
+def test_the_nightly_checks_first_and_keeps_one_baseline_per_accelerator():
+    job = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-nightly.yml").read_text())["jobs"]["gpu"]
+    runs = [step.get("run", "") for step in job["steps"]]
+    assert runs[2] == "lorabench check"    # after checkout and install, before anything is measured
+    baseline = next(s for s in job["steps"] if s.get("with", {}).get("name", "").startswith("baseline-"))
+    assert baseline["if"] == "success()" and baseline["with"]["name"] == "baseline-${{ matrix.accelerator }}"
+    summary = next(r for r in runs if "GITHUB_STEP_SUMMARY" in r)
+    assert "report/*.md" not in summary    # not the committed CPU reference report

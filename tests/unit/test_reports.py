@@ -88,6 +88,26 @@ def test_a_planted_slower_cell_is_flagged_and_fails_the_gate(rows, cli, in_tmp):
     assert code == 0 and out.count("REGRESSION") == 4   # 2 figures x 2 models
 
 
+def test_a_repeat_missing_a_figure_keeps_it_out_of_compare(rows):
+    """A median of the other repeats would stand in for the missing one: the figure is not compared."""
+    full = next(r for r in rows if r.cell.is_baseline)
+    two = [full.replace(cell=dataclasses.replace(full.cell, repeat=i), metrics={"epoch_s": v, "step_s_p50": 0.1})
+           for i, v in enumerate([1.0, None])]
+    assert {c.figure for c in compare(two, two).changes} == {"step_s_p50"}
+
+
+def test_a_changed_gpu_or_torch_is_refused_unless_allowed(rows, cli, in_tmp):
+    moved = [r.replace(environment={**r.environment, "torch": "9.9.9", "gpu_name": "NVIDIA H200"}) for r in rows]
+    for name, these in (("base", rows), ("moved", moved)):
+        RunDir.create(in_tmp, name).rewrite(these)
+    code, out, err = cli("compare", "base", "moved")
+    assert code == 2 and err.count("\n") == 1 and "GPU model: unknown -> NVIDIA H200" in err
+    assert "torch version: 2." in err and "-> 9.9.9" in err and "--allow-environment-change" in err
+    code, out, err = cli("compare", "base", "moved", "--allow-environment-change")
+    assert code == 0 and out.splitlines()[2].startswith("**The environment changed**")
+    assert compare(rows, rows).environment_changes == []
+
+
 def test_changed_parameter_counts_are_called_out(rows):
     new = [r.replace(metrics={**r.metrics, "params_trainable": r.metrics["params_trainable"] + 1}) for r in rows]
     exact = [c for c in compare(rows, new).changes if c.figure == "params_trainable"]
