@@ -1,4 +1,4 @@
-"""The command line: `lorabench run | report | compare | list | merge`. It parses, validates and prints.
+"""The command line: `lorabench run | report | compare | check | list | merge`. It parses, validates and prints.
 
     lorabench --help
 
@@ -78,6 +78,7 @@ def _given(args: argparse.Namespace, cls) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     from .cells import Cell, csv_list
     from .compare import THRESHOLDS
+    from .environment import installed_version
     from .methods import METHODS
     from .plan import PRESETS
     from .runner import RunOptions
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lorabench", description=(
         "Measure what LoRA buys against full fine-tuning on this machine: trainable parameters, "
         "peak memory, epoch time and task quality, at every rank."))
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a matrix of cells and write results and a report", description=(
@@ -143,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="compare runs whose device model, GPU driver or torch version differ (refused otherwise)")
     cmp_.add_argument("-o", "--output", type=Path, help="also write the comparison (markdown) to this file")
 
+    chk = sub.add_parser("check", help="prove the measurement stack on this machine (run it on a new machine)",
+                         description="Measure what is known in advance with the trackers a cell uses; print check, "
+                                     "measured, expected, verdict; exit 1 if any fails (see lorabench/check.py).")
+    chk.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="auto: the GPU checks too when torch sees a GPU (default)")
+
     lst = sub.add_parser("list", help="list models, methods and presets", description="List the registries.")
     lst.add_argument("--metrics", action="store_true", help="print the table of figures a result row holds")
 
@@ -153,14 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="the merged run directory (new)")
     mrg.add_argument("--report-dir", type=Path, default=Path("report"), help="report directory (default: report)")
     return parser
-
-
-def _version() -> str:
-    from importlib import metadata
-    try:
-        return metadata.version("lorabench")
-    except metadata.PackageNotFoundError:   # run from a checkout without installing
-        return "unknown"
 
 
 def _options(args: argparse.Namespace, device: str):
@@ -321,13 +320,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_FAILED_CELLS if (args.fail_on_regression and result.regressions) else EXIT_OK
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import check, environment, report
+    device = environment.resolve_device(args.device)
+    t0 = time.perf_counter()
+    results = check.run_checks(device, lambda name: print(f"lorabench check: {name} ...", file=sys.stderr))
+    print(report.check_table(results, device, time.perf_counter() - t0))
+    return EXIT_OK if all(c.ok for c in results) else EXIT_FAILED_CELLS
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from . import report
     print(report.metrics_table() if args.metrics else report.registries())
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "list": cmd_list, "merge": cmd_merge, "compare": cmd_compare}
+COMMANDS = {"run": cmd_run, "report": cmd_report, "list": cmd_list, "merge": cmd_merge, "compare": cmd_compare,
+            "check": cmd_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,15 @@ import torch
 VISIBLE_DEVICE_VARS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
 
 
+def installed_version() -> str:
+    """lorabench's own version as installed ("unknown" when run from a checkout without installing)."""
+    from importlib import metadata
+    try:
+        return metadata.version("lorabench")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__

@@ -224,6 +224,15 @@ def comparison_report(cmp, base_name: str, new_name: str) -> str:
     return "\n".join(out)
 
 
+def check_table(checks, device: str, seconds: float) -> str:
+    """`lorabench check`'s table: check, measured, expected, verdict."""
+    df = pd.DataFrame({"check": [c.name for c in checks], "measured": [c.measured for c in checks],
+                       "expected": [c.expected for c in checks], "verdict": ["pass" if c.ok else "FAIL" for c in checks]})
+    failed = sum(not c.ok for c in checks)
+    verdict = "every check passed" if not failed else f"{failed} of {len(checks)} checks FAILED"
+    return "\n".join([f"# lorabench check on {device}: {verdict} ({seconds:.1f} s)", "", markdown(df), ""])
+
+
 def _fmt_any(v: float) -> str:
     if abs(v) >= 1e6:
         return f"{v:,.0f}"

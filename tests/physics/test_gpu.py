@@ -45,3 +45,25 @@ def test_the_driver_sees_the_context_on_top_of_the_allocators_pool(gpu_row):
     if gpu_row.metrics.get(key) is None:
         pytest.skip(f"the driver gives no per-process figure here: {gpu_row.unavailable.get(key, 'not recorded')}")
     assert gpu_row.metrics[key] >= gpu_row.metrics["torch_peak_reserved_bytes"]
+
+
+def test_pretraining_leaves_no_cached_blocks_in_the_lora_cells_peaks(gpu_row):
+    """Seed 002 pretrains the MLP in full before adapting it: its gradients, Adam state and cached
+    blocks must be gone before the trackers start, so the LoRA cell's reserved peak sits well
+    below full fine-tuning's (which holds 16 bytes per parameter)."""
+    lora = execute(Cell(model="cifar-mlp", method="lora-reparam", rank=1, device="cuda", samples=256, eval_samples=64,
+                        batch_size=32, epochs=1, warmup_epochs=1, pretrain_epochs=1))
+    assert lora.ok, lora.error
+    full = gpu_row.metrics["torch_peak_reserved_bytes"]
+    assert lora.metrics["torch_peak_reserved_bytes"] < 0.5 * full, (lora.metrics["torch_peak_reserved_bytes"], full)
+
+
+def test_gpu_arch_is_a_compute_capability_or_a_gfx_target(gpu_row):
+    arch = gpu_row.environment["gpu_arch"]
+    assert arch.startswith("gfx" if torch.version.hip else "sm_"), arch
+
+
+def test_lorabench_check_passes_on_this_gpu():
+    from lorabench.check import run_checks
+    failed = [c for c in run_checks("cuda") if not c.ok]
+    assert not failed, failed

@@ -149,3 +149,28 @@ def test_parallel_pins_one_gpu_per_slot(monkeypatch):
     monkeypatch.delenv("HIP_VISIBLE_DEVICES", raising=False)
     assert runner.pinning("cuda", 2) == [{"HIP_VISIBLE_DEVICES": "0"}, {"HIP_VISIBLE_DEVICES": "1"}]
     assert runner.pinning("cpu", 1) == [{}]
+
+
+def test_check_proves_the_cpu_stack_and_prints_its_table(tmp_path):
+    """In a fresh process, as a user runs it: the RSS check compares against the process's own
+    lifetime high-water mark, which a pytest process has long passed."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "lorabench", "check", "--device", "cpu"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("# lorabench check on cpu: every check passed")
+    assert "| check " in lines[2] and "| verdict" in lines[2]
+    for name in ("host RSS sampler", "clock", "FlopCounterMode vs closed form", "saved activations", "matmul ceiling"):
+        assert any(name in line and "| pass" in line for line in lines), name
+    assert list(tmp_path.iterdir()) == []   # writes nothing
+
+
+def test_check_reports_a_failing_check_with_exit_1(monkeypatch, capsys):
+    from lorabench import check, cli
+    monkeypatch.setattr(check, "clock", lambda: check.Check("clock: 200 ms sleep", "350.0 ms", "200 to 220 ms", False))
+    monkeypatch.setattr(check, "host_rss", lambda: check.Check("host", "x", "x", True))
+    code = cli.main(["check", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 1 and "1 of 5 checks FAILED" in out and "| FAIL" in out

@@ -10,7 +10,7 @@ from lorabench.rows import Row, Status
 from lorabench.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_ID = "20261122-075125-2e42e4"
+RUN_ID = "20261123-211355-558bee"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,258 @@
+"""`lorabench check`: prove the measurement stack on this machine, against figures known in advance.
+
+    lorabench check                 # on a new machine, before trusting any figure it prints
+
+Each check measures something whose answer is known (a buffer of a known size, a sleep of a
+known length, a model whose FLOPs and saved activations have a closed form) with the very
+trackers, clocks and counters a cell uses, and says whether the reading agrees. On the CPU: the
+host-memory sampler against the kernel's own high-water mark, the clock against a sleep,
+FlopCounterMode and the saved-tensor hooks against closed forms, and the matmul ceiling against
+a timed training step (model FLOPs utilisation can only be trusted if it cannot pass 100 %). On a
+GPU, in addition: the allocator against the driver's view of a known allocation, CUDA events
+against the synchronised wall clock, the memory sampler's cost on a step, every visible device's
+UUID / PCI mapping to the driver, and the energy counter advancing.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .methods import BASELINE
+
+MiB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    measured: str
+    expected: str
+    ok: bool
+
+
+def _mlp(method: str, device: torch.device):
+    from . import models
+    from .methods import METHODS, Adapter
+    bundle = models.build("cifar-mlp")
+    adapted = METHODS[method].apply(bundle, Adapter(rank=4 if METHODS[method].adapts else None, model="cifar-mlp"))
+    return bundle.task, adapted.module.to(device)
+
+
+def host_rss() -> Check:
+    """A 512 MiB buffer, every page touched: the sampler's peak above its baseline must see it,
+    and the kernel's high-water mark (getrusage) must agree with the sampled peak where the buffer
+    set a new mark (a process that was larger before keeps its old mark, which must then be above)."""
+    from .trackers import HostMemory
+    size = 512 * MiB
+    mark_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
+    with HostMemory(0.005) as t:
+        buf = torch.ones(size // 4, dtype=torch.float32)   # ones: every page written, so resident
+        time.sleep(0.05)                                     # at least one sample while it lives
+        del buf
+    r = t.result()
+    rise, peak = r["host_peak_above_baseline_bytes"], r["host_peak_rss_bytes"]
+    mark = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    agrees = abs(mark - peak) <= 0.05 * peak if peak > mark_before else mark >= peak
+    ok = abs(rise - size) <= 0.1 * size and agrees
+    return Check("host RSS sampler: 512 MiB buffer", f"+{rise / MiB:,.0f} MiB; peak {peak / MiB:,.0f} MiB vs "
+                 f"getrusage {mark / MiB:,.0f} MiB", "+512 MiB within 10 %; peak = getrusage within 5 %", ok)
+
+
+def clock() -> Check:
+    t0 = time.perf_counter()
+    time.sleep(0.2)
+    took = time.perf_counter() - t0
+    return Check("clock: 200 ms sleep", f"{took * 1e3:.1f} ms", "200 to 220 ms", 0.2 <= took <= 0.22)
+
+
+def flops_closed_form() -> Check:
+    """FlopCounterMode on the meta device against the closed form, for the three methods."""
+    from . import flops, models
+    from .methods import METHODS, Adapter
+    out = []
+    for method in METHODS:
+        with torch.device("meta"):
+            bundle = models.build("cifar-mlp")
+            module = METHODS[method].apply(bundle, Adapter(rank=4 if METHODS[method].adapts else None)).module
+        counted = flops.count(module, bundle.task, batch_size=16, grad_accum=1, seq_len=1, vocab_size=None,
+                              num_labels=10)
+        out.append((method, counted.total, flops.closed_form(module, 16).total))
+    ok = all(c == e for _, c, e in out)
+    return Check("FLOPs: FlopCounterMode vs closed form (MLP, batch 16)",
+                 ", ".join(f"{m} {c / 1e9:.3f}" for m, c, _ in out) + " GFLOP",
+                 ", ".join(f"{m} {e / 1e9:.3f}" for m, _, e in out) + " GFLOP", ok)
+
+
+def saved_tensors() -> Check:
+    """The saved-tensor hooks against the closed form: each layer's output per sample, fp32."""
+    from .trackers import SavedTensors
+    task, module = _mlp(BASELINE, torch.device("cpu"))
+    x = torch.randn(8, 3, 32, 32)
+    batch = {"x": x, "labels": torch.zeros(8, dtype=torch.long)}
+    exclude = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *batch.values())}   # not activations
+    with SavedTensors(exclude) as saved:
+        task.loss(module, batch)
+    measured = saved.result()["activations_saved_bytes"]
+    expected = 8 * (4096 + 2048 + 10) * 4 + 4   # + nll_loss's fp32 total weight
+    return Check("saved activations: MLP forward, batch 8", f"{measured:,} B", f"{expected:,} B", measured == expected)
+
+
+def matmul_ceiling(device: torch.device) -> Check:
+    """The ceiling MFU is measured against, on the MLP's GEMMs, against a timed training step of
+    the MLP: the step's counted FLOPs per second must not exceed it."""
+    from . import flops
+    from .trackers import measure_matmul_flops
+    task, module = _mlp(BASELINE, device)
+    rows = 64
+    ceiling = measure_matmul_flops(device, torch.float32, flops.gemm_shapes(module, rows))["matmul_flops"]
+    per_step = flops.closed_form(module, rows).total   # shapes only; equal to the counter (the check above)
+    batch = {"x": torch.randn(rows, 3, 32, 32, device=device), "labels": torch.zeros(rows, dtype=torch.long, device=device)}
+    step = _timed(lambda: task.loss(module, batch)[0].backward(), device, repeats=10)
+    achieved = per_step / step
+    return Check("matmul ceiling vs a timed MLP training step", f"step {achieved / 1e9:,.1f} GFLOP/s; ceiling "
+                 f"{ceiling / 1e9:,.1f} GFLOP/s (MFU {100 * achieved / ceiling:.0f} %)", "MFU <= 100 %",
+                 achieved <= ceiling)
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of `fn` after two warm-up calls, the device synchronised around each."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(repeats + 2):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+# ---- on a GPU ---------------------------------------------------------------------------------
+
+def allocator_vs_driver(device: torch.device) -> Check:
+    """1 GiB allocated: the allocator must count it, and the driver's view of this process must sit
+    between the allocator's reserved bytes and those plus the CUDA context (read before)."""
+    from .drivers import driver_trackers
+    trackers, _, _, missing = driver_trackers(device, 0.005)
+    if not trackers:
+        return Check("allocator vs driver: 1 GiB", f"driver view unavailable: {next(iter(missing.values())).reason}",
+                     "a driver reading", False)
+    torch.empty(1, device=device)   # the context exists before the driver is read
+    torch.cuda.synchronize(device)
+    sampler = trackers[0]
+    with sampler:
+        time.sleep(0.05)
+    before = sampler.process_peak
+    context = before - torch.cuda.memory_reserved(device)
+    allocated0 = torch.cuda.memory_allocated(device)
+    with sampler:
+        buf = torch.ones(2 ** 28, device=device)   # 1 GiB, written
+        torch.cuda.synchronize(device)
+        time.sleep(0.05)
+        allocated = torch.cuda.memory_allocated(device) - allocated0
+        reserved = torch.cuda.memory_reserved(device)
+        del buf
+    driver = sampler.process_peak
+    ok = allocated == 2 ** 30 and reserved <= driver <= reserved + context + 64 * MiB
+    return Check("allocator vs driver: 1 GiB", f"allocated +{allocated / MiB:,.0f} MiB; reserved {reserved / MiB:,.0f} "
+                 f"<= driver {driver / MiB:,.0f} MiB (context {context / MiB:,.0f} MiB)",
+                 "+1,024 MiB; reserved <= driver <= reserved + context", ok)
+
+
+def events_vs_wall(device: torch.device) -> Check:
+    a = torch.randn(4096, 4096, device=device)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(50):
+        a @ a
+    end.record()
+    torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+    events = start.elapsed_time(end) / 1e3
+    ok = events <= wall and wall - events <= 0.05 * wall + 1e-3
+    return Check("CUDA events vs synchronised wall clock: 50 matmuls", f"events {events * 1e3:.2f} ms, wall "
+                 f"{wall * 1e3:.2f} ms", "events <= wall, within 5 % + 1 ms", ok)
+
+
+def sampler_overhead(device: torch.device) -> Check:
+    from .drivers import driver_trackers
+    task, module = _mlp(BASELINE, device)
+    batch = {"x": torch.randn(64, 3, 32, 32, device=device), "labels": torch.zeros(64, dtype=torch.long, device=device)}
+    step = lambda: task.loss(module, batch)[0].backward()   # noqa: E731
+    bare = _timed(step, device, repeats=20)
+    trackers, _, _, _ = driver_trackers(device, 0.01)
+    if not trackers:
+        return Check("memory sampler's cost on a step", "no driver sampler", "a driver sampler", False)
+    with trackers[0]:
+        sampled = _timed(step, device, repeats=20)
+    cost = (sampled - bare) / bare * 100
+    return Check("memory sampler's cost on a step (10 ms sampling)", f"{cost:+.1f} % ({bare * 1e3:.2f} -> "
+                 f"{sampled * 1e3:.2f} ms)", "< 5 %", cost < 5)
+
+
+def device_mapping() -> Check:
+    """Every visible torch device resolves to a driver handle by UUID / PCI bus id."""
+    from .drivers import amdsmi_handle, device_identity, nvml_handle
+    found = []
+    try:
+        for i in range(torch.cuda.device_count()):
+            ident = device_identity(i)
+            if torch.version.hip:
+                import amdsmi
+                amdsmi.amdsmi_init()
+                amdsmi_handle(amdsmi, ident)
+            else:
+                import pynvml
+                pynvml.nvmlInit()
+                nvml_handle(pynvml, i, ident)
+            found.append(f"cuda:{i} {ident.get('uuid', '?')[:13]} {ident.get('pci_bus_id', '?')}")
+    except Exception as e:   # noqa: BLE001 (the verdict carries the driver's error)
+        return Check("device mapping (UUID / PCI bus id)", f"{type(e).__name__}: {e}", "every device mapped", False)
+    return Check("device mapping (UUID / PCI bus id)", "; ".join(found), f"{torch.cuda.device_count()} devices mapped",
+                 len(found) == torch.cuda.device_count())
+
+
+def energy_counter(device: torch.device) -> Check:
+    from .drivers import driver_trackers
+    _, energy, _, _ = driver_trackers(device, 0.01)
+    a = torch.randn(4096, 4096, device=device)
+    energy.begin()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 1.0:
+        a @ a
+        torch.cuda.synchronize(device)
+    energy.end()
+    r = energy.result()["energy_j_per_epoch"]
+    joules = r if isinstance(r, float) else None
+    return Check("energy counter over 1 s of matmuls", f"{joules:,.1f} J" if joules is not None else r.reason,
+                 "> 0 J", bool(joules and joules > 0))
+
+
+def run_checks(device: str, progress: Callable[[str], None] = lambda name: None) -> list[Check]:
+    """Every check for `device` ("cpu" or "cuda"); a check that raises fails with its error."""
+    dev = torch.device(device)
+    todo: list[tuple[str, Callable[[], Check]]] = [
+        ("host RSS sampler", host_rss), ("clock", clock), ("FLOPs", flops_closed_form),
+        ("saved activations", saved_tensors), ("matmul ceiling", lambda: matmul_ceiling(dev))]
+    if dev.type == "cuda":
+        todo += [("allocator vs driver", lambda: allocator_vs_driver(dev)), ("CUDA events", lambda: events_vs_wall(dev)),
+                 ("sampler cost", lambda: sampler_overhead(dev)), ("device mapping", device_mapping),
+                 ("energy counter", lambda: energy_counter(dev))]
+    out = []
+    for name, fn in todo:
+        progress(name)
+        try:
+            out.append(fn())
+        except Exception as e:   # noqa: BLE001 (a check that cannot run is a failed check, said why)
+            out.append(Check(name, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                             "to run", False))
+    return out
