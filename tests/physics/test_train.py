@@ -48,6 +48,8 @@ def test_state_breakdown_is_4_4_8_bytes_per_trainable_fp32_parameter():
     # Adam keeps exp_avg and exp_avg_sq (4 bytes each) per parameter, plus one scalar step per tensor.
     n_tensors = sum(1 for q in adapted.module.parameters() if q.requires_grad)
     assert b["optimizer_state_bytes"] == 8 * p.trainable + 4 * n_tensors
+    # Adam's state now exists, so even with --warmup-epochs 0 no timed step pays for allocating it
+    assert len(optimizer.state) == n_tensors and all(st["exp_avg"].numel() for st in optimizer.state.values())
 
 
 def test_gradient_accumulation_counts_steps_per_optimizer_update():

@@ -88,3 +88,25 @@ def test_report_command_regenerates_the_same_markdown(tiny_run, tmp_path):
     out = run_subprocess("report", str(run_dir), "-o", str(tmp_path / "r.md"), cwd=cwd)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "r.md").read_text() == (cwd / "report" / f"{run_dir.name}.md").read_text()
+
+
+def test_a_diverging_matrix_writes_its_rows_and_no_traceback(tmp_path):
+    """lr 1e30 sends the loss to NaN in the first epoch: each cell is a `diverged` row, the results
+    file is valid JSON, the report renders, and --strict counts them as not ok."""
+    proc = run_subprocess("run", "--models", "cifar-mlp", "--methods", "full,lora", "--ranks", "8", "--lr", "1e30",
+                          "--samples", "64", "--epochs", "1", "--warmup-epochs", "1", "--progress", "off", "--strict",
+                          cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    (run_dir,) = (tmp_path / "results").iterdir()
+    lines = (run_dir / RunDir.RESULTS).read_text().splitlines()
+    assert [json.loads(line)["status"] for line in lines] == ["diverged", "diverged"]
+    assert "diverged" in proc.stdout and "training stopped there" in proc.stdout
+
+
+def test_counted_flops_and_an_mfu_no_higher_than_100_percent(tiny_run):
+    cwd, run_dir, proc = tiny_run
+    rows, _ = RunDir(run_dir).rows()
+    for r in rows:
+        assert r.metrics["flops_per_step"] > 0
+        mfu = r.metrics["mfu_pct"]
+        assert (mfu is not None and 0 < mfu <= 100) or r.unavailable["mfu_pct"].startswith("measurement problem")
