@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(their old rows are replaced)")
     o.add_argument("--force", action="store_true", help="run cells predicted not to fit in free memory (otherwise "
                    "they are recorded as skipped)")
+    o.add_argument("--headline-by", choices=["memory", "time"], default="memory", help="the LoRA variant each model's "
+                   "headline names: least memory (default), or least time at equal quality")
     o.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress bars (auto: only when stderr is a terminal)")
     _add_flags(o, RunOptions)
@@ -129,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="render a pytest-benchmark JSON (pytest bench/ --benchmark-json FILE) instead")
     rep.add_argument("--report-dir", type=Path, default=Path("report"), help="where <run-id>.md goes (default: report)")
     rep.add_argument("-o", "--output", type=Path, help="write the report to this file instead")
+    rep.add_argument("--headline-by", choices=["memory", "time"], default="memory",
+                     help="the LoRA variant each headline names: least memory (default), or least time at equal quality")
 
     cmp_ = sub.add_parser("compare", help="compare two runs and flag regressions",
                           description="Match the cells of two runs by their parameters, print the change of every "
@@ -254,8 +258,8 @@ def _execute(args: argparse.Namespace, run, the_plan, options) -> int:
               f"Resume with: lorabench run --resume {run}", file=sys.stderr)
         return EXIT_INTERRUPTED
     rows, warnings = run.rows()   # the report comes from the results file alone
-    report_path = report.write(rows, args.report_dir / f"{run.run_id}.md", warnings)
-    print(report.summary(rows))
+    report_path = report.write(rows, args.report_dir / f"{run.run_id}.md", warnings, args.headline_by)
+    print(report.summary(rows, args.headline_by))
     failed = sum(not r.ok for r in rows)
     print(f"{n} cells in {time.perf_counter() - t0:.1f} s; the run has {len(rows)} rows, "
           f"{failed} not ok. Results: {run.results_path}  Report: {report_path}")
@@ -297,7 +301,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         rows, warnings = _load_rows(args.run_dirs)
         name = rows[0].run_id if len(args.run_dirs) == 1 else args.run_dirs[0].name + "-combined"
         out = args.output or args.report_dir / f"{name}.md"
-        write = lambda: report.write(rows, out, warnings)   # noqa: E731
+        write = lambda: report.write(rows, out, warnings, args.headline_by)   # noqa: E731
     if out.is_dir():   # checked before anything (plots included) is written
         raise UsageError(f"--output {out} is a directory; give a file name")
     writable_dir(out.parent, "--report-dir")

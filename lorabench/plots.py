@@ -1,6 +1,10 @@
 """Plots for the report: matplotlib figures written as PNG beside the markdown.
 
-    lorabench report results/<run-id>       # a rank sweep draws report/<run-id>/<model>-...-rank-sweep.png
+    lorabench report results/<run-id>       # draws report/<run-id>/<model>-...-memory.png (and -rank-sweep.png)
+
+Honest axes: memory and time start at zero, every axis names its unit, a log scale appears only
+where the data spans a decade or more (and the axis says so), and full fine-tuning is drawn in
+the same units as a reference.
 """
 from __future__ import annotations
 
@@ -8,18 +12,111 @@ from .rows import is_number
 
 MiB = 2 ** 20
 
+# The memory breakdown's layers, bottom to top: (label, colour, measured figure, predicted figure).
+# Frozen weights are every weight less the trainable ones.
+LAYERS = [
+    ("frozen weights", "#b0b0b0", "frozen", "predicted_frozen"),
+    ("trainable weights", "#4c72b0", "trainable_weights_bytes", "predicted_trainable"),
+    ("gradients", "#dd8452", "grads_bytes", "predicted_grads_bytes"),
+    ("Adam state", "#c44e52", "optimizer_state_bytes", "predicted_optimizer_bytes"),
+    ("activations saved for backward", "#55a868", "activations_saved_bytes", "predicted_activations_bytes"),
+]
 
-def rank_sweep_plot(model: str, ok: list, path, memory: tuple[str, str]) -> None:
-    """Peak memory, epoch time and final accuracy against rank, full fine-tuning as a dashed line."""
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")   # no display: render to a file
     import matplotlib.pyplot as plt
+    return plt
 
+
+def breakdown(m: dict, peak_key: str, baseline_key: str) -> dict[str, float] | None:
+    """Measured and predicted parts of one variant in bytes (keys of LAYERS; `base`: what the
+    baseline reading held beside the weights, the data set and on the CPU the interpreter;
+    `rest`: the peak above everything else, the step's temporaries; `peak`), or None when a part
+    was not measured."""
+    need = ("weights_bytes", "trainable_weights_bytes", "grads_bytes", "optimizer_state_bytes", "activations_saved_bytes")
+    if not all(is_number(m.get(k)) for k in need):
+        return None
+    parts = {k: m[k] for k in need}
+    parts["frozen"] = m["weights_bytes"] - m["trainable_weights_bytes"]
+    known = parts["frozen"] + sum(m[k] for k in need[1:])
+    parts["peak"] = m.get(peak_key) if is_number(m.get(peak_key)) else None
+    baseline = m.get(baseline_key)
+    parts["base"] = max(baseline - m["weights_bytes"], 0) if is_number(baseline) and parts["peak"] is not None else 0
+    parts["rest"] = max(parts["peak"] - known - parts["base"], 0) if parts["peak"] is not None else 0
+    if all(is_number(m.get(k)) for k in ("predicted_weights_bytes", "predicted_grads_bytes")):
+        # a trainable parameter has a gradient of its own size: predicted trainable = predicted grads
+        parts["predicted_trainable"] = m["predicted_grads_bytes"]
+        parts["predicted_frozen"] = m["predicted_weights_bytes"] - m["predicted_grads_bytes"]
+        for key in ("predicted_grads_bytes", "predicted_optimizer_bytes", "predicted_activations_bytes"):
+            parts[key] = m.get(key) if is_number(m.get(key)) else 0
+    return parts
+
+
+def memory_breakdown_plot(model: str, bars: list[tuple[str, dict]], path, rest_labels: tuple[str, str],
+                          driver_key: str | None) -> list[tuple]:
+    """One stacked bar per variant (`bars`: (label, its breakdown)), the prediction beside it
+    (hatched), what the device measured beyond the parts on top (`rest_labels`: the baseline's
+    remainder, then the temporaries up to the peak), and the driver's view as a line on a GPU."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    base_label, rest_label = rest_labels
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(bars) + 1.5) + 3.4, 4.6))
+    width = 0.38
+    for i, (label, parts) in enumerate(bars):
+        bottom = 0.0
+        for name, colour, key, _ in LAYERS:
+            ax.bar(i - width / 2, parts[key] / MiB, width, bottom=bottom, color=colour)
+            bottom += parts[key] / MiB
+        if parts["peak"] is not None:
+            ax.bar(i - width / 2, parts["base"] / MiB, width, bottom=bottom, color="#e8e0c8", edgecolor="#999999")
+            ax.bar(i - width / 2, parts["rest"] / MiB, width, bottom=bottom + parts["base"] / MiB, color="#f6f6f6",
+                   edgecolor="#999999", hatch="..")
+        if "predicted_trainable" in parts:
+            bottom = 0.0
+            for name, colour, _, key in LAYERS:
+                ax.bar(i + width / 2, parts[key] / MiB, width, bottom=bottom, color=colour, alpha=0.45, hatch="//",
+                       edgecolor="white")
+                bottom += parts[key] / MiB
+        if driver_key and is_number(parts.get("driver")):
+            ax.hlines(parts["driver"] / MiB, i - width, i + width, colors="black", linestyles="-", linewidth=2)
+    ax.set_xticks(range(len(bars)), [f"{label}\nmeasured | predicted" for label, _ in bars], fontsize=8)
+    ax.set_ylabel("memory (MiB)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, axis="y", alpha=0.3)
+    handles = [Patch(color=colour, label=name) for name, colour, _, _ in LAYERS]
+    handles.append(Patch(facecolor="#e8e0c8", edgecolor="#999999", label=base_label))
+    handles.append(Patch(facecolor="#f6f6f6", edgecolor="#999999", hatch="..", label=rest_label))
+    handles.append(Patch(facecolor="white", edgecolor="#666666", hatch="//", label="predicted before the run"))
+    if driver_key:
+        from matplotlib.lines import Line2D
+        handles.append(Line2D([], [], color="black", linewidth=2, label="driver's view of the process (NVML/amdsmi)"))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(f"{model}: where the memory goes (full fine-tuning is the first bar)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")   # the legend sits outside the axes
+    plt.close(fig)
+    return _axes(fig)
+
+
+def _axes(fig) -> list[tuple]:
+    """(y label, y limits, x label, x scale) of each panel: what the tests hold to honest axes."""
+    return [(ax.get_ylabel(), ax.get_ylim(), ax.get_xlabel(), ax.get_xscale()) for ax in fig.axes]
+
+
+def rank_sweep_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list[tuple]:
+    """Peak memory, epoch time and final accuracy against rank, full fine-tuning as a dashed line;
+    memory and time from zero, accuracy from 0 to 1."""
+    plt = _pyplot()
     mem_key, mem_label = memory
     panels = [(mem_key, mem_label, 1 / MiB), ("epoch_s", "epoch time (s)", 1.0),
-              ("final_eval_accuracy", "final eval accuracy", 1.0)]
+              ("final_eval_accuracy", "final eval accuracy (fraction)", 1.0)]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     full = next((v for v in ok if v.cell.is_baseline), None)
+    ranks = sorted({v.cell.rank for v in ok if v.cell.rank})
+    log = len(ranks) > 1 and ranks[-1] / ranks[0] >= 10   # a log scale only where the ranks span a decade
     for ax, (key, label, scale) in zip(axes, panels):
         for method in sorted({v.cell.method for v in ok if not v.cell.is_baseline}):
             pts = sorted((v.cell.rank, v.metrics[key] * scale) for v in ok
@@ -28,14 +125,16 @@ def rank_sweep_plot(model: str, ok: list, path, memory: tuple[str, str]) -> None
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
         if full is not None and is_number(full.metrics.get(key)):
             ax.axhline(full.metrics[key] * scale, linestyle="--", color="black", label=f"{full.label} fine-tuning")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("LoRA rank")
+        if log:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_xlabel("LoRA rank" + (" (log scale)" if log else ""))
         ax.set_ylabel(label)
+        ax.set_ylim(0, 1.05) if key == "final_eval_accuracy" else ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{model}: LoRA rank sweep")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
+    return _axes(fig)

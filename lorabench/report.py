@@ -19,9 +19,9 @@ from typing import Any, Iterable
 import pandas as pd
 
 from .cells import Cell
-from .rows import METRICS, Row
-from .tables import (Variant, markdown, memory_key, comparison_table, epochs_table, fmt, group_key, groups,
-                     prediction_table, rank_sweep_table)
+from .rows import METRICS, Row, is_number
+from .tables import (Variant, column_name, comparison_table, epochs_table, fmt, group_key, groups, headline, markdown,
+                     memory_key, prediction_table, rank_sweep_table)
 
 
 def _settings_line(cell: Cell, variants: list[Variant]) -> str:
@@ -102,16 +102,56 @@ How to read these figures:
 - **NVML / amdsmi** figures are the driver's view: this process's GPU memory (CUDA context included) and the
   device's used memory (every process on it). They are higher than the allocator's by the context and by
   anything else on the device.
-- **model FLOPs utilisation** divides the predicted training FLOPs of a step by its median time and by the
-  matmul rate measured on the same device at the start of the run.
+- **model FLOPs utilisation** divides the training FLOPs of a step (counted by torch's FlopCounterMode on the
+  meta device: the matrix products of forward and backward) by its median time and by the best matmul rate
+  measured at the start of the run, in the cell's dtype, on the model's own GEMM shapes and a square one. Above
+  100 % it is not shown: the reading is listed under "Figures not available" as a measurement problem.
 """
 
 
-def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str) -> list[str]:
-    out = [f"## {cell.model}", "", _settings_line(cell, variants), ""]
+def _plot_name(cell: Cell, kind: str) -> str:
+    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in cell.model)
+    return f"{slug}-{hashlib.sha1(group_key(cell).encode()).hexdigest()[:6]}-{kind}.png"
+
+
+def _memory_picture(cell: Cell, variants: list[Variant], plot_dir, plot_link: str) -> list[str]:
+    """The memory-breakdown picture of a model's variants (full first), linked; none when a part
+    of the breakdown was not measured."""
+    from .plots import breakdown, memory_breakdown_plot
+    ok = sorted([v for v in variants if v.ok], key=lambda v: not v.cell.is_baseline)
+    peak_key, _ = memory_key(ok)
+    gpu = peak_key.startswith("torch")
+    baseline_key = "torch_allocated_baseline_bytes" if gpu else "host_rss_baseline_bytes"
+    rest = (("data set (torch allocated at the start, less weights)", "temporaries, up to the peak torch allocated")
+            if gpu else ("data set, interpreter and libraries (host RSS at the start, less weights)",
+                         "temporaries, up to the peak host RSS"))
+    driver = next((k for k in ("nvml_process_peak_bytes", "amdsmi_process_peak_bytes")
+                   if any(is_number(v.metrics.get(k)) for v in ok)), None)
+    bars = []
+    for v in ok:
+        parts = breakdown(v.metrics, peak_key, baseline_key)
+        if parts is None:
+            return []
+        parts["driver"] = v.metrics.get(driver) if driver else None
+        bars.append((column_name(v), parts))
+    name = _plot_name(cell, "memory")
+    Path(plot_dir).mkdir(parents=True, exist_ok=True)
+    memory_breakdown_plot(cell.model, bars, Path(plot_dir) / name, rest, driver)
+    return [f"![{cell.model}: where the memory goes, measured and predicted, per method]({plot_link}{name})", ""]
+
+
+def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str,
+                   headline_by: str = "memory") -> list[str]:
+    out = [f"## {cell.model}", ""]
+    line = headline(variants, headline_by)
+    if line:
+        out += [f"**{line}**", ""]
+    out += [_settings_line(cell, variants), ""]
     if not any(v.ok for v in variants):
         return out + ["No cell of this model finished.", ""]
     out += [comparison_table(variants), ""]
+    if plot_dir is not None:
+        out += _memory_picture(cell, variants, plot_dir, plot_link)
     spread = [(v.label, v.epoch_summary) for v in variants if v.ok and v.epoch_summary and v.repeats > 1]
     if spread:
         out += ["Spread of epoch time across repeats: " + "; ".join(
@@ -120,8 +160,7 @@ def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str
         out += ["### Rank sweep", "", rank_sweep_table(variants), ""]
         if plot_dir is not None:
             from .plots import rank_sweep_plot
-            slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in cell.model)
-            name = f"{slug}-{hashlib.sha1(group_key(cell).encode()).hexdigest()[:6]}-rank-sweep.png"
+            name = _plot_name(cell, "rank-sweep")
             Path(plot_dir).mkdir(parents=True, exist_ok=True)
             rank_sweep_plot(cell.model, [v for v in variants if v.ok], Path(plot_dir) / name, memory_key(variants))
             out += [f"![{cell.model}: peak memory, epoch time and accuracy against rank]({plot_link}{name})", ""]
@@ -141,24 +180,27 @@ def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str
     return out
 
 
-def write(rows: list[Row], path: Path, warnings: Iterable[str] = ()) -> Path:
+def write(rows: list[Row], path: Path, warnings: Iterable[str] = (), headline_by: str = "memory") -> Path:
     """Write the report of `rows` to `path`, its plots in the folder beside it named after it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(rows, warnings, plot_dir=path.parent / path.stem, plot_link=f"{path.stem}/"),
-                    encoding="utf-8")
+    path.write_text(render(rows, warnings, plot_dir=path.parent / path.stem, plot_link=f"{path.stem}/",
+                           headline_by=headline_by), encoding="utf-8")
     return path
 
 
-def render(rows: list[Row], warnings: Iterable[str] = (), plot_dir=None, plot_link: str = "") -> str:
+def render(rows: list[Row], warnings: Iterable[str] = (), plot_dir=None, plot_link: str = "",
+           headline_by: str = "memory") -> str:
     run_ids = sorted({r.run_id for r in rows})
     statuses: dict[str, int] = defaultdict(int)
     for r in rows:
         statuses[r.status.value] += 1
     out = [f"# lorabench report: {', '.join(run_ids) or 'no rows'}", ""]
+    lines = [line for _, variants in groups(rows) if (line := headline(variants, headline_by))]
+    out += [f"- {line}" for line in lines] + ([""] if lines else [])
     out.append(f"{len(rows)} result rows: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + ".")
     out.append("")
     for cell, variants in groups(rows):
-        out += _model_section(cell, variants, plot_dir, plot_link)
+        out += _model_section(cell, variants, plot_dir, plot_link, headline_by)
     failures = _failures(rows)
     if failures:
         out += ["## Cells that did not finish", "", failures, ""]
@@ -174,13 +216,16 @@ def render(rows: list[Row], warnings: Iterable[str] = (), plot_dir=None, plot_li
     return "\n".join(out)
 
 
-def summary(rows: list[Row]) -> str:
-    """The comparison tables alone, for the end of `lorabench run`."""
+def summary(rows: list[Row], headline_by: str = "memory") -> str:
+    """The comparison tables, each followed by its headline, for the end of `lorabench run`."""
     out = []
     for cell, variants in groups(rows):
         out += [f"{cell.model}  ({cell.device}, {cell.weights} weights)", ""]
         if any(v.ok for v in variants):
             out += [comparison_table(variants), ""]
+        line = headline(variants, headline_by)
+        if line:
+            out += [line, ""]
     failures = _failures(rows)
     if failures:
         out += ["Cells that did not finish:", "", failures, ""]

@@ -164,7 +164,7 @@ def markdown(df: pd.DataFrame, numeric_cols: Iterable[str] = ()) -> str:
     return df.to_markdown(index=False, colalign=align, disable_numparse=True)   # cells are formatted already
 
 
-def _column_name(v: Variant) -> str:
+def column_name(v: Variant) -> str:
     name, c = v.label, v.cell
     if c.rank is not None and c.alpha is not None and c.alpha != c.rank:
         name += f" a={c.alpha:g}"
@@ -184,7 +184,7 @@ def comparison_table(variants: list[Variant]) -> str:
     columns: dict[str, list[str]] = {"Comparison": [m.label for m in present]}
     numeric_cols = []
     for v in ([full] if full else []) + [v for v in ok if v is not full]:   # seed layout: full first
-        name = _column_name(v)
+        name = column_name(v)
         columns[name] = [fmt(v.metrics.get(m.key), m.fmt, v.unavailable.get(m.key)) for m in present]
         numeric_cols.append(name)
         if v is not full and full is not None:
@@ -212,7 +212,7 @@ def prediction_table(variants: list[Variant]) -> str:
         return ""
     cols: dict[str, list[str]] = {"memory (MiB)": [label for label, _, _ in PREDICTION_ROWS] + ["total"]}
     for v in ok:
-        m, name = v.metrics, _column_name(v)
+        m, name = v.metrics, column_name(v)
         pred = [m.get(p) if p else None for _, p, _ in PREDICTION_ROWS]
         meas = [m.get(k) for _, _, k in PREDICTION_ROWS]
         cols[f"{name} predicted"] = [fmt(x, "bytes") for x in pred] + [fmt(m["predicted_total_bytes"], "bytes")]
@@ -230,7 +230,7 @@ def epochs_table(variants: list[Variant]) -> str:
             continue
         recs = v.first.epochs
         timed.update((e["epoch"], e["timed"]) for e in recs)
-        name = _column_name(v)
+        name = column_name(v)
         frames.append(pd.DataFrame({
             "epoch": [e["epoch"] for e in recs],
             f"{name} loss": [f"{e['eval_loss']:.4f}" for e in recs],
@@ -291,3 +291,56 @@ def rank_sweep_table(variants: list[Variant]) -> str:
     return markdown(df, [c for c in df.columns if c not in ("method", "rank")])
 
 
+
+
+# ---- the headline --------------------------------------------------------------------------
+
+QUALITY_POINTS = 1.0   # "equal quality" for the time criterion: final accuracy within this many points of full
+
+
+def headline(variants: list[Variant], by: str = "memory") -> str | None:
+    """One or two sentences answering the question the tool exists for, from the rows: the best
+    LoRA variant by `by` ("memory": least weight+gradient+Adam state; "time": least epoch time
+    among those within QUALITY_POINTS of full's accuracy, on pretrained weights) against full
+    fine-tuning. Every figure is one of the comparison table's, formatted as it is there."""
+    ok = [v for v in variants if v.ok]
+    full = next((v for v in ok if v.cell.is_baseline), None)
+    loras = [v for v in ok if not v.cell.is_baseline]
+    if full is None or not loras:
+        return None
+    c = full.cell
+    pretrained = c.weights == "pretrained"
+    if by == "time":
+        acc = full.metrics.get("final_eval_accuracy")
+        equal = [v for v in loras if not pretrained or not is_number(acc)
+                 or (is_number(v.metrics.get("final_eval_accuracy"))
+                     and (acc - v.metrics["final_eval_accuracy"]) * 100 <= QUALITY_POINTS)]
+        pick = _least(equal or loras, "epoch_s")
+        why = "the fastest" + (f" within {QUALITY_POINTS:g} point of full's accuracy" if pretrained and equal else "")
+    else:
+        pick = _least(loras, "state_bytes")
+        why = "the least memory"
+    claims = []
+    pct = pick.metrics.get("params_trainable_pct")
+    if is_number(pct):
+        claims.append(f"trains {fmt(pct, 'pct')} of the parameters")
+    needs = []
+    for key, what in (("state_bytes", "weight+gradient+optimizer memory"), ("epoch_s", "time per epoch")):
+        d = delta(full.metrics.get(key), pick.metrics.get(key), BY_KEY[key].fmt)   # a reduction; "-" is more
+        if d:
+            needs.append(f"{d.lstrip('-')} {'more' if d.startswith('-') else 'less'} {what}")
+    if needs:
+        claims.append("needs " + " and ".join(needs))
+    if pretrained:
+        d = delta(full.metrics.get("final_eval_accuracy"), pick.metrics.get("final_eval_accuracy"), "acc")
+        quality = f"its final eval accuracy is {d} against full's" if d else "quality was not measured"
+    else:
+        quality = "quality is not comparable on random weights"
+    subject = f"{c.model} on {c.device} ({c.weights} weights)"
+    return (f"{subject}: {column_name(pick)} ({why} of {len(loras)} LoRA variant{'s' * (len(loras) > 1)}) "
+            f"{', and '.join(claims) or 'was measured'}{' than full fine-tuning' * bool(needs)}; {quality}.")
+
+
+def _least(variants: list[Variant], key: str) -> Variant:
+    measured = [v for v in variants if is_number(v.metrics.get(key))]
+    return min(measured, key=lambda v: (v.metrics[key], v.cell.rank or 0)) if measured else variants[0]

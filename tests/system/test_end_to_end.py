@@ -110,3 +110,13 @@ def test_counted_flops_and_an_mfu_no_higher_than_100_percent(tiny_run):
         assert r.metrics["flops_per_step"] > 0
         mfu = r.metrics["mfu_pct"]
         assert (mfu is not None and 0 < mfu <= 100) or r.unavailable["mfu_pct"].startswith("measurement problem")
+
+
+def test_run_prints_a_headline_after_each_models_table(tiny_run):
+    cwd, run_dir, proc = tiny_run
+    heads = [line for line in proc.stdout.splitlines() if " on cpu (random weights): " in line]
+    assert sorted(h.split(" ", 1)[0] for h in heads) == ["bert-tiny", "cifar-mlp"]
+    for h in heads:
+        assert "(the least memory of 2 LoRA variants)" in h and "less weight+gradient+optimizer memory" in h
+    report_text = next((cwd / "report").glob("*.md")).read_text()
+    assert report_text.splitlines()[2] == f"- {heads[0]}"   # the report opens with the headlines

@@ -1,5 +1,6 @@
 """Reports and compare on the committed reference run: rendered, folded and compared without training."""
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,60 @@ def repeats(rows, n, slower=1.0):
 def test_the_committed_report_is_what_the_current_code_renders(rows, tmp_path):
     text = report.render(rows, plot_dir=tmp_path, plot_link=f"{RUN_ID}/")
     assert text == (ROOT / "report" / f"{RUN_ID}.md").read_text()
-    for png in tmp_path.iterdir():
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # every picture is linked relative to the report, exists beside it (committed too) and is a real PNG
+    links = re.findall(r"^!\[[^\]]*\]\(([^)]+)\)$", text, flags=re.M)
+    assert len(links) == 4 and sorted(links) == sorted(f"{RUN_ID}/{p.name}" for p in tmp_path.iterdir())
+    for link in links:
+        for png in (tmp_path / link.split("/", 1)[1], ROOT / "report" / link):
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, png
+    assert sum(link.endswith("-memory.png") for link in links) == 2   # one memory breakdown per model
+
+
+def test_the_report_opens_with_a_headline_per_model_whose_figures_are_in_its_table(rows):
+    text = report.render(rows)
+    lines = text.splitlines()
+    assert lines[2].startswith("- bert-tiny on cpu (random weights): lora r=2 (the least memory of 2 LoRA variants) "
+                               "trains 0.0525% of the parameters, and needs 74.95% less weight+gradient+optimizer "
+                               "memory and 24.62% less time per epoch than full fine-tuning; quality is not "
+                               "comparable on random weights.")
+    assert lines[3].startswith("- cifar-mlp on cpu (random weights): ")
+    for cell, variants in tables.groups(rows):
+        table = tables.comparison_table(variants)
+        for by in ("memory", "time"):
+            line = tables.headline(variants, by)
+            figures = re.findall(r"\d[\d,.]*%", line)
+            assert len(figures) == 3 and all(f in table for f in figures), (line, figures)
+            assert f"**{tables.headline(variants)}**" in text
+
+
+def test_the_headline_says_more_when_lora_is_slower_and_reports_quality_on_pretrained_weights(rows):
+    full, lora = [r for r in rows if r.cell.model == "cifar-mlp"][:2]
+    slow = lora.replace(metrics={**lora.metrics, "epoch_s": full.metrics["epoch_s"] * 1.2})
+    pre = [r.replace(cell=dataclasses.replace(r.cell, weights="pretrained")) for r in (full, slow)]
+    line = tables.headline([tables.fold([r]) for r in pre])
+    assert "and 20.00% more time per epoch" in line and "its final eval accuracy is -57.4 pt against full's" in line
+
+
+def test_memory_and_time_axes_start_at_zero_with_units(rows, tmp_path):
+    from lorabench import plots
+    ok = [tables.fold([r]) for r in rows if r.cell.model == "bert-tiny"]
+    axes = plots.rank_sweep_plot("bert-tiny", ok, tmp_path / "s.png", tables.memory_key(ok))
+    assert [a[0] for a in axes] == ["peak host RSS (MiB)", "epoch time (s)", "final eval accuracy (fraction)"]
+    assert all(a[1][0] == 0 for a in axes) and all(a[3] == "linear" for a in axes)   # ranks 2 and 8: no decade
+    wide = [v if v.cell.is_baseline else dataclasses.replace(v, rows=[v.rows[0].replace(
+        cell=dataclasses.replace(v.cell, rank=128))]) for v in ok[:2]] + ok[2:]   # ranks 8 and 128
+    axes = plots.rank_sweep_plot("bert-tiny", wide, tmp_path / "w.png", tables.memory_key(ok))
+    assert axes[0][2] == "LoRA rank (log scale)" and axes[0][3] == "log"
+
+
+def test_the_memory_breakdown_adds_up_to_the_measured_peak(rows):
+    from lorabench import plots
+    m = next(r for r in rows if r.cell.model == "cifar-mlp" and r.cell.is_baseline).metrics
+    parts = plots.breakdown(m, "host_peak_rss_bytes", "host_rss_baseline_bytes")
+    layers = sum(parts[key] for _, _, key, _ in plots.LAYERS)
+    assert parts["frozen"] == 0 and parts["trainable_weights_bytes"] == 4 * 20_998_154
+    assert layers + parts["base"] + parts["rest"] == m["host_peak_rss_bytes"]
+    assert parts["predicted_trainable"] == m["predicted_grads_bytes"]
 
 
 def test_the_summary_has_a_comparison_per_model_in_the_metrics_order(rows):
@@ -52,8 +105,8 @@ def test_the_summary_has_a_comparison_per_model_in_the_metrics_order(rows):
 def test_repeats_fold_into_medians_with_their_spread_and_a_plot(rows, tmp_path):
     text = report.render(repeats(rows, 3), plot_dir=tmp_path, plot_link="p/")
     assert "### Rank sweep" in text and "(x3)" in text and "Spread of epoch time across repeats" in text
-    (link,) = [line for line in text.splitlines() if line.startswith("![cifar-mlp")]
-    assert (tmp_path / link[link.index("](p/") + 4:-1]).exists()
+    links = [line for line in text.splitlines() if line.startswith("![cifar-mlp")]
+    assert len(links) == 2 and all((tmp_path / link[link.index("](p/") + 4:-1]).exists() for link in links)
     for line in text.splitlines():   # GFM tables: every row closes its last cell
         if line.startswith("|"):
             assert line.endswith("|")
