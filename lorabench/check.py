@@ -110,7 +110,8 @@ def matmul_ceiling(device: torch.device) -> Check:
     rows = 64
     ceiling = measure_matmul_flops(device, torch.float32, flops.gemm_shapes(module, rows))["matmul_flops"]
     per_step = flops.closed_form(module, rows).total   # shapes only; equal to the counter (the check above)
-    batch = {"x": torch.randn(rows, 3, 32, 32, device=device), "labels": torch.zeros(rows, dtype=torch.long, device=device)}
+    batch = {"x": torch.randn(rows, 3, 32, 32, device=device),
+             "labels": torch.zeros(rows, dtype=torch.long, device=device)}
     step = _timed(lambda: task.loss(module, batch)[0].backward(), device, repeats=10)
     achieved = per_step / step
     return Check("matmul ceiling vs a timed MLP training step", f"step {achieved / 1e9:,.1f} GFLOP/s; ceiling "
@@ -244,7 +245,8 @@ def run_checks(device: str, progress: Callable[[str], None] = lambda name: None)
         ("host RSS sampler", host_rss), ("clock", clock), ("FLOPs", flops_closed_form),
         ("saved activations", saved_tensors), ("matmul ceiling", lambda: matmul_ceiling(dev))]
     if dev.type == "cuda":
-        todo += [("allocator vs driver", lambda: allocator_vs_driver(dev)), ("CUDA events", lambda: events_vs_wall(dev)),
+        todo += [("allocator vs driver", lambda: allocator_vs_driver(dev)),
+                 ("CUDA events", lambda: events_vs_wall(dev)),
                  ("sampler cost", lambda: sampler_overhead(dev)), ("device mapping", device_mapping),
                  ("energy counter", lambda: energy_counter(dev))]
     out = []

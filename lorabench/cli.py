@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--report-dir", type=Path, default=Path("report"), help="where <run-id>.md goes (default: report)")
     rep.add_argument("-o", "--output", type=Path, help="write the report to this file instead")
     rep.add_argument("--headline-by", choices=["memory", "time"], default="memory",
-                     help="the LoRA variant each headline names: least memory (default), or least time at equal quality")
+                     help="the LoRA variant each headline names: least memory (default), or least time at "
+                          "equal quality")
 
     cmp_ = sub.add_parser("compare", help="compare two runs and flag regressions",
                           description="Match the cells of two runs by their parameters, print the change of every "

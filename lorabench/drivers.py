@@ -90,9 +90,10 @@ class _Pids:
 
 
 def nvml_used(nvml, handle) -> tuple[int, str, bool]:
-    """(used bytes, what they are, whether the v2 call answered). The v2 struct's `used` leaves out the memory the driver
-    reserves for itself (hundreds of MiB on recent cards), so an idle GPU reads about zero; v1's
-    `used` includes it, and is only read where the driver has no v2 call."""
+    """(used bytes, what they are, whether the v2 call answered). The v2 struct's `used` leaves
+    out the memory the driver reserves for itself (hundreds of MiB on recent cards), so an idle
+    GPU reads about zero; v1's `used` includes it, and is only read where the driver has no v2
+    call."""
     try:
         info = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
         reserved_mib = int(info.reserved) / 2 ** 20

@@ -106,7 +106,8 @@ def free_memory_bytes(device: str) -> tuple[int | None, str]:
         try:
             from .drivers import nvml_handle
             handle = nvml_handle(pynvml, 0)
-            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free), "GPU memory free (NVML)"   # v1 and v2 agree on free
+            # v1's `free` already leaves out driver-reserved memory: v1 and v2 agree on it
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free), "GPU memory free (NVML)"
         finally:
             pynvml.nvmlShutdown()
     except Exception as e:   # no NVML (ROCm, or no driver library): no gate, and say so

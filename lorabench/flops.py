@@ -60,7 +60,8 @@ def count(module: nn.Module, task: Task, *, batch_size: int, grad_accum: int, se
         return Unavailable(f"FLOPs could not be counted on the meta device ({type(e).__name__}: {first})")
     finally:
         module.zero_grad(set_to_none=True)
-    return StepFlops(forward=float(fwd.get_total_flops() * grad_accum), backward=float(bwd.get_total_flops() * grad_accum))
+    return StepFlops(forward=float(fwd.get_total_flops() * grad_accum),
+                     backward=float(bwd.get_total_flops() * grad_accum))
 
 
 def closed_form(module: nn.Module, rows: int) -> StepFlops:

@@ -182,3 +182,19 @@ def test_failed_and_skipped_cells_are_listed_with_their_reasons(rows):
     failed = Row.failure(rows[1].cell, Status.OOM, "MemoryError", "can't allocate memory", {"params_total": 3})
     text = report.render([rows[0], failed])
     assert "## Cells that did not finish" in text and "| oom" in text and "can't allocate memory" in text
+
+
+def test_a_gpu_run_draws_the_allocators_breakdown_with_the_drivers_line(rows, tmp_path):
+    """On a GPU the bars stack up to the allocator's peak and the driver's view is a line: drawn
+    from rows shaped like a GPU run's (allocator and NVML figures added to the CPU reference)."""
+    gib = 2 ** 30
+    gpu = [r.replace(metrics={**r.metrics, "torch_allocated_baseline_bytes": r.metrics["weights_bytes"] + 6 * 2 ** 20,
+                              "torch_peak_allocated_bytes": r.metrics["state_bytes"] + gib // 8,
+                              "nvml_process_peak_bytes": r.metrics["state_bytes"] + gib // 2}) for r in rows]
+    text = report.render(gpu, plot_dir=tmp_path, plot_link="p/")
+    assert sum("-memory.png" in line for line in text.splitlines() if line.startswith("![")) == 2
+    from lorabench import plots
+    m = gpu[0].metrics
+    parts = plots.breakdown(m, "torch_peak_allocated_bytes", "torch_allocated_baseline_bytes")
+    assert parts["base"] == 6 * 2 ** 20
+    assert sum(parts[k] for _, _, k, _ in plots.LAYERS) + parts["base"] + parts["rest"] == m["torch_peak_allocated_bytes"]

@@ -8,7 +8,6 @@ import pytest
 from lorabench import report, tables
 from lorabench.cells import Cell
 from lorabench.rows import BY_KEY, METRICS, Row, Status, is_number
-from lorabench.rundir import RunDir
 from lorabench.trackers import Unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
