@@ -142,3 +142,4 @@ def test_the_nightly_checks_first_and_keeps_one_baseline_per_accelerator():
     assert baseline["if"] == "success()" and baseline["with"]["name"] == "baseline-${{ matrix.accelerator }}"
     summary = next(r for r in runs if "GITHUB_STEP_SUMMARY" in r)
     assert "report/*.md" not in summary    # not the committed CPU reference report
+    assert "grep -v '^!\\['" in summary   # picture links cannot render there: headlines and tables stand alone
