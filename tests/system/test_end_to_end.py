@@ -65,14 +65,17 @@ def test_every_cell_has_one_ok_row_with_its_metrics(tiny_run):
     assert len(json.loads((run_dir / "plan.json").read_text())["cells"]) == 6
 
 
-def test_run_prints_the_comparison_and_writes_the_report(tiny_run):
+def test_run_prints_the_comparison_and_writes_the_report(tiny_run, tmp_path):
     cwd, run_dir, proc = tiny_run
     assert "| Comparison" in proc.stdout and "Delta lora r=2" in proc.stdout
     # nothing but our own one-line progress reaches stderr: no library or resource-tracker warning
     assert "Warning" not in proc.stderr and "leaked" not in proc.stderr, proc.stderr
     report_file = cwd / "report" / f"{run_dir.name}.md"
     text = report_file.read_text()
-    assert text == report.render(RunDir(run_dir).rows()[0], plot_dir=None)   # from the results file alone
+    # from the results file alone; pictures beside it, linked relative to the report
+    assert text == report.render(RunDir(run_dir).rows()[0], plot_dir=tmp_path, plot_link=f"{run_dir.name}/")
+    names = lambda d: sorted(p.name for p in d.iterdir())   # noqa: E731
+    assert names(cwd / "report" / run_dir.name) == names(tmp_path)
     for needle in ("## cifar-mlp", "## bert-tiny", "| trainable parameters", "| epoch time (s, median of timed epochs)",
                    "### Quality per epoch", "1 (warm-up)", "## Environment", "weights: random",
                    "| activations saved for backward (MiB, saved-tensor hooks)"):
@@ -87,7 +90,11 @@ def test_report_command_regenerates_the_same_markdown(tiny_run, tmp_path):
     cwd, run_dir, proc = tiny_run
     out = run_subprocess("report", str(run_dir), "-o", str(tmp_path / "r.md"), cwd=cwd)
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "r.md").read_text() == (cwd / "report" / f"{run_dir.name}.md").read_text()
+    # the same page; its pictures beside it, in r/ instead of <run-id>/
+    again = (tmp_path / "r.md").read_text().replace("](r/", f"]({run_dir.name}/")
+    assert again == (cwd / "report" / f"{run_dir.name}.md").read_text()
+    names = lambda d: sorted(p.name for p in d.iterdir())   # noqa: E731
+    assert names(tmp_path / "r") == names(cwd / "report" / run_dir.name)
 
 
 def test_a_diverging_matrix_writes_its_rows_and_no_traceback(tmp_path):
