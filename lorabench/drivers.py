@@ -12,9 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import psutil
-
-from .trackers import _Sampler, unavailable
+from .trackers import ProcessTree, _Sampler, unavailable
 
 
 def device_identity(index: int = 0) -> dict[str, str]:
@@ -65,30 +63,6 @@ def nvml_handle(nvml, index: int = 0, identity: dict[str, str] | None = None):
     raise LookupError("several GPUs and no way to tell which one torch uses; set CUDA_DEVICE_ORDER=PCI_BUS_ID")
 
 
-class _Pids:
-    """This process and its children, rescanned at most once a second: psutil's tree walk reads
-    every process on the machine (1-2 ms a call, more with more processes), too dear for a
-    sampler that runs every 10 ms beside the training it measures."""
-
-    SCAN_S = 1.0
-
-    def __init__(self):
-        self._me = psutil.Process()
-        self._pids: set[int] = {self._me.pid}
-        self._scanned = float("-inf")
-
-    def __call__(self) -> set[int]:
-        import time
-        now = time.monotonic()
-        if now - self._scanned >= self.SCAN_S:
-            try:
-                self._pids = {self._me.pid} | {c.pid for c in self._me.children(recursive=True)}
-            except psutil.Error:
-                self._pids = {self._me.pid}
-            self._scanned = now
-        return self._pids
-
-
 def nvml_used(nvml, handle) -> tuple[int, str, bool]:
     """(used bytes, what they are, whether the v2 call answered). The v2 struct's `used` leaves
     out the memory the driver reserves for itself (hundreds of MiB on recent cards), so an idle
@@ -119,7 +93,7 @@ class NvmlMemory(_Sampler):
         self.process_seen = False
         self.process_reading_missing = False
         self.process_error: str | None = None   # the per-process query failed (NoPermission, an old driver)
-        self._pids = _Pids()
+        self._pids = ProcessTree().pids
 
     def _sample(self) -> None:
         info = (self.nvml.nvmlDeviceGetMemoryInfo(self.handle, version=self.nvml.nvmlMemory_v2) if self.v2
@@ -193,7 +167,7 @@ class AmdsmiMemory(_Sampler):
     def __init__(self, amdsmi, handle, interval_s: float = 0.01):
         super().__init__(interval_s)
         self.amdsmi, self.handle = amdsmi, handle
-        self._pids = _Pids()
+        self._pids = ProcessTree().pids
         self.before_bytes = self._device_used()
         self.process_peak = self.device_peak = 0
         self.process_seen = False

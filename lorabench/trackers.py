@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import resource
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,37 @@ class _Sampler(Tracker):
             self._safe_sample()
 
 
+class ProcessTree:
+    """This process and its children, the children looked up at most once every SCAN_S seconds:
+    psutil's tree walk reads every process on the machine (1-2 ms a call, more with more
+    processes), too dear for a sampler that runs every 10 ms beside the training it measures.
+    Shared by the host sampler and the GPU drivers' per-process readings."""
+
+    SCAN_S = 1.0
+
+    def __init__(self):
+        self.me = psutil.Process(os.getpid())
+        self._children: list[psutil.Process] = []
+        self._scanned = float("-inf")
+
+    def rescan(self) -> None:
+        """Look the children up on the next call, whenever the last look was."""
+        self._scanned = float("-inf")
+
+    def children(self) -> list[psutil.Process]:
+        now = time.monotonic()
+        if now - self._scanned >= self.SCAN_S:
+            try:
+                self._children = self.me.children(recursive=True)
+            except psutil.Error:
+                self._children = []
+            self._scanned = now
+        return self._children
+
+    def pids(self) -> set[int]:
+        return {self.me.pid} | {c.pid for c in self.children()}
+
+
 class HostMemory(_Sampler):
     """Resident memory of this process and its children, sampled in a background thread.
 
@@ -99,16 +131,13 @@ class HostMemory(_Sampler):
     A sample must cost next to nothing: the sampler shares the cores with the training it
     measures. This process's RSS is one pread of /proc/self/statm (psutil where there is no
     /proc); the children, whose discovery scans every process on the machine, are looked for
-    once a second, not every sample. (bench/test_sampler_overhead.py holds the budget: < 2 %.)
+    once a second (ProcessTree), not every sample. (bench/test_sampler_overhead.py holds the
+    budget: < 2 %.)
     """
-
-    CHILD_SCAN_S = 1.0
 
     def __init__(self, interval_s: float = 0.01):
         super().__init__(interval_s)
-        self._proc = psutil.Process(os.getpid())
-        self._children: list[psutil.Process] = []
-        self._scanned = 0.0
+        self._tree = ProcessTree()
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         try:
             self._statm: int | None = os.open("/proc/self/statm", os.O_RDONLY)
@@ -119,19 +148,11 @@ class HostMemory(_Sampler):
     def _self_rss(self) -> int:
         if self._statm is not None:
             return int(os.pread(self._statm, 64, 0).split()[1]) * self._page   # resident pages
-        return self._proc.memory_info().rss
+        return self._tree.me.memory_info().rss
 
     def _rss(self) -> int:
-        import time
-        now = time.monotonic()
-        if now - self._scanned >= self.CHILD_SCAN_S:
-            try:
-                self._children = self._proc.children(recursive=True)
-            except psutil.Error:
-                self._children = []
-            self._scanned = now
         rss = self._self_rss()
-        for child in self._children:
+        for child in self._tree.children():
             try:
                 rss += child.memory_info().rss
             except psutil.Error:   # a child that exited since the last scan
@@ -142,12 +163,12 @@ class HostMemory(_Sampler):
         self.peak = max(self.peak, self._rss())
 
     def start(self) -> None:
-        self._scanned = 0.0   # look for children now
+        self._tree.rescan()   # look for children now
         self.baseline = self.peak = self._rss()
         super().start()
 
     def stop(self) -> None:
-        self._scanned = 0.0   # the final sample (the block's end state) looks for children again
+        self._tree.rescan()   # the final sample (the block's end state) looks for children again
         try:
             super().stop()
         finally:
@@ -263,8 +284,6 @@ def measure_matmul_flops(device, dtype, shapes=(), seconds: float = 0.2) -> dict
     so kernel selection and clock ramp-up are excluded. The eight largest shapes are kept, and a
     shape larger than the square one has its largest side halved until it is not (an LM head's
     vocabulary-wide product would take a minute on a CPU); `shapes` says what was timed."""
-    import time
-
     import torch
     n = 4096 if device.type == "cuda" else 1024
     todo = []

@@ -117,8 +117,9 @@ def test_nvml_used_leaves_out_driver_reserved_memory_where_v2_exists():
 
 def test_the_process_tree_is_walked_once_a_second_not_every_sample(monkeypatch):
     calls = []
-    real = drivers.psutil.Process.children
-    monkeypatch.setattr(drivers.psutil.Process, "children", lambda self, **kw: calls.append(1) or real(self, **kw))
+    import psutil
+    real = psutil.Process.children
+    monkeypatch.setattr(psutil.Process, "children", lambda self, **kw: calls.append(1) or real(self, **kw))
     gpu = FakeGPU(processes={me(): GiB})
     t = NvmlMemory(FakeNVML([gpu]), gpu, interval_s=0.001)
     for _ in range(200):
