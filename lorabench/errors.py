@@ -7,5 +7,10 @@ OptionsError) so callers can tell them apart; `lorabench.cli.main` catches the f
 """
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: for one-line reports."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 class InputError(ValueError):
     """Something a user asked for cannot be done as asked; the message says why and what is accepted."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .errors import first_line
 from .tasks import Task
 from .trackers import Unavailable
 
@@ -56,8 +57,7 @@ def count(module: nn.Module, task: Task, *, batch_size: int, grad_accum: int, se
         with FlopCounterMode(display=False) as bwd:
             loss.backward()
     except Exception as e:   # noqa: BLE001 (any model code may fail on meta; say why, do not guess)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return Unavailable(f"FLOPs could not be counted on the meta device ({type(e).__name__}: {first})")
+        return Unavailable(f"FLOPs could not be counted on the meta device ({type(e).__name__}: {first_line(e)})")
     finally:
         module.zero_grad(set_to_none=True)
     return StepFlops(forward=float(fwd.get_total_flops() * grad_accum),

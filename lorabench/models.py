@@ -16,7 +16,7 @@ from typing import Callable
 
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .tasks import TASKS, Task
 
 
@@ -114,7 +114,7 @@ def build_byo(source: str, weights: str = "random", task: str | None = None) -> 
     try:
         config = transformers.AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load a configuration from {source!r}: {_first_line(e)}") from None
+        raise ModelError(f"cannot load a configuration from {source!r}: {first_line(e)}") from None
     the_task = TASKS[task or _infer_task(config)]
     auto = getattr(transformers, the_task.hf_auto_class)
     if the_task.classifier and not getattr(config, "num_labels", None):
@@ -122,7 +122,7 @@ def build_byo(source: str, weights: str = "random", task: str | None = None) -> 
     try:
         module = auto.from_pretrained(source) if weights == "pretrained" else auto.from_config(config)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot build {source!r} for {the_task.name}: {_first_line(e)}") from None
+        raise ModelError(f"cannot build {source!r} for {the_task.name}: {first_line(e)}") from None
     targets = _default_targets(module)
     return Bundle(module, the_task, targets, vocab_size=getattr(config, "vocab_size", None),
                   num_labels=config.num_labels if the_task.classifier else None, tokenizer_source=source)
@@ -171,13 +171,9 @@ def _from_pretrained(cls, hub_id: str, **kwargs) -> nn.Module:
         return cls.from_pretrained(hub_id, low_cpu_mem_usage=True, **kwargs)
     except OSError as e:
         raise ModelError(
-            f"pretrained weights for {hub_id!r} are not available here ({_first_line(e)}); "
+            f"pretrained weights for {hub_id!r} are not available here ({first_line(e)}); "
             "download them into the HF cache first, or use --weights random"
         ) from None
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 HUB_IDS = {"bert-tiny": "prajjwal1/bert-tiny", "bert-base": "bert-base-uncased",
