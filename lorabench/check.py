@@ -35,11 +35,19 @@ class Check:
 
 
 def _mlp(method: str, device: torch.device):
+    """(task, module): the CIFAR MLP adapted by `method` (rank 4), built on `device` (meta: shapes only)."""
     from . import models
     from .methods import METHODS, Adapter
-    bundle = models.build("cifar-mlp")
-    adapted = METHODS[method].apply(bundle, Adapter(rank=4 if METHODS[method].adapts else None, model="cifar-mlp"))
-    return bundle.task, adapted.module.to(device)
+    with torch.device(device):
+        bundle = models.build("cifar-mlp")
+        adapted = METHODS[method].apply(bundle, Adapter(rank=4 if METHODS[method].adapts else None, model="cifar-mlp"))
+    return bundle.task, adapted.module
+
+
+def _images(rows: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch of the MLP's shape: `rows` CIFAR-sized images and their labels."""
+    return {"x": torch.randn(rows, 3, 32, 32, device=device),
+            "labels": torch.zeros(rows, dtype=torch.long, device=device)}
 
 
 def host_rss() -> Check:
@@ -55,7 +63,7 @@ def host_rss() -> Check:
         del buf
     r = t.result()
     rise, peak = r["host_peak_above_baseline_bytes"], r["host_peak_rss_bytes"]
-    mark = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mark = r["host_maxrss_bytes"]   # getrusage's high-water mark, which the tracker's result reads
     agrees = abs(mark - peak) <= 0.05 * peak if peak > mark_before else mark >= peak
     ok = abs(rise - size) <= 0.1 * size and agrees
     return Check("host RSS sampler: 512 MiB buffer", f"+{rise / MiB:,.0f} MiB; peak {peak / MiB:,.0f} MiB vs "
@@ -71,15 +79,12 @@ def clock() -> Check:
 
 def flops_closed_form() -> Check:
     """FlopCounterMode on the meta device against the closed form, for the three methods."""
-    from . import flops, models
-    from .methods import METHODS, Adapter
+    from . import flops
+    from .methods import METHODS
     out = []
     for method in METHODS:
-        with torch.device("meta"):
-            bundle = models.build("cifar-mlp")
-            module = METHODS[method].apply(bundle, Adapter(rank=4 if METHODS[method].adapts else None)).module
-        counted = flops.count(module, bundle.task, batch_size=16, grad_accum=1, seq_len=1, vocab_size=None,
-                              num_labels=10)
+        task, module = _mlp(method, torch.device("meta"))
+        counted = flops.count(module, task, batch_size=16, grad_accum=1, seq_len=1, vocab_size=None, num_labels=10)
         out.append((method, counted.total, flops.closed_form(module, 16).total))
     ok = all(c == e for _, c, e in out)
     return Check("FLOPs: FlopCounterMode vs closed form (MLP, batch 16)",
@@ -91,8 +96,7 @@ def saved_tensors() -> Check:
     """The saved-tensor hooks against the closed form: each layer's output per sample, fp32."""
     from .trackers import SavedTensors
     task, module = _mlp(BASELINE, torch.device("cpu"))
-    x = torch.randn(8, 3, 32, 32)
-    batch = {"x": x, "labels": torch.zeros(8, dtype=torch.long)}
+    batch = _images(8, torch.device("cpu"))
     exclude = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *batch.values())}   # not activations
     with SavedTensors(exclude) as saved:
         task.loss(module, batch)
@@ -110,8 +114,7 @@ def matmul_ceiling(device: torch.device) -> Check:
     rows = 64
     ceiling = measure_matmul_flops(device, torch.float32, flops.gemm_shapes(module, rows))["matmul_flops"]
     per_step = flops.closed_form(module, rows).total   # shapes only; equal to the counter (the check above)
-    batch = {"x": torch.randn(rows, 3, 32, 32, device=device),
-             "labels": torch.zeros(rows, dtype=torch.long, device=device)}
+    batch = _images(rows, device)
     step = _timed(lambda: task.loss(module, batch)[0].backward(), device, repeats=10)
     achieved = per_step / step
     return Check("matmul ceiling vs a timed MLP training step", f"step {achieved / 1e9:,.1f} GFLOP/s; ceiling "
@@ -187,7 +190,7 @@ def events_vs_wall(device: torch.device) -> Check:
 def sampler_overhead(device: torch.device) -> Check:
     from .drivers import driver_trackers
     task, module = _mlp(BASELINE, device)
-    batch = {"x": torch.randn(64, 3, 32, 32, device=device), "labels": torch.zeros(64, dtype=torch.long, device=device)}
+    batch = _images(64, device)
     step = lambda: task.loss(module, batch)[0].backward()   # noqa: E731
     bare = _timed(step, device, repeats=20)
     trackers, _, _, _ = driver_trackers(device, 0.01)
@@ -205,16 +208,17 @@ def device_mapping() -> Check:
     from .drivers import amdsmi_handle, device_identity, nvml_handle
     found = []
     try:
+        if torch.version.hip:
+            import amdsmi
+            amdsmi.amdsmi_init()
+            resolve = lambda i, ident: amdsmi_handle(amdsmi, ident)   # noqa: E731
+        else:
+            import pynvml
+            pynvml.nvmlInit()
+            resolve = lambda i, ident: nvml_handle(pynvml, i, ident)   # noqa: E731
         for i in range(torch.cuda.device_count()):
             ident = device_identity(i)
-            if torch.version.hip:
-                import amdsmi
-                amdsmi.amdsmi_init()
-                amdsmi_handle(amdsmi, ident)
-            else:
-                import pynvml
-                pynvml.nvmlInit()
-                nvml_handle(pynvml, i, ident)
+            resolve(i, ident)
             found.append(f"cuda:{i} {ident.get('uuid', '?')[:13]} {ident.get('pci_bus_id', '?')}")
     except Exception as e:   # noqa: BLE001 (the verdict carries the driver's error)
         return Check("device mapping (UUID / PCI bus id)", f"{type(e).__name__}: {e}", "every device mapped", False)
