@@ -140,10 +140,9 @@ def _memory_picture(cell: Cell, variants: list[Variant], plot_dir, plot_link: st
     return [f"![{cell.model}: where the memory goes, measured and predicted, per method]({plot_link}{name})", ""]
 
 
-def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str,
-                   headline_by: str = "memory") -> list[str]:
+def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str, line: str | None) -> list[str]:
+    """A model's section, opening with its headline `line` (None: none)."""
     out = [f"## {cell.model}", ""]
-    line = headline(variants, headline_by)
     if line:
         out += [f"**{line}**", ""]
     out += [_settings_line(cell, variants), ""]
@@ -195,12 +194,13 @@ def render(rows: list[Row], warnings: Iterable[str] = (), plot_dir=None, plot_li
     for r in rows:
         statuses[r.status.value] += 1
     out = [f"# lorabench report: {', '.join(run_ids) or 'no rows'}", ""]
-    lines = [line for _, variants in groups(rows) if (line := headline(variants, headline_by))]
+    sections = [(cell, variants, headline(variants, headline_by)) for cell, variants in groups(rows)]
+    lines = [line for _, _, line in sections if line]
     out += [f"- {line}" for line in lines] + ([""] if lines else [])
     out.append(f"{len(rows)} result rows: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + ".")
     out.append("")
-    for cell, variants in groups(rows):
-        out += _model_section(cell, variants, plot_dir, plot_link, headline_by)
+    for cell, variants, line in sections:
+        out += _model_section(cell, variants, plot_dir, plot_link, line)
     failures = _failures(rows)
     if failures:
         out += ["## Cells that did not finish", "", failures, ""]
