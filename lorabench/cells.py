@@ -25,6 +25,7 @@ from .models import MODELS, is_byo
 from .tasks import TASKS
 
 DEVICES = ("cpu", "cuda")
+STRATEGIES = ("ddp", "fsdp2")   # how a cell of several processes shares the model (see `distributed`)
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTS = ("random", "pretrained")
 
@@ -43,6 +44,14 @@ def csv_list(value: str) -> tuple[str, ...]:
     if not items:
         raise ValueError("expected a comma-separated list, got nothing")
     return items
+
+
+def int_list(value: str) -> tuple[int, ...]:
+    """A comma-separated list of whole numbers (an axis: one cell per value)."""
+    try:
+        return tuple(int(v) for v in csv_list(value))
+    except ValueError:
+        raise ValueError(f"expected whole numbers separated by commas, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,12 @@ class Cell:
                         ".jsonl with instruction,input,output")
     task: str | None = setting(None, "task of an hf: model when it cannot be inferred from its configuration",
                                choices=tuple(t for t in TASKS if TASKS[t].hf_auto_class))
+    nproc: int = setting(1, "processes per cell, one per device on a GPU host, launched as torchrun does (gloo on the "
+                         "CPU, nccl/rccl on a GPU); a list is an axis, e.g. 1,2", parse=int_list, metavar="N[,N...]")
+    strategy: str | None = setting(None, "how the processes of a cell share the model: ddp (a replica each, gradients "
+                                   "all-reduced) or fsdp2 (fully_shard per block / Linear); default ddp; a list is an "
+                                   "axis, e.g. ddp,fsdp2; only for --nproc 2 or more", parse=csv_list,
+                                   metavar="ddp|fsdp2")
     pretrain_epochs: int = setting(0, "train the base in full this many epochs before the method, untimed (seed 002 "
                                    "continues LoRA from trained weights)", parse=int)
     repeat: int = 0                   # index of a repetition of the same cell (--repeat N)
@@ -171,6 +186,13 @@ class Cell:
             raise CellError(f"unknown dtype {self.dtype!r}; choose from {_choices(DTYPES)}")
         if self.weights not in WEIGHTS:
             raise CellError(f"unknown weights {self.weights!r}; choose from {_choices(WEIGHTS)}")
+        _positive_int("nproc", self.nproc)
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise CellError(f"unknown strategy {self.strategy!r}; choose from {_choices(STRATEGIES)}")
+        if self.nproc == 1 and self.strategy is not None:
+            raise CellError(f"--strategy {self.strategy} applies to cells of several processes; give --nproc 2 or more")
+        if self.nproc > 1 and self.strategy is None:   # one spelling per cell, so equal cells hash equal
+            object.__setattr__(self, "strategy", STRATEGIES[0])
 
     @property
     def scale(self) -> float | None:
@@ -191,11 +213,15 @@ class Cell:
 
     @property
     def label(self) -> str:
-        """Column name in reports: `full`, `lora r=8`, `lora-reparam r=1`."""
-        return self.method if self.rank is None else f"{self.method} r={self.rank}"
+        """Column name in reports: `full`, `lora r=8`, `lora-reparam r=1`, `full fsdp2 n=2`."""
+        name = self.method if self.rank is None else f"{self.method} r={self.rank}"
+        return name if self.nproc == 1 else f"{name} {self.strategy} n={self.nproc}"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        for name, default in QUIET_DEFAULTS.items():   # a cell of one process keeps the key it had before them
+            if d[name] == default:
+                del d[name]
         if isinstance(d["targets"], tuple):
             d["targets"] = list(d["targets"])
         d["modules_to_save"] = list(d["modules_to_save"])
@@ -248,4 +274,9 @@ CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
 SETTINGS = tuple(f for f in dataclasses.fields(Cell) if cli_flags(f))   # what flags and [settings] may set
 # Settings of the adapter: a matrix leaves them out of its baseline (full fine-tuning) cells.
 LORA_FIELDS = ("alpha", "dropout", "targets", "modules_to_save")
+# Settings that may be lists: a matrix makes one cell per value (their product, with the other axes).
+AXIS_FIELDS = ("nproc", "strategy")
+# Fields added after results were first written: left out of a cell's dict (and key) at their default,
+# so older run directories resume and compare against newer ones.
+QUIET_DEFAULTS: dict[str, Any] = {"nproc": 1, "strategy": None}
 

@@ -20,12 +20,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import environment, methods, models
+from . import distributed, environment, methods, models
 from .cells import Cell
 from .data import Dataset, load
 from .drivers import driver_trackers
 from .methods import METHODS
-from .rows import Row, Status
+from .rows import Row, Status, is_number
 from .stats import Summary
 from .tasks import Task
 from .trackers import HostMemory, SavedTensors, TorchAllocator, unavailable
@@ -36,18 +36,36 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = None,
             sample_interval_s: float = 0.01, known: dict[str, Any] | None = None) -> Row:
-    """Run one cell in this process and return its row. `known` holds figures made before the
-    cell ran (its prediction, the run's matmul rate), so the row is whole, derived figures
-    included, the moment it is made."""
-    measured: dict[str, Any] = dict(known or {})
+    """Run one cell from this process and return its row: here, or for a cell of several processes
+    in one forked process per rank (`distributed`). `known` holds figures made before the cell ran
+    (its prediction, the run's matmul rate), so the row is whole, derived figures included, the
+    moment it is made."""
+    started = time.perf_counter()
+    if cell.nproc > 1:
+        return _execute_group(cell, on_epoch, sample_interval_s, known or {}, started)
+    out = measure(cell, None, on_epoch, sample_interval_s)
+    measured = {**(known or {}), **out["measured"], "cell_wall_s": time.perf_counter() - started}
+    env = {**environment.capture(cell.device), **out["env_facts"]}   # facts of the machine, not of the cell
+    return Row.make(cell, out["status"], measured, epochs=out["epochs"], pretrain_epochs=out["pretrain"],
+                    environment=env, error=out["error"])
+
+
+def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[EpochRecord, int], None] | None = None,
+            sample_interval_s: float = 0.01) -> dict[str, Any]:
+    """The protocol of one cell in this process (one rank of it when `group` is given): {measured,
+    epochs, pretrain, env_facts, status, error}. An exception ends it as an error or oom, keeping
+    what was measured before."""
+    measured: dict[str, Any] = {}
     env_facts: dict[str, str] = {}
     epochs: list[dict] = []
     pretrain: list[dict] = []
     error = None
-    started = time.perf_counter()
     try:
         torch.manual_seed(cell.seed)
-        device, dtype = torch.device(cell.device), DTYPES[cell.dtype]
+        dtype = DTYPES[cell.dtype]
+        device = group.device(cell.device) if group else torch.device(cell.device)
+        if group:
+            group.join(device)
         # Built before the model loads, so the device's used memory "before" is others' load.
         drivers, energy, env_facts, missing = driver_trackers(device, sample_interval_s)
         measured.update(missing)
@@ -56,7 +74,7 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
         model = bundle.module.to(device=device, dtype=dtype)
         ds = load_data(cell, bundle).to(device, dtype)
         measured["data"] = ds.source
-        if cell.pretrain_epochs:   # seed 002: the base is trained in full first, untimed
+        if cell.pretrain_epochs:   # seed 002: the base is trained in full first, untimed (each rank alike)
             pre = fit(model, task, ds, epochs=cell.pretrain_epochs, warmup_epochs=0, batch_size=cell.batch_size,
                       grad_accum=cell.grad_accum, lr=cell.lr, seed=cell.seed, device=device)
             pretrain = [vars(e) for e in pre.epochs]
@@ -70,10 +88,13 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
             with torch.no_grad():
                 base_out = forward(model)
         adapted = method.apply(bundle, cell.adapter)
-        model = adapted.module.to(device=device, dtype=dtype)
+        model = trained = adapted.module.to(device=device, dtype=dtype)
         p = adapted.params
         measured.update(params_total=p.total, params_trainable=p.trainable, params_trainable_adapter=p.adapter,
                         params_trainable_full=p.full_trained, lora_targets=len(adapted.targets))
+        if group:
+            trained, check = _wrap_checked(model, task, ds, cell, group, device)
+            measured.update(check)
         release(model, device)   # pretraining's and the checks' cached blocks must not count as this cell's
         trackers = [HostMemory(sample_interval_s), TorchAllocator(device), *drivers]
         try:
@@ -81,22 +102,27 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
             with ExitStack() as stack:
                 for t in trackers:
                     stack.enter_context(t)
-                optimizer = make_optimizer([q for q in model.parameters() if q.requires_grad], cell.lr)
-                measured.update(probe_step(model, task, ds, optimizer[0], cell, device))
-                result = fit(model, task, ds, epochs=cell.epochs, warmup_epochs=cell.warmup_epochs,
+                optimizer = make_optimizer([q for q in trained.parameters() if q.requires_grad], cell.lr)
+                measured.update(probe_step(trained, task, ds, optimizer[0], cell, device, group))
+                if group and group.strategy == "ddp":   # the replicas must agree after a step
+                    measured["check_ranks_params_max_abs_diff"] = distributed.params_max_abs_diff(trained, device)
+                result = fit(trained, task, ds, epochs=cell.epochs, warmup_epochs=cell.warmup_epochs,
                              batch_size=cell.batch_size, grad_accum=cell.grad_accum, lr=cell.lr, seed=cell.seed,
                              device=device, optimizer=optimizer, on_epoch=on_epoch,
-                             on_timed=lambda edge: energy.begin() if edge == "begin" else energy.end())
+                             on_timed=lambda edge: energy.begin() if edge == "begin" else energy.end(),
+                             rank=group.rank if group else 0, world=group.world if group else 1,
+                             sync=distributed.grad_sync if group else None)
         finally:
             for t in trackers:
                 measured.update(t.result())
             measured.update(energy.result())
-        measured["weights_bytes"] = sum(q.nbytes for q in model.parameters())
-        measured["trainable_weights_bytes"] = sum(q.nbytes for q in model.parameters() if q.requires_grad)
+        held = distributed.held(trained)
+        measured["weights_bytes"] = sum(q.nbytes for q in held)
+        measured["trainable_weights_bytes"] = sum(q.nbytes for q in held if q.requires_grad)
         measured.update(fit_metrics(result))
         epochs = [vars(e) for e in result.epochs]
         if result.diverged_at is None:
-            measured.update(method.checks(adapted, forward, base_out))   # after the timed region; leaves it merged
+            measured.update(_checks(cell, method, adapted, trained, forward, base_out, group, device, dtype))
             status = Status.OK
         else:   # a result, not a crash: the row keeps what was measured and says where the loss went
             status = Status.DIVERGED
@@ -107,38 +133,107 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
         status = Status.OOM if _is_oom(e) else Status.ERROR
         error = {"type": type(e).__name__, "message": str(e).strip().splitlines()[0] if str(e).strip() else "",
                  "traceback": traceback.format_exc().splitlines()[-12:]}
-    measured["cell_wall_s"] = time.perf_counter() - started
-    env = {**environment.capture(cell.device), **env_facts}   # facts of the machine, not of the cell
-    return Row.make(cell, status, measured, epochs=epochs, pretrain_epochs=pretrain, environment=env, error=error)
+    return {"measured": measured, "epochs": epochs, "pretrain": pretrain, "env_facts": env_facts,
+            "status": status.value, "error": error}
+
+
+def _checks(cell, method, adapted, trained, forward, base_out, group, device, dtype) -> dict[str, Any]:
+    """The method's checks after the timed region, on the leader. FSDP2 holds shards: the leader
+    checks a fresh copy of the model loaded with the gathered weights."""
+    if group is None:
+        return method.checks(adapted, forward, base_out)
+    if group.strategy == "fsdp2":
+        whole = distributed.full_state_dict(trained)   # every rank takes part in the gather
+        if not group.leader:
+            return {}
+        adapted = method.apply(models.build(cell.model, cell.weights, cell.task), cell.adapter)
+        adapted.module.load_state_dict(whole)
+        adapted.module.to(device=device, dtype=dtype)
+    return method.checks(adapted, forward, base_out) if group.leader else {}
+
+
+def _wrap_checked(model: nn.Module, task: Task, ds: Dataset, cell: Cell, group: distributed.Group,
+                  device: torch.device) -> tuple[nn.Module, dict[str, float]]:
+    """The model wrapped for its strategy, and the loss of the first global micro-batch taken both
+    ways before any step: in one process on all of it, and across the ranks on their shards
+    (eval mode, so dropout draws no difference). They must agree."""
+    b = cell.batch_size
+    model.eval()
+    with torch.no_grad():
+        one = task.loss(model, {k: v[:b * group.world] for k, v in ds.train.items()})[0].item()
+        wrapped = distributed.wrap(model, group, device)
+        mine = task.loss(wrapped, {k: v[group.rank * b:(group.rank + 1) * b] for k, v in ds.train.items()})[0].item()
+    distributed.reshard(wrapped)   # before the optimizer is built on its parameters
+    model.train()
+    return wrapped, {"check_ranks_first_loss_abs_diff": abs(distributed.mean(mine, device) - one)}
+
+
+def _rank_main(conn, cell_dict: dict[str, Any], sample_interval_s: float) -> None:
+    """One rank of a cell of several processes (under `distributed.launch`, or torchrun)."""
+    cell = Cell.from_dict(cell_dict)
+    group = distributed.Group.from_env(cell.strategy)
+    on_epoch = (lambda rec, total: conn.send(("epoch", vars(rec), total))) if group.leader else None
+    try:
+        conn.send(("result", measure(cell, group, on_epoch, sample_interval_s)))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _execute_group(cell: Cell, on_epoch, sample_interval_s: float, known: dict[str, Any], started: float) -> Row:
+    """A cell of `cell.nproc` processes: launch the ranks, fold their figures into one row; a rank
+    that failed ends the cell with its status, named, beside what the others measured."""
+    forward = (lambda msg: on_epoch(EpochRecord(**msg[1]), msg[2])) if on_epoch else None
+    results = distributed.launch(cell.nproc, _rank_main, (cell.to_dict(), sample_interval_s), on_message=forward)
+    folded = distributed.fold(results, is_number)
+    leader = next((x.payload for x in results if x.payload), None) or {"epochs": [], "pretrain": [], "env_facts": {},
+                                                                        "status": "crashed", "error": None}
+    status, error = Status(leader["status"]), leader["error"]
+    cause = distributed.root_cause(results)
+    where = f"rank {cause.rank} of {cell.nproc}" if cause else ""
+    if cause is not None and cause.payload is not None:
+        status, error = Status(cause.payload["status"]), dict(cause.payload["error"] or {})
+        error["message"] = f"{where}: {error.get('message', '')}"
+    elif cause is not None:
+        status = Status.CRASHED
+        error = {"type": cause.death(), "message": f"{where}: the process died from {cause.death()}", "traceback": []}
+    measured = {**known, **folded.measured, "cell_wall_s": time.perf_counter() - started}
+    env = {**environment.capture(cell.device), **leader["env_facts"]}
+    return Row.make(cell, status, measured, epochs=leader["epochs"], pretrain_epochs=leader["pretrain"],
+                    environment=env, error=error, per_rank=folded.per_rank)
 
 
 def probe_step(model: nn.Module, task: Task, data: Dataset, optimizer: torch.optim.Optimizer, cell: Cell,
-               device: torch.device) -> dict[str, int]:
+               device: torch.device, group: distributed.Group | None = None) -> dict[str, int]:
     """One optimizer step before the training loop, for the one-off bookkeeping: what autograd
     keeps for backward (saved-tensor hooks around the first forward), the gradients' and Adam
     state's bytes, and the allocator at those phase boundaries. It trains like a warm-up step, and
-    it allocates Adam's state, so no timed step pays for that."""
+    it allocates Adam's state, so no timed step pays for that. A rank takes its shard of the batch
+    and counts the tensors it holds (an FSDP2 shard)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    rank, world = (group.rank, group.world) if group else (0, 1)
     # parameters and the resident data set are not activations
-    exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *data.train.values())}
+    exclude = {distributed.local(t).untyped_storage().data_ptr() for t in (*model.parameters(), *data.train.values())}
     out: dict[str, int] = {}
     for m in range(cell.grad_accum):
-        batch = {k: v[m * cell.batch_size:(m + 1) * cell.batch_size] for k, v in data.train.items()}
-        if m == 0:
-            with SavedTensors(exclude) as saved:
+        lo = (m * world + rank) * cell.batch_size
+        batch = {k: v[lo:lo + cell.batch_size] for k, v in data.train.items()}
+        with distributed.grad_sync(model, m == cell.grad_accum - 1):
+            if m == 0:
+                with SavedTensors(exclude) as saved:
+                    loss = task.loss(model, batch)[0]
+                out.update(saved.result())
+            else:
                 loss = task.loss(model, batch)[0]
-            out.update(saved.result())
-        else:
-            loss = task.loss(model, batch)[0]
-        (loss / cell.grad_accum).backward()
-    out["grads_bytes"] = sum(p.grad.nbytes for p in params if p.grad is not None)
+            (loss / cell.grad_accum).backward()
+    out["grads_bytes"] = sum(distributed.local(p.grad).nbytes for p in params if p.grad is not None)
     if device.type == "cuda":   # allocator at the phase boundary: weights + data + grads
         out["torch_allocated_after_first_backward_bytes"] = torch.cuda.memory_allocated(device)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    out["optimizer_state_bytes"] = sum(t.nbytes for st in optimizer.state.values() for t in st.values()
-                                       if torch.is_tensor(t))
+    out["optimizer_state_bytes"] = sum(distributed.local(t).nbytes for st in optimizer.state.values()
+                                       for t in st.values() if torch.is_tensor(t))
     if device.type == "cuda":   # grads freed, optimizer state allocated
         out["torch_allocated_after_first_step_bytes"] = torch.cuda.memory_allocated(device)
     return out

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 
-from . import data, environment, flops, models
-from .cells import CELL_FIELDS, LORA_FIELDS, Cell, CellError, _choices
+from . import data, distributed, environment, flops, models
+from .cells import AXIS_FIELDS, CELL_FIELDS, LORA_FIELDS, Cell, CellError, _choices
 from .methods import METHODS, MethodError, ParamCount
-from .predictions import Prediction, predict
+from .predictions import Prediction, per_rank, predict
 from .tasks import task_of_data
 
 
@@ -30,7 +31,8 @@ class PlanError(CellError):
 
 @dataclass(frozen=True)
 class Matrix:
-    """models x methods x ranks, sharing `settings` (any other Cell field)."""
+    """models x methods x ranks, sharing `settings` (any other Cell field); a setting of AXIS_FIELDS
+    given as a list is one more axis."""
 
     models: tuple[str, ...]
     methods: tuple[str, ...]
@@ -45,14 +47,22 @@ class Matrix:
         if lora_methods and not self.ranks:
             raise CellError(f"methods {', '.join(lora_methods)} need at least one rank (--ranks)")
         out = []
-        base_settings = {k: v for k, v in self.settings.items() if k not in LORA_FIELDS}
         for model in self.models:
             for method in self.methods:
                 adapts = METHODS[method].adapts
                 for rank in (self.ranks if adapts else [None]):
-                    out.append(Cell(model=model, method=method, rank=rank,
-                                    **(self.settings if adapts else base_settings)))
-        return out
+                    for values in itertools.product(*self._axes().values()):
+                        settings = {**self.settings, **dict(zip(self._axes(), values))}
+                        if not adapts:
+                            settings = {k: v for k, v in settings.items() if k not in LORA_FIELDS}
+                        if settings.get("nproc", 1) == 1:
+                            settings.pop("strategy", None)   # one process shares nothing
+                        out.append(Cell(model=model, method=method, rank=rank, **settings))
+        return list({c.key(): c for c in out}.values())
+
+    def _axes(self) -> dict[str, tuple]:
+        """{field: values} of the settings given as lists (an axis each)."""
+        return {k: tuple(v) for k, v in self.settings.items() if k in AXIS_FIELDS and isinstance(v, (list, tuple))}
 
 
 # Settings of the CPU default: small synthetic data so the whole matrix runs in about a minute.
@@ -143,6 +153,8 @@ def plan(
     base: list[Cell] = []
     for mx in matrices:
         base += dataclasses.replace(mx, settings={**mx.settings, **overrides}).cells()
+    if overrides.get("strategy") is not None and all(c.nproc == 1 for c in base):
+        raise CellError("--strategy applies to cells of several processes; give --nproc 2 or more")
     cells: dict[str, Cell] = {}
     # Repeat-major order (the whole matrix, then the whole matrix again): the spread of a cell's
     # repeats then covers the drift of the machine over the run, not just a few seconds of it.
@@ -239,6 +251,13 @@ def survey(cell: Cell) -> Survey:
                           seq_len=cell.seq_len, vocab_size=bundle.vocab_size, num_labels=bundle.num_labels)
     pred = predict(adapted.module, adapted.params, method=method, task=task, batch_size=cell.batch_size,
                    grad_accum=cell.grad_accum, seq_len=cell.seq_len, dtype=cell.dtype, flops=counted)
+    if cell.nproc > 1:
+        largest, root = distributed.unit_params(adapted.module)
+        if cell.strategy == "fsdp2" and not largest:
+            raise PlanError(f"FSDP2 cannot wrap {cell.model}: it has no transformer blocks (an nn.ModuleList) and "
+                            "no Linear layers to shard")
+        pred = per_rank(pred, nproc=cell.nproc, strategy=cell.strategy, largest_unit=largest, root=root,
+                        dtype=cell.dtype)
     rows = cell.batch_size * task.tokens_per_sample(cell.seq_len)
     return Survey(adapted.params, task.name, pred, frozenset(flops.gemm_shapes(adapted.module, rows)))
 
@@ -249,7 +268,7 @@ def survey_all(cells: list[Cell]) -> list[Survey]:
     surveys: dict[tuple, Survey] = {}
     kinds: dict[str, str] = {}
     shape = lambda c: (c.model, c.method, c.rank, c.targets, c.modules_to_save, c.task,   # noqa: E731
-                       c.batch_size, c.grad_accum, c.seq_len, c.dtype)
+                       c.batch_size, c.grad_accum, c.seq_len, c.dtype, c.nproc, c.strategy)
     for cell in cells:
         if shape(cell) not in surveys:
             try:

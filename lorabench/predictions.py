@@ -13,7 +13,7 @@ estimates: the measured figures sit beside them in the report.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -33,6 +33,7 @@ class Prediction:
     activations_bytes: int
     flops: StepFlops | Unavailable    # counted on the meta device, or why it could not be
     tokens_per_step: int
+    comm_bytes: int | None = None     # a cell of several processes: the strategy's own buffers (None: one process)
 
     @property
     def flops_per_step(self) -> float | None:
@@ -40,10 +41,10 @@ class Prediction:
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes + (self.comm_bytes or 0)
 
     def to_metrics(self) -> dict[str, float | int]:
-        return {"predicted_weights_bytes": self.weights_bytes, "predicted_grads_bytes": self.grads_bytes,
+        return {**({"predicted_comm_bytes": self.comm_bytes} if self.comm_bytes is not None else {}),"predicted_weights_bytes": self.weights_bytes, "predicted_grads_bytes": self.grads_bytes,
                 "predicted_optimizer_bytes": self.optimizer_bytes,
                 "predicted_activations_bytes": self.activations_bytes, "predicted_total_bytes": self.total_bytes,
                 "flops_per_step": self.flops if isinstance(self.flops, Unavailable) else self.flops.total,
@@ -87,3 +88,23 @@ def predict(module: nn.Module, params: ParamCount, *, method: Method, task: Task
     return Prediction(weights_bytes=params.total * b, grads_bytes=params.trainable * b,
                       optimizer_bytes=2 * params.trainable * b, activations_bytes=int(act),
                       flops=flops, tokens_per_step=tokens)
+
+
+def per_rank(pred: Prediction, *, nproc: int, strategy: str, largest_unit: int, root: int, dtype: str) -> Prediction:
+    """What one of `nproc` ranks holds, from the one-process prediction `pred` of its micro-batch.
+    DDP: a whole replica, plus gradient buckets the size of the trainable gradients (the reducer
+    copies gradients into them to all-reduce). FSDP2: weights, gradients and Adam state sharded
+    N ways (each parameter's first dimension padded to a multiple of N, ignored here), plus the
+    gathered units: the root's parameters stay gathered through forward and backward, and a block
+    is gathered while the previous one still is (FSDP2 prefetches one ahead), so twice the largest.
+    Activations are the rank's micro-batch's, as in one process. FLOPs and tokens are the whole
+    step's: every rank's micro-batch."""
+    flops = pred.flops if isinstance(pred.flops, Unavailable) else StepFlops(pred.flops.forward * nproc,
+                                                                             pred.flops.backward * nproc)
+    common = dict(flops=flops, tokens_per_step=pred.tokens_per_step * nproc)
+    if strategy == "ddp":
+        return replace(pred, comm_bytes=pred.grads_bytes, **common)
+    shard = lambda n: -(-n // nproc)   # noqa: E731 (ceiling)
+    return replace(pred, weights_bytes=shard(pred.weights_bytes), grads_bytes=shard(pred.grads_bytes),
+                   optimizer_bytes=shard(pred.optimizer_bytes),
+                   comm_bytes=(root + 2 * largest_unit) * DTYPE_BYTES[dtype], **common)

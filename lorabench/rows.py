@@ -70,7 +70,9 @@ def _mfu(m, cell):
     is wrong, so it is not shown as one."""
     if not _all(m, "flops_per_step", "step_s_p50", "device_matmul_flops") or m["step_s_p50"] <= 0:
         return None
-    mfu = 100.0 * m["flops_per_step"] / m["step_s_p50"] / m["device_matmul_flops"]
+    if cell.nproc > 1 and cell.device == "cpu":
+        return Unavailable("the ranks share this CPU's cores: there is no per-rank matmul ceiling to divide by")
+    mfu = 100.0 * m["flops_per_step"] / m["step_s_p50"] / (m["device_matmul_flops"] * cell.nproc)
     if mfu > 100.0:
         return Unavailable(f"measurement problem: {mfu:.0f} % of the calibrated matmul rate "
                            f"({m['device_matmul_flops'] / 1e9:,.1f} GFLOP/s) is impossible; the ceiling was measured "
@@ -88,18 +90,25 @@ METRICS: tuple[Metric, ...] = (
            derive=lambda m, c: 100.0 * m["params_trainable"] / m["params_total"]
            if _all(m, "params_trainable", "params_total") and m["params_total"] else None),
     Metric("params_total", _C, "total parameters", "count", exact=True),
-    Metric("torch_peak_allocated_bytes", _B, "peak torch allocated (MiB, framework)", "bytes", gate="memory"),
+    Metric("torch_peak_allocated_bytes", _B, "peak torch allocated (MiB, framework; several processes: per device, "
+           "max over ranks)", "bytes", gate="memory"),
+    Metric("torch_peak_allocated_sum_bytes", _B, "peak torch allocated, all devices: sum over ranks (MiB)", "bytes"),
     Metric("torch_peak_reserved_bytes", _B, "peak torch reserved (MiB, framework)", "bytes", gate="memory"),
     Metric("torch_peak_above_baseline_bytes", _B, "peak torch allocated above weights+data (MiB)", "bytes"),
-    Metric("nvml_process_peak_bytes", _B, "peak GPU memory of the process (MiB, NVML: driver, CUDA context included)",
-           "bytes", gate="memory"),
+    Metric("nvml_process_peak_bytes", _B, "peak GPU memory of the process (MiB, NVML: driver, CUDA context included; "
+           "several processes: max over ranks)", "bytes", gate="memory"),
+    Metric("nvml_process_peak_sum_bytes", _B, "peak GPU memory, all devices: sum over ranks (MiB, NVML)", "bytes"),
     Metric("nvml_device_used_peak_bytes", _B, "peak GPU memory used on the device (MiB, NVML: every process)", "bytes"),
     Metric("nvml_device_used_before_bytes", _B,
            "GPU memory used before the cell (MiB, NVML: others' load, driver-reserved left out)", "bytes"),
-    Metric("amdsmi_process_peak_bytes", _B, "peak VRAM of the process (MiB, amdsmi: driver)", "bytes", gate="memory"),
+    Metric("amdsmi_process_peak_bytes", _B, "peak VRAM of the process (MiB, amdsmi: driver; several processes: max "
+           "over ranks)", "bytes", gate="memory"),
+    Metric("amdsmi_process_peak_sum_bytes", _B, "peak VRAM, all devices: sum over ranks (MiB, amdsmi)", "bytes"),
     Metric("amdsmi_device_vram_used_peak_bytes", _B, "peak VRAM used on the device (MiB, amdsmi: every process)",
            "bytes"),
-    Metric("host_peak_rss_bytes", _B, "peak host RSS of the cell process (MiB)", "bytes", gate="memory"),
+    Metric("host_peak_rss_bytes", _B, "peak host RSS of the cell process (MiB; several processes: max over ranks)",
+           "bytes", gate="memory"),
+    Metric("host_peak_rss_sum_bytes", _B, "peak host RSS, all ranks: sum (MiB)", "bytes"),
     Metric("host_peak_above_baseline_bytes", _B, "host RSS peak above weights+data (MiB)", "bytes"),
     Metric("state_bytes", _B, "weights + grads + Adam state (MiB, tensor sum)", "bytes",
            inputs=("weights_bytes", "grads_bytes", "optimizer_state_bytes"),
@@ -115,7 +124,7 @@ METRICS: tuple[Metric, ...] = (
     # not gated: it is step_s_p50 again (batch / its median), and compare gates that once
     Metric("samples_per_s", "samples/s", "throughput (samples/s)", "rate", worse=-1,
            inputs=("step_s_p50",),   # samples of one optimizer step / its median time
-           derive=lambda m, c: c.batch_size * c.grad_accum / m["step_s_p50"]
+           derive=lambda m, c: c.batch_size * c.grad_accum * c.nproc / m["step_s_p50"]
            if is_number(m.get("step_s_p50")) and m["step_s_p50"] > 0 else None),
     Metric("tokens_per_s", "tokens/s", "throughput (tokens/s; samples for the image MLP)", "rate",
            inputs=("tokens_per_step", "step_s_p50"), derive=lambda m, c: m["tokens_per_step"] / m["step_s_p50"]
@@ -129,11 +138,16 @@ METRICS: tuple[Metric, ...] = (
            inputs=("model_file_bytes",),   # the adapter file beside the base, or the whole model
            derive=lambda m, c: m["adapter_file_bytes"] if is_number(m.get("adapter_file_bytes"))
            else m.get("model_file_bytes") if is_number(m.get("model_file_bytes")) else None),
-    Metric("predicted_total_bytes", _B, "predicted: weights+grads+Adam+activations (MiB)", "bytes"),
+    Metric("predicted_total_bytes", _B, "predicted: weights+grads+Adam+activations (MiB; several processes: per "
+           "device)", "bytes"),
     Metric("check_merged_vs_adapter_max_abs_diff", "output units", "check: merged vs adapter outputs, max abs diff",
            "sci"),
     Metric("check_adapter_off_vs_base_max_abs_diff", "output units",
            "check: adapter off vs base outputs, max abs diff", "sci"),
+    Metric("check_ranks_first_loss_abs_diff", "nats", "check: first global batch's loss, ranks' mean vs one process "
+           "(eval mode, before any step), abs diff", "sci"),
+    Metric("check_ranks_params_max_abs_diff", "weight units", "check: every rank's parameters vs rank 0's after the "
+           "first step (DDP), max abs diff", "sci"),
     # kept in every row, not shown in the comparison table
     Metric("check_adapter_on_vs_base_max_abs_diff", "output units", "check: adapter on vs base outputs (how far "
            "training moved them), max abs diff", "sci", shown=False),
@@ -166,6 +180,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("predicted_grads_bytes", _B, "predicted gradients", "bytes", shown=False),
     Metric("predicted_optimizer_bytes", _B, "predicted Adam state", "bytes", shown=False),
     Metric("predicted_activations_bytes", _B, "predicted activations saved for backward", "bytes", shown=False),
+    Metric("predicted_comm_bytes", _B, "predicted buffers of the strategy: DDP's gradient buckets, or the FSDP2 units "
+           "gathered at once (the root's and twice the largest block's)", "bytes", shown=False),
     Metric("flops_per_step", "FLOP", "training FLOPs per optimizer step (matmuls of forward + backward, counted by "
            "torch FlopCounterMode; Adam's elementwise update not included)", "num", shown=False, exact=True),
     Metric("tokens_per_step", _C, "tokens (or samples) per optimizer step", "count", shown=False),
@@ -198,6 +214,9 @@ class Row:
     error: dict[str, Any] | None = None    # {type, message, traceback}
     run_id: str = ""
     wall_s: float = 0.0                    # the parent's view: process start to row
+    # A cell of several processes: one entry per rank (its peaks, the tensors it holds, its step
+    # time). Beside `metrics`, not in it, so metrics stay one number per key for json_normalize.
+    per_rank: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -232,7 +251,7 @@ class Row:
                 "label": self.label, "status": self.status.value, "metrics": self.metrics,
                 "unavailable": self.unavailable, "info": self.info, "epochs": self.epochs,
                 "pretrain_epochs": self.pretrain_epochs, "environment": self.environment, "error": self.error,
-                "wall_s": self.wall_s}
+                "wall_s": self.wall_s, **({"per_rank": self.per_rank} if self.per_rank else {})}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Row":
@@ -240,7 +259,7 @@ class Row:
         strings beside numbers) is converted here, and its derived figures computed."""
         cell = Cell.from_dict(d["cell"])
         common = dict(environment=d.get("environment") or {}, error=d.get("error"), run_id=d.get("run_id", ""),
-                      wall_s=d.get("wall_s", 0.0))
+                      wall_s=d.get("wall_s", 0.0), per_rank=d.get("per_rank") or [])
         if d.get("schema", 1) >= 2:   # a figure this version no longer declares is dropped
             metrics = {k: v for k, v in d.get("metrics", {}).items() if k in BY_KEY}
             return cls(cell, Status(d["status"]), metrics, d.get("unavailable", {}), d.get("info", {}),

@@ -13,6 +13,7 @@ a `crashed` (or `oom`) row naming the signal. What one cell does is in `experime
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import resource
@@ -256,10 +257,18 @@ class CellProcess:
 
 
 def end_process(proc, grace_s: float = 0.0) -> None:
-    """Give a child `grace_s` to exit on its own (its exit handlers run), then kill it; always reap it."""
+    """Give a child `grace_s` to exit on its own (its exit handlers run), then kill it and what it
+    started (the ranks of a cell of several processes); always reap it."""
     proc.join(grace_s)
     if proc.is_alive():
+        try:
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            family = []
         proc.kill()
+        for p in family:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
     proc.join()
 
 
@@ -291,14 +300,23 @@ def calibrate(device: str, gemms: dict[str, list], start_method: str = "forkserv
         recv.close()
 
 
-def pinning(device: str, slots: int) -> list[dict[str, str]]:
-    """Environment for each parallel slot: one visible GPU each, by the variable of the platform."""
-    if device != "cuda" or slots <= 1:
-        return [{}] * max(slots, 1)
-    var = "HIP_VISIBLE_DEVICES" if torch.version.hip else "CUDA_VISIBLE_DEVICES"
-    inherited = os.environ.get(var)
-    ids = [i.strip() for i in inherited.split(",")] if inherited else [str(i) for i in range(slots)]
-    return [{var: ids[i]} for i in range(slots)]
+def devices(device: str, count: int) -> list[str]:
+    """The ids of the `count` GPUs cells are pinned to (of those already visible to this process);
+    none on the CPU."""
+    if device != "cuda":
+        return []
+    inherited = os.environ.get(_visible_var())
+    ids = [i.strip() for i in inherited.split(",")] if inherited else [str(i) for i in range(count)]
+    return ids[:count]
+
+
+def _visible_var() -> str:
+    return "HIP_VISIBLE_DEVICES" if torch.version.hip else "CUDA_VISIBLE_DEVICES"
+
+
+def pin(ids: list[str]) -> dict[str, str]:
+    """Environment that shows a cell only its GPUs, by the variable of the platform."""
+    return {_visible_var(): ",".join(ids)} if ids else {}
 
 
 def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], skipped: dict[str, str],
@@ -321,30 +339,31 @@ def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], 
     if rates:
         run.write_calibration({"device": cells[0].device, "rates": rates})
     bar = Progress(len(cells), progress and options.parallel == 1)
-    slots = pinning(cells[0].device, options.parallel)
-    free = list(range(len(slots)))
+    # On a GPU host a cell takes one GPU per process, so a cell of `nproc` processes waits for that many.
+    on_gpu = cells[0].device == "cuda" and (options.parallel > 1 or any(c.nproc > 1 for c in cells))
+    free = devices(cells[0].device, max(options.parallel, *(c.nproc for c in cells))) if on_gpu else []
     pending = list(enumerate(cells, 1))
-    running: dict[int, CellProcess] = {}
+    running: dict[CellProcess, list[str]] = {}
     try:
         while pending or running:
-            while pending and free:
-                slot = free.pop(0)
+            while pending and len(running) < options.parallel and (not on_gpu or len(free) >= pending[0][1].nproc):
                 k, cell = pending.pop(0)
+                taken, free = (free[:cell.nproc], free[cell.nproc:]) if on_gpu else ([], free)
                 bar.cell_started(k, cell)
                 rate = rates.get(cell.dtype, {}).get("matmul_flops")
                 extra = {"device_matmul_flops": rate} if rate else {}
-                running[slot] = CellProcess(cell, options, env=slots[slot], known={**known.get(cell.key(), {}), **extra},
-                                            on_epoch=bar.epoch)
-            for slot, cp in list(running.items()):
+                cp = CellProcess(cell, options, env=pin(taken), known={**known.get(cell.key(), {}), **extra},
+                                 on_epoch=bar.epoch)
+                running[cp] = taken
+            for cp in list(running):
                 row = cp.poll(0.2 / len(running))
                 if row is None:
                     continue
-                del running[slot]
-                free.append(slot)
+                free += running.pop(cp)
                 run.append(row.replace(run_id=run.run_id, wall_s=time.monotonic() - cp.started))
                 run.write_environment(row.environment)
                 bar.cell_done()
     finally:
-        for cp in running.values():   # interrupted: leave no orphan behind
+        for cp in running:   # interrupted: leave no orphan behind
             cp.kill()
         bar.close()

@@ -23,7 +23,7 @@ MiB = 2 ** 20
 
 # Fields that may differ between the columns of one comparison table (the method's own settings).
 GROUP_FIELDS_EXCLUDED = ("method", "rank", "alpha", "dropout", "targets", "modules_to_save", "repeat", "lr",
-                         "pretrain_epochs")
+                         "pretrain_epochs", "nproc", "strategy")
 
 
 def _size(value: float) -> str:
@@ -136,7 +136,7 @@ def group_key(cell: Cell) -> str:
 
 def _order(v: Variant) -> tuple:
     c = v.cell
-    return (not c.is_baseline, c.method, c.rank or 0, str(c.alpha), str(c.targets))
+    return (not c.is_baseline, c.method, c.rank or 0, str(c.alpha), str(c.targets), c.nproc, c.strategy or "")
 
 
 def groups(rows: list[Row]) -> list[tuple[Cell, list[Variant]]]:

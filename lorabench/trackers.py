@@ -250,6 +250,9 @@ class SavedTensors(Tracker):
         self._hooks = None
 
     def _pack(self, t):
+        base = t if t._base is None else t._base
+        if isinstance(base, self._parameter):   # a weight (a view of one): FSDP2 gathers them anew, at new addresses
+            return t
         storage = t.untyped_storage()
         if storage.data_ptr() not in self.exclude:
             self._storages[storage.data_ptr()] = storage.nbytes()
@@ -257,6 +260,7 @@ class SavedTensors(Tracker):
 
     def start(self) -> None:
         import torch
+        self._parameter = torch.nn.Parameter
         self._storages.clear()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._hooks.__enter__()

@@ -15,16 +15,21 @@ before it, so bench/test_harness_overhead.py compares like with like.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
+import torch.distributed
 from torch import Tensor, nn
 
 from .data import Dataset
 from .tasks import Task
+
+
+_NO_CONTEXT = contextlib.nullcontext()   # reusable: one object for every micro-batch of a single process
 
 
 @dataclass
@@ -42,7 +47,7 @@ class Fit:
     epochs: list[EpochRecord]
     step_s: list[float]            # every optimizer step of the timed epochs
     steps_per_epoch: int
-    samples_per_step: int          # batch_size x grad_accum
+    samples_per_step: int          # batch_size x grad_accum x processes
     optimizer_impl: str
     diverged_at: int | None = None   # the epoch whose training loss was not finite; training stopped there
 
@@ -123,14 +128,20 @@ def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epoc
         grad_accum: int = 1, lr: float = 1e-3, seed: int = 0, device: torch.device,
         optimizer: tuple[torch.optim.Optimizer, str] | None = None,
         on_epoch: Callable[[EpochRecord, int], None] | None = None,
-        on_timed: Callable[[str], None] | None = None) -> Fit:
+        on_timed: Callable[[str], None] | None = None, rank: int = 0, world: int = 1,
+        sync: Callable[[nn.Module, bool], ContextManager] | None = None) -> Fit:
     """Train `model` in place (with `optimizer`, an (optimizer, name) pair, when the caller made
     one); `on_epoch(record, total_epochs)` is called after each epoch, and `on_timed("begin" |
-    "end")` at the synchronised edges of each timed epoch (energy counters)."""
+    "end")` at the synchronised edges of each timed epoch (energy counters).
+
+    As rank `rank` of `world` processes, every rank draws the same permutation and takes its own
+    `batch_size` slice of each global micro-batch (batch_size x world); `sync(model, last)` gives
+    the context in which a micro-batch's backward reduces gradients only on the step's last one,
+    and the epoch's training loss is the mean over ranks."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, impl = optimizer or make_optimizer(params, lr)
     n = next(iter(data.train.values())).shape[0]
-    per_step = batch_size * grad_accum
+    per_step = batch_size * grad_accum * world
     steps = n // per_step            # the ragged tail is dropped so every step has the same shape
     clock = _Clock(device)
     generator = torch.Generator().manual_seed(seed)
@@ -150,11 +161,12 @@ def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epoc
         for s in range(steps):
             clock.start()
             for m in range(grad_accum):
-                lo = (s * grad_accum + m) * batch_size
+                lo = ((s * grad_accum + m) * world + rank) * batch_size
                 idx = perm[lo:lo + batch_size]
-                # [0]: the logits are not kept alive into the next micro-batch's forward
-                loss = task.loss(model, {k: v[idx] for k, v in data.train.items()})[0]
-                (loss / grad_accum).backward()
+                with sync(model, m == grad_accum - 1) if sync is not None else _NO_CONTEXT:
+                    # [0]: the logits are not kept alive into the next micro-batch's forward
+                    loss = task.loss(model, {k: v[idx] for k, v in data.train.items()})[0]
+                    (loss / grad_accum).backward()
                 loss_sum += loss.detach().float()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -164,6 +176,9 @@ def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epoc
         if timed and on_timed:
             on_timed("end")
         clock.collect(epoch_steps)
+        if world > 1:   # one training loss for the cell; every rank then stops on the same epoch
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= world
         if timed:
             step_s.extend(epoch_steps)
         eval_loss, eval_acc = evaluate(model, task, data.eval, batch_size)
