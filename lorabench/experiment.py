@@ -12,6 +12,7 @@ training loop, which is then left bare; the adapter checks run after the timed r
 from __future__ import annotations
 
 import gc
+import os
 import time
 import traceback
 from contextlib import ExitStack
@@ -185,6 +186,10 @@ def _execute_group(cell: Cell, on_epoch, sample_interval_s: float, known: dict[s
     that failed ends the cell with its status, named, beside what the others measured."""
     forward = (lambda msg: on_epoch(EpochRecord(**msg[1]), msg[2])) if on_epoch else None
     results = distributed.launch(cell.nproc, _rank_main, (cell.to_dict(), sample_interval_s), on_message=forward)
+    return _group_row(cell, results, known, started)
+
+
+def _group_row(cell: Cell, results: list[distributed.RankResult], known: dict[str, Any], started: float) -> Row:
     folded = distributed.fold(results, is_number)
     leader = next((x.payload for x in results if x.payload), None) or {"epochs": [], "pretrain": [], "env_facts": {},
                                                                         "status": "crashed", "error": None}
@@ -282,3 +287,41 @@ def _is_oom(e: BaseException) -> bool:
         return True
     # torch's CPU allocator raises a plain RuntimeError when malloc fails
     return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of one cell, started by torchrun itself (a cell across nodes): every rank measures,
+    rank 0 gathers the others' figures and appends the cell's row to RUN_DIR/results.jsonl.
+
+        torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+            -m lorabench.experiment RUN_DIR '{"model": "bert-base", "method": "full", "strategy": "fsdp2"}'
+    """
+    import argparse
+    import json
+    from pathlib import Path
+
+    from .rundir import RunDir
+    parser = argparse.ArgumentParser(prog="python -m lorabench.experiment", description=main.__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="where rank 0 appends the row (created if missing)")
+    parser.add_argument("cell", help="the cell as JSON (Cell's fields); nproc is WORLD_SIZE")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    fields = json.loads(args.cell)
+    fields["nproc"] = int(os.environ["WORLD_SIZE"])
+    cell = Cell.from_dict(fields)
+    group = distributed.Group.from_env(cell.strategy)
+    payload = measure(cell, group)
+    gathered = [None] * group.world if group.leader else None
+    torch.distributed.gather_object(payload, gathered, dst=0)
+    torch.distributed.destroy_process_group()
+    if group.leader:
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        run = RunDir(args.run_dir)
+        results = [distributed.RankResult(r, p) for r, p in enumerate(gathered)]
+        run.append(_group_row(cell, results, {}, started).replace(run_id=run.run_id))
+        print(f"rank 0: the row of {cell.model} {cell.label} is in {run.results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -138,3 +138,35 @@ def rank_sweep_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return _axes(fig)
+
+
+def scaling_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list[tuple]:
+    """Per-device peak memory and global throughput against the processes of a cell, a line per
+    method and strategy (its one-process cell starts every strategy's line); both from zero."""
+    plt = _pyplot()
+    mem_key, mem_label = memory
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    series: dict[str, list] = {}
+    for v in ok:
+        name = v.cell.method if v.cell.rank is None else f"{v.cell.method} r={v.cell.rank}"
+        strategies = [v.cell.strategy] if v.cell.nproc > 1 else sorted({o.cell.strategy for o in ok if o.cell.nproc > 1})
+        for strategy in strategies:
+            series.setdefault(f"{name}, {strategy}", []).append(v)
+    procs = sorted({v.cell.nproc for v in ok})
+    for ax, (key, label, scale) in zip(axes, [(mem_key, f"per device: max, {mem_label}", 1 / MiB),
+                                              ("samples_per_s", "throughput, all ranks (samples/s)", 1.0)]):
+        for name, vs in sorted(series.items()):
+            pts = sorted((v.cell.nproc, v.metrics[key] * scale) for v in vs if is_number(v.metrics.get(key)))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xticks(procs, [str(n) for n in procs])
+        ax.set_xlabel("processes per cell (one device each)")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{model}: scaling across processes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return _axes(fig)

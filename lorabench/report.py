@@ -21,7 +21,7 @@ import pandas as pd
 from .cells import Cell
 from .rows import METRICS, Row, is_number
 from .tables import (Variant, column_name, comparison_table, epochs_table, fmt, group_key, groups, headline, markdown,
-                     memory_key, prediction_table, rank_sweep_table)
+                     memory_key, prediction_table, rank_sweep_table, scaling_table)
 
 
 def _settings_line(cell: Cell, variants: list[Variant]) -> str:
@@ -75,6 +75,12 @@ def metrics_table() -> str:
     })
     return markdown(df)
 
+
+SCALING_NOTE = (
+    "Each process trains on its own device (on the CPU, on its share of the cores) with its own shard of every "
+    "global batch: batch per process x processes. Per device: the largest of the ranks' peaks, what must fit; all "
+    "devices: their sum, what the cell costs. Throughput counts every rank's samples per step of the slowest rank; "
+    "scaling efficiency = throughput(N) / (N x throughput of the same method in one process).")
 
 RANDOM_WEIGHTS_NOTE = (
     "The weights are random (built from the configuration), so LoRA here adapts a frozen *random* network: "
@@ -163,6 +169,14 @@ def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str
             Path(plot_dir).mkdir(parents=True, exist_ok=True)
             rank_sweep_plot(cell.model, [v for v in variants if v.ok], Path(plot_dir) / name, memory_key(variants))
             out += [f"![{cell.model}: peak memory, epoch time and accuracy against rank]({plot_link}{name})", ""]
+    if len({v.cell.nproc for v in variants if v.ok}) >= 2:
+        out += ["### Scaling across processes", "", scaling_table(variants), "", SCALING_NOTE, ""]
+        if plot_dir is not None:
+            from .plots import scaling_plot
+            name = _plot_name(cell, "scaling")
+            Path(plot_dir).mkdir(parents=True, exist_ok=True)
+            scaling_plot(cell.model, [v for v in variants if v.ok], Path(plot_dir) / name, memory_key(variants))
+            out += [f"![{cell.model}: per-device peak memory and throughput against processes]({plot_link}{name})", ""]
     table = epochs_table(variants)
     if table:
         out += ["### Quality per epoch (eval set)", "", table, ""]

@@ -90,23 +90,21 @@ METRICS: tuple[Metric, ...] = (
            derive=lambda m, c: 100.0 * m["params_trainable"] / m["params_total"]
            if _all(m, "params_trainable", "params_total") and m["params_total"] else None),
     Metric("params_total", _C, "total parameters", "count", exact=True),
-    Metric("torch_peak_allocated_bytes", _B, "peak torch allocated (MiB, framework; several processes: per device, "
-           "max over ranks)", "bytes", gate="memory"),
+    Metric("torch_peak_allocated_bytes", _B, "peak torch allocated (MiB, framework, max over ranks)", "bytes", gate="memory"),
     Metric("torch_peak_allocated_sum_bytes", _B, "peak torch allocated, all devices: sum over ranks (MiB)", "bytes"),
     Metric("torch_peak_reserved_bytes", _B, "peak torch reserved (MiB, framework)", "bytes", gate="memory"),
     Metric("torch_peak_above_baseline_bytes", _B, "peak torch allocated above weights+data (MiB)", "bytes"),
-    Metric("nvml_process_peak_bytes", _B, "peak GPU memory of the process (MiB, NVML: driver, CUDA context included; "
-           "several processes: max over ranks)", "bytes", gate="memory"),
+    Metric("nvml_process_peak_bytes", _B, "peak GPU memory of the process (MiB, NVML: driver, CUDA context included, "
+           "max over ranks)", "bytes", gate="memory"),
     Metric("nvml_process_peak_sum_bytes", _B, "peak GPU memory, all devices: sum over ranks (MiB, NVML)", "bytes"),
     Metric("nvml_device_used_peak_bytes", _B, "peak GPU memory used on the device (MiB, NVML: every process)", "bytes"),
     Metric("nvml_device_used_before_bytes", _B,
            "GPU memory used before the cell (MiB, NVML: others' load, driver-reserved left out)", "bytes"),
-    Metric("amdsmi_process_peak_bytes", _B, "peak VRAM of the process (MiB, amdsmi: driver; several processes: max "
-           "over ranks)", "bytes", gate="memory"),
+    Metric("amdsmi_process_peak_bytes", _B, "peak VRAM of the process (MiB, amdsmi: driver, max over ranks)", "bytes", gate="memory"),
     Metric("amdsmi_process_peak_sum_bytes", _B, "peak VRAM, all devices: sum over ranks (MiB, amdsmi)", "bytes"),
     Metric("amdsmi_device_vram_used_peak_bytes", _B, "peak VRAM used on the device (MiB, amdsmi: every process)",
            "bytes"),
-    Metric("host_peak_rss_bytes", _B, "peak host RSS of the cell process (MiB; several processes: max over ranks)",
+    Metric("host_peak_rss_bytes", _B, "peak host RSS of the cell process (MiB, max over ranks)",
            "bytes", gate="memory"),
     Metric("host_peak_rss_sum_bytes", _B, "peak host RSS, all ranks: sum (MiB)", "bytes"),
     Metric("host_peak_above_baseline_bytes", _B, "host RSS peak above weights+data (MiB)", "bytes"),
@@ -138,8 +136,7 @@ METRICS: tuple[Metric, ...] = (
            inputs=("model_file_bytes",),   # the adapter file beside the base, or the whole model
            derive=lambda m, c: m["adapter_file_bytes"] if is_number(m.get("adapter_file_bytes"))
            else m.get("model_file_bytes") if is_number(m.get("model_file_bytes")) else None),
-    Metric("predicted_total_bytes", _B, "predicted: weights+grads+Adam+activations (MiB; several processes: per "
-           "device)", "bytes"),
+    Metric("predicted_total_bytes", _B, "predicted: weights+grads+Adam+activations (MiB, per device)", "bytes"),
     Metric("check_merged_vs_adapter_max_abs_diff", "output units", "check: merged vs adapter outputs, max abs diff",
            "sci"),
     Metric("check_adapter_off_vs_base_max_abs_diff", "output units",

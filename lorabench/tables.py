@@ -293,6 +293,41 @@ def rank_sweep_table(variants: list[Variant]) -> str:
 
 
 
+def _one_process(ok: list[Variant], v: Variant) -> Variant | None:
+    """The variant that is `v` run in one process (its scaling reference)."""
+    return next((o for o in ok if o.cell.nproc == 1 and o.cell.method == v.cell.method and o.cell.rank == v.cell.rank
+                 and o.cell.alpha == v.cell.alpha and o.cell.targets == v.cell.targets), None)
+
+
+def scaling_efficiency(ok: list[Variant], v: Variant) -> float | None:
+    """throughput(N) / (N x throughput(1)): 1 is perfect scaling; None without a one-process reference."""
+    one = _one_process(ok, v)
+    a, b = v.metrics.get("samples_per_s"), one.metrics.get("samples_per_s") if one else None
+    return a / (v.cell.nproc * b) if is_number(a) and is_number(b) and b > 0 else None
+
+
+def scaling_table(variants: list[Variant]) -> str:
+    """One row per method and process count: what must fit on one device (max over ranks), what
+    all devices hold (sum), global throughput and scaling efficiency against the same method in
+    one process."""
+    ok = sorted([v for v in variants if v.ok], key=lambda v: (_order(v)[:-2], v.cell.strategy or "", v.cell.nproc))
+    mem_key, mem_label = memory_key(ok)
+    summed = {"torch_peak_allocated_bytes": "torch_peak_allocated_sum_bytes", "host_peak_rss_bytes":
+              "host_peak_rss_sum_bytes"}[mem_key]
+    df = pd.DataFrame({
+        "method": [v.cell.method if v.cell.rank is None else f"{v.cell.method} r={v.cell.rank}" for v in ok],
+        "strategy": [v.cell.strategy or "-" for v in ok],
+        "processes": [str(v.cell.nproc) for v in ok],
+        f"per device: max, {mem_label}": [fmt(v.metrics.get(mem_key), "bytes") for v in ok],
+        "all devices: sum (MiB)": [fmt(v.metrics.get(summed if v.cell.nproc > 1 else mem_key), "bytes") for v in ok],
+        "weights + grads + Adam per device (MiB)": [fmt(v.metrics.get("state_bytes"), "bytes") for v in ok],
+        "throughput (samples/s)": [fmt(v.metrics.get("samples_per_s"), "rate") for v in ok],
+        "scaling efficiency": [fmt(scaling_efficiency(ok, v) * 100, "pct") if v.cell.nproc > 1 and
+                               scaling_efficiency(ok, v) is not None else "" for v in ok],
+    })
+    return markdown(df, [c for c in df.columns if c not in ("method", "strategy")])
+
+
 # ---- the headline --------------------------------------------------------------------------
 
 QUALITY_POINTS = 1.0   # "equal quality" for the time criterion: final accuracy within this many points of full

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 
@@ -112,13 +113,43 @@ def test_key_is_stable_and_covers_every_field():
     byo = dataclasses.replace(a, model="hf:/models/x")
     assert dataclasses.replace(byo, task="causal-lm").key() != byo.key()
     for f in dataclasses.fields(Cell):
-        if f.name in ("model", "method", "rank", "task"):
+        if f.name in ("model", "method", "rank", "task", "strategy"):
             continue
-        changed = {"alpha": 4.0, "dropout": 0.1, "targets": ("query",), "modules_to_save": ("classifier",),
+        changed = {"nproc": 2, "alpha": 4.0, "dropout": 0.1, "targets": ("query",), "modules_to_save": ("classifier",),
                    "batch_size": 8, "grad_accum": 2, "seq_len": 32, "epochs": 3, "warmup_epochs": 0,
                    "samples": 1024, "eval_samples": 64, "lr": 1e-4, "device": "cuda", "dtype": "bfloat16",
                    "seed": 1, "weights": "pretrained", "data": "/data", "repeat": 1, "pretrain_epochs": 2}[f.name]
         assert dataclasses.replace(a, **{f.name: changed}).key() != a.key(), f.name
+    two = dataclasses.replace(a, nproc=2)
+    assert two.strategy == "ddp" and dataclasses.replace(two, strategy="fsdp2").key() != two.key()
+
+
+def test_a_cell_of_one_process_keeps_the_key_it_had_before_nproc_existed():
+    """Older run directories resume and compare: the new fields are left out at their default."""
+    cell = Cell(model="bert-tiny", method="lora", rank=8)
+    assert "nproc" not in cell.to_dict() and "strategy" not in cell.to_dict()
+    assert Cell.from_dict(cell.to_dict()) == cell
+    two = Cell(model="bert-tiny", method="lora", rank=8, nproc=2, strategy="fsdp2")
+    assert two.to_dict()["nproc"] == 2 and Cell.from_dict(two.to_dict()) == two
+    assert two.label == "lora r=8 fsdp2 n=2"
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"nproc": 0}, "nproc must be a whole number >= 1, got 0"),
+    ({"nproc": 2, "strategy": "zero3"}, "unknown strategy 'zero3'; choose from ddp, fsdp2"),
+    ({"strategy": "ddp"}, "--strategy ddp applies to cells of several processes; give --nproc 2 or more"),
+])
+def test_bad_process_settings_are_refused(fields, message):
+    with pytest.raises(CellError, match=re.escape(message)):
+        Cell(model="cifar-mlp", method="full", **fields)
+
+
+def test_nproc_and_strategy_lists_are_axes_and_one_process_shares_nothing():
+    from lorabench.plan import plan
+    cells = plan(["quick"], ["cifar-mlp"], ["full"], None, {"nproc": (1, 2), "strategy": ("ddp", "fsdp2")})
+    assert [c.label for c in cells] == ["full", "full ddp n=2", "full fsdp2 n=2"]
+    with pytest.raises(CellError, match="--strategy applies to cells of several processes"):
+        plan(["quick"], ["cifar-mlp"], ["full"], None, {"strategy": ("fsdp2",)})
 
 
 def test_round_trip_through_dict():
