@@ -162,7 +162,7 @@ class Cell:
                 raise CellError(f"alpha must be > 0, got {self.alpha}")
             if not 0.0 <= self.dropout < 1.0:
                 raise CellError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("batch_size", "grad_accum", "seq_len", "epochs", "samples", "eval_samples"):
+        for name in ("batch_size", "grad_accum", "seq_len", "epochs", "samples", "eval_samples", "nproc"):
             _positive_int(name, getattr(self, name))
         _nonnegative_int("warmup_epochs", self.warmup_epochs)
         _nonnegative_int("pretrain_epochs", self.pretrain_epochs)
@@ -173,10 +173,10 @@ class Cell:
                 raise CellError(f"--task applies to hf: models only; {self.model} knows its task")
         _nonnegative_int("repeat", self.repeat)
         _nonnegative_int("seed", self.seed)
-        if self.samples < self.batch_size * self.grad_accum:
+        if self.samples < self.batch_size * self.grad_accum * self.nproc:
             raise CellError(
-                f"samples ({self.samples}) must be at least batch_size x grad_accum "
-                f"({self.batch_size * self.grad_accum}) so an epoch has one optimizer step"
+                f"samples ({self.samples}) must be at least batch_size x grad_accum{' x nproc' * (self.nproc > 1)} "
+                f"({self.batch_size * self.grad_accum * self.nproc}) so an epoch has one optimizer step"
             )
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise CellError(f"lr must be a number > 0, got {self.lr!r}")
@@ -186,7 +186,6 @@ class Cell:
             raise CellError(f"unknown dtype {self.dtype!r}; choose from {_choices(DTYPES)}")
         if self.weights not in WEIGHTS:
             raise CellError(f"unknown weights {self.weights!r}; choose from {_choices(WEIGHTS)}")
-        _positive_int("nproc", self.nproc)
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise CellError(f"unknown strategy {self.strategy!r}; choose from {_choices(STRATEGIES)}")
         if self.nproc == 1 and self.strategy is not None:

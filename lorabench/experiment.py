@@ -276,6 +276,7 @@ def fit_metrics(f: Fit) -> dict[str, Any]:
         "step_s_p90": steps.p90 if steps else none,
         "step_s_stdev_pct": steps.stdev_pct if steps else none,
         "steps_per_epoch": f.steps_per_epoch,
+        "samples_per_step": f.samples_per_step,
         "optimizer": f.optimizer_impl,
         "final_eval_loss": last.eval_loss,
         "final_eval_accuracy": last.eval_accuracy,

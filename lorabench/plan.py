@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -20,6 +21,7 @@ import torch
 
 from . import data, distributed, environment, flops, models
 from .cells import AXIS_FIELDS, CELL_FIELDS, LORA_FIELDS, Cell, CellError, _choices
+from .config import load_config
 from .methods import METHODS, MethodError, ParamCount
 from .predictions import Prediction, per_rank, predict
 from .tasks import task_of_data
@@ -86,6 +88,12 @@ SEED_BLOOM = {"batch_size": 1, "grad_accum": 8, "seq_len": 256, "samples": 512, 
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 
+# Scaling on a GPU host: full fine-tuning replicated (DDP) and sharded (FSDP2) against LoRA, on 1 to
+# 8 processes, a GPU each (the counts this host has no GPUs for are left out). bf16 is not used:
+# the comparison is of memory and throughput at the seed's fp32.
+SCALE = {"batch_size": 8, "seq_len": 256, "samples": 2048, "eval_samples": 256, "epochs": 2, "warmup_epochs": 1,
+         "nproc": (1, 2, 4, 8)}
+
 PRESETS: dict[str, tuple[Matrix, ...]] = {
     "quick": (Matrix(("cifar-mlp", "bert-tiny"), ("full", "lora"), (2, 8), QUICK),),
     # The nightly GPU job: small enough for minutes, large enough that steps are not launch-bound.
@@ -101,6 +109,8 @@ PRESETS: dict[str, tuple[Matrix, ...]] = {
         Matrix(("bert-tiny", "bert-base"), ("lora",), (8,), {**SEED_BERT, "lr": 5e-4}),
     ),
     "seed-bloom": (Matrix(("bloom-1b4-zh",), ("lora",), (8,), SEED_BLOOM),),
+    "scale": (Matrix(("bert-base", "bloom-560m"), ("full",), (), {**SCALE, "lr": 5e-5, "strategy": ("ddp", "fsdp2")}),
+              Matrix(("bert-base", "bloom-560m"), ("lora",), (8,), {**SCALE, "lr": 5e-4, "strategy": ("ddp",)})),
     # Every rank against full fine-tuning. The MLP's head has 10 outputs, which caps a rank on it
     # at 10: its sweep adapts the two hidden layers (fc1, fc2) at every rank instead.
     "ranks": (
@@ -190,42 +200,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     if n < 1 or not 1 <= k <= n:
         raise CellError(f"--shard {text}: need 1 <= K <= N")
     return k, n
-
-
-# Keys a --config TOML file may hold, with their types; [settings] takes any Cell field.
-CONFIG_KEYS: dict[str, tuple[type, str]] = {
-    "preset": (list, "a list of preset names"), "models": (list, "a list of model names"),
-    "methods": (list, "a list of method names"), "ranks": (list, "a list of whole numbers"),
-    "repeat": (int, "a whole number"), "settings": (dict, "a table of cell settings"),
-}
-
-
-def load_config(path: str) -> dict[str, Any]:
-    """Read and validate a TOML config (tomllib: data only, nothing executed)."""
-    import tomllib
-
-    try:
-        with open(path, "rb") as f:
-            config = tomllib.load(f)
-    except FileNotFoundError:
-        raise CellError(f"--config {path}: no such file") from None
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise CellError(f"--config {path}: not valid TOML ({e})") from None
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        raise CellError(f"--config {path}: unknown key(s) {', '.join(unknown)}; accepted: {_choices(CONFIG_KEYS)}")
-    for key, (kind, what) in CONFIG_KEYS.items():
-        if key in config and (isinstance(config[key], bool) or not isinstance(config[key], kind)):
-            raise CellError(f"--config {path}: {key} must be {what}, got {config[key]!r}")
-    if "ranks" in config and not all(isinstance(r, int) and not isinstance(r, bool) for r in config["ranks"]):
-        raise CellError(f"--config {path}: ranks must be a list of whole numbers, got {config['ranks']!r}")
-    bad = sorted(set(config.get("settings", {})) - set(CELL_FIELDS))
-    if bad:
-        raise CellError(f"--config {path}: unknown setting(s) {', '.join(bad)}; accepted: {_choices(CELL_FIELDS)}")
-    for key in ("model", "method", "rank", "repeat"):
-        if key in config.get("settings", {}):
-            raise CellError(f"--config {path}: {key} is an axis of the matrix, not a setting; use models/methods/ranks/repeat")
-    return config
 
 
 # ---- the survey: what is known of a cell before it runs ----------------------------------------
@@ -332,8 +306,27 @@ def request(*, config: str | None = None, presets=None, models=None, methods=Non
     cfg = load_config(config) if config else {}
     merged = {**cfg.get("settings", {}), **(settings or {})}
     merged["device"] = environment.resolve_device(merged.get("device") or "auto")
-    return plan(presets or cfg.get("preset") or ["quick"], models or cfg.get("models"), methods or cfg.get("methods"),
-                ranks or cfg.get("ranks"), merged, repeat if repeat is not None else cfg.get("repeat", 1))
+    cells = plan(presets or cfg.get("preset") or ["quick"], models or cfg.get("models"), methods or cfg.get("methods"),
+                 ranks or cfg.get("ranks"), merged, repeat if repeat is not None else cfg.get("repeat", 1))
+    return within_host(cells, asked="nproc" in merged)
+
+
+def within_host(cells: list[Cell], asked: bool) -> list[Cell]:
+    """The cells this host has devices for: a process per GPU on a GPU run, at least a core per
+    process on the CPU. More processes than that are refused when --nproc (or the config) asked
+    for them, and left out of a preset's axis (`scale`: "1, 2, 4, 8 as the host allows")."""
+    if not cells:
+        return cells
+    device = cells[0].device
+    have = torch.cuda.device_count() if device == "cuda" else (os.cpu_count() or 1)
+    what = "GPU(s) visible" if device == "cuda" else "CPU cores (a rank needs one at least)"
+    too_many = sorted({c.nproc for c in cells if c.nproc > have})
+    if too_many and asked:
+        raise CellError(f"--nproc {too_many[-1]}: this host has {have} {what}; choose at most {have}")
+    kept = [c for c in cells if c.nproc <= have]
+    if not kept:
+        raise CellError(f"every cell needs more processes than this host has {what} ({have})")
+    return kept
 
 
 @dataclass

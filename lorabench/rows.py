@@ -171,6 +171,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("epoch_s_stdev_pct", "%", "spread of the timed epochs (stdev, % of mean)", "pct", shown=False),
     Metric("step_s_stdev_pct", "%", "spread of the timed steps (stdev, % of mean)", "pct", shown=False),
     Metric("steps_per_epoch", _C, "optimizer steps per epoch", "count", shown=False),
+    Metric("samples_per_step", _C, "samples per optimizer step, all processes: the global batch (batch per process "
+           "x grad_accum x processes)", "count", shown=False),
     Metric("cell_wall_s", "s", "the cell's whole life in its process (build, data, train, checks)", "time",
            shown=False),
     Metric("predicted_weights_bytes", _B, "predicted weights", "bytes", shown=False),

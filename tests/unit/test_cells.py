@@ -162,8 +162,12 @@ def test_round_trip_through_dict():
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_expands_to_its_closed_form_count_and_every_cell_builds(name):
-    # full once per model, each adapting method once per rank: models x (baselines + ranks x adapters)
-    expected = sum(len(mx.models) * sum(len(mx.ranks) if METHODS[m].adapts else 1 for m in mx.methods)
+    # full once per model, each adapting method once per rank: models x (baselines + ranks x adapters),
+    # times the process axis: one cell in one process, one per strategy for each larger count
+    def processes(mx):
+        nproc, strategy = mx.settings.get("nproc", (1,)), mx.settings.get("strategy", ("ddp",))
+        return sum(1 if n == 1 else len(strategy) for n in nproc)
+    expected = sum(len(mx.models) * processes(mx) * sum(len(mx.ranks) if METHODS[m].adapts else 1 for m in mx.methods)
                    for mx in PRESETS[name])
     cells = plan([name])
     assert len(cells) == expected > 0

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -38,6 +40,12 @@ BAD = [
     (["run", "--cell-memory-limit", "-5"], "--cell-memory-limit must be > 0 MiB"),
     (["run", "--models", "bert-tiny", "--methods", "lora", "--ranks", "4", "--seq-len", "0"], "seq_len must be a whole number >= 1"),
     (["merge", "nowhere", "--out", "m"], "nowhere: no readable plan.json"),
+    (["run", "--nproc", "0"], "nproc must be a whole number >= 1, got 0"),
+    (["run", "--nproc", "2,x"], "argument --nproc: expected whole numbers separated by commas, got '2,x'"),
+    (["run", "--nproc", str((os.cpu_count() or 1) + 1)], "CPU cores (a rank needs one at least)"),
+    (["run", "--nproc", "2", "--strategy", "zero3"], "unknown strategy 'zero3'; choose from ddp, fsdp2"),
+    (["run", "--strategy", "fsdp2"], "--strategy applies to cells of several processes; give --nproc 2 or more"),
+    (["run", "--nproc", "2", "--samples", "40", "--batch-size", "32"], "at least batch_size x grad_accum x nproc (64)"),
 ]
 
 
@@ -176,3 +184,11 @@ def test_check_reports_a_failing_check_with_exit_1(monkeypatch, capsys):
     code = cli.main(["check", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 1 and "1 of 5 checks FAILED" in out and "| FAIL" in out
+
+
+def test_a_model_fsdp2_cannot_wrap_is_refused_before_anything_runs(cli, in_tmp, monkeypatch):
+    from lorabench import distributed
+    monkeypatch.setattr(distributed, "units", lambda module: [])   # a model with no blocks and no Linear
+    code, out, err = cli("run", "--models", "cifar-mlp", "--methods", "full", "--nproc", "2", "--strategy", "fsdp2")
+    assert code == 2 and "FSDP2 cannot wrap cifar-mlp" in err and len(err.strip().splitlines()) == 1
+    assert files_under(in_tmp) == []
