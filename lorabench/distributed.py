@@ -33,6 +33,11 @@ from torch import Tensor, nn
 PG_TIMEOUT_S = 120.0   # a collective waiting this long on a peer raises instead of hanging the cell
 GRACE_S = 5.0          # after one rank fails, how long the others get to report what they measured
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}   # torch's "nccl" is RCCL on a ROCm build
+STRATEGIES = {   # cells.STRATEGIES, described for `lorabench list`
+    "ddp": "DistributedDataParallel: a whole replica per process, gradients all-reduced in buckets",
+    "fsdp2": "FSDP2's fully_shard per transformer block (else per Linear), then the root: weights, gradients and "
+             "Adam state cut N ways",
+}
 
 
 @dataclass(frozen=True)

@@ -311,6 +311,9 @@ def registries() -> str:
         out.append(f"  {name:14s} {total:>15,} parameters  {(builder.__doc__ or '').strip().splitlines()[0]}")
     out += ["  hf:<dir|id>    any transformers model for sequence classification or causal LM", "methods:"]
     out += [f"  {name:14s} {(type(m).__doc__ or '').strip().splitlines()[0]}" for name, m in METHODS.items()]
+    from .distributed import STRATEGIES
+    out.append("strategies (--strategy, for cells of --nproc 2 or more):")
+    out += [f"  {name:14s} {text}" for name, text in STRATEGIES.items()]
     out.append("presets:")
     for name, matrices in PRESETS.items():
         models = sorted({m for mx in matrices for m in mx.models})

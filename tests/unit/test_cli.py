@@ -192,3 +192,17 @@ def test_a_model_fsdp2_cannot_wrap_is_refused_before_anything_runs(cli, in_tmp, 
     code, out, err = cli("run", "--models", "cifar-mlp", "--methods", "full", "--nproc", "2", "--strategy", "fsdp2")
     assert code == 2 and "FSDP2 cannot wrap cifar-mlp" in err and len(err.strip().splitlines()) == 1
     assert files_under(in_tmp) == []
+
+
+def test_the_slurm_example_is_a_command_line_lorabench_accepts():
+    """examples/slurm-array.sbatch: its `lorabench run` parses, and its shard spec is K/N."""
+    import shlex
+    from pathlib import Path
+
+    from lorabench.cli import build_parser
+    text = (Path(__file__).parents[2] / "examples" / "slurm-array.sbatch").read_text()
+    line = text.split("lorabench run ", 1)[1].split("\n\n")[0].replace("\\\n", " ")
+    argv = [a.replace("${SLURM_ARRAY_TASK_ID}", "2").replace("${SLURM_ARRAY_TASK_COUNT}", "4")
+            for a in shlex.split(line)]
+    args = build_parser().parse_args(["run", *argv])
+    assert args.preset == ["scale"] and args.shard == "2/4" and str(args.out) == "shards/2"
