@@ -8,6 +8,11 @@ the driver trackers read the device before the model loads (others' load); the p
 seed 002 runs untimed, before the method is applied; the framework trackers start once weights
 and data are in place (their baseline); one probe step does the one-off bookkeeping before the
 training loop, which is then left bare; the adapter checks run after the timed region.
+
+A cell of several processes (`--nproc`) runs the same protocol, `measure`, in each of its ranks
+(forked by `distributed.launch`, or started by torchrun: `python -m lorabench.experiment`), with
+the model wrapped for its strategy and checked against one process before the first step; the
+cell's process folds the ranks' figures into the one row.
 """
 from __future__ import annotations
 

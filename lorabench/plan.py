@@ -285,17 +285,17 @@ def predicted_cost(cell: Cell, s: Survey) -> float:
 
 def fit_gate(cells: list[Cell], surveys: list[Survey], free: int | None, what: str, force: bool) -> dict[str, str]:
     """{cell key: why it is skipped} for cells predicted to need more than `free` bytes (`what`
-    says what was read). When no cell fits, the whole plan is refused (PlanError)."""
+    says what was read). A prediction is per device: the ranks of a CPU cell all draw on the one
+    host memory. When no cell fits, the whole plan is refused (PlanError)."""
     if free is None or force:
         return {}
     gib = 2 ** 30
-    skipped = {c.key(): f"predicted to need {s.prediction.total_bytes / gib:.2f} GiB; {what}: {free / gib:.2f} GiB "
-                        "(--force runs it anyway)"
-               for c, s in zip(cells, surveys) if s.prediction.total_bytes > free}
+    need = {c.key(): s.prediction.total_bytes * (c.nproc if c.device == "cpu" else 1) for c, s in zip(cells, surveys)}
+    skipped = {c.key(): f"predicted to need {need[c.key()] / gib:.2f} GiB; {what}: {free / gib:.2f} GiB "
+                        "(--force runs it anyway)" for c in cells if need[c.key()] > free}
     if cells and len(skipped) == len(cells):
-        need = max(s.prediction.total_bytes for s in surveys)
-        raise PlanError(f"no cell fits this device: the largest is predicted to need {need / gib:.2f} GiB, "
-                        f"{what}: {free / gib:.2f} GiB (--force runs them anyway)")
+        raise PlanError(f"no cell fits this device: the largest is predicted to need {max(need.values()) / gib:.2f} "
+                        f"GiB, {what}: {free / gib:.2f} GiB (--force runs them anyway)")
     return skipped
 
 

@@ -67,3 +67,24 @@ def test_lorabench_check_passes_on_this_gpu():
     from lorabench.check import run_checks
     failed = [c for c in run_checks("cuda") if not c.ok]
     assert not failed, failed
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for a cell of two processes")
+def test_a_cell_of_two_gpus_reports_each_ranks_allocator_and_driver_view(tmp_path):
+    """nccl, one GPU per rank, as a user runs it (a subprocess: the ranks fork from a process that
+    has not touched CUDA)."""
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "lorabench", "run", "--models", "bert-tiny", "--methods", "full",
+                          "--nproc", "2", "--strategy", "ddp,fsdp2", "--device", "cuda", "--samples", "256",
+                          "--epochs", "1", "--progress", "off", "--strict"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for f in (tmp_path / "results").glob("*/results.jsonl") for line in f.read_text().splitlines()]
+    assert len(rows) == 2
+    for r in rows:
+        assert [e["rank"] for e in r["per_rank"]] == [0, 1]
+        assert all(e["torch_peak_allocated_bytes"] > 0 for e in r["per_rank"])
+        assert r["metrics"]["torch_peak_allocated_sum_bytes"] == sum(e["torch_peak_allocated_bytes"] for e in r["per_rank"])
+        assert r["metrics"]["check_ranks_first_loss_abs_diff"] < 1e-3

@@ -124,3 +124,14 @@ def test_a_cell_spans_processes_started_by_torchrun_itself(tmp_path):
     (row,) = [json.loads(line) for line in (tmp_path / "results/torchrun/results.jsonl").read_text().splitlines()]
     assert row["status"] == "ok" and row["label"] == "lora r=8 fsdp2 n=2" and len(row["per_rank"]) == 2
     assert run_subprocess("report", "results/torchrun", cwd=tmp_path).returncode == 0
+
+
+def test_a_cell_past_its_timeout_takes_its_whole_group_with_it(tmp_path):
+    proc = start("run", "--models", "cifar-mlp", "--methods", "full", "--nproc", "2", "--samples", "8192",
+                 "--batch-size", "16", "--epochs", "3", "--progress", "off", "--cell-timeout", "8", cwd=tmp_path)
+    wait_for(lambda: len(rank_processes(proc.pid)) == 2)
+    ranks = rank_processes(proc.pid)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    (row,), _ = rows_of(only_run_dir(tmp_path))
+    assert row["status"] == "timeout"
+    assert not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in ranks)   # no orphan rank

@@ -94,3 +94,13 @@ def test_the_scaling_table_divides_by_the_same_method_in_one_process():
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
     assert [(c[1], c[2], c[-1]) for c in cells] == [("-", "1", ""), ("ddp", "2", "75%"), ("fsdp2", "2", "60%")]
     assert "2,048.0" in table   # all devices: the sum of the two ranks' peaks
+
+
+def test_the_fit_gate_counts_every_rank_of_a_cpu_cell_against_the_one_host_memory():
+    from lorabench.plan import fit_gate
+    one, two = Cell(model="cifar-mlp", method="full"), Cell(model="cifar-mlp", method="full", nproc=2)
+    s1, s2 = survey(one), survey(two)
+    free = s1.prediction.total_bytes + 1   # room for one replica, not for two
+    assert s2.prediction.total_bytes == s1.prediction.total_bytes + s1.prediction.grads_bytes   # DDP's buckets
+    skipped = fit_gate([one, two], [s1, s2], free, "host memory available", force=False)
+    assert list(skipped) == [two.key()] and "predicted to need" in skipped[two.key()]
