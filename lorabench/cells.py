@@ -211,10 +211,14 @@ class Cell:
         return Adapter(self.rank, self.alpha, self.dropout, self.targets, self.modules_to_save, self.model)
 
     @property
+    def method_label(self) -> str:
+        """The method at its rank: `full`, `lora r=8`, `lora-reparam r=1`."""
+        return self.method if self.rank is None else f"{self.method} r={self.rank}"
+
+    @property
     def label(self) -> str:
-        """Column name in reports: `full`, `lora r=8`, `lora-reparam r=1`, `full fsdp2 n=2`."""
-        name = self.method if self.rank is None else f"{self.method} r={self.rank}"
-        return name if self.nproc == 1 else f"{name} {self.strategy} n={self.nproc}"
+        """Column name in reports: the method at its rank, and its processes: `lora r=8`, `full fsdp2 n=2`."""
+        return self.method_label if self.nproc == 1 else f"{self.method_label} {self.strategy} n={self.nproc}"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -106,6 +106,16 @@ def _axes(fig) -> list[tuple]:
     return [(ax.get_ylabel(), ax.get_ylim(), ax.get_xlabel(), ax.get_xscale()) for ax in fig.axes]
 
 
+def _save(plt, fig, axes, title: str, path) -> list[tuple]:
+    """A panel figure's legend (first panel), title and file; the figure closed, its axes returned."""
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return _axes(fig)
+
+
 def rank_sweep_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list[tuple]:
     """Peak memory, epoch time and final accuracy against rank, full fine-tuning as a dashed line;
     memory and time from zero, accuracy from 0 to 1."""
@@ -132,12 +142,7 @@ def rank_sweep_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list
         ax.set_ylabel(label)
         ax.set_ylim(0, 1.05) if key == "final_eval_accuracy" else ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{model}: LoRA rank sweep")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return _axes(fig)
+    return _save(plt, fig, axes, f"{model}: LoRA rank sweep", path)
 
 
 def scaling_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list[tuple]:
@@ -148,7 +153,7 @@ def scaling_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list[tu
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     series: dict[str, list] = {}
     for v in ok:
-        name = v.cell.method if v.cell.rank is None else f"{v.cell.method} r={v.cell.rank}"
+        name = v.cell.method_label
         strategies = [v.cell.strategy] if v.cell.nproc > 1 else sorted({o.cell.strategy for o in ok if o.cell.nproc > 1})
         for strategy in strategies:
             series.setdefault(f"{name}, {strategy}", []).append(v)
@@ -164,9 +169,4 @@ def scaling_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list[tu
         ax.set_ylabel(label)
         ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{model}: scaling across processes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return _axes(fig)
+    return _save(plt, fig, axes, f"{model}: scaling across processes", path)

@@ -315,7 +315,7 @@ def scaling_table(variants: list[Variant]) -> str:
     summed = {"torch_peak_allocated_bytes": "torch_peak_allocated_sum_bytes", "host_peak_rss_bytes":
               "host_peak_rss_sum_bytes"}[mem_key]
     df = pd.DataFrame({
-        "method": [v.cell.method if v.cell.rank is None else f"{v.cell.method} r={v.cell.rank}" for v in ok],
+        "method": [v.cell.method_label for v in ok],
         "strategy": [v.cell.strategy or "-" for v in ok],
         "processes": [str(v.cell.nproc) for v in ok],
         f"per device: max, {mem_label}": [fmt(v.metrics.get(mem_key), "bytes") for v in ok],
