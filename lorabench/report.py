@@ -82,6 +82,11 @@ SCALING_NOTE = (
     "devices: their sum, what the cell costs. Throughput counts every rank's samples per step of the slowest rank; "
     "scaling efficiency = throughput(N) / (N x throughput of the same method in one process).")
 
+CPU_SCALING_NOTE = (
+    " On the CPU the ranks share one set of cores (each gets cores / N threads), so N times the one-process "
+    "throughput is out of reach: there, 1/N is what perfect scaling reads as, and the figure measures the cost of "
+    "the collectives and of the smaller per-process batches.")
+
 RANDOM_WEIGHTS_NOTE = (
     "The weights are random (built from the configuration), so LoRA here adapts a frozen *random* network: "
     "its quality says what a low-rank update can do on top of noise, not what it does on a pretrained model. "
@@ -170,7 +175,8 @@ def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str
             rank_sweep_plot(cell.model, [v for v in variants if v.ok], Path(plot_dir) / name, memory_key(variants))
             out += [f"![{cell.model}: peak memory, epoch time and accuracy against rank]({plot_link}{name})", ""]
     if len({v.cell.nproc for v in variants if v.ok}) >= 2:
-        out += ["### Scaling across processes", "", scaling_table(variants), "", SCALING_NOTE, ""]
+        note = SCALING_NOTE + (CPU_SCALING_NOTE if cell.device == "cpu" else "")
+        out += ["### Scaling across processes", "", scaling_table(variants), "", note, ""]
         if plot_dir is not None:
             from .plots import scaling_plot
             name = _plot_name(cell, "scaling")

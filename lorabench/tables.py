@@ -258,7 +258,9 @@ def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
         "predicted memory (MiB)": [fmt(s.prediction.total_bytes, "bytes") for s in surveys],
         "GFLOP/step": [f"{s.prediction.flops_per_step / 1e9:,.2f}" if s.prediction.flops_per_step is not None
                        else "unavailable" for s in surveys],
-        "batch": [c.batch_size if c.grad_accum == 1 else f"{c.batch_size}x{c.grad_accum}" for c in cells],
+        # per process x micro-batches, "on" N processes: together, the global batch of a step
+        "batch": [f"{c.batch_size}" + (f"x{c.grad_accum}" if c.grad_accum > 1 else "") +
+                  (f" on {c.nproc}" if c.nproc > 1 else "") for c in cells],
         "samples": [c.samples for c in cells],
         "epochs (warm-up+timed)": [f"{c.warmup_epochs}+{c.epochs}" for c in cells],
         "device": [c.device + (" (skipped)" if skipped and c.key() in skipped else "") for c in cells],
