@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from .errors import InputError
-from .methods import BASELINE, METHODS, Adapter
+from .methods import BASELINE, METHODS, Adapter, MethodError
+from .methods import method as method_of
 from .models import MODELS, is_byo
 from .tasks import TASKS
 
@@ -104,9 +105,11 @@ class Cell:
         Flag("--target-regex", r"LoRA targets as one regex matched against whole module names "
                                r"(seed 001: '.*\.1.*query_key_value')"))
     modules_to_save: tuple[str, ...] = setting((), "modules trained in full beside the adapters (PEFT)", parse=csv_list)
-    batch_size: int = setting(32, "samples per micro-batch", parse=int)
+    batch_size: int = setting(32, "samples per micro-batch (per process); a list is an axis, e.g. 16,32", parse=int_list,
+                              metavar="N[,N...]")
     grad_accum: int = setting(1, "micro-batches per optimizer step", parse=int)
-    seq_len: int = setting(64, "tokens per sample (text models; ignored by the image MLP)", parse=int)
+    seq_len: int = setting(64, "tokens per sample (text models; ignored by the image MLP); a list is an axis, e.g. "
+                           "128,512", parse=int_list, metavar="N[,N...]")
     epochs: int = setting(2, "timed epochs per cell", parse=int)
     warmup_epochs: int = setting(1, "untimed epochs before the timed ones", parse=int)
     samples: int = setting(512, "training samples per epoch", parse=int)
@@ -147,17 +150,21 @@ class Cell:
             raise CellError(f"modules_to_save must be module names (strings), got {self.modules_to_save!r}")
         if self.model not in MODELS and not is_byo(self.model):
             raise CellError(f"unknown model {self.model!r}; choose from {_choices(MODELS)} or hf:<dir or hub id>")
-        if self.method not in METHODS:
-            raise CellError(f"unknown method {self.method!r}; choose from {_choices(METHODS)}")
-        if not METHODS[self.method].adapts:
-            if self.rank is not None:
-                raise CellError(f"a rank was given to {METHODS[self.method].title}; ranks apply to the lora methods only")
-            if self.targets is not None or self.modules_to_save:
-                raise CellError("targets and modules_to_save apply to the lora methods only")
-        else:
-            if self.rank is None:
-                raise CellError(f"method {self.method!r} needs a rank (a whole number >= 1)")
+        try:
+            method = method_of(self.method)
+        except MethodError as e:
+            raise CellError(str(e)) from None
+        if not method.ranked and self.rank is not None:
+            raise CellError(f"a rank was given to {method.title}; ranks apply to the methods that take one "
+                            f"({', '.join(n for n, m in METHODS.items() if m.ranked)})")
+        if method.ranked and self.rank is None:
+            raise CellError(f"method {self.method!r} needs a rank (a whole number >= 1)")
+        if self.rank is not None:
             _positive_int("rank", self.rank)
+        if not method.adapts:
+            if self.targets is not None or self.modules_to_save:
+                raise CellError("targets and modules_to_save apply to the adapter methods only")
+        else:
             if self.alpha is not None and not self.alpha > 0:
                 raise CellError(f"alpha must be > 0, got {self.alpha}")
             if not 0.0 <= self.dropout < 1.0:
@@ -208,7 +215,8 @@ class Cell:
     @property
     def adapter(self) -> Adapter:
         """What the method is asked to apply."""
-        return Adapter(self.rank, self.alpha, self.dropout, self.targets, self.modules_to_save, self.model)
+        steps = self.samples // (self.batch_size * self.grad_accum * self.nproc) * (self.warmup_epochs + self.epochs)
+        return Adapter(self.rank, self.alpha, self.dropout, self.targets, self.modules_to_save, self.model, steps)
 
     @property
     def method_label(self) -> str:
@@ -278,7 +286,7 @@ SETTINGS = tuple(f for f in dataclasses.fields(Cell) if cli_flags(f))   # what f
 # Settings of the adapter: a matrix leaves them out of its baseline (full fine-tuning) cells.
 LORA_FIELDS = ("alpha", "dropout", "targets", "modules_to_save")
 # Settings that may be lists: a matrix makes one cell per value (their product, with the other axes).
-AXIS_FIELDS = ("nproc", "strategy")
+AXIS_FIELDS = ("nproc", "strategy", "batch_size", "seq_len")
 # Fields added after results were first written: left out of a cell's dict (and key) at their default,
 # so older run directories resume and compare against newer ones.
 QUIET_DEFAULTS: dict[str, Any] = {"nproc": 1, "strategy": None}

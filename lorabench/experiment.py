@@ -30,7 +30,7 @@ from . import distributed, environment, methods, models
 from .cells import Cell
 from .data import Dataset, load
 from .drivers import driver_trackers
-from .methods import METHODS
+from .methods import method as method_of
 from .rows import Row, Status, is_number
 from .stats import Summary
 from .tasks import Task
@@ -76,7 +76,7 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
         drivers, energy, env_facts, missing = driver_trackers(device, sample_interval_s)
         measured.update(missing)
         bundle = models.build(cell.model, cell.weights, cell.task)
-        task, method = bundle.task, METHODS[cell.method]
+        task, method = bundle.task, method_of(cell.method)
         model = bundle.module.to(device=device, dtype=dtype)
         ds = load_data(cell, bundle).to(device, dtype)
         measured["data"] = ds.source
@@ -117,7 +117,7 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
                              device=device, optimizer=optimizer, on_epoch=on_epoch,
                              on_timed=lambda edge: energy.begin() if edge == "begin" else energy.end(),
                              rank=group.rank if group else 0, world=group.world if group else 1,
-                             sync=distributed.grad_sync if group else None)
+                             sync=distributed.grad_sync if group else None, after_step=method.step_hook(model))
         finally:
             for t in trackers:
                 measured.update(t.result())

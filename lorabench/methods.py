@@ -10,8 +10,12 @@ effect of a constructor, so the trainable counts below are what the optimizer re
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -36,6 +40,7 @@ class Adapter:
     targets: tuple[str, ...] | str | None = None   # None: the model's default targets
     modules_to_save: tuple[str, ...] = ()
     model: str = "the model"          # for messages
+    steps: int = 1                    # optimizer steps the cell takes (AdaLoRA's schedule spans them)
 
     @property
     def scale_alpha(self) -> float:
@@ -48,7 +53,7 @@ class ParamCount:
 
     total: int          # every parameter of the adapted model, frozen ones and adapter copies included
     trainable: int
-    adapter: int        # LoRA A and B matrices
+    adapter: int        # the adapters' weights (LoRA's A and B, DoRA's magnitudes, IA3's scales, ...)
     full_trained: int   # parameters trained in full: all of them for `full`; saved modules / heads for LoRA
 
     @property
@@ -69,7 +74,9 @@ def count_params(module: nn.Module) -> ParamCount:
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
-            if "lora_" in name:
+            # LoRA's A and B (PEFT's and the re-parametrization's); any PEFT tuner's adapter weights
+            # ("hada_w1_a.default", "ia3_l.default", ...), which its modules_to_save copies are not
+            if "lora_" in name or (".default" in name and "modules_to_save" not in name):
                 adapter += p.numel()
     return ParamCount(total, trainable, adapter, trainable - adapter)
 
@@ -94,7 +101,7 @@ def _resolve(bundle: Bundle, adapter: Adapter) -> list[str]:
     for name in matched:
         layer = bundle.module.get_submodule(name)
         smaller = min(layer.weight.shape)
-        if adapter.rank > smaller:
+        if adapter.rank is not None and adapter.rank > smaller:
             raise MethodError(f"rank {adapter.rank} exceeds the smaller dimension ({smaller}) of target {name} "
                               f"{tuple(layer.weight.shape)} in {adapter.model}; use a rank <= {smaller} or other targets")
     return matched
@@ -115,6 +122,8 @@ def _adapter_activations(module: nn.Module, rows: int, b: int, inputs: bool = Tr
             if trainable_before:
                 extra += m.out_features * m.in_features * b
             layer = name
+        elif isinstance(getattr(m, "base_layer", None), nn.Linear):   # any PEFT tuner: its input is kept
+            m, layer = m.base_layer, name
         else:
             trainable_before |= any(p.requires_grad for p in m.parameters(recurse=False))
             continue
@@ -131,9 +140,21 @@ class Method:
     prediction: the activations it changes. (FLOPs are counted, not predicted: see `flops`.)"""
 
     name, title = "full", "full fine-tuning"
-    adapts = False            # trains adapters, needs a rank
+    adapts = False            # trains adapters on targets (checks: adapter off, merged)
+    ranked = False            # needs a rank (--ranks)
     uses_peft = False
+    survey_device = "meta"    # where the plan builds it to count it (a method that reads its weights: cpu)
+    closed_form = True        # flops.closed_form knows its products (`lorabench check` holds the count to it)
     linear_input_units = 14   # Korthikanti's 34 units per layer keep the 4 Linear inputs (14) for weight gradients
+
+    @property
+    def description(self) -> str:
+        """One line for `lorabench list`."""
+        return (type(self).__doc__ or "").strip().splitlines()[0]
+
+    def step_hook(self, module: nn.Module) -> Callable[[int], None] | None:
+        """What the training loop calls after each optimizer step (with its count), if anything."""
+        return None
 
     def apply(self, bundle: Bundle, adapter: Adapter) -> Adapted:
         bundle.module.requires_grad_(True)
@@ -148,7 +169,7 @@ class Method:
 
 
 class _LoRA(Method):
-    adapts = True
+    adapts = ranked = True
     linear_input_units = 0    # a frozen Linear keeps no input; the adapted ones come back in extra_activations
 
     def extra_activations(self, module: nn.Module, rows: int, b: int, inputs: bool) -> int:
@@ -174,29 +195,37 @@ class _LoRA(Method):
         }
 
 
-class PeftLoRA(_LoRA):
-    """LoRA through PEFT: an adapter path x A^T B^T beside each frozen Linear."""
+class PeftMethod(_LoRA):
+    """A PEFT tuner through its own config class (`config(adapter, targets)`), on the model's targets."""
 
-    name, title = "lora", "LoRA through PEFT"
     uses_peft = True
 
+    def __init__(self, name: str, title: str, config: Callable, ranked: bool = True, survey_device: str = "meta",
+                 closed_form: bool = False):
+        self.name, self.title, self._config = name, title, config
+        self.ranked, self.survey_device, self.closed_form = ranked, survey_device, closed_form
+
+    @property
+    def description(self) -> str:
+        return self.title
+
     def apply(self, bundle: Bundle, adapter: Adapter) -> Adapted:
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import TaskType, get_peft_model
 
         matched = _resolve(bundle, adapter)
         targets = adapter.targets if adapter.targets is not None else bundle.lora_targets
+        config = self._config(adapter, targets if isinstance(targets, str) else list(targets))
         task_type = bundle.task.peft_task_type
-        config = LoraConfig(
-            r=adapter.rank,
-            lora_alpha=adapter.scale_alpha,
-            lora_dropout=adapter.dropout,
-            target_modules=targets if isinstance(targets, str) else list(targets),
-            modules_to_save=list(adapter.modules_to_save) or None,
-            task_type=getattr(TaskType, task_type) if task_type else None,   # SEQ_CLS trains the head in full too
-        )
+        config.task_type = getattr(TaskType, task_type) if task_type else None   # SEQ_CLS trains the head in full too
+        if adapter.modules_to_save:
+            config.modules_to_save = list(adapter.modules_to_save)
         bundle.module.requires_grad_(False)   # the base is frozen; PEFT unfreezes adapters and saved modules
         module = get_peft_model(bundle.module, config)
         return Adapted(module, count_params(module), matched)
+
+    def step_hook(self, module):
+        update = getattr(getattr(module, "base_model", None), "update_and_allocate", None)   # AdaLoRA's rank schedule
+        return update
 
     def _views(self, adapted, forward):
         from peft import get_peft_model_state_dict
@@ -205,6 +234,44 @@ class PeftLoRA(_LoRA):
             off = forward(module)
         adapter_bytes = _state_bytes(get_peft_model_state_dict(module))
         return off, adapter_bytes, forward(module.merge_and_unload())
+
+
+def _peft(name: str):
+    import peft
+    return getattr(peft, name)
+
+
+def _lora(**extra) -> Callable:
+    return lambda a, t: _peft("LoraConfig")(r=a.rank, lora_alpha=a.scale_alpha, lora_dropout=a.dropout,
+                                            target_modules=t, **extra)
+
+
+# PEFT's methods, each one line: (name, what it trains, its config from the cell's adapter and targets)
+PEFT_METHODS = [
+    PeftMethod("lora", "LoRA through PEFT: an adapter path x A^T B^T beside each frozen Linear.", _lora(),
+               closed_form=True),
+    PeftMethod("dora", "DoRA: LoRA plus a learned magnitude per output feature of each target (use_dora)",
+               _lora(use_dora=True)),
+    PeftMethod("rslora", "rsLoRA: LoRA scaled by alpha / sqrt(r) instead of alpha / r (use_rslora)",
+               _lora(use_rslora=True)),
+    PeftMethod("loha", "LoHa: the update is the Hadamard product of two rank-r pairs",
+               lambda a, t: _peft("LoHaConfig")(r=a.rank, alpha=a.scale_alpha, target_modules=t)),
+    PeftMethod("lokr", "LoKr: the update is a Kronecker product with a rank-r factor",
+               lambda a, t: _peft("LoKrConfig")(r=a.rank, alpha=a.scale_alpha, target_modules=t)),
+    PeftMethod("ia3", "IA3: a learned scale per output feature of each target; no rank",
+               lambda a, t: _peft("IA3Config")(target_modules=t, feedforward_modules=[]), ranked=False),
+    PeftMethod("vera", "VeRA: frozen random rank-r projections shared by every target, learned scales",
+               lambda a, t: _peft("VeraConfig")(r=a.rank, target_modules=t, vera_dropout=a.dropout)),
+    PeftMethod("adalora", "AdaLoRA: SVD-form LoRA from rank r, pruned to r/2 over the cell's steps",
+               lambda a, t: _peft("AdaLoraConfig")(init_r=a.rank, target_r=max(a.rank // 2, 1), total_step=a.steps,
+                                                   lora_alpha=a.scale_alpha, target_modules=t)),
+    PeftMethod("oft", "OFT: an orthogonal block-diagonal rotation of each target's weight, r blocks",
+               lambda a, t: _peft("OFTConfig")(r=a.rank, oft_block_size=0, target_modules=t)),
+    # BOFT reads its weights while building (.item()): the plan counts it on the CPU, not on meta
+    PeftMethod("boft", "BOFT: a butterfly-factored orthogonal rotation of each target, blocks of size r",
+               lambda a, t: _peft("BOFTConfig")(boft_block_size=a.rank, boft_n_butterfly_factor=1, target_modules=t),
+               survey_device="cpu"),
+]
 
 
 class LoRAParametrization(nn.Module):
@@ -272,5 +339,48 @@ def model_file_bytes(module: nn.Module) -> int:
     return sum(t.nbytes for t in module.state_dict().values())
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (Method(), PeftLoRA(), ReparamLoRA())}
+METHODS: dict[str, Method] = {m.name: m for m in (Method(), PEFT_METHODS[0], ReparamLoRA(), *PEFT_METHODS[1:])}
 BASELINE = next(name for name, m in METHODS.items() if not m.adapts)   # what Delta columns compare against
+
+
+def method(name: str) -> Method:
+    """The method of a cell: a registered one, or `peft:<adapter_config.json or its folder>`."""
+    if name in METHODS:
+        return METHODS[name]
+    if name.startswith("peft:"):
+        return _from_file(name[len("peft:"):])
+    raise MethodError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}, or peft:<adapter_config.json>")
+
+
+@functools.cache
+def _from_file(path: str) -> Method:
+    """Any method PEFT knows, from an adapter_config.json: its settings as written, its
+    target_modules in place of the model's default targets."""
+    file = Path(path) / "adapter_config.json" if Path(path).is_dir() else Path(path)
+    try:
+        d = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MethodError(f"peft:{path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise MethodError(f"peft:{path}: not a JSON adapter_config.json ({type(e).__name__}: {e})") from None
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    kind = d.get("peft_type") if isinstance(d, dict) else None
+    if kind not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise MethodError(f"peft:{path}: peft_type {kind!r} is not a method PEFT knows; it knows "
+                          f"{', '.join(sorted(PEFT_TYPE_TO_CONFIG_MAPPING))}")
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[kind]
+    known = {f.name for f in dataclasses.fields(cls)} - {"peft_type", "task_type", "base_model_name_or_path"}
+    fields = {k: v for k, v in d.items() if k in known and v is not None}
+    return PeftFile(f"peft:{path}", f"PEFT {kind} as {file} sets it", lambda a, t: cls(**{"target_modules": t, **fields}),
+                    ranked=False, targets=fields.get("target_modules"))
+
+
+class PeftFile(PeftMethod):
+    """A PEFT method as an adapter_config.json sets it; its target_modules win over the model's."""
+
+    def __init__(self, name, title, config, ranked=False, targets=None):
+        super().__init__(name, title, config, ranked)
+        self.targets = tuple(targets) if isinstance(targets, list) else targets
+
+    def apply(self, bundle: Bundle, adapter: Adapter) -> Adapted:
+        return super().apply(bundle, dataclasses.replace(adapter, targets=self.targets or adapter.targets))

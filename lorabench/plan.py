@@ -23,6 +23,7 @@ from . import data, distributed, environment, flops, models
 from .cells import AXIS_FIELDS, CELL_FIELDS, LORA_FIELDS, Cell, CellError, _choices
 from .config import load_config
 from .methods import METHODS, MethodError, ParamCount
+from .methods import method as method_of
 from .predictions import Prediction, per_rank, predict
 from .tasks import task_of_data
 
@@ -42,17 +43,18 @@ class Matrix:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def cells(self) -> list[Cell]:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise CellError(f"unknown method {unknown[0]!r}; choose from {_choices(METHODS)}")
-        lora_methods = [m for m in self.methods if METHODS[m].adapts]
-        if lora_methods and not self.ranks:
-            raise CellError(f"methods {', '.join(lora_methods)} need at least one rank (--ranks)")
+        try:
+            kinds = {m: method_of(m) for m in self.methods}
+        except MethodError as e:
+            raise CellError(str(e)) from None
+        ranked = [m for m in self.methods if kinds[m].ranked]
+        if ranked and not self.ranks:
+            raise CellError(f"methods {', '.join(ranked)} need at least one rank (--ranks)")
         out = []
         for model in self.models:
             for method in self.methods:
-                adapts = METHODS[method].adapts
-                for rank in (self.ranks if adapts else [None]):
+                adapts = kinds[method].adapts
+                for rank in (self.ranks if kinds[method].ranked else [None]):
                     for values in itertools.product(*self._axes().values()):
                         settings = {**self.settings, **dict(zip(self._axes(), values))}
                         if not adapts:
@@ -109,6 +111,8 @@ PRESETS: dict[str, tuple[Matrix, ...]] = {
         Matrix(("bert-tiny", "bert-base"), ("lora",), (8,), {**SEED_BERT, "lr": 5e-4}),
     ),
     "seed-bloom": (Matrix(("bloom-1b4-zh",), ("lora",), (8,), SEED_BLOOM),),
+    # Every method on BERT-Tiny at r=8 (IA3 takes no rank), against full fine-tuning.
+    "peft-methods": (Matrix(("bert-tiny",), tuple(METHODS), (8,), QUICK),),
     "scale": (Matrix(("bert-base", "bloom-560m"), ("full",), (), {**SCALE, "lr": 5e-5, "strategy": ("ddp", "fsdp2")}),
               Matrix(("bert-base", "bloom-560m"), ("lora",), (8,), {**SCALE, "lr": 5e-4, "strategy": ("ddp",)})),
     # Every rank against full fine-tuning. The MLP's head has 10 outputs, which caps a rank on it
@@ -150,9 +154,9 @@ def plan(
     if methods is not None:
         matrices = [dataclasses.replace(mx, methods=tuple(methods)) for mx in matrices]
     if ranks is not None:
-        if methods is not None and not any(METHODS[m].adapts for m in methods if m in METHODS):
+        if methods is not None and not any(m in METHODS and METHODS[m].ranked for m in methods):
             raise CellError(f"--ranks was given but the only method is {', '.join(methods)}; ranks apply to the "
-                            "lora methods")
+                            "methods that take one")
         matrices = [dataclasses.replace(mx, ranks=tuple(ranks)) for mx in matrices]
     overrides = overrides or {}
     unknown = sorted(set(overrides) - set(CELL_FIELDS))
@@ -216,9 +220,9 @@ def survey(cell: Cell) -> Survey:
     """Build the cell's model and method on the meta device: exact counts, the closed-form memory
     prediction and the counted FLOPs of one step; no memory, milliseconds. Raises ModelError /
     MethodError for a cell that cannot be built."""
-    with torch.device("meta"):
+    method = method_of(cell.method)
+    with torch.device(method.survey_device):
         bundle = models.build(cell.model, "random", cell.task)
-        method = METHODS[cell.method]
         adapted = method.apply(bundle, cell.adapter)
     task = bundle.task
     counted = flops.count(adapted.module, task, batch_size=cell.batch_size, grad_accum=cell.grad_accum,

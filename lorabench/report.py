@@ -316,7 +316,9 @@ def registries() -> str:
         total = survey(Cell(model=name, method=BASELINE)).params.total
         out.append(f"  {name:14s} {total:>15,} parameters  {(builder.__doc__ or '').strip().splitlines()[0]}")
     out += ["  hf:<dir|id>    any transformers model for sequence classification or causal LM", "methods:"]
-    out += [f"  {name:14s} {(type(m).__doc__ or '').strip().splitlines()[0]}" for name, m in METHODS.items()]
+    out += [f"  {name:14s} {m.description}" for name, m in METHODS.items()]
+    out.append("  peft:<path>    any method PEFT knows, as an adapter_config.json (or its folder) sets it; its "
+               "target_modules win, its rank is its own (no --ranks)")
     from .distributed import STRATEGIES
     out.append("strategies (--strategy, for cells of --nproc 2 or more):")
     out += [f"  {name:14s} {text}" for name, text in STRATEGIES.items()]

@@ -84,7 +84,7 @@ _B, _C = "bytes", "count"
 METRICS: tuple[Metric, ...] = (
     # shown in the comparison table, in this order
     Metric("params_trainable", _C, "trainable parameters", "count", exact=True),
-    Metric("params_trainable_adapter", _C, "  of which adapters (LoRA A, B)", "count", exact=True),
+    Metric("params_trainable_adapter", _C, "  of which adapters (LoRA's A, B; each method's own)", "count", exact=True),
     Metric("params_trainable_full", _C, "  of which trained in full (heads, saved modules)", "count", exact=True),
     Metric("params_trainable_pct", "%", "trainable % of total", "pct", inputs=("params_trainable", "params_total"),
            derive=lambda m, c: 100.0 * m["params_trainable"] / m["params_total"]

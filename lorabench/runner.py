@@ -30,7 +30,7 @@ import torch
 from . import models
 from .cells import Cell, Flag, setting
 from .errors import InputError
-from .methods import METHODS
+from .methods import method as method_of
 from .rows import Row, Status
 from .rundir import RunDir
 
@@ -106,7 +106,7 @@ def start_workers(method: str, cells: list[Cell]) -> None:
     """Start the fork server now, so its imports overlap with the parent's own work."""
     if method == "forkserver":
         from multiprocessing import forkserver
-        needs_hf = any(models.uses_transformers(c.model) or METHODS[c.method].uses_peft for c in cells)
+        needs_hf = any(models.uses_transformers(c.model) or method_of(c.method).uses_peft for c in cells)
         mp.get_context("forkserver").set_forkserver_preload(PRELOAD + (PRELOAD_HF if needs_hf else []))
         forkserver.ensure_running()
 

@@ -259,6 +259,7 @@ def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
         "GFLOP/step": [f"{s.prediction.flops_per_step / 1e9:,.2f}" if s.prediction.flops_per_step is not None
                        else "unavailable" for s in surveys],
         # per process x micro-batches, "on" N processes: together, the global batch of a step
+        "seq len": [str(c.seq_len) for c in cells],
         "batch": [f"{c.batch_size}" + (f"x{c.grad_accum}" if c.grad_accum > 1 else "") +
                   (f" on {c.nproc}" if c.nproc > 1 else "") for c in cells],
         "samples": [c.samples for c in cells],
@@ -266,7 +267,7 @@ def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
         "device": [c.device + (" (skipped)" if skipped and c.key() in skipped else "") for c in cells],
     })
     return markdown(df, ["#", "trainable", "adapters", "trained in full", "total", "trainable %",
-                          "predicted memory (MiB)", "GFLOP/step", "batch", "samples"])
+                          "predicted memory (MiB)", "GFLOP/step", "seq len", "batch", "samples"])
 
 
 def memory_key(variants: list[Variant]) -> tuple[str, str]:

@@ -129,7 +129,8 @@ def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epoc
         optimizer: tuple[torch.optim.Optimizer, str] | None = None,
         on_epoch: Callable[[EpochRecord, int], None] | None = None,
         on_timed: Callable[[str], None] | None = None, rank: int = 0, world: int = 1,
-        sync: Callable[[nn.Module, bool], ContextManager] | None = None) -> Fit:
+        sync: Callable[[nn.Module, bool], ContextManager] | None = None,
+        after_step: Callable[[int], None] | None = None) -> Fit:
     """Train `model` in place (with `optimizer`, an (optimizer, name) pair, when the caller made
     one); `on_epoch(record, total_epochs)` is called after each epoch, and `on_timed("begin" |
     "end")` at the synchronised edges of each timed epoch (energy counters).
@@ -137,7 +138,8 @@ def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epoc
     As rank `rank` of `world` processes, every rank draws the same permutation and takes its own
     `batch_size` slice of each global micro-batch (batch_size x world); `sync(model, last)` gives
     the context in which a micro-batch's backward reduces gradients only on the step's last one,
-    and the epoch's training loss is the mean over ranks."""
+    and the epoch's training loss is the mean over ranks. `after_step(step)` runs between each
+    optimizer step and the zeroing of the gradients (AdaLoRA's rank schedule reads them)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, impl = optimizer or make_optimizer(params, lr)
     n = next(iter(data.train.values())).shape[0]
@@ -169,6 +171,8 @@ def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epoc
                     (loss / grad_accum).backward()
                 loss_sum += loss.detach().float()
             optimizer.step()
+            if after_step is not None:
+                after_step((epoch - 1) * steps + s)
             optimizer.zero_grad(set_to_none=True)
             clock.stop(epoch_steps)
         clock.sync()

@@ -21,7 +21,8 @@ def test_lora_scale_defaults_to_one_and_honours_alpha():
 
 @pytest.mark.parametrize("fields, message", [
     ({"model": "gpt-17"}, "unknown model 'gpt-17'; choose from bert-base, bert-tiny"),
-    ({"method": "qlora", "rank": 4}, "unknown method 'qlora'; choose from full, lora, lora-reparam"),
+    ({"method": "qlora", "rank": 4}, "unknown method 'qlora'; choose from adalora, boft, dora, full, ia3"),
+    ({"method": "ia3", "rank": 4}, "a rank was given to IA3"),
     ({"method": "full", "rank": 4}, "a rank was given to full fine-tuning"),
     ({"method": "lora"}, "needs a rank"),
     ({"method": "lora", "rank": 0}, "rank must be a whole number >= 1, got 0"),
@@ -35,7 +36,7 @@ def test_lora_scale_defaults_to_one_and_honours_alpha():
     ({"dtype": "int8"}, "unknown dtype 'int8'"),
     ({"lr": 0}, "lr must be a number > 0"),
     ({"method": "lora", "rank": 4, "dropout": 1.0}, "dropout must be in [0, 1)"),
-    ({"method": "full", "targets": ("query",)}, "targets and modules_to_save apply to the lora methods only"),
+    ({"method": "full", "targets": ("query",)}, "targets and modules_to_save apply to the adapter methods only"),
 ])
 def test_invalid_cells_say_why(fields, message):
     base = {"model": "cifar-mlp", "method": "full"}
@@ -187,3 +188,9 @@ def test_shard_assigns_every_cell_exactly_once_balanced_and_deterministic():
     flipped = [shard(list(reversed(cells)), list(reversed(costs)), k, 3) for k in (1, 2, 3)]
     assert [{c.key() for c in p} for p in parts] == [{c.key() for c in p} for p in flipped]
     assert all(part == [c for c in cells if c in part] for part in parts)   # a shard keeps the matrix's order
+
+
+def test_seq_len_and_batch_size_lists_are_axes():
+    cells = plan(["quick"], ["bert-tiny"], ["lora"], [8], {"seq_len": (32, 64), "batch_size": (16, 32)})
+    assert sorted((c.seq_len, c.batch_size) for c in cells) == [(32, 16), (32, 32), (64, 16), (64, 32)]
+    assert len({c.key() for c in cells}) == 4

@@ -7,12 +7,15 @@ from conftest import files_under
 
 BAD = [
     (["run", "--models", "gpt-17"], "unknown model 'gpt-17'; choose from"),
-    (["run", "--methods", "qlora"], "unknown method 'qlora'; choose from full, lora, lora-reparam"),
+    (["run", "--methods", "qlora"], "unknown method 'qlora'; choose from adalora, boft, dora, full, ia3, loha, lokr, "
+                                    "lora, lora-reparam, oft, rslora, vera, or peft:<adapter_config.json>"),
+    (["run", "--methods", "ia3", "--ranks", "8"], "--ranks was given but the only method is ia3"),
+    (["run", "--methods", "peft:missing.json"], "peft:missing.json: no such file"),
     (["run", "--preset", "nightly"], "unknown preset 'nightly'; choose from"),
     (["run", "--ranks", "0"], "rank must be a whole number >= 1, got 0"),
     (["run", "--ranks", "-4"], "rank must be a whole number >= 1, got -4"),
     (["run", "--ranks", "two"], "ranks must be whole numbers"),
-    (["run", "--methods", "full", "--ranks", "4"], "ranks apply to the lora methods"),
+    (["run", "--methods", "full", "--ranks", "4"], "ranks apply to the methods that take one"),
     (["run", "--methods", "lora", "--ranks", "11", "--models", "cifar-mlp"], "rank 11 exceeds the smaller dimension (10)"),
     (["run", "--epochs", "0"], "epochs must be a whole number >= 1, got 0"),
     (["run", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),

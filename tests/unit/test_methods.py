@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -72,3 +73,53 @@ def test_target_matching_follows_peft():
                      "bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value"]
     assert match_targets(m, r".*\.1\..*query") == ["bert.encoder.layer.1.attention.self.query"]
     assert match_targets(m, ("uery",)) == []   # suffix match is on whole name parts
+
+
+PEFT_NAMES = ["lora", "dora", "rslora", "loha", "lokr", "ia3", "vera", "adalora", "oft", "boft"]
+
+
+def build(model, method, rank=8, **fields):
+    cell = Cell(model=model, method=method, rank=rank if METHODS[method].ranked else None, **fields)
+    return METHODS[method].apply(models.build(model, "random", None), cell.adapter)
+
+
+@pytest.mark.parametrize("name", PEFT_NAMES)
+def test_every_peft_method_counts_what_peft_counts_split_into_adapters_and_full(name):
+    adapted = build("bert-tiny", name)
+    trainable, total = adapted.module.get_nb_trainable_parameters()
+    p = adapted.params
+    assert (p.trainable, p.total) == (trainable, total)
+    assert p.full_trained == 2 * 128 + 2   # the SEQ_CLS head (128 x 2 + 2), trained in full beside any adapter
+    assert p.adapter == trainable - p.full_trained > 0
+
+
+def test_dora_adds_one_magnitude_per_output_feature_of_each_adapted_linear():
+    # BERT-Tiny r=8 on query, value of 2 layers: LoRA's 4 x 8 x (128 + 128), plus 4 x 128 magnitudes, plus the head
+    assert build("bert-tiny", "dora").params.trainable == 4 * 8 * 256 + 4 * 128 + 258 == 8_962
+    assert build("bert-tiny", "ia3").params.adapter == 4 * 128   # IA3: a scale per output feature
+
+
+def test_adalora_spreads_its_rank_schedule_over_the_cells_steps():
+    cell = Cell(model="bert-tiny", method="adalora", rank=8, samples=512, batch_size=32, epochs=2, warmup_epochs=1)
+    assert cell.adapter.steps == 512 // 32 * 3
+    module = METHODS["adalora"].apply(models.build("bert-tiny", "random", None), cell.adapter).module
+    assert module.peft_config["default"].total_step == 48
+    assert METHODS["adalora"].step_hook(module) == module.base_model.update_and_allocate
+    assert METHODS["dora"].step_hook(build("bert-tiny", "dora").module) is None   # nothing to call between steps
+
+
+def test_a_peft_adapter_config_file_is_a_method_with_its_own_targets(tmp_path):
+    from peft import LoraConfig
+    from lorabench.methods import MethodError, method
+    LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value"], use_dora=True).save_pretrained(tmp_path)
+    m = method(f"peft:{tmp_path}")   # the folder, or its adapter_config.json
+    assert not m.ranked and set(method(f"peft:{tmp_path / 'adapter_config.json'}").targets) == {"query", "key", "value"}
+    adapted = m.apply(models.build("bert-tiny", "random", None), Cell(model="bert-tiny", method=f"peft:{tmp_path}").adapter)
+    assert adapted.params.adapter == 6 * (4 * 256 + 128)   # q, k, v of 2 layers: A, B and DoRA's magnitudes
+    assert len(adapted.targets) == 6
+    (tmp_path / "bad.json").write_text('{"peft_type": "MAGIC"}')
+    with pytest.raises(MethodError, match="peft_type 'MAGIC' is not a method PEFT knows"):
+        method(f"peft:{tmp_path / 'bad.json'}")
+    (tmp_path / "notjson.json").write_text("r = 8")
+    with pytest.raises(MethodError, match="not a JSON adapter_config.json"):
+        method(f"peft:{tmp_path / 'notjson.json'}")
