@@ -29,6 +29,7 @@ DEVICES = ("cpu", "cuda")
 STRATEGIES = ("ddp", "fsdp2")   # how a cell of several processes shares the model (see `distributed`)
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTS = ("random", "pretrained")
+ONOFF = ("off", "on")
 
 
 class CellError(InputError):
@@ -124,6 +125,9 @@ class Cell:
                         ".jsonl with instruction,input,output")
     task: str | None = setting(None, "task of an hf: model when it cannot be inferred from its configuration",
                                choices=tuple(t for t in TASKS if TASKS[t].hf_auto_class))
+    grad_checkpointing: str = setting("off", "recompute each block's activations in backward instead of keeping "
+                                      "them (transformers' own; per Linear for the MLP): off or on; a list is an "
+                                      "axis, e.g. off,on", parse=csv_list, metavar="off|on")
     nproc: int = setting(1, "processes per cell, one per device on a GPU host, launched as torchrun does (gloo on the "
                          "CPU, nccl/rccl on a GPU); a list is an axis, e.g. 1,2", parse=int_list, metavar="N[,N...]")
     strategy: str | None = setting(None, "how the processes of a cell share the model: ddp (a replica each, gradients "
@@ -193,6 +197,8 @@ class Cell:
             raise CellError(f"unknown dtype {self.dtype!r}; choose from {_choices(DTYPES)}")
         if self.weights not in WEIGHTS:
             raise CellError(f"unknown weights {self.weights!r}; choose from {_choices(WEIGHTS)}")
+        if self.grad_checkpointing not in ONOFF:
+            raise CellError(f"grad_checkpointing must be one of {', '.join(ONOFF)}, got {self.grad_checkpointing!r}")
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise CellError(f"unknown strategy {self.strategy!r}; choose from {_choices(STRATEGIES)}")
         if self.nproc == 1 and self.strategy is not None:
@@ -226,7 +232,8 @@ class Cell:
     @property
     def label(self) -> str:
         """Column name in reports: the method at its rank, and its processes: `lora r=8`, `full fsdp2 n=2`."""
-        return self.method_label if self.nproc == 1 else f"{self.method_label} {self.strategy} n={self.nproc}"
+        name = self.method_label + (" ckpt" if self.grad_checkpointing == "on" else "")
+        return name if self.nproc == 1 else f"{name} {self.strategy} n={self.nproc}"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -286,8 +293,8 @@ SETTINGS = tuple(f for f in dataclasses.fields(Cell) if cli_flags(f))   # what f
 # Settings of the adapter: a matrix leaves them out of its baseline (full fine-tuning) cells.
 LORA_FIELDS = ("alpha", "dropout", "targets", "modules_to_save")
 # Settings that may be lists: a matrix makes one cell per value (their product, with the other axes).
-AXIS_FIELDS = ("nproc", "strategy", "batch_size", "seq_len")
+AXIS_FIELDS = ("nproc", "strategy", "batch_size", "seq_len", "grad_checkpointing")
 # Fields added after results were first written: left out of a cell's dict (and key) at their default,
 # so older run directories resume and compare against newer ones.
-QUIET_DEFAULTS: dict[str, Any] = {"nproc": 1, "strategy": None}
+QUIET_DEFAULTS: dict[str, Any] = {"nproc": 1, "strategy": None, "grad_checkpointing": "off"}
 

@@ -95,6 +95,8 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
                 base_out = forward(model)
         adapted = method.apply(bundle, cell.adapter)
         model = trained = adapted.module.to(device=device, dtype=dtype)
+        if cell.grad_checkpointing == "on":
+            models.checkpoint(model)
         p = adapted.params
         measured.update(params_total=p.total, params_trainable=p.trainable, params_trainable_adapter=p.adapter,
                         params_trainable_full=p.full_trained, lora_targets=len(adapted.targets))

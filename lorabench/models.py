@@ -141,6 +141,27 @@ def uses_transformers(name: str) -> bool:
     return name != "cifar-mlp"
 
 
+def checkpoint(module: nn.Module) -> None:
+    """Gradient checkpointing of a built (and adapted) model: transformers' own, non-reentrant (so
+    no input needs a gradient, and PEFT's frozen embeddings are no obstacle), or for a plain
+    nn.Sequential (the MLP) torch.utils.checkpoint over one segment per Linear. Activations inside
+    a block are then recomputed in backward instead of kept; the block inputs stay."""
+    import types
+
+    from torch.utils.checkpoint import checkpoint_sequential
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    if hasattr(base, "gradient_checkpointing_enable"):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False   # a cache is of no use to training, and checkpointing refuses one
+        return
+    if not isinstance(base, nn.Sequential):
+        raise ModelError(f"gradient checkpointing needs a transformers model or an nn.Sequential; this is a "
+                         f"{type(base).__name__}")
+    segments = max(sum(any(True for _ in m.parameters()) for m in base.children()), 1)   # a Linear (adapted or not) each
+    base.forward = types.MethodType(lambda self, x: checkpoint_sequential(self, segments, x, use_reentrant=False),
+                                    base)
+
+
 def linear_names(module: nn.Module) -> list[str]:
     """Names of the Linear (and HF Conv1D) modules: what LoRA can target."""
     return [n for n, m in module.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]

@@ -225,10 +225,13 @@ def survey(cell: Cell) -> Survey:
         bundle = models.build(cell.model, "random", cell.task)
         adapted = method.apply(bundle, cell.adapter)
     task = bundle.task
+    if cell.grad_checkpointing == "on":   # the recomputed forward is counted too
+        models.checkpoint(adapted.module)
     counted = flops.count(adapted.module, task, batch_size=cell.batch_size, grad_accum=cell.grad_accum,
                           seq_len=cell.seq_len, vocab_size=bundle.vocab_size, num_labels=bundle.num_labels)
     pred = predict(adapted.module, adapted.params, method=method, task=task, batch_size=cell.batch_size,
-                   grad_accum=cell.grad_accum, seq_len=cell.seq_len, dtype=cell.dtype, flops=counted)
+                   grad_accum=cell.grad_accum, seq_len=cell.seq_len, dtype=cell.dtype, flops=counted,
+                   checkpointing=cell.grad_checkpointing == "on")
     if cell.nproc > 1:
         largest, root = distributed.unit_params(adapted.module)
         if cell.strategy == "fsdp2" and not largest:
@@ -246,7 +249,7 @@ def survey_all(cells: list[Cell]) -> list[Survey]:
     surveys: dict[tuple, Survey] = {}
     kinds: dict[str, str] = {}
     shape = lambda c: (c.model, c.method, c.rank, c.targets, c.modules_to_save, c.task,   # noqa: E731
-                       c.batch_size, c.grad_accum, c.seq_len, c.dtype, c.nproc, c.strategy)
+                       c.batch_size, c.grad_accum, c.seq_len, c.dtype, c.nproc, c.strategy, c.grad_checkpointing)
     for cell in cells:
         if shape(cell) not in surveys:
             try:

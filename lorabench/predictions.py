@@ -66,7 +66,7 @@ def _shape(module: nn.Module) -> tuple[int, int, int, int]:
 
 
 def predict(module: nn.Module, params: ParamCount, *, method: Method, task: Task, batch_size: int, grad_accum: int,
-            seq_len: int, dtype: str, flops: StepFlops | Unavailable) -> Prediction:
+            seq_len: int, dtype: str, flops: StepFlops | Unavailable, checkpointing: bool = False) -> Prediction:
     b = DTYPE_BYTES[dtype]
     layers, hidden, heads, vocab = _shape(module)
     per_sample = task.tokens_per_sample(seq_len)
@@ -76,12 +76,17 @@ def predict(module: nn.Module, params: ParamCount, *, method: Method, task: Task
         # Korthikanti et al. 2022: ~ s*b*h*(34 + 5*a*s/h) bytes per layer at 16 bits, scaled to the
         # dtype. 14 of the 34 are the inputs of the four Linear layers, which autograd keeps only for
         # a weight gradient: the method says how many it keeps, and what its adapters add back.
-        units = 20 + method.linear_input_units + 5 * heads * seq_len / max(hidden, 1)
-        act = layers * seq_len * batch_size * hidden * units * b / 2
-        act += method.extra_activations(module, rows, b, inputs=True) + task.loss_saved_bytes(rows, vocab)
+        if checkpointing:
+            # each block keeps only its input; the embeddings' output and its norm keep two more
+            act = (layers + 2) * rows * hidden * b + task.loss_saved_bytes(rows, vocab)
+        else:
+            units = 20 + method.linear_input_units + 5 * heads * seq_len / max(hidden, 1)
+            act = layers * seq_len * batch_size * hidden * units * b / 2
+            act += method.extra_activations(module, rows, b, inputs=True) + task.loss_saved_bytes(rows, vocab)
     else:
         # an MLP keeps each layer's output per sample for backward (a ReLU's output is also the next
-        # Linear's input, one tensor); the first layer's input is the data set, resident already
+        # Linear's input, one tensor); the first layer's input is the data set, resident already.
+        # Checkpointed per Linear, it keeps the same: those outputs are the segments' inputs.
         act = rows * sum(m.out_features for name, m in module.named_modules()
                          if isinstance(m, nn.Linear) and "lora_" not in name) * b
         act += method.extra_activations(module, rows, b, inputs=False)
