@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "RUN_DIR's plan that have no row yet")
     o.add_argument("--retry-failed", action="store_true", help="with --resume: also re-run cells whose row is not ok "
                    "(their old rows are replaced)")
+    o.add_argument("--profile", action="store_true", help="per cell, a torch.profiler Chrome trace of a few steps "
+                   "after the timed epochs: RUN_DIR/traces/<cell-key>.json (chrome://tracing, ui.perfetto.dev)")
+    o.add_argument("--memory-snapshot", action="store_true", help="per CUDA cell, the allocator's history over the "
+                   "first step: RUN_DIR/snapshots/<cell-key>.pickle (pytorch.org/memory_viz)")
     o.add_argument("--force", action="store_true", help="run cells predicted not to fit in free memory (otherwise "
                    "they are recorded as skipped)")
     o.add_argument("--headline-by", choices=["memory", "time"], default="memory", help="the LoRA variant each model's "
@@ -172,7 +176,7 @@ def _options(args: argparse.Namespace, device: str):
     from .rundir import writable_dir
     from .runner import RunOptions
     writable_dir(args.report_dir, "--report-dir")
-    return RunOptions(**_given(args, RunOptions)).on(device)
+    return RunOptions(**_given(args, RunOptions), profile=args.profile, memory_snapshot=args.memory_snapshot).on(device)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

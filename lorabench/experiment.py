@@ -35,21 +35,22 @@ from .rows import Row, Status, is_number
 from .stats import Summary
 from .tasks import Task
 from .trackers import HostMemory, SavedTensors, TorchAllocator, unavailable
+from .traces import MemorySnapshot, Traces, profile_steps
 from .train import EpochRecord, Fit, fit, make_optimizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = None,
-            sample_interval_s: float = 0.01, known: dict[str, Any] | None = None) -> Row:
+            sample_interval_s: float = 0.01, known: dict[str, Any] | None = None, traces: Traces | None = None) -> Row:
     """Run one cell from this process and return its row: here, or for a cell of several processes
     in one forked process per rank (`distributed`). `known` holds figures made before the cell ran
     (its prediction, the run's matmul rate), so the row is whole, derived figures included, the
     moment it is made."""
     started = time.perf_counter()
     if cell.nproc > 1:
-        return _execute_group(cell, on_epoch, sample_interval_s, known or {}, started)
-    out = measure(cell, None, on_epoch, sample_interval_s)
+        return _execute_group(cell, on_epoch, sample_interval_s, known or {}, started, traces)
+    out = measure(cell, None, on_epoch, sample_interval_s, traces)
     measured = {**(known or {}), **out["measured"], "cell_wall_s": time.perf_counter() - started}
     env = {**environment.capture(cell.device), **out["env_facts"]}   # facts of the machine, not of the cell
     return Row.make(cell, out["status"], measured, epochs=out["epochs"], pretrain_epochs=out["pretrain"],
@@ -57,7 +58,7 @@ def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = No
 
 
 def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[EpochRecord, int], None] | None = None,
-            sample_interval_s: float = 0.01) -> dict[str, Any]:
+            sample_interval_s: float = 0.01, traces: Traces | None = None) -> dict[str, Any]:
     """The protocol of one cell in this process (one rank of it when `group` is given): {measured,
     epochs, pretrain, env_facts, status, error}. An exception ends it as an error or oom, keeping
     what was measured before."""
@@ -111,7 +112,9 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
                 for t in trackers:
                     stack.enter_context(t)
                 optimizer = make_optimizer([q for q in trained.parameters() if q.requires_grad], cell.lr)
-                measured.update(probe_step(trained, task, ds, optimizer[0], cell, device, group))
+                name = cell.key() + (f"-rank{group.rank}" if group else "")
+                with MemorySnapshot(traces, device, name) as snapshot:   # the first step's allocations, on request
+                    measured.update(probe_step(trained, task, ds, optimizer[0], cell, device, group))
                 if group and group.strategy == "ddp":   # the replicas must agree after a step
                     measured["check_ranks_params_max_abs_diff"] = distributed.params_max_abs_diff(trained, device)
                 result = fit(trained, task, ds, epochs=cell.epochs, warmup_epochs=cell.warmup_epochs,
@@ -124,6 +127,12 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
             for t in trackers:
                 measured.update(t.result())
             measured.update(energy.result())
+        if snapshot.note:
+            measured["memory_snapshot"] = snapshot.note
+        trace = profile_steps(traces, lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False),
+                              device, name)   # after the timed region, the trackers stopped
+        if trace:
+            measured["profile_trace"] = trace
         held = distributed.held(trained)
         measured["weights_bytes"] = sum(q.nbytes for q in held)
         measured["trainable_weights_bytes"] = sum(q.nbytes for q in held if q.requires_grad)
@@ -176,23 +185,25 @@ def _wrap_checked(model: nn.Module, task: Task, ds: Dataset, cell: Cell, group: 
     return wrapped, {"check_ranks_first_loss_abs_diff": abs(distributed.mean(mine, device) - one)}
 
 
-def _rank_main(conn, cell_dict: dict[str, Any], sample_interval_s: float) -> None:
+def _rank_main(conn, cell_dict: dict[str, Any], sample_interval_s: float, traces: Traces | None = None) -> None:
     """One rank of a cell of several processes (under `distributed.launch`, or torchrun)."""
     cell = Cell.from_dict(cell_dict)
     group = distributed.Group.from_env(cell.strategy)
     on_epoch = (lambda rec, total: conn.send(("epoch", vars(rec), total))) if group.leader else None
     try:
-        conn.send(("result", measure(cell, group, on_epoch, sample_interval_s)))
+        conn.send(("result", measure(cell, group, on_epoch, sample_interval_s, traces)))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _execute_group(cell: Cell, on_epoch, sample_interval_s: float, known: dict[str, Any], started: float) -> Row:
+def _execute_group(cell: Cell, on_epoch, sample_interval_s: float, known: dict[str, Any], started: float,
+                   traces: Traces | None = None) -> Row:
     """A cell of `cell.nproc` processes: launch the ranks, fold their figures into one row; a rank
     that failed ends the cell with its status, named, beside what the others measured."""
     forward = (lambda msg: on_epoch(EpochRecord(**msg[1]), msg[2])) if on_epoch else None
-    results = distributed.launch(cell.nproc, _rank_main, (cell.to_dict(), sample_interval_s), on_message=forward)
+    results = distributed.launch(cell.nproc, _rank_main, (cell.to_dict(), sample_interval_s, traces),
+                                 on_message=forward)
     return _group_row(cell, results, known, started)
 
 
@@ -216,12 +227,13 @@ def _group_row(cell: Cell, results: list[distributed.RankResult], known: dict[st
 
 
 def probe_step(model: nn.Module, task: Task, data: Dataset, optimizer: torch.optim.Optimizer, cell: Cell,
-               device: torch.device, group: distributed.Group | None = None) -> dict[str, int]:
+               device: torch.device, group: distributed.Group | None = None, count: bool = True) -> dict[str, int]:
     """One optimizer step before the training loop, for the one-off bookkeeping: what autograd
     keeps for backward (saved-tensor hooks around the first forward), the gradients' and Adam
     state's bytes, and the allocator at those phase boundaries. It trains like a warm-up step, and
     it allocates Adam's state, so no timed step pays for that. A rank takes its shard of the batch
-    and counts the tensors it holds (an FSDP2 shard)."""
+    and counts the tensors it holds (an FSDP2 shard). With `count=False`, a bare step (what
+    --profile traces)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     rank, world = (group.rank, group.world) if group else (0, 1)
@@ -232,13 +244,17 @@ def probe_step(model: nn.Module, task: Task, data: Dataset, optimizer: torch.opt
         lo = (m * world + rank) * cell.batch_size
         batch = {k: v[lo:lo + cell.batch_size] for k, v in data.train.items()}
         with distributed.grad_sync(model, m == cell.grad_accum - 1):
-            if m == 0:
+            if m == 0 and count:
                 with SavedTensors(exclude) as saved:
                     loss = task.loss(model, batch)[0]
                 out.update(saved.result())
             else:
                 loss = task.loss(model, batch)[0]
             (loss / cell.grad_accum).backward()
+    if not count:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out
     out["grads_bytes"] = sum(distributed.local(p.grad).nbytes for p in params if p.grad is not None)
     if device.type == "cuda":   # allocator at the phase boundary: weights + data + grads
         out["torch_allocated_after_first_backward_bytes"] = torch.cuda.memory_allocated(device)

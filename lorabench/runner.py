@@ -71,6 +71,15 @@ class RunOptions:
         "--cell-memory-limit", "host memory (MiB) a cell's process may map beyond what it holds at its start "
         "(RLIMIT_AS); an allocation past it ends the cell as oom", _mib, metavar="MIB"))
 
+    profile: bool = False            # --profile, --memory-snapshot (lorabench.traces)
+    memory_snapshot: bool = False
+    run_dir: str | None = None       # where those go: set by run_cells
+
+    def traces(self):
+        from .traces import Traces
+        wanted = self.profile or self.memory_snapshot
+        return Traces(self.run_dir, self.profile, self.memory_snapshot) if wanted and self.run_dir else None
+
     def __post_init__(self) -> None:
         for flag, value, unit, scale in (("--cell-timeout", self.timeout_s, "seconds", 1),
                                          ("--cell-memory-limit", self.memory_limit_bytes, "MiB", 2 ** 20),
@@ -129,7 +138,7 @@ def _child(cell_dict: dict[str, Any], conn, options: RunOptions, env: dict[str, 
     from .experiment import execute
     try:
         row = execute(Cell.from_dict(cell_dict), on_epoch=lambda rec, total: conn.send(("epoch", vars(rec), total)),
-                      sample_interval_s=options.sample_interval_s, known=known)
+                      sample_interval_s=options.sample_interval_s, known=known, traces=options.traces())
         conn.send(("result", row))
     finally:
         conn.close()
@@ -338,6 +347,7 @@ def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], 
     rates = calibrate(cells[0].device, wanted, options.start_method) or {}
     if rates:
         run.write_calibration({"device": cells[0].device, "rates": rates})
+    options = replace(options, run_dir=str(run.path))
     bar = Progress(len(cells), progress and options.parallel == 1)
     # On a GPU host a cell takes one GPU per process, so a cell of `nproc` processes waits for that many.
     on_gpu = cells[0].device == "cuda" and (options.parallel > 1 or any(c.nproc > 1 for c in cells))

@@ -88,3 +88,20 @@ def test_a_cell_of_two_gpus_reports_each_ranks_allocator_and_driver_view(tmp_pat
         assert all(e["torch_peak_allocated_bytes"] > 0 for e in r["per_rank"])
         assert r["metrics"]["torch_peak_allocated_sum_bytes"] == sum(e["torch_peak_allocated_bytes"] for e in r["per_rank"])
         assert r["metrics"]["check_ranks_first_loss_abs_diff"] < 1e-3
+
+
+def test_memory_snapshot_writes_what_memory_viz_opens(tmp_path):
+    import json
+    import pickle
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "lorabench", "run", "--models", "cifar-mlp", "--methods", "lora",
+                          "--ranks", "2", "--device", "cuda", "--samples", "256", "--epochs", "1", "--progress", "off",
+                          "--memory-snapshot", "--profile"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = (tmp_path / "results").iterdir()
+    row = json.loads((run_dir / "results.jsonl").read_text().splitlines()[0])
+    snapshot = pickle.loads((run_dir / row["info"]["memory_snapshot"]).read_bytes())
+    assert snapshot["segments"] and snapshot["device_traces"]
+    events = json.loads((run_dir / row["info"]["profile_trace"]).read_text())["traceEvents"]
+    assert any(e.get("cat") == "kernel" for e in events)   # the GPU's own kernels are in the trace

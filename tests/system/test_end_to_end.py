@@ -127,3 +127,17 @@ def test_run_prints_a_headline_after_each_models_table(tiny_run):
         assert "(the least memory of 2 LoRA variants)" in h and "less weight+gradient+optimizer memory" in h
     report_text = next((cwd / "report").glob("*.md")).read_text()
     assert report_text.splitlines()[2] == f"- {heads[0]}"   # the report opens with the headlines
+
+
+def test_profile_writes_a_chrome_trace_per_cell_and_the_cpu_says_why_no_snapshot(tmp_path):
+    out = run_subprocess("run", "--models", "cifar-mlp", "--methods", "lora", "--ranks", "2", *TINY, "--profile",
+                         "--memory-snapshot", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = (tmp_path / "results").iterdir()
+    row = json.loads((run_dir / "results.jsonl").read_text().splitlines()[0])
+    trace = run_dir / row["info"]["profile_trace"]
+    events = json.loads(trace.read_text())["traceEvents"]   # what chrome://tracing and Perfetto load
+    assert trace.name == f"{row['cell_key']}.json" and any(e.get("cat") == "cpu_op" for e in events)
+    assert any("addmm" in e.get("name", "") or "linear" in e.get("name", "") for e in events)   # the model's own ops
+    assert row["info"]["memory_snapshot"].startswith("not recorded: torch records the history of the CUDA")
+    assert not (run_dir / "snapshots").exists()
