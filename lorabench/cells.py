@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 
 from .errors import InputError
 from .methods import BASELINE, METHODS, Adapter, MethodError
+from .precision import OF_DTYPE, PRECISIONS
 from .methods import method as method_of
 from .models import MODELS, is_byo
 from .tasks import TASKS
@@ -118,7 +119,11 @@ class Cell:
     lr: float = setting(1e-3, "Adam learning rate", parse=float)
     device: str = setting("cpu", "auto: cuda when torch sees a GPU (a ROCm build counts as cuda), else cpu",
                           choices=("auto", *DEVICES))
-    dtype: str = setting("float32", "training dtype of weights and inputs", choices=DTYPES)
+    dtype: str = setting("float32", "the older spelling of --precision: float32 = fp32, bfloat16 = bf16, float16 = fp16 "
+                         "(the dtype weights and Adam's state are kept in)", choices=DTYPES)
+    precision: str = setting("fp32", "fp32, bf16-mixed or fp16-mixed (fp32 weights and Adam, autocast at 16 bits; "
+                             "fp16 with a GradScaler), bf16 or fp16 (weights at 16 bits); a list is an axis",
+                             parse=csv_list, metavar="P[,P...]")
     seed: int = setting(0, "seed of weights, data and order", parse=int)
     weights: str = setting("random", "random (from the configuration, default) or pretrained", choices=WEIGHTS)
     data: str = setting("synthetic", "synthetic (default), a CIFAR-10 directory, a .csv/.jsonl with text,label, or a "
@@ -195,6 +200,15 @@ class Cell:
             raise CellError(f"unknown device {self.device!r}; choose from {_choices(DEVICES)}")
         if self.dtype not in DTYPES:
             raise CellError(f"unknown dtype {self.dtype!r}; choose from {_choices(DTYPES)}")
+        if self.precision not in PRECISIONS:
+            raise CellError(f"unknown precision {self.precision!r}; choose from {_choices(PRECISIONS)}")
+        # one cell, one spelling: --dtype bfloat16 is --precision bf16, and the dtype follows a precision
+        if self.precision == "fp32" and self.dtype != "float32":
+            object.__setattr__(self, "precision", OF_DTYPE[self.dtype])
+        elif PRECISIONS[self.precision][0] != self.dtype:
+            if self.dtype != "float32":
+                raise CellError(f"--dtype {self.dtype} and --precision {self.precision} disagree; give --precision only")
+            object.__setattr__(self, "dtype", PRECISIONS[self.precision][0])
         if self.weights not in WEIGHTS:
             raise CellError(f"unknown weights {self.weights!r}; choose from {_choices(WEIGHTS)}")
         if self.grad_checkpointing not in ONOFF:
@@ -225,6 +239,11 @@ class Cell:
         return Adapter(self.rank, self.alpha, self.dropout, self.targets, self.modules_to_save, self.model, steps)
 
     @property
+    def compute_dtype(self) -> str:
+        """The dtype of the step's matrix products: autocast's, or the weights'."""
+        return PRECISIONS[self.precision][1] or self.dtype
+
+    @property
     def method_label(self) -> str:
         """The method at its rank: `full`, `lora r=8`, `lora-reparam r=1`."""
         return self.method if self.rank is None else f"{self.method} r={self.rank}"
@@ -232,7 +251,8 @@ class Cell:
     @property
     def label(self) -> str:
         """Column name in reports: the method at its rank, and its processes: `lora r=8`, `full fsdp2 n=2`."""
-        name = self.method_label + (" ckpt" if self.grad_checkpointing == "on" else "")
+        name = self.method_label + (" ckpt" if self.grad_checkpointing == "on" else "") + (
+            f" {self.precision}" if self.precision != "fp32" else "")
         return name if self.nproc == 1 else f"{name} {self.strategy} n={self.nproc}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -293,8 +313,8 @@ SETTINGS = tuple(f for f in dataclasses.fields(Cell) if cli_flags(f))   # what f
 # Settings of the adapter: a matrix leaves them out of its baseline (full fine-tuning) cells.
 LORA_FIELDS = ("alpha", "dropout", "targets", "modules_to_save")
 # Settings that may be lists: a matrix makes one cell per value (their product, with the other axes).
-AXIS_FIELDS = ("nproc", "strategy", "batch_size", "seq_len", "grad_checkpointing")
+AXIS_FIELDS = ("nproc", "strategy", "batch_size", "seq_len", "grad_checkpointing", "precision")
 # Fields added after results were first written: left out of a cell's dict (and key) at their default,
 # so older run directories resume and compare against newer ones.
-QUIET_DEFAULTS: dict[str, Any] = {"nproc": 1, "strategy": None, "grad_checkpointing": "off"}
+QUIET_DEFAULTS: dict[str, Any] = {"nproc": 1, "strategy": None, "grad_checkpointing": "off", "precision": "fp32"}
 

@@ -34,11 +34,12 @@ from .methods import method as method_of
 from .rows import Row, Status, is_number
 from .stats import Summary
 from .tasks import Task
+from .precision import TORCH as DTYPES
+from .precision import Precision
 from .trackers import HostMemory, SavedTensors, TorchAllocator, unavailable
 from .traces import MemorySnapshot, Traces, profile_steps
 from .train import EpochRecord, Fit, fit, make_optimizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = None,
@@ -105,6 +106,7 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
             trained, check = _wrap_checked(model, task, ds, cell, group, device)
             measured.update(check)
         release(model, device)   # pretraining's and the checks' cached blocks must not count as this cell's
+        amp = Precision(cell.precision, device)
         trackers = [HostMemory(sample_interval_s), TorchAllocator(device), *drivers]
         try:
             # Baselines are taken here: weights and data are already in place.
@@ -114,7 +116,7 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
                 optimizer = make_optimizer([q for q in trained.parameters() if q.requires_grad], cell.lr)
                 name = cell.key() + (f"-rank{group.rank}" if group else "")
                 with MemorySnapshot(traces, device, name) as snapshot:   # the first step's allocations, on request
-                    measured.update(probe_step(trained, task, ds, optimizer[0], cell, device, group))
+                    measured.update(probe_step(trained, task, ds, optimizer[0], cell, device, group, amp=amp))
                 if group and group.strategy == "ddp":   # the replicas must agree after a step
                     measured["check_ranks_params_max_abs_diff"] = distributed.params_max_abs_diff(trained, device)
                 result = fit(trained, task, ds, epochs=cell.epochs, warmup_epochs=cell.warmup_epochs,
@@ -122,15 +124,16 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
                              device=device, optimizer=optimizer, on_epoch=on_epoch,
                              on_timed=lambda edge: energy.begin() if edge == "begin" else energy.end(),
                              rank=group.rank if group else 0, world=group.world if group else 1,
-                             sync=distributed.grad_sync if group else None, after_step=method.step_hook(model))
+                             sync=distributed.grad_sync if group else None, after_step=method.step_hook(model),
+                             amp=amp)
         finally:
             for t in trackers:
                 measured.update(t.result())
             measured.update(energy.result())
         if snapshot.note:
             measured["memory_snapshot"] = snapshot.note
-        trace = profile_steps(traces, lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False),
-                              device, name)   # after the timed region, the trackers stopped
+        trace = profile_steps(traces, lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False,
+                                                         amp), device, name)   # after the timed region, the trackers stopped
         if trace:
             measured["profile_trace"] = trace
         held = distributed.held(trained)
@@ -227,7 +230,8 @@ def _group_row(cell: Cell, results: list[distributed.RankResult], known: dict[st
 
 
 def probe_step(model: nn.Module, task: Task, data: Dataset, optimizer: torch.optim.Optimizer, cell: Cell,
-               device: torch.device, group: distributed.Group | None = None, count: bool = True) -> dict[str, int]:
+               device: torch.device, group: distributed.Group | None = None, count: bool = True,
+               amp: Precision = Precision()) -> dict[str, int]:
     """One optimizer step before the training loop, for the one-off bookkeeping: what autograd
     keeps for backward (saved-tensor hooks around the first forward), the gradients' and Adam
     state's bytes, and the allocator at those phase boundaries. It trains like a warm-up step, and
@@ -245,20 +249,21 @@ def probe_step(model: nn.Module, task: Task, data: Dataset, optimizer: torch.opt
         batch = {k: v[lo:lo + cell.batch_size] for k, v in data.train.items()}
         with distributed.grad_sync(model, m == cell.grad_accum - 1):
             if m == 0 and count:
-                with SavedTensors(exclude) as saved:
+                with SavedTensors(exclude) as saved, amp.autocast():
                     loss = task.loss(model, batch)[0]
                 out.update(saved.result())
             else:
-                loss = task.loss(model, batch)[0]
-            (loss / cell.grad_accum).backward()
+                with amp.autocast():
+                    loss = task.loss(model, batch)[0]
+            amp.backward(loss / cell.grad_accum)
     if not count:
-        optimizer.step()
+        amp.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         return out
     out["grads_bytes"] = sum(distributed.local(p.grad).nbytes for p in params if p.grad is not None)
     if device.type == "cuda":   # allocator at the phase boundary: weights + data + grads
         out["torch_allocated_after_first_backward_bytes"] = torch.cuda.memory_allocated(device)
-    optimizer.step()
+    amp.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
     out["optimizer_state_bytes"] = sum(distributed.local(t).nbytes for st in optimizer.state.values()
                                        for t in st.values() if torch.is_tensor(t))

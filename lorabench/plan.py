@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
-from . import data, distributed, environment, flops, models
+from . import data, distributed, environment, flops, models, precision
 from .cells import AXIS_FIELDS, CELL_FIELDS, LORA_FIELDS, Cell, CellError, _choices
 from .config import load_config
 from .methods import METHODS, MethodError, ParamCount
@@ -231,6 +231,7 @@ def survey(cell: Cell) -> Survey:
                           seq_len=cell.seq_len, vocab_size=bundle.vocab_size, num_labels=bundle.num_labels)
     pred = predict(adapted.module, adapted.params, method=method, task=task, batch_size=cell.batch_size,
                    grad_accum=cell.grad_accum, seq_len=cell.seq_len, dtype=cell.dtype, flops=counted,
+                   act_dtype=cell.compute_dtype,
                    checkpointing=cell.grad_checkpointing == "on")
     if cell.nproc > 1:
         largest, root = distributed.unit_params(adapted.module)
@@ -249,7 +250,8 @@ def survey_all(cells: list[Cell]) -> list[Survey]:
     surveys: dict[tuple, Survey] = {}
     kinds: dict[str, str] = {}
     shape = lambda c: (c.model, c.method, c.rank, c.targets, c.modules_to_save, c.task,   # noqa: E731
-                       c.batch_size, c.grad_accum, c.seq_len, c.dtype, c.nproc, c.strategy, c.grad_checkpointing)
+                       c.batch_size, c.grad_accum, c.seq_len, c.dtype, c.nproc, c.strategy, c.grad_checkpointing,
+                       c.precision)
     for cell in cells:
         if shape(cell) not in surveys:
             try:
@@ -360,7 +362,11 @@ class Plan:
             cells = [c for c in cells if c.key() in chosen]
         device = cells[0].device if cells else "cpu"
         free, what = environment.free_memory_bytes(device)
-        return cls(cells, matrix, surveys, fit_gate(cells, surveys, free, what, force), shard_spec,
+        skipped = fit_gate(cells, surveys, free, what, force)
+        for name in sorted({c.precision for c in cells}):   # a precision this device cannot run: skipped, with why
+            why = precision.unsupported(name, device)
+            skipped.update({c.key(): why for c in cells if why and c.precision == name})
+        return cls(cells, matrix, surveys, skipped, shard_spec,
                    None if free is not None else f"no fit check before running: {what}")
 
     def known(self) -> dict[str, dict[str, Any]]:
@@ -372,7 +378,7 @@ class Plan:
         out: dict[str, set] = {}
         for c, s in zip(self.cells, self.surveys):
             if c.key() not in self.skipped:
-                out.setdefault(c.dtype, set()).update(s.gemms)
+                out.setdefault(c.compute_dtype, set()).update(s.gemms)
         return {dtype: sorted(shapes) for dtype, shapes in out.items()}
 
     def to_json(self, run_id: str, argv: list[str]) -> dict[str, Any]:

@@ -66,8 +66,12 @@ def _shape(module: nn.Module) -> tuple[int, int, int, int]:
 
 
 def predict(module: nn.Module, params: ParamCount, *, method: Method, task: Task, batch_size: int, grad_accum: int,
-            seq_len: int, dtype: str, flops: StepFlops | Unavailable, checkpointing: bool = False) -> Prediction:
-    b = DTYPE_BYTES[dtype]
+            seq_len: int, dtype: str, flops: StepFlops | Unavailable, checkpointing: bool = False,
+            act_dtype: str | None = None) -> Prediction:
+    """`dtype` holds weights, gradients and Adam's state; activations are at `act_dtype` (autocast's:
+    16 bits for most saved tensors, though autocast keeps norms and softmax at 32)."""
+    w = DTYPE_BYTES[dtype]
+    b = DTYPE_BYTES[act_dtype or dtype]
     layers, hidden, heads, vocab = _shape(module)
     per_sample = task.tokens_per_sample(seq_len)
     tokens = batch_size * grad_accum * per_sample
@@ -90,8 +94,8 @@ def predict(module: nn.Module, params: ParamCount, *, method: Method, task: Task
         act = rows * sum(m.out_features for name, m in module.named_modules()
                          if isinstance(m, nn.Linear) and "lora_" not in name) * b
         act += method.extra_activations(module, rows, b, inputs=False)
-    return Prediction(weights_bytes=params.total * b, grads_bytes=params.trainable * b,
-                      optimizer_bytes=2 * params.trainable * b, activations_bytes=int(act),
+    return Prediction(weights_bytes=params.total * w, grads_bytes=params.trainable * w,
+                      optimizer_bytes=2 * params.trainable * w, activations_bytes=int(act),
                       flops=flops, tokens_per_step=tokens)
 
 

@@ -20,8 +20,10 @@ import pandas as pd
 
 from .cells import Cell
 from .rows import METRICS, Row, is_number
-from .tables import (Variant, column_name, comparison_table, epochs_table, fmt, group_key, groups, headline, markdown,
-                     memory_key, prediction_table, rank_sweep_table, scaling_table)
+from .headlines import headline
+from .tables import (AXIS_NAMES, GROUP_FIELDS_EXCLUDED, Variant, column_name, comparison_table, epochs_table, fmt,
+                     group_key, groups, long_table, markdown, memory_key, prediction_table, rank_sweep_table,
+                     scaling_table, varying)
 
 
 def _settings_line(cell: Cell, variants: list[Variant]) -> str:
@@ -30,7 +32,8 @@ def _settings_line(cell: Cell, variants: list[Variant]) -> str:
     lrs = {v.label: v.cell.lr for v in variants}
     lr = (f"{cell.lr:g}" if len(set(lrs.values())) == 1
           else ", ".join(f"{lr_:g} ({label})" for label, lr_ in lrs.items()))
-    return (f"Device `{cell.device}` ({cell.dtype}), weights: {cell.weights}, data: {data}; "
+    knobs = cell.precision + (", gradient checkpointing" if cell.grad_checkpointing == "on" else "")
+    return (f"Device `{cell.device}` ({knobs}), weights: {cell.weights}, data: {data}; "
             f"batch {cell.batch_size}{accum}, {cell.samples} training / {cell.eval_samples} eval samples, "
             f"{cell.warmup_epochs} warm-up + {cell.epochs} timed epochs, Adam lr {lr}, seed {cell.seed}.")
 
@@ -151,9 +154,17 @@ def _memory_picture(cell: Cell, variants: list[Variant], plot_dir, plot_link: st
     return [f"![{cell.model}: where the memory goes, measured and predicted, per method]({plot_link}{name})", ""]
 
 
-def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str, line: str | None) -> list[str]:
+def _group_title(cell: Cell, same_model: list[Cell]) -> str:
+    """The section's title: the model, and the values that set its table apart from the model's others."""
+    fields = [f for f in AXIS_NAMES if f not in GROUP_FIELDS_EXCLUDED
+              and len({json.dumps(getattr(c, f), default=str) for c in same_model}) > 1]
+    return cell.model + (f" ({', '.join(f'{AXIS_NAMES[f]} {getattr(cell, f)}' for f in fields)})" if fields else "")
+
+
+def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str, line: str | None,
+                   title: str | None = None) -> list[str]:
     """A model's section, opening with its headline `line` (None: none)."""
-    out = [f"## {cell.model}", ""]
+    out = [f"## {title or cell.model}", ""]
     if line:
         out += [f"**{line}**", ""]
     out += [_settings_line(cell, variants), ""]
@@ -220,7 +231,10 @@ def render(rows: list[Row], warnings: Iterable[str] = (), plot_dir=None, plot_li
     out.append(f"{len(rows)} result rows: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + ".")
     out.append("")
     for cell, variants, line in sections:
-        out += _model_section(cell, variants, plot_dir, plot_link, line)
+        same_model = [c for c, _, _ in sections if c.model == cell.model]
+        out += _model_section(cell, variants, plot_dir, plot_link, line, _group_title(cell, same_model))
+    if len(varying(rows)) + (len({r.cell.method for r in rows}) > 1) > 2:   # many axes: one line per cell as well
+        out += ["## Every cell", "", long_table(rows), ""]
     failures = _failures(rows)
     if failures:
         out += ["## Cells that did not finish", "", failures, ""]

@@ -342,7 +342,7 @@ def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], 
     cells = [c for c in cells if c.key() not in skipped]
     if not cells:
         return
-    wanted = {c.dtype: [] for c in cells}
+    wanted = {c.compute_dtype: [] for c in cells}
     wanted.update({k: v for k, v in (gemms or {}).items() if k in wanted})
     rates = calibrate(cells[0].device, wanted, options.start_method) or {}
     if rates:
@@ -360,7 +360,7 @@ def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], 
                 k, cell = pending.pop(0)
                 taken, free = (free[:cell.nproc], free[cell.nproc:]) if on_gpu else ([], free)
                 bar.cell_started(k, cell)
-                rate = rates.get(cell.dtype, {}).get("matmul_flops")
+                rate = rates.get(cell.compute_dtype, {}).get("matmul_flops")
                 extra = {"device_matmul_flops": rate} if rate else {}
                 cp = CellProcess(cell, options, env=pin(taken), known={**known.get(cell.key(), {}), **extra},
                                  on_epoch=bar.epoch)

@@ -141,9 +141,7 @@ def _order(v: Variant) -> tuple:
 
 def groups(rows: list[Row]) -> list[tuple[Cell, list[Variant]]]:
     """[(a cell of the group, [folded variant, ...])], one group per comparison table."""
-    by_variant: dict[str, list[Row]] = defaultdict(list)
-    for r in rows:
-        by_variant[r.cell.variant_key()].append(r)
+    by_variant = _by_variant(rows)
     by_group: dict[str, list[Variant]] = defaultdict(list)
     for variant_rows in by_variant.values():
         folded = fold(variant_rows)
@@ -331,54 +329,37 @@ def scaling_table(variants: list[Variant]) -> str:
     return markdown(df, [c for c in df.columns if c not in ("method", "strategy")])
 
 
-# ---- the headline --------------------------------------------------------------------------
-
-QUALITY_POINTS = 1.0   # "equal quality" for the time criterion: final accuracy within this many points of full
-
-
-def headline(variants: list[Variant], by: str = "memory") -> str | None:
-    """One or two sentences answering the question the tool exists for, from the rows: the best
-    LoRA variant by `by` ("memory": least weight+gradient+Adam state; "time": least epoch time
-    among those within QUALITY_POINTS of full's accuracy, on pretrained weights) against full
-    fine-tuning. Every figure is one of the comparison table's, formatted as it is there."""
-    ok = [v for v in variants if v.ok]
-    full = next((v for v in ok if v.cell.is_baseline), None)
-    loras = [v for v in ok if not v.cell.is_baseline]
-    if full is None or not loras:
-        return None
-    c = full.cell
-    pretrained = c.weights == "pretrained"
-    if by == "time":
-        acc = full.metrics.get("final_eval_accuracy")
-        equal = [v for v in loras if not pretrained or not is_number(acc)
-                 or (is_number(v.metrics.get("final_eval_accuracy"))
-                     and (acc - v.metrics["final_eval_accuracy"]) * 100 <= QUALITY_POINTS)]
-        pick = _least(equal or loras, "epoch_s")
-        why = "the fastest" + (f" within {QUALITY_POINTS:g} point of full's accuracy" if pretrained and equal else "")
-    else:
-        pick = _least(loras, "state_bytes")
-        why = "the least memory"
-    claims = []
-    pct = pick.metrics.get("params_trainable_pct")
-    if is_number(pct):
-        claims.append(f"trains {fmt(pct, 'pct')} of the parameters")
-    needs = []
-    for key, what in (("state_bytes", "weight+gradient+optimizer memory"), ("epoch_s", "time per epoch")):
-        d = delta(full.metrics.get(key), pick.metrics.get(key), BY_KEY[key].fmt)   # a reduction; "-" is more
-        if d:
-            needs.append(f"{d.lstrip('-')} {'more' if d.startswith('-') else 'less'} {what}")
-    if needs:
-        claims.append("needs " + " and ".join(needs))
-    if pretrained:
-        d = delta(full.metrics.get("final_eval_accuracy"), pick.metrics.get("final_eval_accuracy"), "acc")
-        quality = f"its final eval accuracy is {d} against full's" if d else "quality was not measured"
-    else:
-        quality = "quality is not comparable on random weights"
-    subject = f"{c.model} on {c.device} ({c.weights} weights)"
-    return (f"{subject}: {column_name(pick)} ({why} of {len(loras)} LoRA variant{'s' * (len(loras) > 1)}) "
-            f"{', and '.join(claims) or 'was measured'}{' than full fine-tuning' * bool(needs)}; {quality}.")
+# Fields a matrix varies that name a cell beside its model and method: the long table's columns.
+AXIS_NAMES = {"rank": "rank", "seq_len": "seq len", "batch_size": "batch", "precision": "precision",
+              "grad_checkpointing": "checkpointing", "nproc": "processes", "strategy": "strategy", "alpha": "alpha",
+              "lr": "lr", "targets": "targets", "weights": "weights", "data": "data"}   # dtype: precision says it
 
 
-def _least(variants: list[Variant], key: str) -> Variant:
-    measured = [v for v in variants if is_number(v.metrics.get(key))]
-    return min(measured, key=lambda v: (v.metrics[key], v.cell.rank or 0)) if measured else variants[0]
+def varying(rows: list[Row]) -> list[str]:
+    """The fields of AXIS_NAMES whose values differ across `rows` (method and rank count as one)."""
+    return [f for f in AXIS_NAMES if len({json.dumps(getattr(r.cell, f), default=str) for r in rows}) > 1]
+
+
+def long_table(rows: list[Row]) -> str:
+    """One line per cell (repeats folded): model, method and every field that varies, beside the
+    figures a choice turns on. For a matrix of more than two axes, where per-group tables scatter."""
+    fields = [f for f in varying(rows) if f != "rank"]
+    ok = [fold(rs) for rs in _by_variant(rows).values()]
+    ok = sorted((v for v in ok if v.ok), key=lambda v: (v.cell.model, *_order(v)[:3], *(str(getattr(v.cell, f))
+                                                                                       for f in fields)))
+    mem_key, mem_label = memory_key(ok)
+    figure = lambda key: [fmt(v.metrics.get(key), BY_KEY[key].fmt, v.unavailable.get(key)) for v in ok]   # noqa: E731
+    df = pd.DataFrame({"model": [v.cell.model for v in ok], "method": [v.cell.method_label for v in ok],
+                       **{AXIS_NAMES[f]: [str(getattr(v.cell, f)) for v in ok] for f in fields},
+                       "trainable": figure("params_trainable"), mem_label: figure(mem_key),
+                       "saved activations (MiB)": figure("activations_saved_bytes"),
+                       "step time p50 (ms)": figure("step_s_p50"), "throughput (samples/s)": figure("samples_per_s"),
+                       "final accuracy": figure("final_eval_accuracy")})
+    return markdown(df, [c for c in df.columns if c not in ("model", "method", *(AXIS_NAMES[f] for f in fields))])
+
+
+def _by_variant(rows: list[Row]) -> dict[str, list[Row]]:
+    out: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        out[r.cell.variant_key()].append(r)
+    return out

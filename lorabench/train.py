@@ -26,6 +26,7 @@ import torch.distributed
 from torch import Tensor, nn
 
 from .data import Dataset
+from .precision import Precision
 from .tasks import Task
 
 
@@ -70,7 +71,8 @@ def make_optimizer(params: list[nn.Parameter], lr: float) -> tuple[torch.optim.O
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, split: dict[str, Tensor], batch_size: int) -> tuple[float, float]:
+def evaluate(model: nn.Module, task: Task, split: dict[str, Tensor], batch_size: int,
+             amp: Precision = Precision()) -> tuple[float, float]:
     """(mean loss per batch element, accuracy) over `split`."""
     was_training = model.training
     model.eval()
@@ -80,7 +82,8 @@ def evaluate(model: nn.Module, task: Task, split: dict[str, Tensor], batch_size:
     counted = 0
     for i in range(0, n, batch_size):
         batch = {k: v[i:i + batch_size] for k, v in split.items()}
-        loss, logits = task.loss(model, batch)
+        with amp.autocast():
+            loss, logits = task.loss(model, batch)
         loss_sum += loss.double() * batch["labels"].shape[0]
         c, k = task.correct(logits, batch["labels"])
         correct += c
@@ -130,7 +133,7 @@ def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epoc
         on_epoch: Callable[[EpochRecord, int], None] | None = None,
         on_timed: Callable[[str], None] | None = None, rank: int = 0, world: int = 1,
         sync: Callable[[nn.Module, bool], ContextManager] | None = None,
-        after_step: Callable[[int], None] | None = None) -> Fit:
+        after_step: Callable[[int], None] | None = None, amp: Precision | None = None) -> Fit:
     """Train `model` in place (with `optimizer`, an (optimizer, name) pair, when the caller made
     one); `on_epoch(record, total_epochs)` is called after each epoch, and `on_timed("begin" |
     "end")` at the synchronised edges of each timed epoch (energy counters).
@@ -139,7 +142,9 @@ def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epoc
     `batch_size` slice of each global micro-batch (batch_size x world); `sync(model, last)` gives
     the context in which a micro-batch's backward reduces gradients only on the step's last one,
     and the epoch's training loss is the mean over ranks. `after_step(step)` runs between each
-    optimizer step and the zeroing of the gradients (AdaLoRA's rank schedule reads them)."""
+    optimizer step and the zeroing of the gradients (AdaLoRA's rank schedule reads them). `amp`
+    is the cell's precision: autocast around each forward, its backward and step (fp32: neither)."""
+    amp = amp or Precision("fp32", device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, impl = optimizer or make_optimizer(params, lr)
     n = next(iter(data.train.values())).shape[0]
@@ -166,11 +171,11 @@ def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epoc
                 lo = ((s * grad_accum + m) * world + rank) * batch_size
                 idx = perm[lo:lo + batch_size]
                 with sync(model, m == grad_accum - 1) if sync is not None else _NO_CONTEXT:
-                    # [0]: the logits are not kept alive into the next micro-batch's forward
-                    loss = task.loss(model, {k: v[idx] for k, v in data.train.items()})[0]
-                    (loss / grad_accum).backward()
+                    with amp.autocast():   # [0]: the logits are not kept alive into the next micro-batch's forward
+                        loss = task.loss(model, {k: v[idx] for k, v in data.train.items()})[0]
+                    amp.backward(loss / grad_accum)
                 loss_sum += loss.detach().float()
-            optimizer.step()
+            amp.step(optimizer)
             if after_step is not None:
                 after_step((epoch - 1) * steps + s)
             optimizer.zero_grad(set_to_none=True)
@@ -185,7 +190,7 @@ def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epoc
             loss_sum /= world
         if timed:
             step_s.extend(epoch_steps)
-        eval_loss, eval_acc = evaluate(model, task, data.eval, batch_size)
+        eval_loss, eval_acc = evaluate(model, task, data.eval, batch_size, amp)
         record = EpochRecord(epoch, timed, epoch_s, loss_sum.item() / (steps * grad_accum), eval_loss, eval_acc)
         records.append(record)
         if on_epoch is not None:

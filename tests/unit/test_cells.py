@@ -116,7 +116,7 @@ def test_key_is_stable_and_covers_every_field():
     for f in dataclasses.fields(Cell):
         if f.name in ("model", "method", "rank", "task", "strategy"):
             continue
-        changed = {"nproc": 2, "grad_checkpointing": "on", "alpha": 4.0, "dropout": 0.1, "targets": ("query",), "modules_to_save": ("classifier",),
+        changed = {"nproc": 2, "grad_checkpointing": "on", "precision": "bf16-mixed", "alpha": 4.0, "dropout": 0.1, "targets": ("query",), "modules_to_save": ("classifier",),
                    "batch_size": 8, "grad_accum": 2, "seq_len": 32, "epochs": 3, "warmup_epochs": 0,
                    "samples": 1024, "eval_samples": 64, "lr": 1e-4, "device": "cuda", "dtype": "bfloat16",
                    "seed": 1, "weights": "pretrained", "data": "/data", "repeat": 1, "pretrain_epochs": 2}[f.name]
@@ -128,7 +128,7 @@ def test_key_is_stable_and_covers_every_field():
 def test_a_cell_of_one_process_keeps_the_key_it_had_before_nproc_existed():
     """Older run directories resume and compare: the new fields are left out at their default."""
     cell = Cell(model="bert-tiny", method="lora", rank=8)
-    assert not {"nproc", "strategy", "grad_checkpointing"} & set(cell.to_dict())
+    assert not {"nproc", "strategy", "grad_checkpointing", "precision"} & set(cell.to_dict())
     assert Cell.from_dict(cell.to_dict()) == cell
     two = Cell(model="bert-tiny", method="lora", rank=8, nproc=2, strategy="fsdp2")
     assert two.to_dict()["nproc"] == 2 and Cell.from_dict(two.to_dict()) == two
@@ -195,3 +195,16 @@ def test_seq_len_and_batch_size_lists_are_axes():
     cells = plan(["quick"], ["bert-tiny"], ["lora"], [8], {"seq_len": (32, 64), "batch_size": (16, 32)})
     assert sorted((c.seq_len, c.batch_size) for c in cells) == [(32, 16), (32, 32), (64, 16), (64, 32)]
     assert len({c.key() for c in cells}) == 4
+
+
+def test_precision_is_an_axis_and_dtype_its_older_spelling():
+    assert Cell(model="cifar-mlp", method="full", dtype="bfloat16").precision == "bf16"   # --dtype keeps working
+    mixed = Cell(model="cifar-mlp", method="full", precision="bf16-mixed")
+    assert (mixed.dtype, mixed.compute_dtype, mixed.label) == ("float32", "bfloat16", "full bf16-mixed")
+    assert Cell(model="cifar-mlp", method="full", precision="bf16").dtype == "bfloat16"
+    with pytest.raises(CellError, match="--dtype float16 and --precision bf16-mixed disagree"):
+        Cell(model="cifar-mlp", method="full", precision="bf16-mixed", dtype="float16")
+    with pytest.raises(CellError, match="unknown precision 'fp8'; choose from bf16, bf16-mixed, fp16, fp16-mixed, fp32"):
+        Cell(model="cifar-mlp", method="full", precision="fp8")
+    cells = plan(["quick"], ["cifar-mlp"], ["full"], None, {"precision": ("fp32", "bf16-mixed", "fp16-mixed", "bf16")})
+    assert [c.precision for c in cells] == ["fp32", "bf16-mixed", "fp16-mixed", "bf16"]

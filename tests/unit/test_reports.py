@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lorabench import report, tables
+from lorabench import headlines, report, tables
 from lorabench.compare import compare
 from lorabench.rows import Row, Status
 from lorabench.rundir import RunDir
@@ -56,17 +56,17 @@ def test_the_report_opens_with_a_headline_per_model_whose_figures_are_in_its_tab
     for cell, variants in tables.groups(rows):
         table = tables.comparison_table(variants)
         for by in ("memory", "time"):
-            line = tables.headline(variants, by)
+            line = headlines.headline(variants, by)
             figures = re.findall(r"\d[\d,.]*%", line)
             assert len(figures) == 3 and all(f in table for f in figures), (line, figures)
-            assert f"**{tables.headline(variants)}**" in text
+            assert f"**{headlines.headline(variants)}**" in text
 
 
 def test_the_headline_says_more_when_lora_is_slower_and_reports_quality_on_pretrained_weights(rows):
     full, lora = [r for r in rows if r.cell.model == "cifar-mlp"][:2]
     slow = lora.replace(metrics={**lora.metrics, "epoch_s": full.metrics["epoch_s"] * 1.2})
     pre = [r.replace(cell=dataclasses.replace(r.cell, weights="pretrained")) for r in (full, slow)]
-    line = tables.headline([tables.fold([r]) for r in pre])
+    line = headlines.headline([tables.fold([r]) for r in pre])
     assert "and 20.00% more time per epoch" in line and "its final eval accuracy is -57.4 pt against full's" in line
 
 
