@@ -263,7 +263,7 @@ def _execute(args: argparse.Namespace, run, the_plan, options) -> int:
               f"Resume with: lorabench run --resume {run}", file=sys.stderr)
         return EXIT_INTERRUPTED
     rows, warnings = run.rows()   # the report comes from the results file alone
-    report_path = report.write(rows, args.report_dir / f"{run.run_id}.md", warnings, args.headline_by)
+    report_path = report.write(rows, args.report_dir / f"{run.run_id}.md", warnings, args.headline_by, [run.path])
     print(report.summary(rows, args.headline_by))
     failed = sum(not r.ok for r in rows)
     print(f"{n} cells in {time.perf_counter() - t0:.1f} s; the run has {len(rows)} rows, "
@@ -278,7 +278,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     writable_dir(args.out.parent, "--out")
     writable_dir(args.report_dir, "--report-dir")
     run, merged, missing = RunDir.merge(args.dirs, args.out)
-    report_path = report.write(merged, args.report_dir / f"{run.run_id}.md")
+    report_path = report.write(merged, args.report_dir / f"{run.run_id}.md", run_dirs=[run.path, *args.dirs])
     print(f"merged {len(args.dirs)} shards: {len(merged)} of {len(run.plan()['cells'])} cells"
           + (f" ({missing} cells have no row in any shard)" if missing else "") + f" -> {run}; report {report_path}")
     return EXIT_OK
@@ -306,7 +306,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         rows, warnings = _load_rows(args.run_dirs)
         name = rows[0].run_id if len(args.run_dirs) == 1 else args.run_dirs[0].name + "-combined"
         out = args.output or args.report_dir / f"{name}.md"
-        write = lambda: report.write(rows, out, warnings, args.headline_by)   # noqa: E731
+        write = lambda: report.write(rows, out, warnings, args.headline_by, args.run_dirs)   # noqa: E731
     if out.is_dir():   # checked before anything (plots included) is written
         raise UsageError(f"--output {out} is a directory; give a file name")
     writable_dir(out.parent, "--report-dir")

@@ -37,7 +37,7 @@ from .tasks import Task
 from .precision import TORCH as DTYPES
 from .precision import Precision
 from .trackers import HostMemory, SavedTensors, TorchAllocator, unavailable
-from .traces import MemorySnapshot, Traces, profile_steps
+from .traces import MemorySnapshot, Timeline, Traces, profile_steps
 from .train import EpochRecord, Fit, fit, make_optimizer
 
 
@@ -68,10 +68,16 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
     epochs: list[dict] = []
     pretrain: list[dict] = []
     error = None
+    name = cell.key() + (f"-rank{group.rank}" if group else "")   # of its files under the run directory
+    timeline = None
     try:
         torch.manual_seed(cell.seed)
         dtype = DTYPES[cell.dtype]
         device = group.device(cell.device) if group else torch.device(cell.device)
+        if traces is not None:   # memory over the whole cell, with its phases marked
+            timeline = Timeline(device).__enter__()
+            timeline.mark("build and load")
+        mark = timeline.mark if timeline else (lambda label: None)
         if group:
             group.join(device)
         # Built before the model loads, so the device's used memory "before" is others' load.
@@ -107,6 +113,7 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
             measured.update(check)
         release(model, device)   # pretraining's and the checks' cached blocks must not count as this cell's
         amp = Precision(cell.precision, device)
+        mark("weights and data in place")
         trackers = [HostMemory(sample_interval_s), TorchAllocator(device), *drivers]
         try:
             # Baselines are taken here: weights and data are already in place.
@@ -114,15 +121,16 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
                 for t in trackers:
                     stack.enter_context(t)
                 optimizer = make_optimizer([q for q in trained.parameters() if q.requires_grad], cell.lr)
-                name = cell.key() + (f"-rank{group.rank}" if group else "")
+                mark("first step (bookkeeping)")
                 with MemorySnapshot(traces, device, name) as snapshot:   # the first step's allocations, on request
                     measured.update(probe_step(trained, task, ds, optimizer[0], cell, device, group, amp=amp))
                 if group and group.strategy == "ddp":   # the replicas must agree after a step
                     measured["check_ranks_params_max_abs_diff"] = distributed.params_max_abs_diff(trained, device)
                 result = fit(trained, task, ds, epochs=cell.epochs, warmup_epochs=cell.warmup_epochs,
                              batch_size=cell.batch_size, grad_accum=cell.grad_accum, lr=cell.lr, seed=cell.seed,
-                             device=device, optimizer=optimizer, on_epoch=on_epoch,
-                             on_timed=lambda edge: energy.begin() if edge == "begin" else energy.end(),
+                             device=device, optimizer=optimizer, on_epoch=_marked(on_epoch, mark),
+                             on_timed=lambda edge: (mark("timed epoch" if edge == "begin" else "eval"),
+                                                    energy.begin() if edge == "begin" else energy.end()),
                              rank=group.rank if group else 0, world=group.world if group else 1,
                              sync=distributed.grad_sync if group else None, after_step=method.step_hook(model),
                              amp=amp)
@@ -130,6 +138,7 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
             for t in trackers:
                 measured.update(t.result())
             measured.update(energy.result())
+        mark("after training: trace, checks")
         if snapshot.note:
             measured["memory_snapshot"] = snapshot.note
         trace = profile_steps(traces, lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False,
@@ -153,8 +162,20 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
         status = Status.OOM if _is_oom(e) else Status.ERROR
         error = {"type": type(e).__name__, "message": str(e).strip().splitlines()[0] if str(e).strip() else "",
                  "traceback": traceback.format_exc().splitlines()[-12:]}
+    if timeline is not None:
+        timeline.__exit__(None, None, None)
+        measured["timeline"] = timeline.write(traces, name)
     return {"measured": measured, "epochs": epochs, "pretrain": pretrain, "env_facts": env_facts,
             "status": status.value, "error": error}
+
+
+def _marked(on_epoch, mark):
+    """`on_epoch` that first marks the epoch's end on the timeline."""
+    def done(record: EpochRecord, total: int) -> None:
+        mark(f"epoch {record.epoch} done ({'timed' if record.timed else 'warm-up'})")
+        if on_epoch is not None:
+            on_epoch(record, total)
+    return done
 
 
 def _checks(cell, method, adapted, trained, forward, base_out, group, device, dtype) -> dict[str, Any]:

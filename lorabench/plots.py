@@ -8,7 +8,13 @@ the same units as a reference.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
+from .cells import Cell
 from .rows import is_number
+from .tables import Variant, column_name, group_key, memory_key
 
 MiB = 2 ** 20
 
@@ -170,3 +176,77 @@ def scaling_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list[tu
         ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
         ax.grid(True, alpha=0.3)
     return _save(plt, fig, axes, f"{model}: scaling across processes", path)
+
+
+def timeline_plot(model: str, series: list[tuple[str, dict]], path) -> list[tuple]:
+    """Memory against time over each cell's life, full fine-tuning and each LoRA variant overlaid,
+    each peak dotted; the phases of the first series marked (build and load, first step, epochs,
+    evals). The torch allocator's figure on a GPU, host RSS on the CPU; from zero."""
+    plt = _pyplot()
+    gpu = all(data.get("torch_allocated_bytes") for _, data in series)
+    key, what = ("torch_allocated_bytes", "torch allocated (MiB)") if gpu else ("host_rss_bytes", "host RSS (MiB)")
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for label, data in series:
+        mem = [m / MiB for m in data[key]]
+        line, = ax.plot(data["t_s"], mem, label=label, linewidth=1.2)
+        top = max(range(len(mem)), key=mem.__getitem__)
+        ax.plot([data["t_s"][top]], [mem[top]], "o", color=line.get_color())
+    first = series[0][1]
+    for label, t in first["marks"]:
+        ax.axvline(t, color="grey", linewidth=0.6, linestyle=":")
+        ax.annotate(label, (t, 1.0), xycoords=("data", "axes fraction"), rotation=90, fontsize=6, va="top",
+                    ha="right", color="grey")
+    ax.set_xlabel(f"time since the cell started (s; phases of {series[0][0]} marked)")
+    ax.set_ylabel(what)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
+    ax.grid(True, alpha=0.3)
+    return _save(plt, fig, [ax], f"{model}: memory over each cell's life (dots: peaks)", path)
+
+
+# ---- the report's pictures: drawn into its folder, linked from its markdown ---------------------
+
+def plot_name(cell: Cell, kind: str) -> str:
+    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in cell.model)
+    return f"{slug}-{hashlib.sha1(group_key(cell).encode()).hexdigest()[:6]}-{kind}.png"
+
+
+def memory_picture(cell: Cell, variants: list[Variant], plot_dir, plot_link: str) -> list[str]:
+    """The memory-breakdown picture of a model's variants (full first), linked; none when a part
+    of the breakdown was not measured."""
+    ok = sorted([v for v in variants if v.ok], key=lambda v: not v.cell.is_baseline)
+    peak_key, _ = memory_key(ok)
+    gpu = peak_key.startswith("torch")
+    baseline_key = "torch_allocated_baseline_bytes" if gpu else "host_rss_baseline_bytes"
+    rest = (("data set (torch allocated at the start, less weights)", "temporaries, up to the peak torch allocated")
+            if gpu else ("data set, interpreter and libraries (host RSS at the start, less weights)",
+                         "temporaries, up to the peak host RSS"))
+    driver = next((k for k in ("nvml_process_peak_bytes", "amdsmi_process_peak_bytes")
+                   if any(is_number(v.metrics.get(k)) for v in ok)), None)
+    bars = []
+    for v in ok:
+        parts = breakdown(v.metrics, peak_key, baseline_key)
+        if parts is None:
+            return []
+        parts["driver"] = v.metrics.get(driver) if driver else None
+        bars.append((column_name(v), parts))
+    name = plot_name(cell, "memory")
+    Path(plot_dir).mkdir(parents=True, exist_ok=True)
+    memory_breakdown_plot(cell.model, bars, Path(plot_dir) / name, rest, driver)
+    return [f"![{cell.model}: where the memory goes, measured and predicted, per method]({plot_link}{name})", ""]
+
+
+def timeline_picture(cell: Cell, variants: list[Variant], plot_dir, plot_link: str, run_dirs: list[Path]) -> list[str]:
+    """Memory over time of the group's cells (rank 0's for a cell of several processes), from the
+    timelines their run directories hold; none when there are none."""
+    series = []
+    for v in (v for v in variants if v.ok and v.first.info.get("timeline")):
+        found = next((Path(d) / v.first.info["timeline"] for d in run_dirs
+                      if (Path(d) / v.first.info["timeline"]).is_file()), None)
+        if found is not None:
+            series.append((column_name(v), json.loads(found.read_text(encoding="utf-8"))))
+    if not series:
+        return []
+    name = plot_name(cell, "timeline")
+    Path(plot_dir).mkdir(parents=True, exist_ok=True)
+    timeline_plot(cell.model, series, Path(plot_dir) / name)
+    return [f"![{cell.model}: memory over each cell's life, phases marked]({plot_link}{name})", ""]

@@ -10,7 +10,6 @@ pytest-benchmark results the same way.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -19,10 +18,11 @@ from typing import Any, Iterable
 import pandas as pd
 
 from .cells import Cell
-from .rows import METRICS, Row, is_number
 from .headlines import headline
-from .tables import (AXIS_NAMES, GROUP_FIELDS_EXCLUDED, Variant, column_name, comparison_table, epochs_table, fmt,
-                     group_key, groups, long_table, markdown, memory_key, prediction_table, rank_sweep_table,
+from .plots import memory_picture, plot_name, timeline_picture
+from .rows import METRICS, Row
+from .tables import (AXIS_NAMES, GROUP_FIELDS_EXCLUDED, Variant, comparison_table, epochs_table, fmt,
+                     groups, long_table, markdown, memory_key, prediction_table, rank_sweep_table,
                      scaling_table, varying)
 
 
@@ -123,37 +123,6 @@ How to read these figures:
 """
 
 
-def _plot_name(cell: Cell, kind: str) -> str:
-    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in cell.model)
-    return f"{slug}-{hashlib.sha1(group_key(cell).encode()).hexdigest()[:6]}-{kind}.png"
-
-
-def _memory_picture(cell: Cell, variants: list[Variant], plot_dir, plot_link: str) -> list[str]:
-    """The memory-breakdown picture of a model's variants (full first), linked; none when a part
-    of the breakdown was not measured."""
-    from .plots import breakdown, memory_breakdown_plot
-    ok = sorted([v for v in variants if v.ok], key=lambda v: not v.cell.is_baseline)
-    peak_key, _ = memory_key(ok)
-    gpu = peak_key.startswith("torch")
-    baseline_key = "torch_allocated_baseline_bytes" if gpu else "host_rss_baseline_bytes"
-    rest = (("data set (torch allocated at the start, less weights)", "temporaries, up to the peak torch allocated")
-            if gpu else ("data set, interpreter and libraries (host RSS at the start, less weights)",
-                         "temporaries, up to the peak host RSS"))
-    driver = next((k for k in ("nvml_process_peak_bytes", "amdsmi_process_peak_bytes")
-                   if any(is_number(v.metrics.get(k)) for v in ok)), None)
-    bars = []
-    for v in ok:
-        parts = breakdown(v.metrics, peak_key, baseline_key)
-        if parts is None:
-            return []
-        parts["driver"] = v.metrics.get(driver) if driver else None
-        bars.append((column_name(v), parts))
-    name = _plot_name(cell, "memory")
-    Path(plot_dir).mkdir(parents=True, exist_ok=True)
-    memory_breakdown_plot(cell.model, bars, Path(plot_dir) / name, rest, driver)
-    return [f"![{cell.model}: where the memory goes, measured and predicted, per method]({plot_link}{name})", ""]
-
-
 def _group_title(cell: Cell, same_model: list[Cell]) -> str:
     """The section's title: the model, and the values that set its table apart from the model's others."""
     fields = [f for f in AXIS_NAMES if f not in GROUP_FIELDS_EXCLUDED
@@ -172,7 +141,7 @@ def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str
         return out + ["No cell of this model finished.", ""]
     out += [comparison_table(variants), ""]
     if plot_dir is not None:
-        out += _memory_picture(cell, variants, plot_dir, plot_link)
+        out += memory_picture(cell, variants, plot_dir, plot_link)
     spread = [(v.label, v.epoch_summary) for v in variants if v.ok and v.epoch_summary and v.repeats > 1]
     if spread:
         out += ["Spread of epoch time across repeats: " + "; ".join(
@@ -181,7 +150,7 @@ def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str
         out += ["### Rank sweep", "", rank_sweep_table(variants), ""]
         if plot_dir is not None:
             from .plots import rank_sweep_plot
-            name = _plot_name(cell, "rank-sweep")
+            name = plot_name(cell, "rank-sweep")
             Path(plot_dir).mkdir(parents=True, exist_ok=True)
             rank_sweep_plot(cell.model, [v for v in variants if v.ok], Path(plot_dir) / name, memory_key(variants))
             out += [f"![{cell.model}: peak memory, epoch time and accuracy against rank]({plot_link}{name})", ""]
@@ -190,7 +159,7 @@ def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str
         out += ["### Scaling across processes", "", scaling_table(variants), "", note, ""]
         if plot_dir is not None:
             from .plots import scaling_plot
-            name = _plot_name(cell, "scaling")
+            name = plot_name(cell, "scaling")
             Path(plot_dir).mkdir(parents=True, exist_ok=True)
             scaling_plot(cell.model, [v for v in variants if v.ok], Path(plot_dir) / name, memory_key(variants))
             out += [f"![{cell.model}: per-device peak memory and throughput against processes]({plot_link}{name})", ""]
@@ -210,16 +179,18 @@ def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str
     return out
 
 
-def write(rows: list[Row], path: Path, warnings: Iterable[str] = (), headline_by: str = "memory") -> Path:
-    """Write the report of `rows` to `path`, its plots in the folder beside it named after it."""
+def write(rows: list[Row], path: Path, warnings: Iterable[str] = (), headline_by: str = "memory",
+          run_dirs: Iterable[Path] = ()) -> Path:
+    """Write the report of `rows` to `path`, its plots in the folder beside it named after it;
+    `run_dirs` hold the rows' timelines."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(rows, warnings, plot_dir=path.parent / path.stem, plot_link=f"{path.stem}/",
-                           headline_by=headline_by), encoding="utf-8")
+                           headline_by=headline_by, run_dirs=run_dirs), encoding="utf-8")
     return path
 
 
 def render(rows: list[Row], warnings: Iterable[str] = (), plot_dir=None, plot_link: str = "",
-           headline_by: str = "memory") -> str:
+           headline_by: str = "memory", run_dirs: Iterable[Path] = ()) -> str:
     run_ids = sorted({r.run_id for r in rows})
     statuses: dict[str, int] = defaultdict(int)
     for r in rows:
@@ -233,6 +204,8 @@ def render(rows: list[Row], warnings: Iterable[str] = (), plot_dir=None, plot_li
     for cell, variants, line in sections:
         same_model = [c for c, _, _ in sections if c.model == cell.model]
         out += _model_section(cell, variants, plot_dir, plot_link, line, _group_title(cell, same_model))
+        picture = timeline_picture(cell, variants, plot_dir, plot_link, list(run_dirs)) if plot_dir is not None else []
+        out += ["### Memory over time", ""] + picture if picture else []
     if len(varying(rows)) + (len({r.cell.method for r in rows}) > 1) > 2:   # many axes: one line per cell as well
         out += ["## Every cell", "", long_table(rows), ""]
     failures = _failures(rows)

@@ -193,7 +193,7 @@ METRICS: tuple[Metric, ...] = (
 )
 BY_KEY: dict[str, Metric] = {m.key: m for m in METRICS}
 # Descriptive facts of a row, strings: where they are kept instead of `metrics`.
-INFO = ("data", "optimizer", "activations_source", "energy_source", "profile_trace", "memory_snapshot")
+INFO = ("data", "optimizer", "activations_source", "energy_source", "profile_trace", "memory_snapshot", "timeline")
 
 
 def is_number(v: Any) -> bool:

@@ -76,9 +76,9 @@ class RunOptions:
     run_dir: str | None = None       # where those go: set by run_cells
 
     def traces(self):
+        """Where a cell writes its timeline and the deep dives asked for (None outside a run directory)."""
         from .traces import Traces
-        wanted = self.profile or self.memory_snapshot
-        return Traces(self.run_dir, self.profile, self.memory_snapshot) if wanted and self.run_dir else None
+        return Traces(self.run_dir, self.profile, self.memory_snapshot) if self.run_dir else None
 
     def __post_init__(self) -> None:
         for flag, value, unit, scale in (("--cell-timeout", self.timeout_s, "seconds", 1),

@@ -1,9 +1,10 @@
-"""Deep dives on request: a profiler trace of a few steps, and a CUDA memory snapshot, per cell.
+"""Memory over a cell's life, and deep dives on request: a profiler trace, a CUDA memory snapshot.
 
     lorabench run --models bert-tiny --methods lora --ranks 8 --profile --memory-snapshot
 
-Both are written under the run directory, named by the cell's key, and the row's `info` says
-where (or why not). The trace is torch.profiler's Chrome trace of a few training steps taken
+Every cell writes its memory timeline (`Timeline`) to RUN_DIR/timelines/<cell-key>.json; the
+report draws it. The deep dives are written under the run directory too, named by the cell's key,
+and the row's `info` says where (or why not). The trace is torch.profiler's Chrome trace of a few training steps taken
 after the timed epochs, never inside them: open it in chrome://tracing or https://ui.perfetto.dev.
 The snapshot records the CUDA caching allocator's history over the cell's first optimizer step
 (forward, backward, Adam's state allocated): drag it onto https://pytorch.org/memory_viz. The CPU
@@ -11,6 +12,7 @@ has no allocator history to record; the row says so.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -79,3 +81,63 @@ def profile_steps(traces: Traces | None, step: Callable[[], None], device: torch
     path = traces.path("traces", f"{name}.json")
     prof.export_chrome_trace(str(path))
     return str(path.relative_to(traces.dir))
+
+
+class Timeline:
+    """Memory of a cell over its whole life (build, load, warm-up, timed epochs, evals, checks),
+    sampled in a thread every `interval_s`, with phase marks: host RSS of this process, and on a
+    GPU the torch allocator's allocated bytes. Written beside the results (not in the row), cut to
+    at most POINTS samples by keeping each stretch's highest one, so the peak survives."""
+
+    POINTS = 400
+
+    def __init__(self, device: torch.device, interval_s: float = 0.05):
+        import os
+        import threading
+        self.device, self.interval_s = device, interval_s
+        self.t0 = time.perf_counter()
+        self.samples: list[tuple[float, int, int | None]] = []
+        self.marks: list[tuple[str, float]] = []
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._statm = open("/proc/self/statm", "rb", buffering=0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lorabench-timeline", daemon=True)
+
+    def _sample(self) -> None:
+        self._statm.seek(0)
+        rss = int(self._statm.read(64).split()[1]) * self._page
+        gpu = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
+        self.samples.append((time.perf_counter() - self.t0, rss, gpu))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> "Timeline":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self._statm.close()
+        return False
+
+    def mark(self, label: str) -> None:
+        self.marks.append((label, time.perf_counter() - self.t0))
+
+    def to_json(self) -> dict:
+        step = max(1, -(-len(self.samples) // self.POINTS))
+        key = (lambda s: s[2]) if self.device.type == "cuda" else (lambda s: s[1])
+        kept = [max(self.samples[i:i + step], key=key) for i in range(0, len(self.samples), step)]
+        return {"t_s": [round(s[0], 4) for s in kept], "host_rss_bytes": [s[1] for s in kept],
+                "torch_allocated_bytes": [s[2] for s in kept] if self.device.type == "cuda" else None,
+                "marks": [[label, round(t, 4)] for label, t in self.marks], "interval_s": self.interval_s}
+
+    def write(self, traces: "Traces", name: str) -> str:
+        import json
+        path = traces.path("timelines", f"{name}.json")
+        path.write_text(json.dumps(self.to_json()), encoding="utf-8")
+        return str(path.relative_to(traces.dir))

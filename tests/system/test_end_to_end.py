@@ -1,6 +1,7 @@
 """A real matrix on the CPU through the real command line, then the report read back."""
 import dataclasses
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -141,3 +142,25 @@ def test_profile_writes_a_chrome_trace_per_cell_and_the_cpu_says_why_no_snapshot
     assert any("addmm" in e.get("name", "") or "linear" in e.get("name", "") for e in events)   # the model's own ops
     assert row["info"]["memory_snapshot"].startswith("not recorded: torch records the history of the CUDA")
     assert not (run_dir / "snapshots").exists()
+
+
+def test_every_cell_writes_its_memory_timeline_and_the_report_draws_it(tiny_run):
+    cwd, run_dir, proc = tiny_run
+    rows, _ = RunDir(run_dir).rows()
+    for r in rows:
+        data = json.loads((run_dir / r.info["timeline"]).read_text())
+        assert r.info["timeline"] == f"timelines/{r.key}.json"
+        assert 2 <= len(data["t_s"]) <= 400 and len(data["host_rss_bytes"]) == len(data["t_s"])
+        assert data["t_s"] == sorted(data["t_s"])
+        labels = [label for label, _ in data["marks"]]
+        assert labels[:3] == ["build and load", "weights and data in place", "first step (bookkeeping)"]
+        assert {"epoch 1 done (warm-up)", "timed epoch", "eval", "epoch 2 done (timed)"} <= set(labels)
+        # inside the trackers' window the timeline (50 ms) sees no more than the 10 ms sampler's peak
+        begin, end = dict(data["marks"])["weights and data in place"], dict(data["marks"])["after training: trace, checks"]
+        inside = [m for t, m in zip(data["t_s"], data["host_rss_bytes"]) if begin <= t <= end]
+        assert r.metrics["host_rss_baseline_bytes"] * 0.98 <= max(inside) <= r.metrics["host_peak_rss_bytes"] * 1.02
+    report = next((cwd / "report").glob("*.md"))
+    text = report.read_text()
+    assert text.count("### Memory over time") == 2   # one picture per model
+    for link in re.findall(r"\]\(([^)]*-timeline\.png)\)", text):
+        assert (report.parent / link).stat().st_size > 10_000
