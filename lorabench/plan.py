@@ -111,6 +111,9 @@ PRESETS: dict[str, tuple[Matrix, ...]] = {
         Matrix(("bert-tiny", "bert-base"), ("lora",), (8,), {**SEED_BERT, "lr": 5e-4}),
     ),
     "seed-bloom": (Matrix(("bloom-1b4-zh",), ("lora",), (8,), SEED_BLOOM),),
+    # What the knobs buy LoRA on BERT-Tiny: every precision, with and without gradient checkpointing.
+    "knobs": (Matrix(("bert-tiny",), ("lora",), (8,), {**QUICK, "precision": ("fp32", "bf16-mixed", "fp16-mixed", "bf16"),
+                                                      "grad_checkpointing": ("off", "on")}),),
     # Every method on BERT-Tiny at r=8 (IA3 takes no rank), against full fine-tuning.
     "peft-methods": (Matrix(("bert-tiny",), tuple(METHODS), (8,), QUICK),),
     "scale": (Matrix(("bert-base", "bloom-560m"), ("full",), (), {**SCALE, "lr": 5e-5, "strategy": ("ddp", "fsdp2")}),

@@ -250,3 +250,33 @@ def timeline_picture(cell: Cell, variants: list[Variant], plot_dir, plot_link: s
     Path(plot_dir).mkdir(parents=True, exist_ok=True)
     timeline_plot(cell.model, series, Path(plot_dir) / name)
     return [f"![{cell.model}: memory over each cell's life, phases marked]({plot_link}{name})", ""]
+
+
+def axis_plot(model: str, ok: list, field: str, label: str, path, memory: tuple[str, str]) -> list[tuple]:
+    """Peak memory and the activations saved for backward against one axis of the matrix (sequence
+    length, batch size), a line per method: where a method's advantage shrinks as activations grow."""
+    plt = _pyplot()
+    mem_key, mem_label = memory
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    values = sorted({getattr(v.cell, field) for v in ok})
+    for ax, (key, what) in zip(axes, [(mem_key, mem_label), ("activations_saved_bytes",
+                                                              "activations saved for backward (MiB)")]):
+        for name in sorted({column_name(v) for v in ok}, key=lambda n: (n != "full", n)):
+            pts = sorted((getattr(v.cell, field), v.metrics[key] / MiB) for v in ok
+                         if column_name(v) == name and is_number(v.metrics.get(key)))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xticks(values, [str(x) for x in values])
+        ax.set_xlabel(label)
+        ax.set_ylabel(what)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
+        ax.grid(True, alpha=0.3)
+    return _save(plt, fig, axes, f"{model}: memory against {label}", path)
+
+
+def axis_picture(model: str, variants: list, field: str, label: str, plot_dir, plot_link: str) -> list[str]:
+    """The picture of `axis_plot`, drawn into the report's folder and linked."""
+    name = f"{plot_name(variants[0].cell, field)}"
+    Path(plot_dir).mkdir(parents=True, exist_ok=True)
+    axis_plot(model, variants, field, label, Path(plot_dir) / name, memory_key(variants))
+    return [f"![{model}: peak memory against {label}, per method]({plot_link}{name})", ""]

@@ -19,7 +19,7 @@ import pandas as pd
 
 from .cells import Cell
 from .headlines import headline
-from .plots import memory_picture, plot_name, timeline_picture
+from .plots import axis_picture, memory_picture, plot_name, timeline_picture
 from .rows import METRICS, Row
 from .tables import (AXIS_NAMES, GROUP_FIELDS_EXCLUDED, Variant, comparison_table, epochs_table, fmt,
                      groups, long_table, markdown, memory_key, prediction_table, rank_sweep_table,
@@ -206,7 +206,13 @@ def render(rows: list[Row], warnings: Iterable[str] = (), plot_dir=None, plot_li
         out += _model_section(cell, variants, plot_dir, plot_link, line, _group_title(cell, same_model))
         picture = timeline_picture(cell, variants, plot_dir, plot_link, list(run_dirs)) if plot_dir is not None else []
         out += ["### Memory over time", ""] + picture if picture else []
-    if len(varying(rows)) + (len({r.cell.method for r in rows}) > 1) > 2:   # many axes: one line per cell as well
+    for model in dict.fromkeys(r.cell.model for r in rows):   # memory against a size axis, across its tables
+        mine = [v for c, vs, _ in sections if c.model == model for v in vs if v.ok]
+        for field, label in (("seq_len", "sequence length (tokens)"), ("batch_size", "batch size (samples)")):
+            if len({getattr(v.cell, field) for v in mine}) > 1 and plot_dir is not None:
+                out += [f"## {model}: memory against {label}", ""]
+                out += axis_picture(model, mine, field, label, plot_dir, plot_link)
+    if len([f for f in varying(rows) if f != "rank"]) + (len({r.cell.method_label for r in rows}) > 1) > 2:   # many axes: one line per cell as well
         out += ["## Every cell", "", long_table(rows), ""]
     failures = _failures(rows)
     if failures:

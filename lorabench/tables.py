@@ -150,7 +150,7 @@ def groups(rows: list[Row]) -> list[tuple[Cell, list[Variant]]]:
     for variants in by_group.values():
         variants.sort(key=_order)
         out.append((variants[0].cell, variants))
-    out.sort(key=lambda g: (g[0].model, group_key(g[0])))
+    out.sort(key=lambda g: (g[0].model, g[0].seq_len, g[0].batch_size, group_key(g[0])))   # sizes in numeric order
     return out
 
 

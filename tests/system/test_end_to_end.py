@@ -164,3 +164,18 @@ def test_every_cell_writes_its_memory_timeline_and_the_report_draws_it(tiny_run)
     assert text.count("### Memory over time") == 2   # one picture per model
     for link in re.findall(r"\]\(([^)]*-timeline\.png)\)", text):
         assert (report.parent / link).stat().st_size > 10_000
+
+
+def test_a_sequence_length_axis_gives_a_row_per_length_and_memory_against_it(tmp_path):
+    out = run_subprocess("run", "--models", "bert-tiny", "--methods", "full,lora", "--ranks", "2", *TINY,
+                         "--seq-len", "16,32", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = (tmp_path / "results").iterdir()
+    rows, _ = RunDir(run_dir).rows()
+    assert sorted((r.label, r.cell.seq_len) for r in rows) == [("full", 16), ("full", 32), ("lora r=2", 16),
+                                                               ("lora r=2", 32)]
+    saved = {(r.label, r.cell.seq_len): r.metrics["activations_saved_bytes"] for r in rows}
+    assert saved[("full", 32)] > saved[("full", 16)] and saved[("lora r=2", 32)] > saved[("lora r=2", 16)]
+    text = next((tmp_path / "report").glob("*.md")).read_text()
+    assert "## bert-tiny (seq len 16)" in text and "## bert-tiny (seq len 32)" in text
+    assert "## bert-tiny: memory against sequence length (tokens)" in text and "-seq_len.png)" in text
