@@ -261,7 +261,7 @@ def axis_plot(model: str, ok: list, field: str, label: str, path, memory: tuple[
     values = sorted({getattr(v.cell, field) for v in ok})
     for ax, (key, what) in zip(axes, [(mem_key, mem_label), ("activations_saved_bytes",
                                                               "activations saved for backward (MiB)")]):
-        for name in sorted({column_name(v) for v in ok}, key=lambda n: (n != "full", n)):
+        for name in dict.fromkeys(column_name(v) for v in sorted(ok, key=lambda v: not v.cell.is_baseline)):
             pts = sorted((getattr(v.cell, field), v.metrics[key] / MiB) for v in ok
                          if column_name(v) == name and is_number(v.metrics.get(key)))
             if pts:

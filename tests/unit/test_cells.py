@@ -1,9 +1,10 @@
 import dataclasses
+import math
 import re
 
 import pytest
 
-from lorabench.cells import Cell, CellError
+from lorabench.cells import AXIS_FIELDS, Cell, CellError
 from lorabench.methods import METHODS
 from lorabench.plan import PRESETS, Matrix, plan, survey_all
 
@@ -168,7 +169,9 @@ def test_every_preset_expands_to_its_closed_form_count_and_every_cell_builds(nam
     # times the process axis: one cell in one process, one per strategy for each larger count
     def processes(mx):
         nproc, strategy = mx.settings.get("nproc", (1,)), mx.settings.get("strategy", ("ddp",))
-        return sum(1 if n == 1 else len(strategy) for n in nproc)
+        others = [len(v) for k, v in mx.settings.items()
+                  if k in AXIS_FIELDS and k not in ("nproc", "strategy") and isinstance(v, (list, tuple))]
+        return sum(1 if n == 1 else len(strategy) for n in nproc) * math.prod(others)
     expected = sum(len(mx.models) * processes(mx) * sum(len(mx.ranks) if METHODS[m].adapts else 1 for m in mx.methods)
                    for mx in PRESETS[name])
     cells = plan([name])
