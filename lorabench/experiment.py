@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import distributed, environment, methods, models
+from . import distributed, environment, methods, models, quantization
 from .cells import Cell
 from .data import Dataset, load
 from .drivers import driver_trackers
@@ -93,6 +93,8 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
                       grad_accum=cell.grad_accum, lr=cell.lr, seed=cell.seed, device=device)
             pretrain = [vars(e) for e in pre.epochs]
             del pre   # its optimizer state and gradients are gone before anything is measured
+        if cell.quantize != "none":   # the base held in bits from here on (pretraining ran on the full weights)
+            quantization.quantize(model, cell.quantize, device)
         probe = {k: v[:min(cell.batch_size, 32)] for k, v in ds.eval.items()}
         forward = lambda m: task.loss(m, probe)[1].float()   # noqa: E731 (logits of one batch)
         measured["model_file_bytes"] = methods.model_file_bytes(model)
@@ -102,7 +104,7 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
             with torch.no_grad():
                 base_out = forward(model)
         adapted = method.apply(bundle, cell.adapter)
-        model = trained = adapted.module.to(device=device, dtype=dtype)
+        model = trained = adapted.module.to(device=device, **({"dtype": dtype} if cell.quantize == "none" else {}))
         if cell.grad_checkpointing == "on":
             models.checkpoint(model)
         p = adapted.params
@@ -146,7 +148,7 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
         if trace:
             measured["profile_trace"] = trace
         held = distributed.held(trained)
-        measured["weights_bytes"] = sum(q.nbytes for q in held)
+        measured["weights_bytes"] = quantization.held_bytes(held)   # a quantised weight's scales included
         measured["trainable_weights_bytes"] = sum(q.nbytes for q in held if q.requires_grad)
         measured.update(fit_metrics(result))
         epochs = [vars(e) for e in result.epochs]

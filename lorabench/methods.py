@@ -100,7 +100,8 @@ def _resolve(bundle: Bundle, adapter: Adapter) -> list[str]:
                           f"{', '.join(leaves)}")
     for name in matched:
         layer = bundle.module.get_submodule(name)
-        smaller = min(layer.weight.shape)
+        # a Linear's features, not its weight's shape (a 4-bit weight is packed); GPT-2's Conv1D has only the weight
+        smaller = min((layer.in_features, layer.out_features) if hasattr(layer, "in_features") else layer.weight.shape)
         if adapter.rank is not None and adapter.rank > smaller:
             raise MethodError(f"rank {adapter.rank} exceeds the smaller dimension ({smaller}) of target {name} "
                               f"{tuple(layer.weight.shape)} in {adapter.model}; use a rank <= {smaller} or other targets")

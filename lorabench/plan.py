@@ -19,12 +19,12 @@ from typing import Any, Iterable
 
 import torch
 
-from . import data, distributed, environment, flops, models, precision
+from . import data, distributed, environment, flops, models, precision, quantization
 from .cells import AXIS_FIELDS, CELL_FIELDS, LORA_FIELDS, Cell, CellError, _choices
 from .config import load_config
 from .methods import METHODS, MethodError, ParamCount
 from .methods import method as method_of
-from .predictions import Prediction, per_rank, predict
+from .predictions import DTYPE_BYTES, Prediction, per_rank, predict
 from .tasks import task_of_data
 
 
@@ -236,6 +236,9 @@ def survey(cell: Cell) -> Survey:
                    grad_accum=cell.grad_accum, seq_len=cell.seq_len, dtype=cell.dtype, flops=counted,
                    act_dtype=cell.compute_dtype,
                    checkpointing=cell.grad_checkpointing == "on")
+    if cell.quantize != "none":   # the frozen Linears in bits, with their scales
+        pred = dataclasses.replace(pred, weights_bytes=quantization.predicted_bytes(
+            adapted.module, cell.quantize, DTYPE_BYTES[cell.dtype]))
     if cell.nproc > 1:
         largest, root = distributed.unit_params(adapted.module)
         if cell.strategy == "fsdp2" and not largest:
@@ -254,7 +257,7 @@ def survey_all(cells: list[Cell]) -> list[Survey]:
     kinds: dict[str, str] = {}
     shape = lambda c: (c.model, c.method, c.rank, c.targets, c.modules_to_save, c.task,   # noqa: E731
                        c.batch_size, c.grad_accum, c.seq_len, c.dtype, c.nproc, c.strategy, c.grad_checkpointing,
-                       c.precision)
+                       c.precision, c.quantize)
     for cell in cells:
         if shape(cell) not in surveys:
             try:
@@ -369,6 +372,9 @@ class Plan:
         for name in sorted({c.precision for c in cells}):   # a precision this device cannot run: skipped, with why
             why = precision.unsupported(name, device)
             skipped.update({c.key(): why for c in cells if why and c.precision == name})
+        for kind in sorted({c.quantize for c in cells}):   # likewise a quantisation bitsandbytes cannot serve
+            why = quantization.unsupported(kind, device)
+            skipped.update({c.key(): why for c in cells if why and c.quantize == kind})
         return cls(cells, matrix, surveys, skipped, shard_spec,
                    None if free is not None else f"no fit check before running: {what}")
 
