@@ -134,6 +134,9 @@ class Cell:
     grad_checkpointing: str = setting("off", "recompute each block's activations in backward instead of keeping "
                                       "them (transformers' own; per Linear for the MLP): off or on; a list is an "
                                       "axis, e.g. off,on", parse=csv_list, metavar="off|on")
+    compile: str = setting("off", "torch.compile the model (inductor); its compile time is measured apart, before the "
+                           "first step, and graph breaks counted: off or on; a list is an axis", parse=csv_list,
+                           metavar="off|on")
     quantize: str = setting("none", "hold the frozen base's Linear layers (all but the head) in 4-bit NormalFloat "
                             "(nf4, QLoRA) or 8 bits (int8) through bitsandbytes, pip install 'lorabench[quant]'; "
                             "adapter methods only; a list is an axis", parse=csv_list, metavar="none|nf4|int8")
@@ -222,6 +225,8 @@ class Cell:
                             f"{method.title}")
         if self.quantize != "none" and self.nproc > 1:
             raise CellError("--quantize runs in one process; give --nproc 1")
+        if self.compile not in ONOFF:
+            raise CellError(f"compile must be one of {', '.join(ONOFF)}, got {self.compile!r}")
         if self.grad_checkpointing not in ONOFF:
             raise CellError(f"grad_checkpointing must be one of {', '.join(ONOFF)}, got {self.grad_checkpointing!r}")
         if self.strategy is not None and self.strategy not in STRATEGIES:
@@ -263,7 +268,8 @@ class Cell:
     def label(self) -> str:
         """Column name in reports: the method at its rank, and its processes: `lora r=8`, `full fsdp2 n=2`."""
         name = self.method_label + (" ckpt" if self.grad_checkpointing == "on" else "") + (
-            f" {self.precision}" if self.precision != "fp32" else "") + (f" {self.quantize}" if self.quantize != "none" else "")
+            f" {self.precision}" if self.precision != "fp32" else "") + (f" {self.quantize}" if self.quantize != "none" else "") + (
+            " compiled" if self.compile == "on" else "")
         return name if self.nproc == 1 else f"{name} {self.strategy} n={self.nproc}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -324,9 +330,9 @@ SETTINGS = tuple(f for f in dataclasses.fields(Cell) if cli_flags(f))   # what f
 # Settings of the adapter: a matrix leaves them out of its baseline (full fine-tuning) cells.
 LORA_FIELDS = ("alpha", "dropout", "targets", "modules_to_save")
 # Settings that may be lists: a matrix makes one cell per value (their product, with the other axes).
-AXIS_FIELDS = ("nproc", "strategy", "batch_size", "seq_len", "grad_checkpointing", "precision", "quantize")
+AXIS_FIELDS = ("nproc", "strategy", "batch_size", "seq_len", "grad_checkpointing", "precision", "quantize", "compile")
 # Fields added after results were first written: left out of a cell's dict (and key) at their default,
 # so older run directories resume and compare against newer ones.
 QUIET_DEFAULTS: dict[str, Any] = {"nproc": 1, "strategy": None, "grad_checkpointing": "off", "precision": "fp32",
-                                  "quantize": "none"}
+                                  "quantize": "none", "compile": "off"}
 

@@ -34,6 +34,7 @@ from .methods import method as method_of
 from .rows import Row, Status, is_number
 from .stats import Summary
 from .tasks import Task
+from .compiler import Compiled
 from .precision import TORCH as DTYPES
 from .precision import Precision
 from .trackers import HostMemory, SavedTensors, TorchAllocator, unavailable
@@ -115,6 +116,7 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
             measured.update(check)
         release(model, device)   # pretraining's and the checks' cached blocks must not count as this cell's
         amp = Precision(cell.precision, device)
+        compiled = None
         mark("weights and data in place")
         trackers = [HostMemory(sample_interval_s), TorchAllocator(device), *drivers]
         try:
@@ -123,6 +125,10 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
                 for t in trackers:
                     stack.enter_context(t)
                 optimizer = make_optimizer([q for q in trained.parameters() if q.requires_grad], cell.lr)
+                if cell.compile == "on":   # compiled by a step of its own, so no measured step holds it
+                    trained, compiled = torch.compile(trained), Compiled()
+                    measured["compile_s"] = compiled.first_step(
+                        lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False, amp), device)
                 mark("first step (bookkeeping)")
                 with MemorySnapshot(traces, device, name) as snapshot:   # the first step's allocations, on request
                     measured.update(probe_step(trained, task, ds, optimizer[0], cell, device, group, amp=amp))
@@ -132,6 +138,7 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
                              batch_size=cell.batch_size, grad_accum=cell.grad_accum, lr=cell.lr, seed=cell.seed,
                              device=device, optimizer=optimizer, on_epoch=_marked(on_epoch, mark),
                              on_timed=lambda edge: (mark("timed epoch" if edge == "begin" else "eval"),
+                                                    compiled and compiled.edge(edge),
                                                     energy.begin() if edge == "begin" else energy.end()),
                              rank=group.rank if group else 0, world=group.world if group else 1,
                              sync=distributed.grad_sync if group else None, after_step=method.step_hook(model),
@@ -141,6 +148,8 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
                 measured.update(t.result())
             measured.update(energy.result())
         mark("after training: trace, checks")
+        if compiled:
+            measured.update(compiled.result())
         if snapshot.note:
             measured["memory_snapshot"] = snapshot.note
         trace = profile_steps(traces, lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False,

@@ -13,8 +13,14 @@ cell `skipped` with the reason, found by trying a small layer before the run.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+# bitsandbytes (which peft imports) logs on every start that an optional CPU kernel package is
+# absent; set here, at import, because the fork server imports peft before any cell quietens it.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 KINDS = ("none", "nf4", "int8")
 NF4_BLOCK, NF4_NESTED = 64, 256   # weights per (8-bit) absmax scale; scales per fp32 scale of those

@@ -171,6 +171,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("epoch_s_stdev_pct", "%", "spread of the timed epochs (stdev, % of mean)", "pct", shown=False),
     Metric("step_s_stdev_pct", "%", "spread of the timed steps (stdev, % of mean)", "pct", shown=False),
     Metric("steps_per_epoch", _C, "optimizer steps per epoch", "count", shown=False),
+    Metric("compile_s", "s", "torch.compile: the first compiled step (compile + one step), before the probe step, "
+           "untimed", "time", shown=False),
+    Metric("compile_graph_breaks", _C, "torch.compile: graph breaks over the cell", "count", shown=False),
+    Metric("compile_graphs_in_timed_epochs", _C, "torch.compile: graphs compiled inside the timed epochs (0: the "
+           "warm-up absorbed compilation)", "count", shown=False),
     Metric("samples_per_step", _C, "samples per optimizer step, all processes: the global batch (batch per process "
            "x grad_accum x processes)", "count", shown=False),
     Metric("cell_wall_s", "s", "the cell's whole life in its process (build, data, train, checks)", "time",

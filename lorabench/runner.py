@@ -105,10 +105,11 @@ class RunOptions:
 
 
 def quiet_library_warnings() -> None:
-    """transformers and peft warn about their own deprecations on every model build; not ours to fix."""
+    """transformers, peft and bitsandbytes warn about their own deprecations on every model build;
+    not ours to fix. (bitsandbytes' start-up log is quietened in `quantization`.)"""
     import warnings
     for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft)(\.|$)")
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|bitsandbytes)(\.|$)")
 
 
 def start_workers(method: str, cells: list[Cell]) -> None:

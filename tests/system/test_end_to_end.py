@@ -179,3 +179,16 @@ def test_a_sequence_length_axis_gives_a_row_per_length_and_memory_against_it(tmp
     text = next((tmp_path / "report").glob("*.md")).read_text()
     assert "## bert-tiny (seq len 16)" in text and "## bert-tiny (seq len 32)" in text
     assert "## bert-tiny: memory against sequence length (tokens)" in text and "-seq_len.png)" in text
+
+
+def test_a_compiled_cell_times_its_compilation_apart_and_counts_graph_breaks(tmp_path):
+    out = run_subprocess("run", "--models", "bert-tiny", "--methods", "lora", "--ranks", "2", *TINY, "--compile", "on",
+                         cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = (tmp_path / "results").iterdir()
+    (row,), _ = RunDir(run_dir).rows()
+    m = row.metrics
+    assert row.ok and row.label == "lora r=2 compiled"
+    assert m["compile_s"] > 10 * m["step_s_p50"]   # compilation is in its own step, not in a measured one
+    assert m["compile_graph_breaks"] == 0 and m["compile_graphs_in_timed_epochs"] == 0
+    assert m["check_merged_vs_adapter_max_abs_diff"] < 1e-4   # the adapter checks run on the compiled model's weights

@@ -117,7 +117,7 @@ def test_key_is_stable_and_covers_every_field():
     for f in dataclasses.fields(Cell):
         if f.name in ("model", "method", "rank", "task", "strategy", "quantize"):
             continue
-        changed = {"nproc": 2, "grad_checkpointing": "on", "precision": "bf16-mixed", "alpha": 4.0, "dropout": 0.1, "targets": ("query",), "modules_to_save": ("classifier",),
+        changed = {"nproc": 2, "grad_checkpointing": "on", "precision": "bf16-mixed", "compile": "on", "alpha": 4.0, "dropout": 0.1, "targets": ("query",), "modules_to_save": ("classifier",),
                    "batch_size": 8, "grad_accum": 2, "seq_len": 32, "epochs": 3, "warmup_epochs": 0,
                    "samples": 1024, "eval_samples": 64, "lr": 1e-4, "device": "cuda", "dtype": "bfloat16",
                    "seed": 1, "weights": "pretrained", "data": "/data", "repeat": 1, "pretrain_epochs": 2}[f.name]
@@ -130,7 +130,7 @@ def test_key_is_stable_and_covers_every_field():
 def test_a_cell_of_one_process_keeps_the_key_it_had_before_nproc_existed():
     """Older run directories resume and compare: the new fields are left out at their default."""
     cell = Cell(model="bert-tiny", method="lora", rank=8)
-    assert not {"nproc", "strategy", "grad_checkpointing", "precision", "quantize"} & set(cell.to_dict())
+    assert not {"nproc", "strategy", "grad_checkpointing", "precision", "quantize", "compile"} & set(cell.to_dict())
     assert Cell.from_dict(cell.to_dict()) == cell
     two = Cell(model="bert-tiny", method="lora", rank=8, nproc=2, strategy="fsdp2")
     assert two.to_dict()["nproc"] == 2 and Cell.from_dict(two.to_dict()) == two
@@ -142,6 +142,7 @@ def test_a_cell_of_one_process_keeps_the_key_it_had_before_nproc_existed():
     ({"nproc": 2, "strategy": "zero3"}, "unknown strategy 'zero3'; choose from ddp, fsdp2"),
     ({"strategy": "ddp"}, "--strategy ddp applies to cells of several processes; give --nproc 2 or more"),
     ({"grad_checkpointing": "yes"}, "grad_checkpointing must be one of off, on, got 'yes'"),
+    ({"compile": "max-autotune"}, "compile must be one of off, on, got 'max-autotune'"),
 ])
 def test_bad_process_settings_are_refused(fields, message):
     with pytest.raises(CellError, match=re.escape(message)):
