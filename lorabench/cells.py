@@ -124,7 +124,7 @@ class Cell:
                          "(the dtype weights and Adam's state are kept in)", choices=DTYPES)
     precision: str = setting("fp32", "fp32, bf16-mixed or fp16-mixed (fp32 weights and Adam, autocast at 16 bits; "
                              "fp16 with a GradScaler), bf16 or fp16 (weights at 16 bits); a list is an axis",
-                             parse=csv_list, metavar="P[,P...]")
+                             parse=csv_list, metavar="fp32|bf16-mixed|fp16-mixed|bf16|fp16")
     seed: int = setting(0, "seed of weights, data and order", parse=int)
     weights: str = setting("random", "random (from the configuration, default) or pretrained", choices=WEIGHTS)
     data: str = setting("synthetic", "synthetic (default), a CIFAR-10 directory, a .csv/.jsonl with text,label, or a "

@@ -312,6 +312,14 @@ def registries() -> str:
     out += [f"  {name:14s} {m.description}" for name, m in METHODS.items()]
     out.append("  peft:<path>    any method PEFT knows, as an adapter_config.json (or its folder) sets it; its "
                "target_modules win, its rank is its own (no --ranks)")
+    import dataclasses
+
+    from .cells import AXIS_FIELDS, cli_flags
+    out.append("axes (a comma-separated list of values makes one cell per value):")
+    for f in dataclasses.fields(Cell):
+        if f.name in AXIS_FIELDS:
+            flag = cli_flags(f)[0]
+            out.append(f"  {flag.flag:22s} {flag.metavar}")
     from .distributed import STRATEGIES
     out.append("strategies (--strategy, for cells of --nproc 2 or more):")
     out += [f"  {name:14s} {text}" for name, text in STRATEGIES.items()]

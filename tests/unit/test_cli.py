@@ -44,6 +44,13 @@ BAD = [
     (["run", "--models", "bert-tiny", "--methods", "lora", "--ranks", "4", "--seq-len", "0"], "seq_len must be a whole number >= 1"),
     (["merge", "nowhere", "--out", "m"], "nowhere: no readable plan.json"),
     (["run", "--nproc", "0"], "nproc must be a whole number >= 1, got 0"),
+    (["run", "--precision", "fp32,fp8"], "unknown precision 'fp8'; choose from bf16, bf16-mixed, fp16, fp16-mixed, fp32"),
+    (["run", "--methods", "lora", "--ranks", "8", "--quantize", "nf2"], "unknown quantization 'nf2'; choose from none"),
+    (["run", "--methods", "full", "--quantize", "nf4"], "--quantize nf4 freezes the base in bits"),
+    (["run", "--grad-checkpointing", "maybe"], "grad_checkpointing must be one of off, on, got 'maybe'"),
+    (["run", "--compile", "on,sometimes"], "compile must be one of off, on, got 'sometimes'"),
+    (["run", "--seq-len", "32,x"], "argument --seq-len: expected whole numbers separated by commas, got '32,x'"),
+    (["run", "--batch-size", "16,0"], "batch_size must be a whole number >= 1, got 0"),
     (["run", "--nproc", "2,x"], "argument --nproc: expected whole numbers separated by commas, got '2,x'"),
     (["run", "--nproc", str((os.cpu_count() or 1) + 1)], "CPU cores (a rank needs one at least)"),
     (["run", "--nproc", "2", "--strategy", "zero3"], "unknown strategy 'zero3'; choose from ddp, fsdp2"),
@@ -195,6 +202,17 @@ def test_a_model_fsdp2_cannot_wrap_is_refused_before_anything_runs(cli, in_tmp, 
     code, out, err = cli("run", "--models", "cifar-mlp", "--methods", "full", "--nproc", "2", "--strategy", "fsdp2")
     assert code == 2 and "FSDP2 cannot wrap cifar-mlp" in err and len(err.strip().splitlines()) == 1
     assert files_under(in_tmp) == []
+
+
+def test_list_shows_every_method_and_axis(cli):
+    code, out, err = cli("list")
+    assert code == 0
+    for name in ("dora", "rslora", "loha", "lokr", "ia3", "vera", "adalora", "oft", "boft", "peft:<path>"):
+        assert f"\n  {name} " in out, name
+    for flag in ("--precision", "--grad-checkpointing", "--compile", "--quantize", "--seq-len", "--batch-size", "--nproc",
+                 "--strategy"):
+        assert f"\n  {flag} " in out, flag
+    assert "knobs" in out and "peft-methods" in out and "scale" in out
 
 
 def test_the_slurm_example_is_a_command_line_lorabench_accepts():
