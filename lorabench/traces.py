@@ -98,14 +98,21 @@ class Timeline:
         self.t0 = time.perf_counter()
         self.samples: list[tuple[float, int, int | None]] = []
         self.marks: list[tuple[str, float]] = []
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self._statm = open("/proc/self/statm", "rb", buffering=0)
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        try:   # one read per sample; psutil where there is no /proc
+            self._statm = open("/proc/self/statm", "rb", buffering=0)
+        except OSError:
+            self._statm = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lorabench-timeline", daemon=True)
 
     def _sample(self) -> None:
-        self._statm.seek(0)
-        rss = int(self._statm.read(64).split()[1]) * self._page
+        if self._statm is not None:
+            self._statm.seek(0)
+            rss = int(self._statm.read(64).split()[1]) * self._page
+        else:
+            import psutil
+            rss = psutil.Process().memory_info().rss
         gpu = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
         self.samples.append((time.perf_counter() - self.t0, rss, gpu))
 
@@ -122,7 +129,8 @@ class Timeline:
         self._stop.set()
         self._thread.join()
         self._sample()
-        self._statm.close()
+        if self._statm is not None:
+            self._statm.close()
         return False
 
     def mark(self, label: str) -> None:
