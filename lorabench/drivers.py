@@ -85,6 +85,8 @@ class NvmlMemory(_Sampler):
     loaded anything: others' load, plus this process's CUDA context if it already had one.
     `source` says which NVML reading `used` is (v2 leaves out driver-reserved memory)."""
 
+    series_name = "nvml_device_used_bytes"   # the driver view of the whole device, every sample
+
     def __init__(self, nvml, handle, interval_s: float = 0.01):
         super().__init__(interval_s)
         self.nvml, self.handle = nvml, handle
@@ -99,6 +101,7 @@ class NvmlMemory(_Sampler):
         info = (self.nvml.nvmlDeviceGetMemoryInfo(self.handle, version=self.nvml.nvmlMemory_v2) if self.v2
                 else self.nvml.nvmlDeviceGetMemoryInfo(self.handle))
         self.device_peak = max(self.device_peak, int(info.used))
+        self._record(int(info.used))
         if self.process_error:
             return
         try:
@@ -162,6 +165,8 @@ class AmdsmiMemory(_Sampler):
     """amdsmi's view of GPU memory on ROCm: the device's VRAM in use (not its capacity) and this
     process tree's VRAM from the process list."""
 
+    series_name = "amdsmi_device_vram_used_bytes"
+
     MB = 2 ** 20   # amdsmi_get_gpu_vram_usage reports MB
 
     def __init__(self, amdsmi, handle, interval_s: float = 0.01):
@@ -176,7 +181,9 @@ class AmdsmiMemory(_Sampler):
         return int(self.amdsmi.amdsmi_get_gpu_vram_usage(self.handle)["vram_used"]) * self.MB
 
     def _sample(self) -> None:
-        self.device_peak = max(self.device_peak, self._device_used())
+        used = self._device_used()
+        self.device_peak = max(self.device_peak, used)
+        self._record(used)
         mine = _amd_process_vram(self.amdsmi, self.handle, self._pids())
         if mine is not None:
             self.process_seen = True

@@ -144,6 +144,8 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
                              sync=distributed.grad_sync if group else None, after_step=method.step_hook(model),
                              amp=amp)
         finally:
+            if timeline is not None:
+                timeline.add(trackers)
             for t in trackers:
                 measured.update(t.result())
             measured.update(energy.result())

@@ -65,6 +65,12 @@ class MemorySnapshot:
         return False
 
 
+def _highest(samples: list, key) -> list:
+    """At most Timeline.POINTS of `samples`, each stretch of them represented by its highest."""
+    step = max(1, -(-len(samples) // Timeline.POINTS))
+    return [max(samples[i:i + step], key=key) for i in range(0, len(samples), step)]
+
+
 def profile_steps(traces: Traces | None, step: Callable[[], None], device: torch.device, name: str) -> str | None:
     """Run `step` once untraced, then PROFILED_STEPS times under torch.profiler, and write the
     Chrome trace; its path relative to the run directory (None when no profile was asked for)."""
@@ -98,6 +104,7 @@ class Timeline:
         self.t0 = time.perf_counter()
         self.samples: list[tuple[float, int, int | None]] = []
         self.marks: list[tuple[str, float]] = []
+        self.others: dict[str, list[tuple[float, int]]] = {}   # the trackers' series, over their window
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         try:   # one read per sample; psutil where there is no /proc
             self._statm = open("/proc/self/statm", "rb", buffering=0)
@@ -133,16 +140,23 @@ class Timeline:
             self._statm.close()
         return False
 
+    def add(self, samplers) -> None:
+        """Keep the trackers' own series beside this one (the 10 ms host sampler, the driver view)."""
+        for sampler in samplers:
+            if getattr(sampler, "series", None):
+                self.others[sampler.series_name] = [(t - self.t0, v) for t, v in sampler.series]
+
     def mark(self, label: str) -> None:
         self.marks.append((label, time.perf_counter() - self.t0))
 
     def to_json(self) -> dict:
-        step = max(1, -(-len(self.samples) // self.POINTS))
-        key = (lambda s: s[2]) if self.device.type == "cuda" else (lambda s: s[1])
-        kept = [max(self.samples[i:i + step], key=key) for i in range(0, len(self.samples), step)]
+        kept = _highest(self.samples, (lambda s: s[2]) if self.device.type == "cuda" else (lambda s: s[1]))
+        others = {name: _highest(series, lambda s: s[1]) for name, series in self.others.items()}
         return {"t_s": [round(s[0], 4) for s in kept], "host_rss_bytes": [s[1] for s in kept],
                 "torch_allocated_bytes": [s[2] for s in kept] if self.device.type == "cuda" else None,
-                "marks": [[label, round(t, 4)] for label, t in self.marks], "interval_s": self.interval_s}
+                "marks": [[label, round(t, 4)] for label, t in self.marks], "interval_s": self.interval_s,
+                "trackers": {name: {"t_s": [round(t, 4) for t, _ in series], "bytes": [v for _, v in series]}
+                             for name, series in others.items()}}
 
     def write(self, traces: "Traces", name: str) -> str:
         import json

@@ -54,10 +54,14 @@ class Tracker:
 
 
 class _Sampler(Tracker):
-    """A background thread calling `_sample()` every `interval_s`, stopped in finally."""
+    """A background thread calling `_sample()` every `interval_s`, stopped in finally. Each
+    reading of `series_name` is kept with its time (perf_counter), for the cell's timeline."""
+
+    series_name = "bytes"
 
     def __init__(self, interval_s: float):
         self.interval_s = interval_s
+        self.series: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None   # the first failure of a reading: the figure becomes unavailable
@@ -74,6 +78,9 @@ class _Sampler(Tracker):
 
     def _sample(self) -> None:
         raise NotImplementedError
+
+    def _record(self, value: int) -> None:
+        self.series.append((time.perf_counter(), value))
 
     def start(self) -> None:
         self._safe_sample()
@@ -159,8 +166,12 @@ class HostMemory(_Sampler):
                 pass
         return rss
 
+    series_name = "host_rss_bytes"
+
     def _sample(self) -> None:
-        self.peak = max(self.peak, self._rss())
+        rss = self._rss()
+        self.peak = max(self.peak, rss)
+        self._record(rss)
 
     def start(self) -> None:
         self._tree.rescan()   # look for children now

@@ -152,6 +152,8 @@ def test_every_cell_writes_its_memory_timeline_and_the_report_draws_it(tiny_run)
         assert r.info["timeline"] == f"timelines/{r.key}.json"
         assert 2 <= len(data["t_s"]) <= 400 and len(data["host_rss_bytes"]) == len(data["t_s"])
         assert data["t_s"] == sorted(data["t_s"])
+        host = data["trackers"]["host_rss_bytes"]   # the 10 ms sampler's own series, over the trackers' window
+        assert max(host["bytes"]) == r.metrics["host_peak_rss_bytes"] and len(host["t_s"]) <= 400
         labels = [label for label, _ in data["marks"]]
         assert labels[:3] == ["build and load", "weights and data in place", "first step (bookkeeping)"]
         assert {"epoch 1 done (warm-up)", "timed epoch", "eval", "epoch 2 done (timed)"} <= set(labels)
