@@ -74,7 +74,8 @@ def test_run_prints_the_comparison_and_writes_the_report(tiny_run, tmp_path):
     report_file = cwd / "report" / f"{run_dir.name}.md"
     text = report_file.read_text()
     # from the results file alone; pictures beside it, linked relative to the report
-    assert text == report.render(RunDir(run_dir).rows()[0], plot_dir=tmp_path, plot_link=f"{run_dir.name}/")
+    assert text == report.render(RunDir(run_dir).rows()[0], plot_dir=tmp_path, plot_link=f"{run_dir.name}/",
+                                 run_dirs=[run_dir])   # the timelines sit in the run directory
     names = lambda d: sorted(p.name for p in d.iterdir())   # noqa: E731
     assert names(cwd / "report" / run_dir.name) == names(tmp_path)
     for needle in ("## cifar-mlp", "## bert-tiny", "| trainable parameters", "| epoch time (s, median of timed epochs)",
