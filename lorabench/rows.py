@@ -130,6 +130,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("mfu_pct", "%", "model FLOPs utilisation (% of the measured matmul rate)", "pct", derive=_mfu,
            inputs=("flops_per_step", "step_s_p50", "device_matmul_flops")),
     Metric("energy_j_per_epoch", "J", "energy per timed epoch (J, the whole device's counter)", "joules"),
+    Metric("compile_s", "s", "torch.compile: its first step, compilation included (s, untimed)", "time"),
+    Metric("compile_graph_breaks", _C, "torch.compile: graph breaks", "count"),
+    Metric("compile_graphs_in_timed_epochs", _C, "torch.compile: graphs compiled inside the timed epochs (0: none "
+           "in the timed figures)", "count"),
     Metric("final_eval_accuracy", "fraction", "final eval accuracy", "acc", gate="quality", worse=-1),
     Metric("final_eval_loss", "nats", "final eval loss", "loss"),
     Metric("checkpoint_bytes", _B, "checkpoint to store (full model / adapter file)", "size",
@@ -171,11 +175,6 @@ METRICS: tuple[Metric, ...] = (
     Metric("epoch_s_stdev_pct", "%", "spread of the timed epochs (stdev, % of mean)", "pct", shown=False),
     Metric("step_s_stdev_pct", "%", "spread of the timed steps (stdev, % of mean)", "pct", shown=False),
     Metric("steps_per_epoch", _C, "optimizer steps per epoch", "count", shown=False),
-    Metric("compile_s", "s", "torch.compile: the first compiled step (compile + one step), before the probe step, "
-           "untimed", "time", shown=False),
-    Metric("compile_graph_breaks", _C, "torch.compile: graph breaks over the cell", "count", shown=False),
-    Metric("compile_graphs_in_timed_epochs", _C, "torch.compile: graphs compiled inside the timed epochs (0: the "
-           "warm-up absorbed compilation)", "count", shown=False),
     Metric("samples_per_step", _C, "samples per optimizer step, all processes: the global batch (batch per process "
            "x grad_accum x processes)", "count", shown=False),
     Metric("cell_wall_s", "s", "the cell's whole life in its process (build, data, train, checks)", "time",
