@@ -122,6 +122,22 @@ def _save(plt, fig, axes, title: str, path) -> list[tuple]:
     return _axes(fig)
 
 
+def _line(ax, pts: list[tuple], label: str) -> None:
+    """One series of (x, y) points, marked, when there is any."""
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+
+
+def _axis(ax, xlabel: str, ylabel: str, ticks=None, ylim: tuple | None = None) -> None:
+    """Labels with units, ticks at the values drawn, y from zero (or `ylim`), a light grid."""
+    if ticks is not None:
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(*ylim) if ylim else ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
+    ax.grid(True, alpha=0.3)
+
+
 def rank_sweep_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list[tuple]:
     """Peak memory, epoch time and final accuracy against rank, full fine-tuning as a dashed line;
     memory and time from zero, accuracy from 0 to 1."""
@@ -135,19 +151,14 @@ def rank_sweep_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list
     log = len(ranks) > 1 and ranks[-1] / ranks[0] >= 10   # a log scale only where the ranks span a decade
     for ax, (key, label, scale) in zip(axes, panels):
         for method in sorted({v.cell.method for v in ok if not v.cell.is_baseline}):
-            pts = sorted((v.cell.rank, v.metrics[key] * scale) for v in ok
-                         if v.cell.method == method and is_number(v.metrics.get(key)))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            _line(ax, sorted((v.cell.rank, v.metrics[key] * scale) for v in ok
+                             if v.cell.method == method and is_number(v.metrics.get(key))), method)
         if full is not None and is_number(full.metrics.get(key)):
             ax.axhline(full.metrics[key] * scale, linestyle="--", color="black", label=f"{full.label} fine-tuning")
         if log:
             ax.set_xscale("log", base=2)
-        ax.set_xticks(ranks, [str(r) for r in ranks])
-        ax.set_xlabel("LoRA rank" + (" (log scale)" if log else ""))
-        ax.set_ylabel(label)
-        ax.set_ylim(0, 1.05) if key == "final_eval_accuracy" else ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
-        ax.grid(True, alpha=0.3)
+        _axis(ax, "LoRA rank" + (" (log scale)" if log else ""), label, ranks,
+              (0, 1.05) if key == "final_eval_accuracy" else None)
     return _save(plt, fig, axes, f"{model}: LoRA rank sweep", path)
 
 
@@ -167,14 +178,9 @@ def scaling_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list[tu
     for ax, (key, label, scale) in zip(axes, [(mem_key, f"per device: max, {mem_label}", 1 / MiB),
                                               ("samples_per_s", "throughput, all ranks (samples/s)", 1.0)]):
         for name, vs in sorted(series.items()):
-            pts = sorted((v.cell.nproc, v.metrics[key] * scale) for v in vs if is_number(v.metrics.get(key)))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_xticks(procs, [str(n) for n in procs])
-        ax.set_xlabel("processes per cell (one device each)")
-        ax.set_ylabel(label)
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
-        ax.grid(True, alpha=0.3)
+            _line(ax, sorted((v.cell.nproc, v.metrics[key] * scale) for v in vs if is_number(v.metrics.get(key))),
+                  name)
+        _axis(ax, "processes per cell (one device each)", label, procs)
     return _save(plt, fig, axes, f"{model}: scaling across processes", path)
 
 
@@ -196,10 +202,7 @@ def timeline_plot(model: str, series: list[tuple[str, dict]], path) -> list[tupl
         ax.axvline(t, color="grey", linewidth=0.6, linestyle=":")
         ax.annotate(label, (t, 1.0), xycoords=("data", "axes fraction"), rotation=90, fontsize=6, va="top",
                     ha="right", color="grey")
-    ax.set_xlabel(f"time since the cell started (s; phases of {series[0][0]} marked)")
-    ax.set_ylabel(what)
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
-    ax.grid(True, alpha=0.3)
+    _axis(ax, f"time since the cell started (s; phases of {series[0][0]} marked)", what)
     return _save(plt, fig, [ax], f"{model}: memory over each cell's life (dots: peaks)", path)
 
 
@@ -262,21 +265,15 @@ def axis_plot(model: str, ok: list, field: str, label: str, path, memory: tuple[
     for ax, (key, what) in zip(axes, [(mem_key, mem_label), ("activations_saved_bytes",
                                                               "activations saved for backward (MiB)")]):
         for name in dict.fromkeys(column_name(v) for v in sorted(ok, key=lambda v: not v.cell.is_baseline)):
-            pts = sorted((getattr(v.cell, field), v.metrics[key] / MiB) for v in ok
-                         if column_name(v) == name and is_number(v.metrics.get(key)))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_xticks(values, [str(x) for x in values])
-        ax.set_xlabel(label)
-        ax.set_ylabel(what)
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
-        ax.grid(True, alpha=0.3)
+            _line(ax, sorted((getattr(v.cell, field), v.metrics[key] / MiB) for v in ok
+                             if column_name(v) == name and is_number(v.metrics.get(key))), name)
+        _axis(ax, label, what, values)
     return _save(plt, fig, axes, f"{model}: memory against {label}", path)
 
 
 def axis_picture(model: str, variants: list, field: str, label: str, plot_dir, plot_link: str) -> list[str]:
     """The picture of `axis_plot`, drawn into the report's folder and linked."""
-    name = f"{plot_name(variants[0].cell, field)}"
+    name = plot_name(variants[0].cell, field)
     Path(plot_dir).mkdir(parents=True, exist_ok=True)
     axis_plot(model, variants, field, label, Path(plot_dir) / name, memory_key(variants))
     return [f"![{model}: peak memory against {label}, per method]({plot_link}{name})", ""]
