@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 from .errors import InputError
 from .methods import BASELINE, METHODS, Adapter, MethodError
 from .precision import OF_DTYPE, PRECISIONS
+from .quantization import KINDS as QUANTIZE_KINDS
 from .methods import method as method_of
 from .models import MODELS, is_byo
 from .tasks import TASKS
@@ -31,7 +32,6 @@ STRATEGIES = ("ddp", "fsdp2")   # how a cell of several processes shares the mod
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTS = ("random", "pretrained")
 ONOFF = ("off", "on")
-QUANTIZE = ("none", "nf4", "int8")   # quantization.KINDS (not imported: it would load bitsandbytes' module early)
 
 
 class CellError(InputError):
@@ -218,8 +218,8 @@ class Cell:
             object.__setattr__(self, "dtype", PRECISIONS[self.precision][0])
         if self.weights not in WEIGHTS:
             raise CellError(f"unknown weights {self.weights!r}; choose from {_choices(WEIGHTS)}")
-        if self.quantize not in QUANTIZE:
-            raise CellError(f"unknown quantization {self.quantize!r}; choose from {', '.join(QUANTIZE)}")
+        if self.quantize not in QUANTIZE_KINDS:
+            raise CellError(f"unknown quantization {self.quantize!r}; choose from {', '.join(QUANTIZE_KINDS)}")
         if self.quantize != "none" and not method.adapts:
             raise CellError(f"--quantize {self.quantize} freezes the base in bits: it needs an adapter method, not "
                             f"{method.title}")

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .rows import is_number
+
 PG_TIMEOUT_S = 120.0   # a collective waiting this long on a peer raises instead of hanging the cell
 GRACE_S = 5.0          # after one rank fails, how long the others get to report what they measured
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}   # torch's "nccl" is RCCL on a ROCm build
@@ -225,8 +227,8 @@ def _rank_entry(target: Callable, env: dict[str, str], conn, args: tuple) -> Non
         conn.close()
 
 
-def launch(world: int, target: Callable, args: tuple = (), on_message: Callable[[tuple], None] | None = None,
-           env: dict[str, str] | None = None) -> list[RankResult]:
+def launch(world: int, target: Callable, args: tuple = (),
+           on_message: Callable[[tuple], None] | None = None) -> list[RankResult]:
     """Run `target(conn, *args)` in `world` forked processes with torchrun's environment, hosting
     their store; a ("result", payload) message is the rank's result, any other goes to
     `on_message`. Returns every rank's result once all have ended; after the first failure the
@@ -234,7 +236,7 @@ def launch(world: int, target: Callable, args: tuple = (), on_message: Callable[
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)   # the agent's store
     common = {"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0",
               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True",
-              "TORCHELASTIC_RUN_ID": uuid.uuid4().hex, **(env or {})}
+              "TORCHELASTIC_RUN_ID": uuid.uuid4().hex}
     ctx = mp.get_context("fork")   # the agent has imported torch but touched no device: the ranks start warm
     results = [RankResult(r) for r in range(world)]
     procs, conns = [], {}
@@ -317,7 +319,7 @@ class Folded:
     per_rank: list[dict[str, Any]] = field(default_factory=list)
 
 
-def fold(results: list[RankResult], is_number: Callable[[Any], bool]) -> Folded:
+def fold(results: list[RankResult]) -> Folded:
     """One row's figures from every rank's: the leader's, with MAX_OVER_RANKS taken over the ranks
     that measured them, their sums, and one entry per rank."""
     reported = [x.payload["measured"] for x in results if x.payload is not None]

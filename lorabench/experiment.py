@@ -28,19 +28,18 @@ from torch import nn
 
 from . import distributed, environment, methods, models, quantization
 from .cells import Cell
+from .compiler import Compiled
 from .data import Dataset, load
 from .drivers import driver_trackers
 from .methods import method as method_of
-from .rows import Row, Status, is_number
-from .stats import Summary
-from .tasks import Task
-from .compiler import Compiled
 from .precision import TORCH as DTYPES
 from .precision import Precision
-from .trackers import HostMemory, SavedTensors, TorchAllocator, unavailable
-from .traces import MemorySnapshot, Timeline, Traces, profile_steps
-from .train import EpochRecord, Fit, fit, make_optimizer
-
+from .rows import Row, Status
+from .stats import Summary
+from .tasks import Task
+from .trackers import HostMemory, SavedTensors, Timeline, TorchAllocator, unavailable
+from .traces import MemorySnapshot, Traces, profile_steps, write_timeline
+from .train import EpochRecord, Fit, fit, make_optimizer, micro_batch
 
 
 def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = None,
@@ -76,7 +75,8 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
         dtype = DTYPES[cell.dtype]
         device = group.device(cell.device) if group else torch.device(cell.device)
         if traces is not None:   # memory over the whole cell, with its phases marked
-            timeline = Timeline(device).__enter__()
+            timeline = Timeline(device)
+            timeline.start()
             timeline.mark("build and load")
         mark = timeline.mark if timeline else (lambda label: None)
         if group:
@@ -176,8 +176,8 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
         error = {"type": type(e).__name__, "message": str(e).strip().splitlines()[0] if str(e).strip() else "",
                  "traceback": traceback.format_exc().splitlines()[-12:]}
     if timeline is not None:
-        timeline.__exit__(None, None, None)
-        measured["timeline"] = timeline.write(traces, name)
+        timeline.stop()
+        measured["timeline"] = write_timeline(timeline, traces, name)
     return {"measured": measured, "epochs": epochs, "pretrain": pretrain, "env_facts": env_facts,
             "status": status.value, "error": error}
 
@@ -216,7 +216,8 @@ def _wrap_checked(model: nn.Module, task: Task, ds: Dataset, cell: Cell, group: 
     with torch.no_grad():
         one = task.loss(model, {k: v[:b * group.world] for k, v in ds.train.items()})[0].item()
         wrapped = distributed.wrap(model, group, device)
-        mine = task.loss(wrapped, {k: v[group.rank * b:(group.rank + 1) * b] for k, v in ds.train.items()})[0].item()
+        rows = micro_batch(0, group.rank, group.world, b)
+        mine = task.loss(wrapped, {k: v[rows] for k, v in ds.train.items()})[0].item()
     distributed.reshard(wrapped)   # before the optimizer is built on its parameters
     model.train()
     return wrapped, {"check_ranks_first_loss_abs_diff": abs(distributed.mean(mine, device) - one)}
@@ -245,7 +246,7 @@ def _execute_group(cell: Cell, on_epoch, sample_interval_s: float, known: dict[s
 
 
 def _group_row(cell: Cell, results: list[distributed.RankResult], known: dict[str, Any], started: float) -> Row:
-    folded = distributed.fold(results, is_number)
+    folded = distributed.fold(results)
     leader = next((x.payload for x in results if x.payload), None) or {"epochs": [], "pretrain": [], "env_facts": {},
                                                                         "status": "crashed", "error": None}
     status, error = Status(leader["status"]), leader["error"]
@@ -279,8 +280,8 @@ def probe_step(model: nn.Module, task: Task, data: Dataset, optimizer: torch.opt
     exclude = {distributed.local(t).untyped_storage().data_ptr() for t in (*model.parameters(), *data.train.values())}
     out: dict[str, int] = {}
     for m in range(cell.grad_accum):
-        lo = (m * world + rank) * cell.batch_size
-        batch = {k: v[lo:lo + cell.batch_size] for k, v in data.train.items()}
+        rows = micro_batch(m, rank, world, cell.batch_size)
+        batch = {k: v[rows] for k, v in data.train.items()}
         with distributed.grad_sync(model, m == cell.grad_accum - 1):
             if m == 0 and count:
                 with SavedTensors(exclude) as saved, amp.autocast():

@@ -369,12 +369,11 @@ class Plan:
         device = cells[0].device if cells else "cpu"
         free, what = environment.free_memory_bytes(device)
         skipped = fit_gate(cells, surveys, free, what, force)
-        for name in sorted({c.precision for c in cells}):   # a precision this device cannot run: skipped, with why
-            why = precision.unsupported(name, device)
-            skipped.update({c.key(): why for c in cells if why and c.precision == name})
-        for kind in sorted({c.quantize for c in cells}):   # likewise a quantisation bitsandbytes cannot serve
-            why = quantization.unsupported(kind, device)
-            skipped.update({c.key(): why for c in cells if why and c.quantize == kind})
+        # a precision this device cannot run, a quantisation bitsandbytes cannot serve: skipped, with why
+        for axis, unsupported in (("precision", precision.unsupported), ("quantize", quantization.unsupported)):
+            for value in sorted({getattr(c, axis) for c in cells}):
+                why = unsupported(value, device)
+                skipped.update({c.key(): why for c in cells if why and getattr(c, axis) == value})
         return cls(cells, matrix, surveys, skipped, shard_spec,
                    None if free is not None else f"no fit check before running: {what}")
 

@@ -14,6 +14,8 @@ import contextlib
 
 import torch
 
+from .errors import first_line
+
 # name: (dtype of weights, gradients and Adam's state; autocast dtype or None)
 PRECISIONS: dict[str, tuple[str, str | None]] = {
     "fp32": ("float32", None),
@@ -62,5 +64,5 @@ def unsupported(name: str, device: str) -> str | None:
         amp.backward(loss)
         amp.step(optimizer)
     except Exception as e:   # a dtype or autocast this device or build does not have
-        return f"{name} cannot run on {device}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+        return f"{name} cannot run on {device}: {type(e).__name__}: {first_line(e)[:200]}"
     return None

@@ -18,6 +18,8 @@ import logging
 import torch
 from torch import nn
 
+from .errors import first_line
+
 # bitsandbytes (which peft imports) logs on every start that an optional CPU kernel package is
 # absent; set here, at import, because the fork server imports peft before any cell quietens it.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -116,5 +118,5 @@ def unsupported(kind: str, device: str) -> str | None:
         x = torch.randn(4, 64, device=device, requires_grad=True)
         q(x).float().sum().backward()
     except Exception as e:   # not installed, no kernel for this device, a driver problem
-        return f"--quantize {kind} cannot run on {device}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+        return f"--quantize {kind} cannot run on {device}: {type(e).__name__}: {first_line(e)[:200]}"
     return None

@@ -125,8 +125,7 @@ How to read these figures:
 
 def _group_title(cell: Cell, same_model: list[Cell]) -> str:
     """The section's title: the model, and the values that set its table apart from the model's others."""
-    fields = [f for f in AXIS_NAMES if f not in GROUP_FIELDS_EXCLUDED
-              and len({json.dumps(getattr(c, f), default=str) for c in same_model}) > 1]
+    fields = [f for f in varying(same_model) if f not in GROUP_FIELDS_EXCLUDED]
     return cell.model + (f" ({', '.join(f'{AXIS_NAMES[f]} {getattr(cell, f)}' for f in fields)})" if fields else "")
 
 
@@ -212,7 +211,9 @@ def render(rows: list[Row], warnings: Iterable[str] = (), plot_dir=None, plot_li
             if len({getattr(v.cell, field) for v in mine}) > 1 and plot_dir is not None:
                 out += [f"## {model}: memory against {label}", ""]
                 out += axis_picture(model, mine, field, label, plot_dir, plot_link)
-    if len([f for f in varying(rows) if f != "rank"]) + (len({r.cell.method_label for r in rows}) > 1) > 2:   # many axes: one line per cell as well
+    axes = [f for f in varying([r.cell for r in rows]) if f != "rank"] + (
+        ["method"] if len({r.cell.method_label for r in rows}) > 1 else [])
+    if len(axes) > 2:   # many axes: one line per cell as well
         out += ["## Every cell", "", long_table(rows), ""]
     failures = _failures(rows)
     if failures:

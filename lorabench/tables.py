@@ -335,15 +335,15 @@ AXIS_NAMES = {"rank": "rank", "seq_len": "seq len", "batch_size": "batch", "prec
               "lr": "lr", "targets": "targets", "weights": "weights", "data": "data"}   # dtype: precision says it
 
 
-def varying(rows: list[Row]) -> list[str]:
-    """The fields of AXIS_NAMES whose values differ across `rows` (method and rank count as one)."""
-    return [f for f in AXIS_NAMES if len({json.dumps(getattr(r.cell, f), default=str) for r in rows}) > 1]
+def varying(cells: list[Cell]) -> list[str]:
+    """The fields of AXIS_NAMES whose values differ across `cells`."""
+    return [f for f in AXIS_NAMES if len({json.dumps(getattr(c, f), default=str) for c in cells}) > 1]
 
 
 def long_table(rows: list[Row]) -> str:
     """One line per cell (repeats folded): model, method and every field that varies, beside the
     figures a choice turns on. For a matrix of more than two axes, where per-group tables scatter."""
-    fields = [f for f in varying(rows) if f != "rank"]
+    fields = [f for f in varying([r.cell for r in rows]) if f != "rank"]
     ok = [fold(rs) for rs in _by_variant(rows).values()]
     ok = sorted((v for v in ok if v.ok), key=lambda v: (v.cell.model, *_order(v)[:3], *(str(getattr(v.cell, f))
                                                                                        for f in fields)))

@@ -128,6 +128,29 @@ class ProcessTree:
         return {self.me.pid} | {c.pid for c in self.children()}
 
 
+class SelfRss:
+    """This process's resident bytes for a sampler, cheaply: one pread of /proc/self/statm per
+    call (psutil where there is no /proc). `close()` releases the file."""
+
+    def __init__(self):
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._me = psutil.Process()
+        try:
+            self._statm: int | None = os.open("/proc/self/statm", os.O_RDONLY)
+        except OSError:
+            self._statm = None
+
+    def __call__(self) -> int:
+        if self._statm is not None:
+            return int(os.pread(self._statm, 64, 0).split()[1]) * self._page   # resident pages
+        return self._me.memory_info().rss
+
+    def close(self) -> None:
+        if self._statm is not None:
+            os.close(self._statm)
+            self._statm = None
+
+
 class HostMemory(_Sampler):
     """Resident memory of this process and its children, sampled in a background thread.
 
@@ -142,20 +165,13 @@ class HostMemory(_Sampler):
     budget: < 2 %.)
     """
 
+    series_name = "host_rss_bytes"
+
     def __init__(self, interval_s: float = 0.01):
         super().__init__(interval_s)
         self._tree = ProcessTree()
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        try:
-            self._statm: int | None = os.open("/proc/self/statm", os.O_RDONLY)
-        except OSError:
-            self._statm = None
+        self._self_rss = SelfRss()
         self.baseline = self.peak = 0
-
-    def _self_rss(self) -> int:
-        if self._statm is not None:
-            return int(os.pread(self._statm, 64, 0).split()[1]) * self._page   # resident pages
-        return self._tree.me.memory_info().rss
 
     def _rss(self) -> int:
         rss = self._self_rss()
@@ -165,8 +181,6 @@ class HostMemory(_Sampler):
             except psutil.Error:   # a child that exited since the last scan
                 pass
         return rss
-
-    series_name = "host_rss_bytes"
 
     def _sample(self) -> None:
         rss = self._rss()
@@ -183,9 +197,7 @@ class HostMemory(_Sampler):
         try:
             super().stop()
         finally:
-            if self._statm is not None:
-                os.close(self._statm)
-                self._statm = None
+            self._self_rss.close()
 
     def result(self) -> dict[str, Any]:
         return {
@@ -195,6 +207,63 @@ class HostMemory(_Sampler):
             # Linux reports ru_maxrss in KiB (macOS in bytes).
             "host_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
+
+
+class Timeline(_Sampler):
+    """Memory of a cell over its whole life (build, load, warm-up, timed epochs, evals, checks),
+    sampled every `interval_s`, with phase marks: host RSS of this process, and on a GPU the torch
+    allocator's allocated bytes; beside them the other trackers' own series over their window
+    (`add`). Written beside the results (not in the row), cut to at most POINTS samples by keeping
+    each stretch's highest one, so the peak survives."""
+
+    POINTS = 400
+
+    def __init__(self, device, interval_s: float = 0.05):
+        super().__init__(interval_s)
+        self.device = device
+        self.t0 = time.perf_counter()
+        self.samples: list[tuple[float, int, int | None]] = []
+        self.marks: list[tuple[str, float]] = []
+        self.others: dict[str, list[tuple[float, int]]] = {}   # the trackers' series, over their window
+        self._self_rss = SelfRss()
+
+    def _sample(self) -> None:
+        import torch
+        gpu = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
+        self.samples.append((time.perf_counter() - self.t0, self._self_rss(), gpu))
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            self._self_rss.close()
+
+    def result(self) -> dict[str, Any]:
+        return {}   # not figures of the row: the series goes to its own file (`to_json`)
+
+    def mark(self, label: str) -> None:
+        self.marks.append((label, time.perf_counter() - self.t0))
+
+    def add(self, samplers) -> None:
+        """Keep the trackers' own series beside this one (the 10 ms host sampler, the driver view)."""
+        for sampler in samplers:
+            if getattr(sampler, "series", None):
+                self.others[sampler.series_name] = [(t - self.t0, v) for t, v in sampler.series]
+
+    def to_json(self) -> dict:
+        kept = _highest(self.samples, (lambda s: s[2]) if self.device.type == "cuda" else (lambda s: s[1]))
+        others = {name: _highest(series, lambda s: s[1]) for name, series in self.others.items()}
+        return {"t_s": [round(s[0], 4) for s in kept], "host_rss_bytes": [s[1] for s in kept],
+                "torch_allocated_bytes": [s[2] for s in kept] if self.device.type == "cuda" else None,
+                "marks": [[label, round(t, 4)] for label, t in self.marks], "interval_s": self.interval_s,
+                "trackers": {name: {"t_s": [round(t, 4) for t, _ in series], "bytes": [v for _, v in series]}
+                             for name, series in others.items()}}
+
+
+def _highest(samples: list, key) -> list:
+    """At most Timeline.POINTS of `samples`, each stretch of them represented by its highest."""
+    step = max(1, -(-len(samples) // Timeline.POINTS))
+    return [max(samples[i:i + step], key=key) for i in range(0, len(samples), step)]
 
 
 class TorchAllocator(Tracker):

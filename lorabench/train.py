@@ -57,6 +57,13 @@ class Fit:
         return [e.epoch_s for e in self.epochs if e.timed]
 
 
+def micro_batch(index: int, rank: int = 0, world: int = 1, batch_size: int = 1) -> slice:
+    """The rows rank `rank` of `world` takes of global micro-batch `index`: its own `batch_size`
+    slice of every batch_size x world rows, so the ranks together read each global batch once."""
+    lo = (index * world + rank) * batch_size
+    return slice(lo, lo + batch_size)
+
+
 def make_optimizer(params: list[nn.Parameter], lr: float) -> tuple[torch.optim.Optimizer, str]:
     """Adam with the fused kernel where torch has one for these tensors.
 
@@ -168,8 +175,7 @@ def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epoc
         for s in range(steps):
             clock.start()
             for m in range(grad_accum):
-                lo = ((s * grad_accum + m) * world + rank) * batch_size
-                idx = perm[lo:lo + batch_size]
+                idx = perm[micro_batch(s * grad_accum + m, rank, world, batch_size)]
                 with sync(model, m == grad_accum - 1) if sync is not None else _NO_CONTEXT:
                     with amp.autocast():   # [0]: the logits are not kept alive into the next micro-batch's forward
                         loss = task.loss(model, {k: v[idx] for k, v in data.train.items()})[0]

@@ -8,7 +8,7 @@ from lorabench import distributed, methods, models
 from lorabench.cells import Cell
 from lorabench.distributed import RankResult
 from lorabench.plan import survey
-from lorabench.rows import Row, Status, is_number
+from lorabench.rows import Row, Status
 
 
 def adapted(model, method, rank=None):
@@ -55,8 +55,7 @@ def result(rank, status="ok", ended=None, **measured):
 
 def test_fold_gives_the_max_over_ranks_their_sum_and_one_entry_per_rank():
     folded = distributed.fold([result(0, host_peak_rss_bytes=100, step_s_p50=0.2, weights_bytes=10, params_total=7),
-                               result(1, host_peak_rss_bytes=140, step_s_p50=0.3, weights_bytes=10, params_total=7)],
-                              is_number)
+                               result(1, host_peak_rss_bytes=140, step_s_p50=0.3, weights_bytes=10, params_total=7)])
     m = folded.measured
     assert (m["host_peak_rss_bytes"], m["host_peak_rss_sum_bytes"], m["step_s_p50"]) == (140, 240, 0.3)
     assert m["params_total"] == 7 and "torch_peak_allocated_sum_bytes" not in m   # nothing to sum: not a zero
@@ -65,7 +64,7 @@ def test_fold_gives_the_max_over_ranks_their_sum_and_one_entry_per_rank():
 
 
 def test_a_sum_is_left_out_when_a_rank_did_not_report():
-    folded = distributed.fold([result(0, host_peak_rss_bytes=100), RankResult(1, exitcode=-9, ended_at=1.0)], is_number)
+    folded = distributed.fold([result(0, host_peak_rss_bytes=100), RankResult(1, exitcode=-9, ended_at=1.0)])
     assert "host_peak_rss_sum_bytes" not in folded.measured and folded.measured["host_peak_rss_bytes"] == 100
     assert folded.per_rank[1] == {"rank": 1, "status": "crashed", **{k: None for k in distributed.PER_RANK}}
 
