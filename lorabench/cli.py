@@ -197,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         data.download_cifar10(path)
     if not args.dry_run:
         runner.start_workers(options.start_method, cells)   # its imports overlap with the model builds below
-    the_plan = plan.Plan.of(cells, args.shard, args.force)
+    the_plan = plan.Plan.of(cells, args.shard, args.force, options.start_method)
     cells = the_plan.cells
     if the_plan.fit_note:
         print(f"lorabench: {the_plan.fit_note}", file=sys.stderr)
@@ -217,6 +217,7 @@ def _resume(args: argparse.Namespace) -> int:
     from .cells import SETTINGS, cli_flags
     from .errors import InputError
     from .rundir import RunDir, RunDirError
+    from .survey import survey_all
 
     given = [flag for dest, flag in [(a, "--" + a) for a in AXES] + [(fl.dest, fl.flag) for f in SETTINGS
                                                                     for fl in cli_flags(f)]
@@ -240,7 +241,7 @@ def _resume(args: argparse.Namespace) -> int:
             if todo:
                 runner.start_workers(options.start_method, todo)
             skipped = {} if args.force else dict(saved.get("skipped", {}))
-            return _execute(args, run, plan.Plan(todo, cells, plan.survey_all(todo), skipped), options)
+            return _execute(args, run, plan.Plan(todo, cells, survey_all(todo), skipped), options)
     except RunDirError as e:   # its message starts with the directory
         raise UsageError(f"--resume {e}") from None
     except InputError as e:   # a plan that no longer builds, or no GPU for a cuda run
@@ -350,7 +351,9 @@ COMMANDS = {"run": cmd_run, "report": cmd_report, "list": cmd_list, "merge": cmd
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .errors import InputError
+    from .forksafe import keep_out
     from .runner import quiet_library_warnings
+    keep_out()   # the parent of a run never initialises CUDA: bitsandbytes' import would (lorabench/forksafe.py)
     quiet_library_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,39 +1,25 @@
-"""Cells of several processes: one torch.distributed process group per cell, launched as torchrun does.
+"""The model across the ranks of a cell of several processes: their process group, DDP and FSDP2.
 
     lorabench run --models cifar-mlp --methods full,lora --ranks 8 --nproc 2 --strategy fsdp2
 
-The cell's own process is the agent: it hosts the group's TCPStore and forks one process per rank
-with the environment torchrun gives its workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT,
-TORCHELASTIC_USE_AGENT_STORE), so a rank joins with `init_process_group` over env:// exactly as
-under torchrun (which is how a cell spans nodes: see the README). gloo on the CPU, nccl on CUDA
-(RCCL on ROCm), one device per rank. Every rank runs the whole protocol of `experiment` on its
-shard of each global batch and sends its figures back; the agent folds them into one row:
-memory as "per device: max" (what must fit) and "all devices: sum" (what it costs), time as the
-slowest rank's. A rank that dies or raises ends the cell, naming the rank; the others get a few
-seconds to report what they measured, then are killed, so a cell never hangs on a dead peer.
+Each rank joins its cell's process group from torchrun's environment (`Group`): gloo on the CPU,
+nccl on CUDA (RCCL on ROCm), one device per rank. Here: how a rank wraps its model (a DDP replica,
+or FSDP2's shards per transformer block), what it holds, and the checks across ranks. Who starts
+the ranks and folds their figures into a row is `ranks`.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
-import multiprocessing as mp
 import os
-import signal
-import time
-import uuid
-from dataclasses import dataclass, field
-from multiprocessing.connection import wait
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .rows import is_number
-
 PG_TIMEOUT_S = 120.0   # a collective waiting this long on a peer raises instead of hanging the cell
-GRACE_S = 5.0          # after one rank fails, how long the others get to report what they measured
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}   # torch's "nccl" is RCCL on a ROCm build
 STRATEGIES = {   # cells.STRATEGIES, described for `lorabench list`
     "ddp": "DistributedDataParallel: a whole replica per process, gradients all-reduced in buckets",
@@ -184,157 +170,3 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Every parameter whole, on the leader's CPU (others get {}): how checks see an FSDP2 model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-# ---- the agent: start the ranks, watch them, fold their figures ----------------------------------
-
-@dataclass
-class RankResult:
-    """What one rank sent, or how it ended without sending it."""
-
-    rank: int
-    payload: dict[str, Any] | None = None   # experiment's measurement of this rank
-    exitcode: int | None = None
-    ended_at: float | None = None            # monotonic time its failure was seen
-
-    @property
-    def failed(self) -> bool:
-        if self.payload is not None:
-            return self.payload["status"] not in ("ok", "diverged")
-        return self.exitcode is not None
-
-    def death(self) -> str:
-        """How a rank ended without a result."""
-        if self.exitcode is not None and self.exitcode < 0:
-            return signal.Signals(-self.exitcode).name
-        return f"exit code {self.exitcode}"
-
-
-def _die_with_parent() -> None:
-    """A rank must not outlive its agent (a killed cell takes its whole group with it)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _rank_entry(target: Callable, env: dict[str, str], conn, args: tuple) -> None:
-    _die_with_parent()
-    os.environ.update(env)
-    try:
-        target(conn, *args)
-    finally:
-        conn.close()
-
-
-def launch(world: int, target: Callable, args: tuple = (),
-           on_message: Callable[[tuple], None] | None = None) -> list[RankResult]:
-    """Run `target(conn, *args)` in `world` forked processes with torchrun's environment, hosting
-    their store; a ("result", payload) message is the rank's result, any other goes to
-    `on_message`. Returns every rank's result once all have ended; after the first failure the
-    others get GRACE_S to report, then are killed."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)   # the agent's store
-    common = {"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0",
-              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True",
-              "TORCHELASTIC_RUN_ID": uuid.uuid4().hex}
-    ctx = mp.get_context("fork")   # the agent has imported torch but touched no device: the ranks start warm
-    results = [RankResult(r) for r in range(world)]
-    procs, conns = [], {}
-    for r in range(world):
-        recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_rank_entry, name=f"lorabench-rank{r}",
-                        args=(target, {**common, "RANK": str(r), "LOCAL_RANK": str(r)}, send, args))
-        p.start()
-        send.close()
-        procs.append(p)
-        conns[recv] = r
-    deadline = None
-    try:
-        live = dict(conns)
-        while live:
-            timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
-            ready = wait(list(live), timeout)
-            if not ready:   # grace is over: the rest are stuck on a dead peer
-                break
-            for c in ready:
-                r = live[c]
-                try:
-                    msg = c.recv()
-                except EOFError:   # the rank is gone
-                    del live[c]
-                    procs[r].join()
-                    if results[r].payload is None:
-                        results[r].exitcode = procs[r].exitcode
-                        results[r].ended_at = time.monotonic()
-                    continue
-                if msg[0] == "result":
-                    results[r].payload = msg[1]
-                    if results[r].failed:
-                        results[r].ended_at = time.monotonic()
-                elif on_message:
-                    on_message(msg)
-            if deadline is None and any(x.failed for x in results):
-                deadline = time.monotonic() + GRACE_S
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join()
-        for c in conns:
-            c.close()
-        del store
-    return results
-
-
-def root_cause(results: list[RankResult]) -> RankResult | None:
-    """The rank whose failure ended the cell. A peer's death makes the others raise moments later
-    (gloo: "connection reset by peer"), so of the failures seen within a second of the first, one
-    that died without a result (a signal, an exit) is the cause before one that raised."""
-    failed = [x for x in results if x.failed]
-    if not failed:
-        return None
-    first = min(x.ended_at or 0.0 for x in failed)
-    together = [x for x in failed if (x.ended_at or 0.0) <= first + 1.0]
-    return min(together, key=lambda x: (x.payload is not None, x.ended_at or 0.0, x.rank))
-
-
-# Figures of a rank that the row gives as the max over ranks: what must fit on one device, and
-# the slowest rank's time. `_sum` companions add the per-device peaks: what the cell costs.
-MAX_OVER_RANKS = ("host_peak_rss_bytes", "host_peak_above_baseline_bytes", "host_rss_baseline_bytes",
-                  "host_maxrss_bytes", "torch_peak_allocated_bytes", "torch_peak_reserved_bytes",
-                  "torch_peak_above_baseline_bytes", "torch_allocated_baseline_bytes",
-                  "torch_allocated_after_first_backward_bytes", "torch_allocated_after_first_step_bytes",
-                  "nvml_process_peak_bytes", "amdsmi_process_peak_bytes", "weights_bytes", "trainable_weights_bytes",
-                  "grads_bytes", "optimizer_state_bytes", "activations_saved_bytes", "activations_saved_tensors",
-                  "epoch_s", "step_s_p50", "step_s_p90", "cell_wall_s")
-SUMMED = {"host_peak_rss_bytes": "host_peak_rss_sum_bytes", "torch_peak_allocated_bytes": "torch_peak_allocated_sum_bytes",
-          "nvml_process_peak_bytes": "nvml_process_peak_sum_bytes", "amdsmi_process_peak_bytes": "amdsmi_process_peak_sum_bytes"}
-PER_RANK = ("host_peak_rss_bytes", "torch_peak_allocated_bytes", "nvml_process_peak_bytes", "amdsmi_process_peak_bytes",
-            "weights_bytes", "grads_bytes", "optimizer_state_bytes", "step_s_p50", "epoch_s")
-
-
-@dataclass
-class Folded:
-    measured: dict[str, Any] = field(default_factory=dict)
-    per_rank: list[dict[str, Any]] = field(default_factory=list)
-
-
-def fold(results: list[RankResult]) -> Folded:
-    """One row's figures from every rank's: the leader's, with MAX_OVER_RANKS taken over the ranks
-    that measured them, their sums, and one entry per rank."""
-    reported = [x.payload["measured"] for x in results if x.payload is not None]
-    out = Folded(dict(next((x.payload["measured"] for x in results if x.rank == 0 and x.payload), {})))
-    for key in MAX_OVER_RANKS:
-        values = [m[key] for m in reported if is_number(m.get(key))]
-        if values:
-            out.measured[key] = max(values)
-    for key, total in SUMMED.items():
-        values = [m.get(key) for m in reported]
-        if reported and len(reported) == len(results) and all(is_number(v) for v in values):
-            out.measured[total] = sum(values)
-    for x in results:
-        m = x.payload["measured"] if x.payload else {}
-        entry = {"rank": x.rank, "status": x.payload["status"] if x.payload else "crashed"}
-        entry.update({k: m[k] if is_number(m.get(k)) else None for k in PER_RANK})
-        out.per_rank.append(entry)
-    return out

@@ -10,41 +10,122 @@ tracker interface of `trackers`; what cannot be read is `Unavailable`, with the 
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from .trackers import ProcessTree, _Sampler, unavailable
 
 
+@dataclass(frozen=True)
+class Pci:
+    """A PCI address: domain, bus, device (the slot) and function. NVML writes it
+    `00000000:3B:00.0` (8-digit domain; `busIdLegacy` has 4), amdsmi and lspci `0000:3b:00.0`;
+    torch knows the slot only (no function). A GPU is found by its slot; two functions in one slot
+    (SR-IOV virtual functions) are ambiguous and refused, never guessed."""
+
+    domain: int
+    bus: int
+    device: int
+    function: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Pci":
+        m = re.fullmatch(r"(?:([0-9a-fA-F]{1,8}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})(?:\.([0-7]))?",
+                         str(text).strip())
+        if not m:
+            raise ValueError(f"not a PCI address: {text!r}")
+        domain, bus, device, function = m.groups()
+        return cls(int(domain or "0", 16), int(bus, 16), int(device, 16), int(function) if function else None)
+
+    @property
+    def slot(self) -> tuple[int, int, int]:
+        return self.domain, self.bus, self.device
+
+    def __str__(self) -> str:
+        return f"{self.domain:08X}:{self.bus:02X}:{self.device:02X}" + (f".{self.function}" if self.function is not None
+                                                                         else "")
+
+
+def bare_uuid(text: str) -> str:
+    """A GPU UUID without NVML's `GPU-` / `MIG-` prefix, lower case: torch prints it bare
+    (`{:02x}` x 16 in 8-4-4-4-12 groups), NVML with the prefix."""
+    text = str(text).strip()
+    for prefix in ("GPU-", "MIG-"):
+        if text.upper().startswith(prefix):
+            text = text[len(prefix):]
+    return text.lower()
+
+
 def device_identity(index: int = 0) -> dict[str, str]:
-    """UUID and PCI bus id of torch's device `index`, in this (cell) process: the keys that map a
+    """UUID and PCI slot of torch's device `index`, in this (cell) process: the keys that map a
     torch device to the driver's, whose order differs (CUDA orders fastest-first, NVML by bus)."""
     import torch
-    props = torch.cuda.get_device_properties(index)
+    return identity_of(torch.cuda.get_device_properties(index))
+
+
+def identity_of(props) -> dict[str, str]:
+    """{"uuid", "pci_bus_id"} of torch's device properties (`torch.cuda.get_device_properties`)."""
     ident: dict[str, str] = {}
-    uuid = str(getattr(props, "uuid", "") or "")
+    uuid = bare_uuid(getattr(props, "uuid", "") or "")
     if uuid:
         ident["uuid"] = uuid
     if getattr(props, "pci_bus_id", None) is not None:
-        ident["pci_bus_id"] = (f"{getattr(props, 'pci_domain_id', 0):08X}:{props.pci_bus_id:02X}:"
-                               f"{getattr(props, 'pci_device_id', 0):02X}.0")
+        ident["pci_bus_id"] = str(Pci(getattr(props, "pci_domain_id", 0), props.pci_bus_id,
+                                      getattr(props, "pci_device_id", 0)))
     return ident
 
 
+def by_slot(handles: list, address_of, want: Pci, what: str):
+    """The one handle whose PCI slot is `want`'s; LookupError when none is, or several are."""
+    found = [h for h in handles if Pci.parse(address_of(h)).slot == want.slot]
+    if len(found) > 1:
+        raise LookupError(f"{len(found)} {what} devices share PCI slot {want} (functions "
+                          f"{', '.join(str(Pci.parse(address_of(h)).function) for h in found)}); torch does not say "
+                          "which one it uses")
+    if not found:
+        raise LookupError(f"no {what} device at PCI slot {want}")
+    return found[0]
+
+
+def _nvml_address(nvml, handle) -> str:
+    info = nvml.nvmlDeviceGetPciInfo(handle)
+    bus_id = info.busId.decode() if isinstance(info.busId, bytes) else str(info.busId)
+    return bus_id or f"{info.domain:08X}:{info.bus:02X}:{info.device:02X}"
+
+
+def _nvml_mig_enabled(nvml, handle) -> bool:
+    try:
+        return nvml.nvmlDeviceGetMigMode(handle)[0] == nvml.NVML_DEVICE_MIG_ENABLE
+    except nvml.NVMLError:   # NOT_SUPPORTED: a GPU without MIG
+        return False
+
+
+def nvml_devices(nvml) -> list:
+    """Every GPU NVML sees (MIG instances are reached through their GPU or their UUID)."""
+    return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+
+
 def nvml_handle(nvml, index: int = 0, identity: dict[str, str] | None = None):
-    """The NVML handle of torch's device `index`, resolved by UUID or PCI bus id, never by torch's
-    index. Without an identity (no CUDA in this process), CUDA_VISIBLE_DEVICES is read: UUIDs
-    (GPU-..., MIG-...) map exactly, and indices only under CUDA_DEVICE_ORDER=PCI_BUS_ID."""
+    """The NVML handle of torch's device `index`, resolved by UUID or PCI slot, never by torch's
+    index. A GPU in MIG mode is resolved by UUID only: its instances share its PCI address, so the
+    slot would name the whole GPU. Without an identity (no CUDA in this process),
+    CUDA_VISIBLE_DEVICES is read: UUIDs (GPU-..., MIG-...) map exactly, and indices only under
+    CUDA_DEVICE_ORDER=PCI_BUS_ID."""
     if identity:
-        uuid = identity.get("uuid", "")
-        for candidate in ([uuid] if uuid.startswith(("GPU-", "MIG-")) else [f"GPU-{uuid}", f"MIG-{uuid}"]):
-            if not uuid:
-                break
+        uuid = bare_uuid(identity.get("uuid", ""))
+        for candidate in ([f"GPU-{uuid}", f"MIG-{uuid}"] if uuid else []):
             try:
                 return nvml.nvmlDeviceGetHandleByUUID(candidate)
             except nvml.NVMLError:
                 pass
         if identity.get("pci_bus_id"):
-            return nvml.nvmlDeviceGetHandleByPciBusId(identity["pci_bus_id"])
+            handle = by_slot(nvml_devices(nvml), lambda h: _nvml_address(nvml, h), Pci.parse(identity["pci_bus_id"]),
+                             "NVML")
+            if _nvml_mig_enabled(nvml, handle):
+                raise LookupError(f"the GPU at PCI slot {identity['pci_bus_id']} is in MIG mode: its instances are told "
+                                  f"apart by UUID only, and torch's UUID ({uuid or 'none'}) matched none of them")
+            return handle
     ordered = os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
@@ -61,6 +142,20 @@ def nvml_handle(nvml, index: int = 0, identity: dict[str, str] | None = None):
     if nvml.nvmlDeviceGetCount() == 1 or ordered:
         return nvml.nvmlDeviceGetHandleByIndex(index)
     raise LookupError("several GPUs and no way to tell which one torch uses; set CUDA_DEVICE_ORDER=PCI_BUS_ID")
+
+
+def nvml_visible(nvml) -> tuple[list, str]:
+    """(handles of the GPUs this process's cells may use, how they were found), without CUDA: the
+    UUIDs of CUDA_VISIBLE_DEVICES, its indices under PCI order, else every GPU (where its indices
+    cannot be mapped, a superset: what is read of them is the least, never more)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return nvml_devices(nvml), "every GPU"
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    try:
+        return [nvml_handle(nvml, i) for i in range(len(entries))], f"CUDA_VISIBLE_DEVICES={visible}"
+    except (LookupError, nvml.NVMLError) as e:
+        return nvml_devices(nvml), f"every GPU (CUDA_VISIBLE_DEVICES={visible} cannot be mapped: {e})"
 
 
 def nvml_used(nvml, handle) -> tuple[int, str, bool]:
@@ -86,6 +181,7 @@ class NvmlMemory(_Sampler):
     `source` says which NVML reading `used` is (v2 leaves out driver-reserved memory)."""
 
     series_name = "nvml_device_used_bytes"   # the driver view of the whole device, every sample
+    KEYS = ("nvml_process_peak_bytes", "nvml_device_used_peak_bytes", "nvml_device_used_before_bytes")
 
     def __init__(self, nvml, handle, interval_s: float = 0.01):
         super().__init__(interval_s)
@@ -119,8 +215,8 @@ class NvmlMemory(_Sampler):
             self.process_peak = max(self.process_peak, sum(u or 0 for u in used))
 
     def result(self) -> dict[str, Any]:
-        if self.error and not self.device_peak:
-            reason = unavailable(f"NVML: {self.error}")
+        if self.error:   # a peak of the readings before it failed could miss the real one
+            reason = unavailable(f"NVML: a reading failed after {len(self.series)}: {self.error}")
             return {"nvml_process_peak_bytes": reason, "nvml_device_used_peak_bytes": reason,
                     "nvml_device_used_before_bytes": self.before_bytes}
         if self.process_error:
@@ -136,17 +232,16 @@ class NvmlMemory(_Sampler):
 
 
 def amdsmi_handle(amdsmi, identity: dict[str, str] | None):
-    """The amdsmi processor handle of torch's device, matched by PCI bus id (BDF); the visible-devices
-    variables (ROCR_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES) renumber devices, the bus id does not."""
+    """The amdsmi processor handle of torch's device, matched by PCI slot, domain included; the
+    visible-devices variables (ROCR_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES) renumber devices, the
+    address does not."""
     handles = amdsmi.amdsmi_get_processor_handles()
-    want = (identity or {}).get("pci_bus_id", "").lower()
-    for h in handles:
-        bdf = amdsmi.amdsmi_get_gpu_device_bdf(h).lower()
-        if want and bdf.split(":", 1)[-1] == want.split(":", 1)[-1]:   # domain widths differ (4 vs 8 digits)
-            return h
-    if not want and len(handles) == 1:
+    want = (identity or {}).get("pci_bus_id")
+    if want:
+        return by_slot(handles, amdsmi.amdsmi_get_gpu_device_bdf, Pci.parse(want), "amdsmi")
+    if len(handles) == 1:
         return handles[0]
-    raise LookupError(f"no amdsmi device with PCI bus id {want or '(unknown)'}")
+    raise LookupError(f"{len(handles)} amdsmi devices and no PCI address of torch's device to tell them apart")
 
 
 def _amd_process_vram(amdsmi, handle, pids: set[int]) -> int | None:
@@ -166,6 +261,7 @@ class AmdsmiMemory(_Sampler):
     process tree's VRAM from the process list."""
 
     series_name = "amdsmi_device_vram_used_bytes"
+    KEYS = ("amdsmi_process_peak_bytes", "amdsmi_device_vram_used_peak_bytes", "amdsmi_device_vram_used_before_bytes")
 
     MB = 2 ** 20   # amdsmi_get_gpu_vram_usage reports MB
 
@@ -176,6 +272,7 @@ class AmdsmiMemory(_Sampler):
         self.before_bytes = self._device_used()
         self.process_peak = self.device_peak = 0
         self.process_seen = False
+        self.process_error: str | None = None   # the process list failed (no permission): the device figure goes on
 
     def _device_used(self) -> int:
         return int(self.amdsmi.amdsmi_get_gpu_vram_usage(self.handle)["vram_used"]) * self.MB
@@ -184,18 +281,25 @@ class AmdsmiMemory(_Sampler):
         used = self._device_used()
         self.device_peak = max(self.device_peak, used)
         self._record(used)
-        mine = _amd_process_vram(self.amdsmi, self.handle, self._pids())
+        if self.process_error:
+            return
+        try:
+            mine = _amd_process_vram(self.amdsmi, self.handle, self._pids())
+        except self.amdsmi.AmdSmiException as e:
+            self.process_error = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            return
         if mine is not None:
             self.process_seen = True
             self.process_peak = max(self.process_peak, mine)
 
     def result(self) -> dict[str, Any]:
-        if self.error and not self.device_peak:
-            reason = unavailable(f"amdsmi: {self.error}")
+        if self.error:   # a peak of the readings before it failed could miss the real one
+            reason = unavailable(f"amdsmi: a reading failed after {len(self.series)}: {self.error}")
             return {"amdsmi_process_peak_bytes": reason, "amdsmi_device_vram_used_peak_bytes": reason,
                     "amdsmi_device_vram_used_before_bytes": self.before_bytes}
         process = self.process_peak if self.process_seen else unavailable(
-            f"process not visible to amdsmi{' (' + self.error + ')' if self.error else ''}")
+            "process not visible to amdsmi" + (f": it could not list the device's processes ({self.process_error})"
+                                               if self.process_error else ""))
         return {"amdsmi_process_peak_bytes": process, "amdsmi_device_vram_used_peak_bytes": self.device_peak,
                 "amdsmi_device_vram_used_before_bytes": self.before_bytes}
 
@@ -264,6 +368,7 @@ def driver_trackers(device, interval_s: float) -> tuple[list, "EnergyMeter", dic
     if device.type != "cuda":
         return [], unavailable_energy("no energy counter is read on the CPU"), {}, {}
     ident = device_identity(device.index or 0)
+    facts = {f"gpu_{key}": value for key, value in ident.items()}   # which device it was: gpu_uuid, gpu_pci_bus_id
     rocm = bool(torch.version.hip)
     try:
         if rocm:
@@ -271,20 +376,19 @@ def driver_trackers(device, interval_s: float) -> tuple[list, "EnergyMeter", dic
             amdsmi.amdsmi_init()
             handle = amdsmi_handle(amdsmi, ident)
             return [AmdsmiMemory(amdsmi, handle, interval_s)], amdsmi_energy(amdsmi, handle), {
-                "gpu_driver_view": "amdsmi", "gpu_driver": _amd_driver_version(amdsmi, handle)}, {}
+                **facts, "gpu_driver_view": "amdsmi", "gpu_driver": _amd_driver_version(amdsmi, handle)}, {}
         import pynvml
         pynvml.nvmlInit()
         handle = nvml_handle(pynvml, device.index or 0, ident)
         sampler = NvmlMemory(pynvml, handle, interval_s)
         return [sampler], nvml_energy(pynvml, handle), {
-            "gpu_driver_view": "NVML", "gpu_driver": pynvml.nvmlSystemGetDriverVersion(),
+            **facts, "gpu_driver_view": "NVML", "gpu_driver": pynvml.nvmlSystemGetDriverVersion(),
             "gpu_memory_used": sampler.source}, {}
     except Exception as e:   # ImportError, a driver error, permissions, an unmappable device
         lib = "amdsmi" if rocm else "NVML"
         reason = unavailable(f"{lib}: {type(e).__name__}: {e}")
-        keys = (("amdsmi_process_peak_bytes", "amdsmi_device_vram_used_peak_bytes") if rocm
-                else ("nvml_process_peak_bytes", "nvml_device_used_peak_bytes"))
-        return [], unavailable_energy(f"{lib} unavailable"), {}, {k: reason for k in keys}
+        keys = (AmdsmiMemory if rocm else NvmlMemory).KEYS   # every figure the sampler would have given
+        return [], unavailable_energy(f"{lib} unavailable: {type(e).__name__}: {e}"), facts, {k: reason for k in keys}
 
 
 def _amd_driver_version(amdsmi, handle) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 import psutil
 import torch
 
+from .forksafe import in_bad_fork
+
 VISIBLE_DEVICE_VARS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
 
 
@@ -57,7 +59,9 @@ def project_commit() -> str:
         return "unknown"
 
 
-def capture(device: str) -> dict[str, Any]:
+def capture(device: str, index: int = 0, gpu: bool = True) -> dict[str, Any]:
+    """The machine as this process sees it; on a GPU, torch device `index`'s properties (`gpu=False`
+    leaves them out: a process that must not initialise CUDA)."""
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -72,9 +76,11 @@ def capture(device: str) -> dict[str, Any]:
         "lorabench_commit": project_commit(),
         "device": device,
         "visible_devices": {k: os.environ[k] for k in VISIBLE_DEVICE_VARS if k in os.environ},
+        # forked after its parent queried CUDA: no CUDA call can work here (lorabench/forksafe.py)
+        "cuda_bad_fork": in_bad_fork(),
     }
-    if device == "cuda" and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
+    if device == "cuda" and gpu and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(index)
         env.update({
             "gpu_name": props.name,
             "gpu_count": torch.cuda.device_count(),
@@ -96,22 +102,42 @@ def gpu_arch(props, rocm: bool) -> str:
 
 
 def free_memory_bytes(device: str) -> tuple[int | None, str]:
-    """(bytes free for a cell, what was read). On a GPU the driver's view through NVML, so this
-    process never creates a CUDA context of its own (that would sit in every cell's device memory)."""
+    """(bytes free for a cell, what was read). On a GPU the driver's view (NVML, or amdsmi on a ROCm
+    build) of every GPU the run's cells may use, the least of them: this process never creates a
+    CUDA context of its own (that would sit in every cell's device memory)."""
     if device == "cpu":
         return psutil.virtual_memory().available, "host memory available"
     try:
-        import pynvml
-        pynvml.nvmlInit()
-        try:
-            from .drivers import nvml_handle
-            handle = nvml_handle(pynvml, 0)
-            # v1's `free` already leaves out driver-reserved memory: v1 and v2 agree on it
-            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free), "GPU memory free (NVML)"
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception as e:   # no NVML (ROCm, or no driver library): no gate, and say so
-        return None, f"free GPU memory unknown ({type(e).__name__})"
+        return _amdsmi_free() if torch.version.hip else _nvml_free()
+    except Exception as e:   # no driver library, or it failed: no gate, and say so
+        return None, f"free GPU memory unknown ({type(e).__name__}: {e})"
+
+
+def _nvml_free() -> tuple[int, str]:
+    import pynvml
+
+    from .drivers import nvml_visible
+    pynvml.nvmlInit()
+    try:
+        handles, which = nvml_visible(pynvml)
+        # v1's `free` already leaves out driver-reserved memory: v1 and v2 agree on it
+        free = [int(pynvml.nvmlDeviceGetMemoryInfo(h).free) for h in handles]
+        return min(free), f"GPU memory free (NVML, the least of {len(free)} GPU(s): {which})"
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _amdsmi_free() -> tuple[int, str]:
+    import amdsmi
+    amdsmi.amdsmi_init()
+    try:
+        handles = amdsmi.amdsmi_get_processor_handles()
+        usage = [amdsmi.amdsmi_get_gpu_vram_usage(h) for h in handles]   # MB
+        free = [(int(u["vram_total"]) - int(u["vram_used"])) * 2 ** 20 for u in usage]
+        # HIP_VISIBLE_DEVICES numbers devices as HIP does: every GPU is read, the least kept (never more)
+        return min(free), f"GPU memory free (amdsmi, the least of {len(free)} GPU(s): every GPU)"
+    finally:
+        amdsmi.amdsmi_shut_down()
 
 
 def resolve_device(requested: str) -> str:

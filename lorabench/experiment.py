@@ -10,14 +10,12 @@ and data are in place (their baseline); one probe step does the one-off bookkeep
 training loop, which is then left bare; the adapter checks run after the timed region.
 
 A cell of several processes (`--nproc`) runs the same protocol, `measure`, in each of its ranks
-(forked by `distributed.launch`, or started by torchrun: `python -m lorabench.experiment`), with
-the model wrapped for its strategy and checked against one process before the first step; the
-cell's process folds the ranks' figures into the one row.
+(launched by `ranks`, or by torchrun: `python -m lorabench.ranks`), with the model wrapped for
+its strategy and checked against one process before the first step.
 """
 from __future__ import annotations
 
 import gc
-import os
 import time
 import traceback
 from contextlib import ExitStack
@@ -26,11 +24,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import distributed, environment, methods, models, quantization
+from . import distributed, environment, forksafe, methods, models, quantization
 from .cells import Cell
 from .compiler import Compiled
 from .data import Dataset, load
 from .drivers import driver_trackers
+from .errors import first_line
 from .methods import method as method_of
 from .precision import TORCH as DTYPES
 from .precision import Precision
@@ -44,18 +43,14 @@ from .train import EpochRecord, Fit, fit, make_optimizer, micro_batch
 
 def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = None,
             sample_interval_s: float = 0.01, known: dict[str, Any] | None = None, traces: Traces | None = None) -> Row:
-    """Run one cell from this process and return its row: here, or for a cell of several processes
-    in one forked process per rank (`distributed`). `known` holds figures made before the cell ran
-    (its prediction, the run's matmul rate), so the row is whole, derived figures included, the
-    moment it is made."""
+    """Run a cell of one process here and return its row (a cell of several: `ranks.execute_group`).
+    `known` holds figures made before the cell ran (its prediction, the run's matmul rate), so the
+    row is whole, derived figures included, the moment it is made."""
     started = time.perf_counter()
-    if cell.nproc > 1:
-        return _execute_group(cell, on_epoch, sample_interval_s, known or {}, started, traces)
     out = measure(cell, None, on_epoch, sample_interval_s, traces)
     measured = {**(known or {}), **out["measured"], "cell_wall_s": time.perf_counter() - started}
-    env = {**environment.capture(cell.device), **out["env_facts"]}   # facts of the machine, not of the cell
     return Row.make(cell, out["status"], measured, epochs=out["epochs"], pretrain_epochs=out["pretrain"],
-                    environment=env, error=out["error"])
+                    environment=out["env_facts"], error=out["error"])
 
 
 def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[EpochRecord, int], None] | None = None,
@@ -65,6 +60,7 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
     what was measured before."""
     measured: dict[str, Any] = {}
     env_facts: dict[str, str] = {}
+    device = None
     epochs: list[dict] = []
     pretrain: list[dict] = []
     error = None
@@ -73,6 +69,7 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
     try:
         torch.manual_seed(cell.seed)
         dtype = DTYPES[cell.dtype]
+        forksafe.require_clean(torch.device(cell.device))   # one clear line, not a CUDA traceback
         device = group.device(cell.device) if group else torch.device(cell.device)
         if traces is not None:   # memory over the whole cell, with its phases marked
             timeline = Timeline(device)
@@ -146,8 +143,8 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
         finally:
             if timeline is not None:
                 timeline.add(trackers)
-            for t in trackers:
-                measured.update(t.result())
+            for t in trackers:   # one whose start raised has no readings (its error is the row's)
+                measured.update(t.result() if t.started else t.unavailable_result(f"{type(t).__name__} did not start"))
             measured.update(energy.result())
         mark("after training: trace, checks")
         if compiled:
@@ -174,12 +171,23 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
     except Exception as e:   # the row records the failure; the matrix goes on
         status = Status.OOM if _is_oom(e) else Status.ERROR
         error = {"type": type(e).__name__, "message": str(e).strip().splitlines()[0] if str(e).strip() else "",
-                 "traceback": traceback.format_exc().splitlines()[-12:]}
+                 "traceback": [] if isinstance(e, forksafe.BadFork) else traceback.format_exc().splitlines()[-12:]}
     if timeline is not None:
         timeline.stop()
         measured["timeline"] = write_timeline(timeline, traces, name)
+    # facts of the machine, as this process (this rank, on its own device) sees them
+    env_facts = {**_environment(cell, device), **env_facts}
     return {"measured": measured, "epochs": epochs, "pretrain": pretrain, "env_facts": env_facts,
             "status": status.value, "error": error}
+
+
+def _environment(cell: Cell, device: torch.device | None) -> dict[str, Any]:
+    """environment.capture on the process's own device; its properties left out where the cell
+    never reached the device or it has failed (the row must still be made)."""
+    try:
+        return environment.capture(cell.device, device.index or 0 if device is not None else 0, gpu=device is not None)
+    except Exception as e:   # noqa: BLE001 (a device in an error state: the machine's other facts stand)
+        return {**environment.capture(cell.device, gpu=False), "gpu_properties": f"unavailable: {first_line(e)}"}
 
 
 def _marked(on_epoch, mark):
@@ -221,47 +229,6 @@ def _wrap_checked(model: nn.Module, task: Task, ds: Dataset, cell: Cell, group: 
     distributed.reshard(wrapped)   # before the optimizer is built on its parameters
     model.train()
     return wrapped, {"check_ranks_first_loss_abs_diff": abs(distributed.mean(mine, device) - one)}
-
-
-def _rank_main(conn, cell_dict: dict[str, Any], sample_interval_s: float, traces: Traces | None = None) -> None:
-    """One rank of a cell of several processes (under `distributed.launch`, or torchrun)."""
-    cell = Cell.from_dict(cell_dict)
-    group = distributed.Group.from_env(cell.strategy)
-    on_epoch = (lambda rec, total: conn.send(("epoch", vars(rec), total))) if group.leader else None
-    try:
-        conn.send(("result", measure(cell, group, on_epoch, sample_interval_s, traces)))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def _execute_group(cell: Cell, on_epoch, sample_interval_s: float, known: dict[str, Any], started: float,
-                   traces: Traces | None = None) -> Row:
-    """A cell of `cell.nproc` processes: launch the ranks, fold their figures into one row; a rank
-    that failed ends the cell with its status, named, beside what the others measured."""
-    forward = (lambda msg: on_epoch(EpochRecord(**msg[1]), msg[2])) if on_epoch else None
-    results = distributed.launch(cell.nproc, _rank_main, (cell.to_dict(), sample_interval_s, traces),
-                                 on_message=forward)
-    return _group_row(cell, results, known, started)
-
-
-def _group_row(cell: Cell, results: list[distributed.RankResult], known: dict[str, Any], started: float) -> Row:
-    folded = distributed.fold(results)
-    leader = next((x.payload for x in results if x.payload), None) or {"epochs": [], "pretrain": [], "env_facts": {},
-                                                                        "status": "crashed", "error": None}
-    status, error = Status(leader["status"]), leader["error"]
-    cause = distributed.root_cause(results)
-    where = f"rank {cause.rank} of {cell.nproc}" if cause else ""
-    if cause is not None and cause.payload is not None:
-        status, error = Status(cause.payload["status"]), dict(cause.payload["error"] or {})
-        error["message"] = f"{where}: {error.get('message', '')}"
-    elif cause is not None:
-        status = Status.CRASHED
-        error = {"type": cause.death(), "message": f"{where}: the process died from {cause.death()}", "traceback": []}
-    measured = {**known, **folded.measured, "cell_wall_s": time.perf_counter() - started}
-    env = {**environment.capture(cell.device), **leader["env_facts"]}
-    return Row.make(cell, status, measured, epochs=leader["epochs"], pretrain_epochs=leader["pretrain"],
-                    environment=env, error=error, per_rank=folded.per_rank)
 
 
 def probe_step(model: nn.Module, task: Task, data: Dataset, optimizer: torch.optim.Optimizer, cell: Cell,
@@ -351,41 +318,3 @@ def _is_oom(e: BaseException) -> bool:
         return True
     # torch's CPU allocator raises a plain RuntimeError when malloc fails
     return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """One rank of one cell, started by torchrun itself (a cell across nodes): every rank measures,
-    rank 0 gathers the others' figures and appends the cell's row to RUN_DIR/results.jsonl.
-
-        torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
-            -m lorabench.experiment RUN_DIR '{"model": "bert-base", "method": "full", "strategy": "fsdp2"}'
-    """
-    import argparse
-    import json
-    from pathlib import Path
-
-    from .rundir import RunDir
-    parser = argparse.ArgumentParser(prog="python -m lorabench.experiment", description=main.__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="where rank 0 appends the row (created if missing)")
-    parser.add_argument("cell", help="the cell as JSON (Cell's fields); nproc is WORLD_SIZE")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    fields = json.loads(args.cell)
-    fields["nproc"] = int(os.environ["WORLD_SIZE"])
-    cell = Cell.from_dict(fields)
-    group = distributed.Group.from_env(cell.strategy)
-    payload = measure(cell, group)
-    gathered = [None] * group.world if group.leader else None
-    torch.distributed.gather_object(payload, gathered, dst=0)
-    torch.distributed.destroy_process_group()
-    if group.leader:
-        args.run_dir.mkdir(parents=True, exist_ok=True)
-        run = RunDir(args.run_dir)
-        results = [distributed.RankResult(r, p) for r, p in enumerate(gathered)]
-        run.append(_group_row(cell, results, {}, started).replace(run_id=run.run_id))
-        print(f"rank 0: the row of {cell.model} {cell.label} is in {run.results_path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

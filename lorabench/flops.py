@@ -8,11 +8,14 @@ of the forward pass and of the backward pass autograd actually runs, so a frozen
 missing input gradient and re-parametrization's full weight gradient are both right. What is not:
 elementwise work (activations, norms, softmax outside SDPA, Adam's update), which is memory-bound
 and a few percent of the matmuls at these sizes. `closed_form` is the textbook count for a stack
-of Linear layers, kept to cross-check the counter (tests, `lorabench check`).
+of Linear layers, kept to cross-check the counter (tests, `lorabench check`). `measure_matmul_flops`
+is the other side of MFU: the rate the device does the model's own matrix products at.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -96,3 +99,43 @@ def gemm_shapes(module: nn.Module, rows: int) -> set[tuple[int, int, int]]:
     """(M, K, N) of each Linear's forward product at `rows` rows: the shapes the matmul ceiling is
     calibrated on, so MFU compares the model with what the device does on the model's own GEMMs."""
     return {(rows, m.in_features, m.out_features) for m in module.modules() if isinstance(m, nn.Linear)}
+
+
+def measure_matmul_flops(device, dtype, shapes=(), seconds: float = 0.2) -> dict[str, Any]:
+    """Sustained FLOP/s of matmuls at `dtype` on `device`, on each (M, K, N) of `shapes` (the
+    model's own GEMMs) and on a square one: {"matmul_flops": the best, "shapes": each one's rate}.
+    The best is the ceiling model FLOPs utilisation is measured against: the model cannot beat
+    what the device does on the model's largest products, and a square GEMM alone can sit below
+    a wide one. 2 M K N FLOPs per product; each timed between synchronisations after a warm-up,
+    so kernel selection and clock ramp-up are excluded. The eight largest shapes are kept, and a
+    shape larger than the square one has its largest side halved until it is not (an LM head's
+    vocabulary-wide product would take a minute on a CPU); `shapes` says what was timed."""
+    import torch
+    n = 4096 if device.type == "cuda" else 1024
+    todo = []
+    for shape in sorted({tuple(int(x) for x in s) for s in shapes}, key=lambda s: -s[0] * s[1] * s[2])[:8]:
+        shape = list(shape)
+        while shape[0] * shape[1] * shape[2] > n ** 3:
+            i = shape.index(max(shape))
+            shape[i] //= 2
+        todo.append(tuple(shape))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    rates = []
+    for m, k, nn_ in [(n, n, n), *todo]:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, nn_, device=device, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        sync()
+        count, t0 = 0, time.perf_counter()
+        while True:
+            for _ in range(4):
+                a @ b
+            count += 4
+            sync()
+            elapsed = time.perf_counter() - t0
+            if elapsed >= seconds:
+                break
+        rates.append({"shape": [m, k, nn_], "flops": 2 * m * k * nn_ * count / elapsed})
+        del a, b
+    return {"matmul_flops": max(r["flops"] for r in rates), "shapes": rates}

@@ -3,10 +3,9 @@
     lorabench run --dry-run --preset quick      # expands, surveys and prints the plan
 
 Presets are named tuples of `Matrix` (models x methods x ranks with shared settings); CLI flags
-and a TOML file override them. Every cell is then surveyed on torch's meta device (exact
-parameter counts and the closed-form prediction, in milliseconds), which refuses an unbuildable
-cell before anything is written, balances shards by predicted cost, and gates cells predicted
-not to fit in free memory.
+and a TOML file override them. Every cell is then surveyed (`survey`: on torch's meta device,
+milliseconds), which refuses an unbuildable cell before anything is written, balances shards by
+predicted cost, and gates cells predicted not to fit in free memory or that the device cannot run.
 """
 from __future__ import annotations
 
@@ -19,17 +18,12 @@ from typing import Any, Iterable
 
 import torch
 
-from . import data, distributed, environment, flops, models, precision, quantization
+from . import child, environment
 from .cells import AXIS_FIELDS, CELL_FIELDS, LORA_FIELDS, Cell, CellError, _choices
 from .config import load_config
-from .methods import METHODS, MethodError, ParamCount
+from .methods import METHODS, MethodError
 from .methods import method as method_of
-from .predictions import DTYPE_BYTES, Prediction, per_rank, predict
-from .tasks import task_of_data
-
-
-class PlanError(CellError):
-    """A plan that cannot run here: an unbuildable cell, data of the wrong kind, missing weights."""
+from .survey import PROBE_TIMEOUT_S, RUNS_ANYWHERE, PlanError, Survey, probe, survey_all
 
 
 @dataclass(frozen=True)
@@ -209,80 +203,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-# ---- the survey: what is known of a cell before it runs ----------------------------------------
-
-@dataclass(frozen=True)
-class Survey:
-    params: ParamCount
-    task: str
-    prediction: Prediction
-    gemms: frozenset[tuple[int, int, int]] = frozenset()   # (M, K, N) of the model's Linear products
-
-
-def survey(cell: Cell) -> Survey:
-    """Build the cell's model and method on the meta device: exact counts, the closed-form memory
-    prediction and the counted FLOPs of one step; no memory, milliseconds. Raises ModelError /
-    MethodError for a cell that cannot be built."""
-    method = method_of(cell.method)
-    with torch.device(method.survey_device):
-        bundle = models.build(cell.model, "random", cell.task)
-        adapted = method.apply(bundle, cell.adapter)
-    task = bundle.task
-    if cell.grad_checkpointing == "on":   # the recomputed forward is counted too
-        models.checkpoint(adapted.module)
-    counted = flops.count(adapted.module, task, batch_size=cell.batch_size, grad_accum=cell.grad_accum,
-                          seq_len=cell.seq_len, vocab_size=bundle.vocab_size, num_labels=bundle.num_labels)
-    pred = predict(adapted.module, adapted.params, method=method, task=task, batch_size=cell.batch_size,
-                   grad_accum=cell.grad_accum, seq_len=cell.seq_len, dtype=cell.dtype, flops=counted,
-                   act_dtype=cell.compute_dtype,
-                   checkpointing=cell.grad_checkpointing == "on")
-    if cell.quantize != "none":   # the frozen Linears in bits, with their scales
-        pred = dataclasses.replace(pred, weights_bytes=quantization.predicted_bytes(
-            adapted.module, cell.quantize, DTYPE_BYTES[cell.dtype]))
-    if cell.nproc > 1:
-        largest, root = distributed.unit_params(adapted.module)
-        if cell.strategy == "fsdp2" and not largest:
-            raise PlanError(f"FSDP2 cannot wrap {cell.model}: it has no transformer blocks (an nn.ModuleList) and "
-                            "no Linear layers to shard")
-        pred = per_rank(pred, nproc=cell.nproc, strategy=cell.strategy, largest_unit=largest, root=root,
-                        dtype=cell.dtype)
-    rows = cell.batch_size * task.tokens_per_sample(cell.seq_len)
-    return Survey(adapted.params, task.name, pred, frozenset(flops.gemm_shapes(adapted.module, rows)))
-
-
-def survey_all(cells: list[Cell]) -> list[Survey]:
-    """Every cell's survey (cells of one shape share one build); an unbuildable cell, data of the
-    wrong kind, or pretrained weights that cannot be had raise PlanError."""
-    surveys: dict[tuple, Survey] = {}
-    kinds: dict[str, str] = {}
-    shape = lambda c: (c.model, c.method, c.rank, c.targets, c.modules_to_save, c.task,   # noqa: E731
-                       c.batch_size, c.grad_accum, c.seq_len, c.dtype, c.nproc, c.strategy, c.grad_checkpointing,
-                       c.precision, c.quantize)
-    for cell in cells:
-        if shape(cell) not in surveys:
-            try:
-                surveys[shape(cell)] = survey(cell)
-            except (models.ModelError, MethodError) as e:
-                raise PlanError(str(e)) from None
-        task = surveys[shape(cell)].task
-        if cell.data != "synthetic":
-            if cell.data not in kinds:   # detection parses the whole file: once per path
-                try:
-                    kinds[cell.data] = data.detect(cell.data)
-                except data.DataError as e:
-                    raise PlanError(str(e)) from None
-            holds = task_of_data(kinds[cell.data]).name
-            if holds != task:
-                raise PlanError(f"--data {cell.data} holds {kinds[cell.data]} data ({holds}) but {cell.model} is a "
-                                f"{task} model")
-    for model in sorted({c.model for c in cells if c.weights == "pretrained"}):
-        try:
-            models.check_pretrained(model)
-        except models.ModelError as e:
-            raise PlanError(str(e)) from None
-    return [surveys[shape(c)] for c in cells]
-
-
 def matrix_id(cells: list[Cell]) -> str:
     """Identity of a whole matrix (before sharding): shards of one matrix share it."""
     return hashlib.sha256("\n".join(c.key() for c in cells).encode()).hexdigest()[:16]
@@ -357,8 +277,10 @@ class Plan:
     fit_note: str | None = None   # why no fit check could be made, when none was
 
     @classmethod
-    def of(cls, cells: list[Cell], shard_spec: str | None = None, force: bool = False) -> "Plan":
-        """Survey every cell, keep shard K/N of them, and gate those predicted not to fit."""
+    def of(cls, cells: list[Cell], shard_spec: str | None = None, force: bool = False,
+           start_method: str = "forkserver") -> "Plan":
+        """Survey every cell, keep shard K/N of them, gate those predicted not to fit, and skip those
+        whose precision or quantisation the device cannot run (asked in a child: `probe`)."""
         k_n = parse_shard(shard_spec) if shard_spec else None
         surveys = survey_all(cells)
         matrix = cells
@@ -370,10 +292,17 @@ class Plan:
         free, what = environment.free_memory_bytes(device)
         skipped = fit_gate(cells, surveys, free, what, force)
         # a precision this device cannot run, a quantisation bitsandbytes cannot serve: skipped, with why
-        for axis, unsupported in (("precision", precision.unsupported), ("quantize", quantization.unsupported)):
-            for value in sorted({getattr(c, axis) for c in cells}):
-                why = unsupported(value, device)
-                skipped.update({c.key(): why for c in cells if why and getattr(c, axis) == value})
+        asked = {axis: sorted({getattr(c, axis) for c in cells} - {everywhere}) for axis, everywhere in RUNS_ANYWHERE.items()}
+        asked = {axis: values for axis, values in asked.items() if values}
+        if asked:
+            try:
+                answers = child.call(probe, (device, asked), start_method=start_method, timeout_s=PROBE_TIMEOUT_S,
+                                     name="lorabench-probe")
+            except child.ChildFailed as e:
+                answers = {axis: {v: f"could not ask {device} whether it runs {axis} {v}: {e}" for v in values}
+                           for axis, values in asked.items()}
+            for axis, whys in answers.items():
+                skipped.update({c.key(): whys[getattr(c, axis)] for c in cells if whys.get(getattr(c, axis))})
         return cls(cells, matrix, surveys, skipped, shard_spec,
                    None if free is not None else f"no fit check before running: {what}")
 

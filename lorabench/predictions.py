@@ -31,9 +31,11 @@ class Prediction:
     grads_bytes: int
     optimizer_bytes: int
     activations_bytes: int
-    flops: StepFlops | Unavailable    # counted on the meta device, or why it could not be
+    flops: StepFlops | Unavailable    # the model's, counted on the meta device, or why it could not be
     tokens_per_step: int
     comm_bytes: int | None = None     # a cell of several processes: the strategy's own buffers (None: one process)
+    # what the device runs: the model's FLOPs plus gradient checkpointing's recomputed forward (None: the same)
+    hardware_flops: StepFlops | Unavailable | None = None
 
     @property
     def flops_per_step(self) -> float | None:
@@ -44,10 +46,13 @@ class Prediction:
         return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes + (self.comm_bytes or 0)
 
     def to_metrics(self) -> dict[str, float | int]:
-        return {**({"predicted_comm_bytes": self.comm_bytes} if self.comm_bytes is not None else {}),"predicted_weights_bytes": self.weights_bytes, "predicted_grads_bytes": self.grads_bytes,
+        hardware = self.flops if self.hardware_flops is None else self.hardware_flops
+        return {**({"predicted_comm_bytes": self.comm_bytes} if self.comm_bytes is not None else {}),
+                "predicted_weights_bytes": self.weights_bytes, "predicted_grads_bytes": self.grads_bytes,
                 "predicted_optimizer_bytes": self.optimizer_bytes,
                 "predicted_activations_bytes": self.activations_bytes, "predicted_total_bytes": self.total_bytes,
                 "flops_per_step": self.flops if isinstance(self.flops, Unavailable) else self.flops.total,
+                "hardware_flops_per_step": hardware if isinstance(hardware, Unavailable) else hardware.total,
                 "tokens_per_step": self.tokens_per_step}
 
 
@@ -108,9 +113,10 @@ def per_rank(pred: Prediction, *, nproc: int, strategy: str, largest_unit: int, 
     is gathered while the previous one still is (FSDP2 prefetches one ahead), so twice the largest.
     Activations are the rank's micro-batch's, as in one process. FLOPs and tokens are the whole
     step's: every rank's micro-batch."""
-    flops = pred.flops if isinstance(pred.flops, Unavailable) else StepFlops(pred.flops.forward * nproc,
-                                                                             pred.flops.backward * nproc)
-    common = dict(flops=flops, tokens_per_step=pred.tokens_per_step * nproc)
+    def every_rank(f):
+        return f if f is None or isinstance(f, Unavailable) else StepFlops(f.forward * nproc, f.backward * nproc)
+    common = dict(flops=every_rank(pred.flops), hardware_flops=every_rank(pred.hardware_flops),
+                  tokens_per_step=pred.tokens_per_step * nproc)
     if strategy == "ddp":
         return replace(pred, comm_bytes=pred.grads_bytes, **common)
     shard = lambda n: -(-n // nproc)   # noqa: E731 (ceiling)

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from .errors import first_line
+from .forksafe import allow
 
-# bitsandbytes (which peft imports) logs on every start that an optional CPU kernel package is
-# absent; set here, at import, because the fork server imports peft before any cell quietens it.
+# bitsandbytes logs on every start that an optional CPU kernel package is absent; set here, at
+# import, before any cell imports it.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 KINDS = ("none", "nf4", "int8")
@@ -29,11 +30,12 @@ NF4_BLOCK, NF4_NESTED = 64, 256   # weights per (8-bit) absmax scale; scales per
 
 
 def _bnb():
+    """bitsandbytes, imported in this (cell or probe) process though the parent and the fork server
+    keep it out: its import queries CUDA (`forksafe`)."""
     try:
-        import bitsandbytes
+        return allow("bitsandbytes")
     except ImportError:
         raise ImportError("bitsandbytes is not installed (pip install 'lorabench[quant]')") from None
-    return bitsandbytes
 
 
 def targets(module: nn.Module) -> list[str]:

@@ -304,7 +304,8 @@ def registries() -> str:
     """`lorabench list`: models with their exact parameter counts, methods, presets."""
     from .methods import BASELINE, METHODS
     from .models import MODELS
-    from .plan import PRESETS, survey
+    from .plan import PRESETS
+    from .survey import survey
     out = ["models:"]
     for name, builder in MODELS.items():
         total = survey(Cell(model=name, method=BASELINE)).params.total

@@ -47,6 +47,12 @@ class Metric:
     shown: bool = True         # a row of the comparison table
     derive: Callable[[dict[str, Any], Cell], float | Unavailable | None] | None = None   # from other metrics
     inputs: tuple[str, ...] = ()   # what `derive` reads (a reason for a missing input carries over)
+    # A cell of several processes (`ranks.fold`): how the ranks' figures make the row's.
+    # "leader": rank 0's; "max": the max over ranks (per device: what must fit; the slowest rank's
+    # time); "devices": summed over the distinct devices the ranks used (a device's own counter).
+    fold: str = "leader"
+    sum_of: str | None = None      # this figure is the sum over ranks of that one ("all devices")
+    per_rank: bool = False         # each rank's value is kept in the row's `per_rank`
 
 
 def _all(m: dict[str, Any], *keys: str) -> bool:
@@ -64,15 +70,19 @@ def _activations(m, cell):
     return max(peak - m["grads_bytes"] - m["optimizer_state_bytes"], 0)
 
 
-def _mfu(m, cell):
-    """Counted FLOPs per step / median step time / the matmul ceiling measured on the model's own
-    GEMM shapes. Above 100 % it is not a utilisation but a sign that the ceiling or the step time
-    is wrong, so it is not shown as one."""
-    if not _all(m, "flops_per_step", "step_s_p50", "device_matmul_flops") or m["step_s_p50"] <= 0:
+def _utilisation(flops_key: str):
+    """Counted FLOPs per step (`flops_key`) / median step time / the matmul ceiling measured on the
+    model's own GEMM shapes. Above 100 % it is not a utilisation but a sign that the ceiling or the
+    step time is wrong, so it is not shown as one."""
+    return lambda m, cell: _rate(m, cell, flops_key)
+
+
+def _rate(m, cell, flops_key: str):
+    if not _all(m, flops_key, "step_s_p50", "device_matmul_flops") or m["step_s_p50"] <= 0:
         return None
     if cell.nproc > 1 and cell.device == "cpu":
         return Unavailable("the ranks share this CPU's cores: there is no per-rank matmul ceiling to divide by")
-    mfu = 100.0 * m["flops_per_step"] / m["step_s_p50"] / (m["device_matmul_flops"] * cell.nproc)
+    mfu = 100.0 * m[flops_key] / m["step_s_p50"] / (m["device_matmul_flops"] * cell.nproc)
     if mfu > 100.0:
         return Unavailable(f"measurement problem: {mfu:.0f} % of the calibrated matmul rate "
                            f"({m['device_matmul_flops'] / 1e9:,.1f} GFLOP/s) is impossible; the ceiling was measured "
@@ -90,35 +100,38 @@ METRICS: tuple[Metric, ...] = (
            derive=lambda m, c: 100.0 * m["params_trainable"] / m["params_total"]
            if _all(m, "params_trainable", "params_total") and m["params_total"] else None),
     Metric("params_total", _C, "total parameters", "count", exact=True),
-    Metric("torch_peak_allocated_bytes", _B, "peak torch allocated (MiB, framework, max over ranks)", "bytes", gate="memory"),
-    Metric("torch_peak_allocated_sum_bytes", _B, "peak torch allocated, all devices: sum over ranks (MiB)", "bytes"),
-    Metric("torch_peak_reserved_bytes", _B, "peak torch reserved (MiB, framework)", "bytes", gate="memory"),
-    Metric("torch_peak_above_baseline_bytes", _B, "peak torch allocated above weights+data (MiB)", "bytes"),
-    Metric("nvml_process_peak_bytes", _B, "peak GPU memory of the process (MiB, NVML: driver, CUDA context included, "
-           "max over ranks)", "bytes", gate="memory"),
-    Metric("nvml_process_peak_sum_bytes", _B, "peak GPU memory, all devices: sum over ranks (MiB, NVML)", "bytes"),
-    Metric("nvml_device_used_peak_bytes", _B, "peak GPU memory used on the device (MiB, NVML: every process)", "bytes"),
+    Metric("torch_peak_allocated_bytes", _B, "peak torch allocated (MiB, framework, max over ranks)", "bytes", gate="memory", fold="max", per_rank=True),
+    Metric("torch_peak_allocated_sum_bytes", _B, "peak torch allocated, all devices: sum over ranks (MiB)", "bytes", sum_of="torch_peak_allocated_bytes"),
+    Metric("torch_peak_reserved_bytes", _B, "peak torch reserved (MiB, framework)", "bytes", gate="memory", fold="max"),
+    Metric("torch_peak_above_baseline_bytes", _B, "peak torch allocated above weights+data (MiB)", "bytes", fold="max"),
+    Metric("nvml_process_peak_bytes", _B, "peak GPU memory of the cell's process and those it started (MiB, NVML: "
+           "driver, CUDA context included, max over ranks)", "bytes", gate="memory", fold="max", per_rank=True),
+    Metric("nvml_process_peak_sum_bytes", _B, "peak GPU memory, all devices: sum over ranks (MiB, NVML)", "bytes", sum_of="nvml_process_peak_bytes"),
+    Metric("nvml_device_used_peak_bytes", _B, "peak GPU memory used on the device (MiB, NVML: every process, max over "
+           "the cell's devices)", "bytes", fold="max", per_rank=True),
     Metric("nvml_device_used_before_bytes", _B,
-           "GPU memory used before the cell (MiB, NVML: others' load, driver-reserved left out)", "bytes"),
-    Metric("amdsmi_process_peak_bytes", _B, "peak VRAM of the process (MiB, amdsmi: driver, max over ranks)", "bytes", gate="memory"),
-    Metric("amdsmi_process_peak_sum_bytes", _B, "peak VRAM, all devices: sum over ranks (MiB, amdsmi)", "bytes"),
-    Metric("amdsmi_device_vram_used_peak_bytes", _B, "peak VRAM used on the device (MiB, amdsmi: every process)",
-           "bytes"),
+           "GPU memory used before the cell (MiB, NVML: others' load, driver-reserved left out; max over the cell's "
+           "devices)", "bytes", fold="max", per_rank=True),
+    Metric("amdsmi_process_peak_bytes", _B, "peak VRAM of the cell's process and those it started (MiB, amdsmi: driver, "
+           "max over ranks)", "bytes", gate="memory", fold="max", per_rank=True),
+    Metric("amdsmi_process_peak_sum_bytes", _B, "peak VRAM, all devices: sum over ranks (MiB, amdsmi)", "bytes", sum_of="amdsmi_process_peak_bytes"),
+    Metric("amdsmi_device_vram_used_peak_bytes", _B, "peak VRAM used on the device (MiB, amdsmi: every process, max "
+           "over the cell's devices)", "bytes", fold="max", per_rank=True),
     Metric("host_peak_rss_bytes", _B, "peak host RSS of the cell process (MiB, max over ranks)",
-           "bytes", gate="memory"),
-    Metric("host_peak_rss_sum_bytes", _B, "peak host RSS, all ranks: sum (MiB)", "bytes"),
-    Metric("host_peak_above_baseline_bytes", _B, "host RSS peak above weights+data (MiB)", "bytes"),
+           "bytes", gate="memory", fold="max", per_rank=True),
+    Metric("host_peak_rss_sum_bytes", _B, "peak host RSS, all ranks: sum (MiB)", "bytes", sum_of="host_peak_rss_bytes"),
+    Metric("host_peak_above_baseline_bytes", _B, "host RSS peak above weights+data (MiB)", "bytes", fold="max"),
     Metric("state_bytes", _B, "weights + grads + Adam state (MiB, tensor sum)", "bytes",
            inputs=("weights_bytes", "grads_bytes", "optimizer_state_bytes"),
            derive=lambda m, c: m["weights_bytes"] + m["grads_bytes"] + m["optimizer_state_bytes"]
            if _all(m, "weights_bytes", "grads_bytes", "optimizer_state_bytes") else None),
     Metric("activations_saved_bytes", _B, "activations saved for backward (MiB, saved-tensor hooks)", "bytes",
-           exact=True),
+           exact=True, fold="max"),
     Metric("activations_bytes", _B, "activations + temporaries (MiB, peak less weights, grads, Adam)", "bytes",
            derive=_activations, inputs=("grads_bytes", "optimizer_state_bytes")),
-    Metric("epoch_s", "s", "epoch time (s, median of timed epochs)", "time", gate="time"),
-    Metric("step_s_p50", "s", "step time p50 (ms)", "ms", gate="time"),
-    Metric("step_s_p90", "s", "step time p90 (ms)", "ms"),
+    Metric("epoch_s", "s", "epoch time (s, median of timed epochs)", "time", gate="time", fold="max", per_rank=True),
+    Metric("step_s_p50", "s", "step time p50 (ms)", "ms", gate="time", fold="max", per_rank=True),
+    Metric("step_s_p90", "s", "step time p90 (ms)", "ms", fold="max"),
     # not gated: it is step_s_p50 again (batch / its median), and compare gates that once
     Metric("samples_per_s", "samples/s", "throughput (samples/s)", "rate", worse=-1,
            inputs=("step_s_p50",),   # samples of one optimizer step / its median time
@@ -127,9 +140,13 @@ METRICS: tuple[Metric, ...] = (
     Metric("tokens_per_s", "tokens/s", "throughput (tokens/s; samples for the image MLP)", "rate",
            inputs=("tokens_per_step", "step_s_p50"), derive=lambda m, c: m["tokens_per_step"] / m["step_s_p50"]
            if _all(m, "tokens_per_step", "step_s_p50") and m["step_s_p50"] > 0 else None),
-    Metric("mfu_pct", "%", "model FLOPs utilisation (% of the measured matmul rate)", "pct", derive=_mfu,
-           inputs=("flops_per_step", "step_s_p50", "device_matmul_flops")),
-    Metric("energy_j_per_epoch", "J", "energy per timed epoch (J, the whole device's counter)", "joules"),
+    Metric("mfu_pct", "%", "model FLOPs utilisation (% of the measured matmul rate)", "pct",
+           derive=_utilisation("flops_per_step"), inputs=("flops_per_step", "step_s_p50", "device_matmul_flops")),
+    Metric("hfu_pct", "%", "hardware FLOPs utilisation (% of the measured matmul rate; recomputation counted)", "pct",
+           derive=_utilisation("hardware_flops_per_step"),
+           inputs=("hardware_flops_per_step", "step_s_p50", "device_matmul_flops")),
+    Metric("energy_j_per_epoch", "J", "energy per timed epoch (J, each device's own counter, summed over the cell's devices)",
+           "joules", fold="devices", per_rank=True),
     Metric("compile_s", "s", "torch.compile: its first step, compilation included (s, untimed)", "time"),
     Metric("compile_graph_breaks", _C, "torch.compile: graph breaks", "count"),
     Metric("compile_graphs_in_timed_epochs", _C, "torch.compile: graphs compiled inside the timed epochs (0: none "
@@ -155,38 +172,41 @@ METRICS: tuple[Metric, ...] = (
     Metric("lora_targets", _C, "Linear modules adapted", "count", exact=True, shown=False),
     Metric("model_file_bytes", _B, "full model as a checkpoint (weights and buffers)", "size", exact=True, shown=False),
     Metric("adapter_file_bytes", _B, "adapter as a safetensors file", "size", exact=True, shown=False),
-    Metric("weights_bytes", _B, "weights, every parameter (tensor sum)", "bytes", exact=True, shown=False),
-    Metric("trainable_weights_bytes", _B, "trainable weights (tensor sum)", "bytes", exact=True, shown=False),
-    Metric("grads_bytes", _B, "gradients after the first backward (tensor sum)", "bytes", exact=True, shown=False),
+    Metric("weights_bytes", _B, "weights, every parameter (tensor sum)", "bytes", exact=True, shown=False, fold="max", per_rank=True),
+    Metric("trainable_weights_bytes", _B, "trainable weights (tensor sum)", "bytes", exact=True, shown=False, fold="max"),
+    Metric("grads_bytes", _B, "gradients after the first backward (tensor sum)", "bytes", exact=True, shown=False, fold="max", per_rank=True),
     Metric("optimizer_state_bytes", _B, "Adam state after the first step (tensor sum)", "bytes", exact=True,
-           shown=False),
-    Metric("activations_saved_tensors", "tensors", "storages autograd keeps for backward", "count", shown=False),
+           shown=False, fold="max", per_rank=True),
+    Metric("activations_saved_tensors", "tensors", "storages autograd keeps for backward", "count", shown=False, fold="max"),
     Metric("torch_allocated_baseline_bytes", _B, "torch allocated once weights and data were placed", "bytes",
-           shown=False),
+           shown=False, fold="max"),
     Metric("torch_allocated_after_first_backward_bytes", _B, "torch allocated after the first backward", "bytes",
-           shown=False),
+           shown=False, fold="max"),
     Metric("torch_allocated_after_first_step_bytes", _B, "torch allocated after the first optimizer step", "bytes",
-           shown=False),
+           shown=False, fold="max"),
     Metric("amdsmi_device_vram_used_before_bytes", _B, "VRAM used before the cell (amdsmi: others' load)", "bytes",
-           shown=False),
-    Metric("host_rss_baseline_bytes", _B, "host RSS once weights and data were placed", "bytes", shown=False),
+           shown=False, fold="max", per_rank=True),
+    Metric("host_rss_baseline_bytes", _B, "host RSS once weights and data were placed", "bytes", shown=False, fold="max"),
     Metric("host_maxrss_bytes", _B, "the kernel's RSS high-water mark of the cell process (imports included)",
-           "bytes", shown=False),
+           "bytes", shown=False, fold="max"),
     Metric("epoch_s_stdev_pct", "%", "spread of the timed epochs (stdev, % of mean)", "pct", shown=False),
     Metric("step_s_stdev_pct", "%", "spread of the timed steps (stdev, % of mean)", "pct", shown=False),
     Metric("steps_per_epoch", _C, "optimizer steps per epoch", "count", shown=False),
     Metric("samples_per_step", _C, "samples per optimizer step, all processes: the global batch (batch per process "
            "x grad_accum x processes)", "count", shown=False),
     Metric("cell_wall_s", "s", "the cell's whole life in its process (build, data, train, checks)", "time",
-           shown=False),
+           shown=False, fold="max"),
     Metric("predicted_weights_bytes", _B, "predicted weights", "bytes", shown=False),
     Metric("predicted_grads_bytes", _B, "predicted gradients", "bytes", shown=False),
     Metric("predicted_optimizer_bytes", _B, "predicted Adam state", "bytes", shown=False),
     Metric("predicted_activations_bytes", _B, "predicted activations saved for backward", "bytes", shown=False),
     Metric("predicted_comm_bytes", _B, "predicted buffers of the strategy: DDP's gradient buckets, or the FSDP2 units "
            "gathered at once (the root's and twice the largest block's)", "bytes", shown=False),
-    Metric("flops_per_step", "FLOP", "training FLOPs per optimizer step (matmuls of forward + backward, counted by "
-           "torch FlopCounterMode; Adam's elementwise update not included)", "num", shown=False, exact=True),
+    Metric("flops_per_step", "FLOP", "model FLOPs per optimizer step (matmuls of forward + backward, counted by "
+           "torch FlopCounterMode; no recomputation; Adam's elementwise update not included): what MFU divides",
+           "num", shown=False, exact=True),
+    Metric("hardware_flops_per_step", "FLOP", "FLOPs the device runs per optimizer step: the model's, plus the "
+           "forward gradient checkpointing recomputes: what HFU divides", "num", shown=False, exact=True),
     Metric("tokens_per_step", _C, "tokens (or samples) per optimizer step", "count", shown=False),
     Metric("device_matmul_flops", "FLOP/s", "best matmul rate measured at the start of the run, in the cell's dtype, on "
            "the model's own GEMM shapes and a square one", "num", shown=False),

@@ -13,7 +13,6 @@ a `crashed` (or `oom`) row naming the signal. What one cell does is in `experime
 """
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
 import resource
@@ -27,18 +26,20 @@ from typing import Any, Callable
 import psutil
 import torch
 
-from . import models
+from . import child, models
+from .child import EXIT_GRACE_S, ChildFailed, end_process
 from .cells import Cell, Flag, setting
 from .errors import InputError
+from .forksafe import keep_out
 from .methods import method as method_of
 from .rows import Row, Status
 from .rundir import RunDir
+from .trackers import unavailable
 
 START_METHODS = ("forkserver", "spawn")
 # Imported once by the fork server; every cell process starts with them already loaded.
-PRELOAD = ["torch", "lorabench.experiment"]
-PRELOAD_HF = ["peft", "transformers.models.bert.modeling_bert"]   # ~4 s on 2 cores: only when a cell needs them
-EXIT_GRACE_S = 10.0   # how long a child that has sent its row may take to exit before it is killed
+PRELOAD = ["torch", "lorabench.ranks"]   # and lorabench.experiment, which it imports
+PRELOAD_HF = ["lorabench.preload_hf"]   # peft and transformers' BERT, ~4 s on 2 cores: only when a cell needs them
 
 
 class OptionsError(InputError):
@@ -125,6 +126,7 @@ def _child(cell_dict: dict[str, Any], conn, options: RunOptions, env: dict[str, 
            known: dict[str, Any]) -> None:
     # Ctrl-C reaches the whole process group; the parent decides what happens to this cell.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_out()   # a cell's agent forks its ranks: nothing it imports may query CUDA (spawn starts bare)
     os.environ.update(env)   # pin the device before CUDA initialises
     if options.memory_limit_bytes:
         # Address space this cell may add beyond what it already maps (libraries, the interpreter):
@@ -137,9 +139,12 @@ def _child(cell_dict: dict[str, Any], conn, options: RunOptions, env: dict[str, 
     from tqdm import tqdm
     tqdm.set_lock(threading.RLock())
     from .experiment import execute
+    from .ranks import execute_group
+    cell = Cell.from_dict(cell_dict)
     try:
-        row = execute(Cell.from_dict(cell_dict), on_epoch=lambda rec, total: conn.send(("epoch", vars(rec), total)),
-                      sample_interval_s=options.sample_interval_s, known=known, traces=options.traces())
+        row = (execute_group if cell.nproc > 1 else execute)(
+            cell, on_epoch=lambda rec, total: conn.send(("epoch", vars(rec), total)),
+            sample_interval_s=options.sample_interval_s, known=known, traces=options.traces())
         conn.send(("result", row))
     finally:
         conn.close()
@@ -194,9 +199,6 @@ def _oom_kills() -> int | None:
     except (OSError, ValueError):
         pass
     return None
-
-
-EXIT_GRACE_S = 10.0   # how long a child that has sent its row may take to exit before it is killed
 
 
 class CellProcess:
@@ -266,48 +268,18 @@ class CellProcess:
         return Row.failure(self.cell, status, kind, message, self.known)
 
 
-def end_process(proc, grace_s: float = 0.0) -> None:
-    """Give a child `grace_s` to exit on its own (its exit handlers run), then kill it and what it
-    started (the ranks of a cell of several processes); always reap it."""
-    proc.join(grace_s)
-    if proc.is_alive():
-        try:
-            family = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.Error:
-            family = []
-        proc.kill()
-        for p in family:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-    proc.join()
-
-
-def _calibrate_child(device: str, gemms: dict[str, list], conn) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _calibrate(device: str, gemms: dict[str, list]) -> dict[str, dict]:
     from .experiment import DTYPES
-    from .trackers import measure_matmul_flops
-    try:
-        conn.send({dtype: measure_matmul_flops(torch.device(device), DTYPES[dtype], shapes)
-                   for dtype, shapes in gemms.items()})
-    finally:
-        conn.close()
+    from .flops import measure_matmul_flops
+    return {dtype: measure_matmul_flops(torch.device(device), DTYPES[dtype], shapes) for dtype, shapes in gemms.items()}
 
 
-def calibrate(device: str, gemms: dict[str, list], start_method: str = "forkserver") -> dict[str, dict] | None:
-    """The device's matmul rate per dtype (FLOP/s, `trackers.measure_matmul_flops` on the cells'
-    GEMM shapes `gemms[dtype]`), measured once per run in a fresh process on the same device."""
-    ctx = mp.get_context(start_method)
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_calibrate_child, args=(device, gemms, send), name="lorabench-calibrate")
-    proc.start()
-    send.close()
-    try:
-        return recv.recv() if recv.poll(120) else None
-    except EOFError:
-        return None
-    finally:
-        end_process(proc, EXIT_GRACE_S)   # kill only a hung one
-        recv.close()
+def calibrate(device: str, gemms: dict[str, list], start_method: str = "forkserver") -> dict[str, dict]:
+    """The device's matmul rate per dtype (FLOP/s, `flops.measure_matmul_flops` on the cells'
+    GEMM shapes `gemms[dtype]`), measured once per run in a fresh process on the same device.
+    ChildFailed, with the reason, where it could not be measured."""
+    return child.call(_calibrate, (device, gemms), start_method=start_method, timeout_s=120,
+                      name="lorabench-calibrate")
 
 
 def devices(device: str, count: int) -> list[str]:
@@ -345,9 +317,12 @@ def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], 
         return
     wanted = {c.compute_dtype: [] for c in cells}
     wanted.update({k: v for k, v in (gemms or {}).items() if k in wanted})
-    rates = calibrate(cells[0].device, wanted, options.start_method) or {}
-    if rates:
+    try:
+        rates = calibrate(cells[0].device, wanted, options.start_method)
         run.write_calibration({"device": cells[0].device, "rates": rates})
+        no_rate = None
+    except ChildFailed as e:   # every cell's MFU says why it is missing
+        rates, no_rate = {}, unavailable(f"the matmul rate could not be measured: {e}")
     options = replace(options, run_dir=str(run.path))
     bar = Progress(len(cells), progress and options.parallel == 1)
     # On a GPU host a cell takes one GPU per process, so a cell of `nproc` processes waits for that many.
@@ -361,7 +336,7 @@ def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], 
                 k, cell = pending.pop(0)
                 taken, free = (free[:cell.nproc], free[cell.nproc:]) if on_gpu else ([], free)
                 bar.cell_started(k, cell)
-                rate = rates.get(cell.compute_dtype, {}).get("matmul_flops")
+                rate = rates.get(cell.compute_dtype, {}).get("matmul_flops") or no_rate
                 extra = {"device_matmul_flops": rate} if rate else {}
                 cp = CellProcess(cell, options, env=pin(taken), known={**known.get(cell.key(), {}), **extra},
                                  on_epoch=bar.epoch)

@@ -35,11 +35,19 @@ def is_unavailable(value: Any) -> bool:
 
 
 class Tracker:
-    """The shared interface: start on enter, stop on exit (always), then `result()`."""
+    """The shared interface: start on enter, stop on exit (always), then `result()`. A tracker
+    whose start raised has no readings: `unavailable_result` gives each of its KEYS with why."""
+
+    KEYS: tuple[str, ...] = ()   # the figures result() gives
+    started = False
 
     def __enter__(self) -> "Tracker":
         self.start()
+        self.started = True
         return self
+
+    def unavailable_result(self, reason: str) -> dict[str, Any]:
+        return {key: unavailable(reason) for key in self.KEYS}
 
     def __exit__(self, *exc) -> bool:
         self.stop()
@@ -101,7 +109,7 @@ class ProcessTree:
     """This process and its children, the children looked up at most once every SCAN_S seconds:
     psutil's tree walk reads every process on the machine (1-2 ms a call, more with more
     processes), too dear for a sampler that runs every 10 ms beside the training it measures.
-    Shared by the host sampler and the GPU drivers' per-process readings."""
+    The GPU drivers' per-process readings match their process lists against it."""
 
     SCAN_S = 1.0
 
@@ -152,35 +160,27 @@ class SelfRss:
 
 
 class HostMemory(_Sampler):
-    """Resident memory of this process and its children, sampled in a background thread.
+    """Resident memory of this process, sampled in a background thread: the cell's own process
+    (a rank's, in a cell of several). Processes it starts are left out: torch.compile's worker
+    pool (inductor forks it while the block runs) holds compiler state, not the cell's training
+    memory, and would inflate the peak and the activation figure derived from it.
 
     `host_peak_rss_bytes` is the sampled maximum inside the block (it can miss a spike shorter
     than `interval_s`); `host_maxrss_bytes` is the kernel's high-water mark of this process over
     its whole life (imports included), which no spike escapes. Both count host RAM, not GPU memory.
 
     A sample must cost next to nothing: the sampler shares the cores with the training it
-    measures. This process's RSS is one pread of /proc/self/statm (psutil where there is no
-    /proc); the children, whose discovery scans every process on the machine, are looked for
-    once a second (ProcessTree), not every sample. (bench/test_sampler_overhead.py holds the
-    budget: < 2 %.)
+    measures. A sample is one pread of /proc/self/statm (psutil where there is no /proc).
+    (bench/test_sampler_overhead.py holds the budget.)
     """
 
     series_name = "host_rss_bytes"
+    KEYS = ("host_rss_baseline_bytes", "host_peak_rss_bytes", "host_peak_above_baseline_bytes", "host_maxrss_bytes")
 
     def __init__(self, interval_s: float = 0.01):
         super().__init__(interval_s)
-        self._tree = ProcessTree()
-        self._self_rss = SelfRss()
+        self._rss = SelfRss()
         self.baseline = self.peak = 0
-
-    def _rss(self) -> int:
-        rss = self._self_rss()
-        for child in self._tree.children():
-            try:
-                rss += child.memory_info().rss
-            except psutil.Error:   # a child that exited since the last scan
-                pass
-        return rss
 
     def _sample(self) -> None:
         rss = self._rss()
@@ -188,16 +188,14 @@ class HostMemory(_Sampler):
         self._record(rss)
 
     def start(self) -> None:
-        self._tree.rescan()   # look for children now
         self.baseline = self.peak = self._rss()
         super().start()
 
     def stop(self) -> None:
-        self._tree.rescan()   # the final sample (the block's end state) looks for children again
         try:
             super().stop()
         finally:
-            self._self_rss.close()
+            self._rss.close()
 
     def result(self) -> dict[str, Any]:
         return {
@@ -275,6 +273,9 @@ class TorchAllocator(Tracker):
     neither includes the CUDA context, which only the driver (NVML / amdsmi) sees.
     """
 
+    KEYS = ("torch_allocated_baseline_bytes", "torch_peak_allocated_bytes", "torch_peak_reserved_bytes",
+            "torch_peak_above_baseline_bytes")
+
     def __init__(self, device):   # a torch.device
         self.device = device
         self.baseline = 0
@@ -304,6 +305,8 @@ class TorchAllocator(Tracker):
             reason = unavailable(f"torch keeps no allocator statistics on the {self.device.type}")
             return {"torch_peak_allocated_bytes": reason, "torch_peak_reserved_bytes": reason,
                     "torch_allocated_baseline_bytes": reason}
+        if self.peak_allocated is None or self.peak_reserved is None:   # stop() failed before reading them
+            return self.unavailable_result("the allocator's peaks could not be read after the block")
         return {
             "torch_allocated_baseline_bytes": self.baseline,
             "torch_peak_allocated_bytes": self.peak_allocated,
@@ -357,43 +360,3 @@ class SavedTensors(Tracker):
 
 def _unpack(t):
     return t
-
-
-def measure_matmul_flops(device, dtype, shapes=(), seconds: float = 0.2) -> dict[str, Any]:
-    """Sustained FLOP/s of matmuls at `dtype` on `device`, on each (M, K, N) of `shapes` (the
-    model's own GEMMs) and on a square one: {"matmul_flops": the best, "shapes": each one's rate}.
-    The best is the ceiling model FLOPs utilisation is measured against: the model cannot beat
-    what the device does on the model's largest products, and a square GEMM alone can sit below
-    a wide one. 2 M K N FLOPs per product; each timed between synchronisations after a warm-up,
-    so kernel selection and clock ramp-up are excluded. The eight largest shapes are kept, and a
-    shape larger than the square one has its largest side halved until it is not (an LM head's
-    vocabulary-wide product would take a minute on a CPU); `shapes` says what was timed."""
-    import torch
-    n = 4096 if device.type == "cuda" else 1024
-    todo = []
-    for shape in sorted({tuple(int(x) for x in s) for s in shapes}, key=lambda s: -s[0] * s[1] * s[2])[:8]:
-        shape = list(shape)
-        while shape[0] * shape[1] * shape[2] > n ** 3:
-            i = shape.index(max(shape))
-            shape[i] //= 2
-        todo.append(tuple(shape))
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    rates = []
-    for m, k, nn_ in [(n, n, n), *todo]:
-        a = torch.randn(m, k, device=device, dtype=dtype)
-        b = torch.randn(k, nn_, device=device, dtype=dtype)
-        for _ in range(3):
-            a @ b
-        sync()
-        count, t0 = 0, time.perf_counter()
-        while True:
-            for _ in range(4):
-                a @ b
-            count += 4
-            sync()
-            elapsed = time.perf_counter() - t0
-            if elapsed >= seconds:
-                break
-        rates.append({"shape": [m, k, nn_], "flops": 2 * m * k * nn_ * count / elapsed})
-        del a, b
-    return {"matmul_flops": max(r["flops"] for r in rates), "shapes": rates}

@@ -41,3 +41,12 @@ def run_subprocess(*args, cwd, timeout=300, show_warnings=False):
         del env["PYTHONWARNINGS"]
     return subprocess.run([sys.executable, "-m", "lorabench", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(autouse=True)
+def _let_kept_out_libraries_in():
+    """The CLI run in-process keeps bitsandbytes out of this process (lorabench.forksafe): let it
+    back in after each test, so a later test imports it as a user's process would."""
+    yield
+    from lorabench import forksafe
+    forksafe.let_in()

@@ -2,6 +2,7 @@
 
 They keep the real modules' call signatures, return types, units and exceptions:
 - FakeNVML follows nvidia-ml-py (`pynvml`): handles from index, UUID (GPU-/MIG-) or PCI bus id;
+  PCI info (domain, bus and device as numbers, `busId` as text) and MIG mode (NOT_SUPPORTED off MIG GPUs);
   memory info in bytes, v1 (`used` includes driver-reserved memory) and v2 (`reserved` apart;
   FUNCTION_NOT_FOUND where the driver lacks it); compute processes with `pid` and `usedGpuMemory` (None when NVML cannot
   say); total energy in millijoules; errors are pynvml's own NVMLError subclasses, built from codes.
@@ -28,7 +29,8 @@ class FakeGPU:
     v2: bool = True                                                 # the driver has nvmlDeviceGetMemoryInfo_v2
     processes: dict[int, int | None] = field(default_factory=dict)   # pid -> usedGpuMemory
     energy_mj: int | None = 1_000_000                               # None: counter not supported
-    mig: list["FakeGPU"] = field(default_factory=list)
+    mig: list["FakeGPU"] = field(default_factory=list)              # instances: the GPU is in MIG mode
+    mig_capable: bool = False                                       # MIG mode can be read (A100, H100); off
 
 
 class FakeNVML:
@@ -37,6 +39,7 @@ class FakeNVML:
     NVMLError_NoPermission = pynvml.NVMLError_NoPermission
     NVMLError_NotFound = pynvml.NVMLError_NotFound
     nvmlMemory_v2 = pynvml.nvmlMemory_v2
+    NVML_DEVICE_MIG_ENABLE = pynvml.NVML_DEVICE_MIG_ENABLE
 
     def __init__(self, gpus: list[FakeGPU], init_error: int | None = None, process_error: int | None = None):
         self.gpus, self.init_error, self.process_error = gpus, init_error, process_error
@@ -77,6 +80,23 @@ class FakeNVML:
             if g.pci_bus_id.upper() == bus.upper():
                 return g
         raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+
+    def nvmlDeviceGetPciInfo(self, handle: FakeGPU):
+        """pynvml's nvmlPciInfo_t: the slot as numbers, `busId` as text (pynvml turns the C chars into str)."""
+        if handle not in self.gpus:   # a MIG instance's handle: the PCI query is the parent GPU's
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        domain, bus, rest = handle.pci_bus_id.split(":")
+        device = rest.split(".")[0]
+        return SimpleNamespace(busIdLegacy=f"{int(domain, 16):04X}:{bus}:{rest}", domain=int(domain, 16),
+                               bus=int(bus, 16), device=int(device, 16), pciDeviceId=0x233010DE,
+                               pciSubSystemId=0x16C110DE, busId=handle.pci_bus_id)
+
+    def nvmlDeviceGetMigMode(self, handle: FakeGPU):
+        """[current, pending]; NOT_SUPPORTED on a GPU without MIG."""
+        if not (handle.mig or handle.mig_capable):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        mode = pynvml.NVML_DEVICE_MIG_ENABLE if handle.mig else pynvml.NVML_DEVICE_MIG_DISABLE
+        return [mode, mode]
 
     def nvmlDeviceGetMemoryInfo(self, handle: FakeGPU, version=None):
         """pynvml: no version -> nvmlMemory_t, whose `used` counts the driver-reserved memory too;

@@ -153,7 +153,8 @@ def test_driver_trackers_use_nvml_by_identity(monkeypatch):
     trackers, energy, info, missing = drivers.driver_trackers(torch.device("cuda", 0), 0.001)
     assert isinstance(trackers[0], NvmlMemory) and trackers[0].handle is gpu
     assert info == {"gpu_driver_view": "NVML", "gpu_driver": "550.54.15",
-                    "gpu_memory_used": "NVML memory info v2: used, excluding 0 MiB driver-reserved"}
+                    "gpu_memory_used": "NVML memory info v2: used, excluding 0 MiB driver-reserved",
+                    "gpu_uuid": A[4:], "gpu_pci_bus_id": gpu.pci_bus_id}
 
 
 @pytest.mark.parametrize("rocm,name,expected", [(False, "NVIDIA H100 80GB HBM3", "sm_90"),
@@ -171,31 +172,62 @@ def test_driver_trackers_without_the_library_report_why(monkeypatch):
     monkeypatch.setattr(drivers, "device_identity", lambda i: {"uuid": A[4:]})
     monkeypatch.setattr(torch.version, "hip", None)
     trackers, energy, info, missing = drivers.driver_trackers(torch.device("cuda", 0), 0.001)
-    assert trackers == [] and info == {}
-    assert missing["nvml_process_peak_bytes"] == Unavailable("NVML: NVMLError_LibraryNotFound: NVML Shared Library Not Found")
-    assert is_unavailable(energy.result()["energy_j_per_epoch"])
+    assert trackers == [] and info == {"gpu_uuid": A[4:]}
+    why = Unavailable("NVML: NVMLError_LibraryNotFound: NVML Shared Library Not Found")
+    # every figure the sampler would have given, the device's "before" reading included
+    assert missing == {"nvml_process_peak_bytes": why, "nvml_device_used_peak_bytes": why,
+                       "nvml_device_used_before_bytes": why}
+    assert energy.result()["energy_j_per_epoch"] == Unavailable(
+        "NVML unavailable: NVMLError_LibraryNotFound: NVML Shared Library Not Found")
 
 
 def test_free_memory_gate_reads_nvml_without_cuda(monkeypatch):
+    def no_cuda():
+        raise AssertionError("the fit gate initialised CUDA")
+    monkeypatch.setattr(torch.cuda, "_lazy_init", no_cuda)   # every CUDA tensor and device query passes here
+    monkeypatch.setattr(torch.version, "hip", None)
     gpu = FakeGPU(total=80 * GiB, used=30 * GiB)
     monkeypatch.setitem(__import__("sys").modules, "pynvml", FakeNVML([gpu]))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert environment.free_memory_bytes("cuda") == (50 * GiB, "GPU memory free (NVML)")
+    assert environment.free_memory_bytes("cuda") == (50 * GiB, "GPU memory free (NVML, the least of 1 GPU(s): every GPU)")
     monkeypatch.setitem(__import__("sys").modules, "pynvml",
                         FakeNVML([gpu], init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED))
     free, what = environment.free_memory_bytes("cuda")
     assert free is None and "NVMLError_DriverNotLoaded" in what
+    assert not torch.cuda.is_initialized()
+
+
+def test_free_memory_is_read_per_visible_gpu_and_several_gpus_without_uuids_keep_the_gate(two_gpus, monkeypatch):
+    nvml, gpus = two_gpus
+    gpus[0].used, gpus[1].used = 10 * GiB, 70 * GiB
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", nvml)
+    monkeypatch.setattr(torch.version, "hip", None)
+    # no CUDA_VISIBLE_DEVICES: every GPU is the run's, whatever order CUDA gives them; the least free is kept
+    assert environment.free_memory_bytes("cuda") == (10 * GiB, "GPU memory free (NVML, the least of 2 GPU(s): every GPU)")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", A)   # the run may only use GPU A: B's load is not its concern
+    assert environment.free_memory_bytes("cuda")[0] == 70 * GiB
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")   # an index in CUDA's order: unmappable, so every GPU, never more
+    free, what = environment.free_memory_bytes("cuda")
+    assert free == 10 * GiB and what.startswith("GPU memory free (NVML, the least of 2 GPU(s): every GPU "
+                                                "(CUDA_VISIBLE_DEVICES=1 cannot be mapped")
 
 
 # ---- amdsmi -------------------------------------------------------------------------------------
 
-def test_amdsmi_handle_by_bus_id_whatever_the_visible_devices_numbering(monkeypatch):
-    gpus = [FakeAMD(bdf="0000:c1:00.0"), FakeAMD(bdf="0000:03:00.0")]
-    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "1")        # torch's device 0 is the second GPU
+def test_amdsmi_handle_by_pci_slot_domain_included_and_ambiguity_refused():
+    # torch's device 0 may be amdsmi's second (HIP renumbers what HIP_VISIBLE_DEVICES shows): the address decides
+    gpus = [FakeAMD(bdf="0000:c1:00.0"), FakeAMD(bdf="0000:03:00.0"), FakeAMD(bdf="0001:03:00.0")]
     smi = FakeAmdsmi(gpus)
-    assert amdsmi_handle(smi, {"pci_bus_id": "00000000:03:00.0"}) is gpus[1]
-    with pytest.raises(LookupError, match="no amdsmi device with PCI bus id"):
-        amdsmi_handle(smi, {"pci_bus_id": "00000000:44:00.0"})
+    assert amdsmi_handle(smi, {"pci_bus_id": "00000000:03:00"}) is gpus[1]
+    assert amdsmi_handle(smi, {"pci_bus_id": "00000001:03:00"}) is gpus[2]   # the same bus in another domain
+    with pytest.raises(LookupError, match="no amdsmi device at PCI slot 00000000:44:00"):
+        amdsmi_handle(smi, {"pci_bus_id": "00000000:44:00"})
+    vfs = FakeAmdsmi([FakeAMD(bdf="0000:03:00.1"), FakeAMD(bdf="0000:03:00.2")])   # two virtual functions of one slot
+    with pytest.raises(LookupError, match="2 amdsmi devices share PCI slot 00000000:03:00 .functions 1, 2."):
+        amdsmi_handle(vfs, {"pci_bus_id": "00000000:03:00"})
+    with pytest.raises(LookupError, match="3 amdsmi devices and no PCI address"):
+        amdsmi_handle(smi, {})
+    assert amdsmi_handle(FakeAmdsmi(gpus[:1]), {}) is gpus[0]   # one device: nothing to confuse
 
 
 @pytest.mark.parametrize("api", ["dicts", "handles"])
@@ -236,7 +268,7 @@ def test_driver_trackers_use_amdsmi_by_bus_id_on_rocm_and_record_the_driver(monk
     monkeypatch.setattr(drivers, "device_identity", lambda i: {"pci_bus_id": "0000:03:00.0"})
     trackers, energy, info, missing = drivers.driver_trackers(torch.device("cuda", 0), 0.001)
     assert isinstance(trackers[0], AmdsmiMemory) and trackers[0].handle is gpus[0]
-    assert info == {"gpu_driver_view": "amdsmi", "gpu_driver": "6.8.5"}
+    assert info == {"gpu_driver_view": "amdsmi", "gpu_driver": "6.8.5", "gpu_pci_bus_id": "0000:03:00.0"}
     # a device whose driver query is not supported: the version is unavailable, the trackers still run
     monkeypatch.setattr(drivers, "device_identity", lambda i: {"pci_bus_id": "0000:c1:00.0"})
     trackers, energy, info, missing = drivers.driver_trackers(torch.device("cuda", 0), 0.001)
@@ -254,3 +286,89 @@ def test_the_driver_version_lands_in_the_rows_environment_not_its_metrics(monkey
     assert row.ok, row.error
     assert row.environment["gpu_driver"] == "550.54.15" and row.environment["gpu_driver_view"] == "NVML"
     assert "gpu_driver" not in row.metrics and "gpu_driver" not in row.info
+
+
+# ---- torch's own strings, and the edges of the mapping --------------------------------------------
+
+def torch_uuid_format() -> str:
+    """The format torch itself prints a device's UUID with (`str(props.uuid)`, torch/csrc/cuda/Module.cpp),
+    read from the installed libtorch_python: fmt's `{:02x}` syntax is Python's."""
+    import re
+    from pathlib import Path
+    lib = Path(torch.__file__).parent / "lib" / "libtorch_python.so"
+    found = re.search(rb"(?:\{:02x\}){4}-(?:\{:02x\}){2}-(?:\{:02x\}){2}-(?:\{:02x\}){2}-(?:\{:02x\}){6}", lib.read_bytes())
+    assert found, f"torch's UUID format is not in {lib}: torch changed how it prints a device UUID"
+    return found.group().decode()
+
+
+class TorchUuid:
+    """torch._C._CUuuid as torch prints it: the 16 bytes the CUDA driver reports, in torch's format."""
+
+    def __init__(self, raw: bytes):
+        self.bytes = list(raw)
+
+    def __str__(self):
+        return torch_uuid_format().format(*self.bytes)
+
+
+def test_torchs_real_uuid_and_pci_numbers_map_to_the_nvml_device(two_gpus):
+    from types import SimpleNamespace
+    nvml, gpus = two_gpus
+    raw = bytes.fromhex(A[4:].replace("-", ""))
+    props = SimpleNamespace(uuid=TorchUuid(raw), pci_bus_id=0x3B, pci_device_id=0, pci_domain_id=0)
+    assert str(props.uuid) == A[4:]                              # torch prints it bare, NVML with "GPU-"
+    ident = drivers.identity_of(props)
+    assert ident == {"uuid": A[4:], "pci_bus_id": "00000000:3B:00"}
+    assert nvml_handle(nvml, 0, ident) is gpus[0]
+    assert nvml_handle(nvml, 0, {"pci_bus_id": ident["pci_bus_id"]}) is gpus[0]   # by slot, NVML's busId parsed
+
+
+@pytest.mark.parametrize("text,address", [
+    ("00000000:3B:00.0", (0, 0x3B, 0, 0)),      # NVML busId: 8-digit domain
+    ("0000:3B:00.0", (0, 0x3B, 0, 0)),          # NVML busIdLegacy, lspci
+    ("0001:c1:00.1", (1, 0xC1, 0, 1)),          # amdsmi's BDF, another domain, a second function
+    ("00000000:86:00", (0, 0x86, 0, None)),     # what torch knows: no function
+])
+def test_pci_addresses_parse_in_every_spelling(text, address):
+    pci = drivers.Pci.parse(text)
+    assert (pci.domain, pci.bus, pci.device, pci.function) == address
+    with pytest.raises(ValueError):
+        drivers.Pci.parse("GPU-0")
+
+
+def test_a_mig_gpu_is_never_taken_by_its_pci_address(two_gpus):
+    nvml, gpus = two_gpus
+    # torch's UUID of an instance the driver does not list: the slot would name the whole GPU, so refuse
+    with pytest.raises(LookupError, match="in MIG mode: its instances are told apart by UUID only"):
+        nvml_handle(nvml, 0, {"uuid": "dddddddd-0000-0000-0000-000000000000", "pci_bus_id": "00000000:86:00"})
+    gpus[0].mig_capable = True   # MIG-capable but off: the slot is the GPU
+    assert nvml_handle(nvml, 0, {"pci_bus_id": "00000000:3B:00"}) is gpus[0]
+
+
+def test_two_functions_in_one_slot_are_refused_not_guessed():
+    vfs = [FakeGPU(uuid=A, pci_bus_id="00000000:3B:00.1"), FakeGPU(uuid=B, pci_bus_id="00000000:3B:00.2")]
+    with pytest.raises(LookupError, match="2 NVML devices share PCI slot 00000000:3B:00 .functions 1, 2."):
+        nvml_handle(FakeNVML(vfs), 0, {"pci_bus_id": "00000000:3B:00"})
+    assert nvml_handle(FakeNVML(vfs), 0, {"uuid": B[4:], "pci_bus_id": "00000000:3B:00"}) is vfs[1]   # the UUID decides
+
+
+@pytest.mark.parametrize("library", ["nvml", "amdsmi"])
+def test_a_sampler_that_fails_after_a_good_reading_reports_no_peak(library):
+    if library == "nvml":
+        gpu = FakeGPU(processes={me(): GiB})
+        nvml = FakeNVML([gpu])
+        t, key = NvmlMemory(nvml, gpu, interval_s=3600), "nvml_device_used_peak_bytes"   # samples on demand only
+        fail = lambda: setattr(nvml, "nvmlDeviceGetMemoryInfo", lambda *a, **k: (_ for _ in ()).throw(   # noqa: E731
+            pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)))
+    else:
+        gpu = FakeAMD(processes={me(): GiB})
+        smi = FakeAmdsmi([gpu])
+        t, key = AmdsmiMemory(smi, gpu, interval_s=3600), "amdsmi_device_vram_used_peak_bytes"
+        fail = lambda: setattr(smi, "amdsmi_get_gpu_vram_usage", lambda h: (_ for _ in ()).throw(   # noqa: E731
+            __import__("fakes").AmdSmiLibraryException(1)))
+    with t:
+        fail()   # the start's reading was good; the final one fails: the peak in between was never seen
+    r = t.result()
+    assert is_unavailable(r[key])   # not the peak of the one good reading
+    assert r[key].reason.endswith(("a reading failed after 1: NVMLError_GpuIsLost: GPU is lost",
+                                   "a reading failed after 1: AmdSmiLibraryException: Error code:\n\t1 | AMDSMI_STATUS_INVAL"))

@@ -3,7 +3,7 @@ import time
 
 import torch
 
-from lorabench.trackers import HostMemory, SavedTensors, TorchAllocator, is_unavailable
+from lorabench.trackers import HostMemory, SavedTensors, TorchAllocator, Unavailable, is_unavailable
 
 MiB = 2 ** 20
 
@@ -19,8 +19,7 @@ def test_host_peak_rises_by_an_allocated_tensor_within_10_percent():
         del x
     r = t.result()
     assert abs(r["host_peak_above_baseline_bytes"] - size) < 0.1 * size, r
-    # The kernel's high-water mark covers this process alone (the sampled peak adds children).
-    assert r["host_maxrss_bytes"] >= size
+    assert r["host_maxrss_bytes"] >= size   # the kernel's high-water mark of this process
 
 
 def test_host_tracker_keeps_its_reading_when_the_block_raises():
@@ -62,3 +61,46 @@ def test_saved_tensors_count_the_whole_storage_a_saved_view_keeps_alive():
         big = base * 2
         (big[:10] ** 2).sum()                # pow saves a 10-row view of big's storage
     assert t.result()["activations_saved_bytes"] >= big.nbytes
+
+
+def test_host_memory_is_the_cells_own_process_not_what_it_starts():
+    """A process the cell starts inside the window (torch.compile's worker pool, say) holds its own
+    memory, not the cell's: 256 MiB in a child must not show in the cell's peak."""
+    import subprocess
+    import sys
+    with HostMemory(interval_s=0.005) as t:
+        child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(256 * 2 ** 20); time.sleep(1.5)"])
+        child.wait()
+    assert t.result()["host_peak_above_baseline_bytes"] < 32 * MiB
+
+
+def test_a_tracker_whose_start_raised_reports_why_not_a_second_error():
+    t = TorchAllocator(torch.device("cuda"))
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    t.start = broken
+    try:
+        with t:
+            pass
+    except RuntimeError:
+        pass
+    assert not t.started
+    assert t.unavailable_result("did not start") == {k: Unavailable("did not start") for k in TorchAllocator.KEYS}
+    # stopped without its peaks read (the device failed under it): a reason, never a TypeError on None
+    assert all(is_unavailable(v) for v in t.result().values())
+
+
+def test_a_cell_whose_tracker_fails_to_start_keeps_that_error_in_its_row(monkeypatch):
+    from lorabench import experiment
+    from lorabench.cells import Cell
+
+    class Broken(TorchAllocator):
+        def start(self):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(experiment, "TorchAllocator", Broken)
+    row = experiment.execute(Cell(model="cifar-mlp", method="full", samples=16, eval_samples=8, batch_size=8, epochs=1,
+                                  warmup_epochs=0))
+    assert (row.error["type"], row.error["message"]) == ("RuntimeError",
+                                                         "CUDA error: an illegal memory access was encountered")
+    assert row.unavailable["torch_peak_allocated_bytes"] == "Broken did not start"
+    assert row.metrics["host_peak_rss_bytes"] > 0   # the tracker that did start keeps its reading

@@ -12,7 +12,8 @@ from lorabench import data, models
 from lorabench.cells import Cell
 from lorabench.experiment import execute
 from lorabench.methods import METHODS, match_targets
-from lorabench.plan import plan, survey
+from lorabench.plan import plan
+from lorabench.survey import survey
 from lorabench.tasks import task_of_data
 
 

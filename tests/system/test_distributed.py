@@ -34,6 +34,8 @@ def test_every_cell_is_ok_with_one_entry_per_rank(two_ranks):
     assert len(rows) == 8 and {r["status"] for r in rows.values()} == {"ok"}
     for r in rows.values():
         assert [e["rank"] for e in r["per_rank"]] == [0, 1]
+        # forked from a cell process forked from the fork server (peft preloaded): neither ever queried CUDA
+        assert r["environment"]["cuda_bad_fork"] is False and [e["cuda_bad_fork"] for e in r["per_rank"]] == [False] * 2
         assert all(e["status"] == "ok" and e["host_peak_rss_bytes"] > 0 and e["step_s_p50"] > 0 for e in r["per_rank"])
         m = r["metrics"]
         assert m["host_peak_rss_bytes"] == max(e["host_peak_rss_bytes"] for e in r["per_rank"])
@@ -118,11 +120,17 @@ def test_a_cell_spans_processes_started_by_torchrun_itself(tmp_path):
             "eval_samples": 32, "batch_size": 16, "epochs": 1}
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "lorabench.experiment", "results/torchrun", json.dumps(cell)],
+                          "-m", "lorabench.ranks", "results/torchrun", json.dumps(cell)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     (row,) = [json.loads(line) for line in (tmp_path / "results/torchrun/results.jsonl").read_text().splitlines()]
     assert row["status"] == "ok" and row["label"] == "lora r=8 fsdp2 n=2" and len(row["per_rank"]) == 2
+    # whole, as rows `lorabench run` makes: FLOPs, tokens, the prediction per rank and the matmul ceiling
+    m = row["metrics"]
+    for key in ("flops_per_step", "hardware_flops_per_step", "tokens_per_step", "predicted_total_bytes",
+                "predicted_comm_bytes", "device_matmul_flops"):
+        assert m[key] > 0, key
+    assert row["unavailable"]["mfu_pct"].startswith("the ranks share this CPU's cores")
     assert run_subprocess("report", "results/torchrun", cwd=tmp_path).returncode == 0
 
 

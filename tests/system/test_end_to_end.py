@@ -118,7 +118,10 @@ def test_counted_flops_and_an_mfu_no_higher_than_100_percent(tiny_run):
     for r in rows:
         assert r.metrics["flops_per_step"] > 0
         mfu = r.metrics["mfu_pct"]
-        assert (mfu is not None and 0 < mfu <= 100) or r.unavailable["mfu_pct"].startswith("measurement problem")
+        # a utilisation, never above the ceiling it is measured against (the "measurement problem"
+        # a higher one becomes is a unit test of rows): a tiny CPU step sits at 10-50 % here
+        assert mfu is not None and 0 < mfu <= 100, r.unavailable.get("mfu_pct")
+        assert r.metrics["hfu_pct"] == mfu   # no checkpointing: the device runs the model's FLOPs alone
 
 
 def test_run_prints_a_headline_after_each_models_table(tiny_run):

@@ -6,7 +6,8 @@ import pytest
 
 from lorabench.cells import AXIS_FIELDS, Cell, CellError
 from lorabench.methods import METHODS
-from lorabench.plan import PRESETS, Matrix, plan, survey_all
+from lorabench.plan import PRESETS, Matrix, plan
+from lorabench.survey import survey_all
 
 
 def test_full_cell_defaults_are_valid():

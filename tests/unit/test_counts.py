@@ -3,7 +3,8 @@ import pytest
 
 from lorabench.cells import Cell
 from lorabench.methods import MethodError
-from lorabench.plan import plan, survey
+from lorabench.plan import plan
+from lorabench.survey import survey
 
 
 def inspect(cell):

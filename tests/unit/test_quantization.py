@@ -1,11 +1,11 @@
 """QLoRA: a base held in 4 or 8 bits, its predicted bytes, and the cells that cannot have one."""
-import builtins
+import sys
 
 import pytest
 
 from lorabench import models, quantization
 from lorabench.cells import Cell, CellError
-from lorabench.plan import survey
+from lorabench.survey import survey
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -31,12 +31,7 @@ def test_the_prediction_holds_the_quantised_layers_in_bits_and_the_rest_as_they_
 
 
 def test_without_bitsandbytes_a_quantised_cell_is_skipped_with_how_to_install_it(monkeypatch):
-    real = builtins.__import__
-    def no_bnb(name, *args, **kwargs):
-        if name == "bitsandbytes":
-            raise ImportError("No module named 'bitsandbytes'")
-        return real(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)   # how Python spells "not importable"
     why = quantization.unsupported("nf4", "cpu")
     assert why == "--quantize nf4 cannot run on cpu: ImportError: bitsandbytes is not installed (pip install " \
                   "'lorabench[quant]')"

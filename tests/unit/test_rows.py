@@ -49,6 +49,12 @@ def test_derived_figures_by_hand():
     assert row.metrics["activations_bytes"] == 15 and row.info["activations_source"] == "torch allocator"
 
 
+def test_mfu_counts_the_models_flops_and_hfu_the_recomputation_too():
+    row = Row.make(CELL, Status.OK, {"step_s_p50": 0.5, "flops_per_step": 1e9, "hardware_flops_per_step": 1.3e9,
+                                     "device_matmul_flops": 4e9})
+    assert row.metrics["mfu_pct"] == 50.0 and row.metrics["hfu_pct"] == pytest.approx(65.0)
+
+
 def test_an_mfu_above_100_percent_is_a_measurement_problem_not_a_figure():
     row = Row.make(CELL, Status.OK, {"step_s_p50": 0.5, "flops_per_step": 3e9, "device_matmul_flops": 4e9})
     assert row.metrics["achieved_flops"] == 6e9 and row.metrics["mfu_pct"] is None

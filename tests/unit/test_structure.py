@@ -66,3 +66,25 @@ def test_no_method_or_task_name_is_compared_outside_its_registry():
 def test_the_name_check_catches_what_it_must_refuse():
     tree = ast.parse('if cell.method == "full" or bundle.task.name in ("causal-lm", "x"): pass')
     assert [name for _, name in _name_comparisons(tree)] == ["full", "causal-lm"]
+
+
+# torch APIs lorabench calls that older releases lack, and the release that made each public.
+TORCH_APIS = {
+    "torch.distributed.fsdp.fully_shard": "2.6",            # FSDP2 (before: torch.distributed._composable.fsdp)
+    "torch.OutOfMemoryError": "2.5",                        # (before: torch.cuda.OutOfMemoryError)
+    "torch.amp.GradScaler": "2.3",                          # device-generic, the CPU's included
+    "torch.distributed.checkpoint.state_dict.get_model_state_dict": "2.2",
+    "torch.distributed.device_mesh.init_device_mesh": "2.2",
+    "torch.utils.flop_counter.FlopCounterMode": "2.1",
+}
+
+
+def test_the_declared_torch_floor_has_every_api_lorabench_calls():
+    import importlib
+    import re
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
+    floor = tuple(int(x) for x in re.search(r'"torch>=([0-9.]+)"', pyproject).group(1).split("."))
+    for api, since in TORCH_APIS.items():
+        assert floor >= tuple(int(x) for x in since.split(".")), f"torch>={floor} lacks {api} (public since {since})"
+        module, _, name = api.rpartition(".")
+        assert hasattr(importlib.import_module(module), name), api   # and the torch installed here has it
