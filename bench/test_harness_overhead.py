@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorabench import models
-from lorabench.cells import Cell
-from lorabench.methods import METHODS
-from lorabench.stats import Summary
-from lorabench.train import fit
+from lorabench.workload import models
+from lorabench.plan.cells import Cell
+from lorabench.workload.methods import METHODS
+from lorabench.measure.stats import Summary
+from lorabench.run.train import fit
 
 CPU = torch.device("cpu")
 BATCH, SAMPLES, SEQ = 32, 256, 64

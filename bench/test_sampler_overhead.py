@@ -22,11 +22,11 @@ import time
 import pytest
 import torch
 
-from lorabench import models
-from lorabench.cells import Cell
-from lorabench.drivers import driver_trackers
-from lorabench.methods import METHODS
-from lorabench.train import make_optimizer
+from lorabench.workload import models
+from lorabench.plan.cells import Cell
+from lorabench.measure.drivers import driver_trackers
+from lorabench.workload.methods import METHODS
+from lorabench.run.train import make_optimizer
 
 GATE = 0.02          # the samplers may cost at most 2 % of a step
 RESOLVE = 0.005      # standard error of each median: resolves 1 %
@@ -43,7 +43,7 @@ def se_of_median(xs: list[float]) -> float:
 def samplers(device: torch.device) -> list:
     """The samplers a cell runs on `device`, at the cell's default 10 ms, each keeping the CPU time
     its thread spends sampling (`busy_s`)."""
-    from lorabench.trackers import HostMemory
+    from lorabench.measure.trackers import HostMemory
     drivers, _, _, missing = driver_trackers(device, 0.01)
     if device.type == "cuda" and not drivers:
         pytest.fail(f"no driver sampler on this GPU: {missing}")

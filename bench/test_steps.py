@@ -15,11 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabench import models
-from lorabench.cells import Cell
-from lorabench.methods import METHODS
-from lorabench.trackers import HostMemory
-from lorabench.train import make_optimizer
+from lorabench.workload import models
+from lorabench.plan.cells import Cell
+from lorabench.workload.methods import METHODS
+from lorabench.measure.trackers import HostMemory
+from lorabench.run.train import make_optimizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = [(m, meth, r) for m in ("cifar-mlp", "bert-tiny") for meth, r in (("full", None), ("lora", 8), ("lora-reparam", 8))]

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .methods import BASELINE
+from .workload.methods import BASELINE
 
 MiB = 2 ** 20
 MIN_MFU_PCT = 0.5   # the MLP's step at 64 rows is large GEMMs: even launch-bound on a GPU it does more
@@ -38,8 +38,8 @@ class Check:
 
 def _mlp(method: str, device: torch.device):
     """(task, module): the CIFAR MLP adapted by `method` (rank 4), built on `device` (meta: shapes only)."""
-    from . import models
-    from .methods import METHODS, Adapter
+    from .workload import models
+    from .workload.methods import METHODS, Adapter
     with torch.device(device):
         bundle = models.build("cifar-mlp")
         adapted = METHODS[method].apply(bundle, Adapter(rank=4 if METHODS[method].adapts else None, model="cifar-mlp"))
@@ -59,7 +59,7 @@ def host_rss() -> Check:
     nothing to say about it.)"""
     import psutil
 
-    from .trackers import HostMemory
+    from .measure.trackers import HostMemory
     mark_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
     above_mark = mark_before - psutil.Process().memory_info().rss + 64 * MiB
     size = max(512 * MiB, -(-above_mark // MiB) * MiB)
@@ -85,8 +85,8 @@ def clock() -> Check:
 
 def flops_closed_form() -> Check:
     """FlopCounterMode on the meta device against the closed form, for the methods it covers."""
-    from . import flops
-    from .methods import METHODS
+    from .measure import flops
+    from .workload.methods import METHODS
     out = []
     for method in (name for name, m in METHODS.items() if m.closed_form):
         task, module = _mlp(method, torch.device("meta"))
@@ -100,7 +100,7 @@ def flops_closed_form() -> Check:
 
 def saved_tensors() -> Check:
     """The saved-tensor hooks against the closed form: each layer's output per sample, fp32."""
-    from .trackers import SavedTensors
+    from .measure.trackers import SavedTensors
     task, module = _mlp(BASELINE, torch.device("cpu"))
     batch = _images(8, torch.device("cpu"))
     exclude = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *batch.values())}   # not activations
@@ -114,8 +114,8 @@ def saved_tensors() -> Check:
 def matmul_ceiling(device: torch.device) -> Check:
     """The ceiling MFU is measured against, on the MLP's GEMMs, against a timed training step of
     the MLP: the step's counted FLOPs per second must not exceed it."""
-    from . import flops
-    from .flops import measure_matmul_flops
+    from .measure import flops
+    from .measure.flops import measure_matmul_flops
     task, module = _mlp(BASELINE, device)
     rows = 64
     ceiling = measure_matmul_flops(device, torch.float32, flops.gemm_shapes(module, rows))["matmul_flops"]
@@ -150,7 +150,7 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> floa
 def allocator_vs_driver(device: torch.device) -> Check:
     """1 GiB allocated: the allocator must count it, and the driver's view of this process must sit
     between the allocator's reserved bytes and those plus the CUDA context (read before)."""
-    from .drivers import driver_trackers
+    from .measure.drivers import driver_trackers
     trackers, _, _, missing = driver_trackers(device, 0.005)
     if not trackers:
         return Check("allocator vs driver: 1 GiB", f"driver view unavailable: {next(iter(missing.values())).reason}",
@@ -197,7 +197,7 @@ def events_vs_wall(device: torch.device) -> Check:
 
 
 def sampler_overhead(device: torch.device) -> Check:
-    from .drivers import driver_trackers
+    from .measure.drivers import driver_trackers
     task, module = _mlp(BASELINE, device)
     batch = _images(64, device)
     step = lambda: task.loss(module, batch)[0].backward()   # noqa: E731
@@ -214,7 +214,7 @@ def sampler_overhead(device: torch.device) -> Check:
 
 def device_mapping() -> Check:
     """Every visible torch device resolves to a driver handle by UUID / PCI bus id."""
-    from .drivers import amdsmi_handle, device_identity, nvml_handle
+    from .measure.drivers import amdsmi_handle, device_identity, nvml_handle
     found = []
     try:
         if torch.version.hip:
@@ -237,7 +237,7 @@ def device_mapping() -> Check:
 
 def energy_counter(device: torch.device) -> Check:
     """About 1 s of matmuls: the counter must advance by a power a working device draws."""
-    from .drivers import driver_trackers
+    from .measure.drivers import driver_trackers
     _, energy, _, _ = driver_trackers(device, 0.01)
     a = torch.randn(4096, 4096, device=device)
     energy.begin()

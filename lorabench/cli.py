@@ -40,7 +40,7 @@ def _argtype(parse):
 
 
 def _ranks(value: str) -> list[int]:
-    from .cells import csv_list
+    from .plan.cells import csv_list
     try:
         return [int(v) for v in csv_list(value)]
     except ValueError:
@@ -50,7 +50,7 @@ def _ranks(value: str) -> list[int]:
 def _add_flags(group, cls) -> None:
     """One flag per field of `cls` (Cell, RunOptions) that declares one; several for a field with
     alternatives. Defaults stay None here: the dataclass's own default applies when a flag is not given."""
-    from .cells import cli_flags
+    from .plan.cells import cli_flags
     for f in dataclasses.fields(cls):
         for flag in cli_flags(f):
             kw: dict[str, Any] = {"help": flag.help or None, "metavar": flag.metavar, "choices": flag.choices,
@@ -63,7 +63,7 @@ def _add_flags(group, cls) -> None:
 def _given(args: argparse.Namespace, cls) -> dict[str, Any]:
     """{field: value} of the flags given for `cls`; of a field's alternative flags (--targets,
     --target-regex), one at most."""
-    from .cells import cli_flags
+    from .plan.cells import cli_flags
     out = {}
     for f in dataclasses.fields(cls):
         given = [(fl.flag, getattr(args, fl.dest)) for fl in cli_flags(f)]
@@ -76,12 +76,12 @@ def _given(args: argparse.Namespace, cls) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cells import Cell, csv_list
-    from .compare import THRESHOLDS
-    from .environment import installed_version
-    from .methods import METHODS
-    from .plan import PRESETS
-    from .runner import RunOptions
+    from .plan.cells import Cell, csv_list
+    from .results.compare import THRESHOLDS
+    from .measure.environment import installed_version
+    from .workload.methods import METHODS
+    from .plan.presets import PRESETS
+    from .run.worker import RunOptions
 
     parser = _Parser(prog="lorabench", description=(
         "Measure what LoRA buys against full fine-tuning on this machine: trainable parameters, "
@@ -173,22 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace, device: str):
     """Validated run options, shared by new and resumed runs."""
-    from .rundir import writable_dir
-    from .runner import RunOptions
+    from .results.rundir import writable_dir
+    from .run.worker import RunOptions
     writable_dir(args.report_dir, "--report-dir")
     return RunOptions(**_given(args, RunOptions), profile=args.profile, memory_snapshot=args.memory_snapshot).on(device)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import data, plan, runner, tables
-    from .cells import Cell
-    from .rundir import RunDir, writable_dir
+    from .plan import admission, presets
+    from .workload import data
+    from .render import tables
+    from .run import worker
+    from .plan.cells import Cell
+    from .results.rundir import RunDir, writable_dir
 
     if args.resume is not None:
         return _resume(args)
     if args.retry_failed:
         raise UsageError("--retry-failed goes with --resume RUN_DIR")
-    cells = plan.request(config=args.config, presets=args.preset, models=args.models, methods=args.methods,
+    cells = presets.request(config=args.config, presets=args.preset, models=args.models, methods=args.methods,
                          ranks=args.ranks, repeat=args.repeat, settings=_given(args, Cell))
     device = cells[0].device if cells else "cpu"
     options = _options(args, device)
@@ -196,8 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for path in sorted({c.data for c in cells if c.data != "synthetic"} if args.download else ()):
         data.download_cifar10(path)
     if not args.dry_run:
-        runner.start_workers(options.start_method, cells)   # its imports overlap with the model builds below
-    the_plan = plan.Plan.of(cells, args.shard, args.force, options.start_method)
+        worker.start_workers(options.start_method, cells)   # its imports overlap with the model builds below
+    the_plan = admission.Plan.of(cells, args.shard, args.force, options.start_method)
     cells = the_plan.cells
     if the_plan.fit_note:
         print(f"lorabench: {the_plan.fit_note}", file=sys.stderr)
@@ -213,11 +216,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from . import environment, plan, runner
-    from .cells import SETTINGS, cli_flags
+    from .plan import admission
+    from .measure import environment
+    from .run import worker
+    from .plan.cells import SETTINGS, cli_flags
     from .errors import InputError
-    from .rundir import RunDir, RunDirError
-    from .survey import survey_all
+    from .results.rundir import RunDir, RunDirError
+    from .plan.survey import survey_all
 
     given = [flag for dest, flag in [(a, "--" + a) for a in AXES] + [(fl.dest, fl.flag) for f in SETTINGS
                                                                     for fl in cli_flags(f)]
@@ -239,9 +244,9 @@ def _resume(args: argparse.Namespace) -> int:
             print(f"lorabench: resuming {run}: {done} of {len(cells)} cells have rows, {len(todo)} to run",
                   file=sys.stderr)
             if todo:
-                runner.start_workers(options.start_method, todo)
+                worker.start_workers(options.start_method, todo)
             skipped = {} if args.force else dict(saved.get("skipped", {}))
-            return _execute(args, run, plan.Plan(todo, cells, survey_all(todo), skipped), options)
+            return _execute(args, run, admission.Plan(todo, cells, survey_all(todo), skipped), options)
     except RunDirError as e:   # its message starts with the directory
         raise UsageError(f"--resume {e}") from None
     except InputError as e:   # a plan that no longer builds, or no GPU for a cuda run
@@ -250,7 +255,8 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _execute(args: argparse.Namespace, run, the_plan, options) -> int:
     """Run the plan's cells into `run` (skipped ones get their row at once), then report the run directory."""
-    from . import report, runner
+    from .render import report
+    from .run import runner
 
     cells, skipped = the_plan.cells, the_plan.skipped
     progress = {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
@@ -273,8 +279,8 @@ def _execute(args: argparse.Namespace, run, the_plan, options) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from . import report
-    from .rundir import RunDir, writable_dir
+    from .render import report
+    from .results.rundir import RunDir, writable_dir
 
     writable_dir(args.out.parent, "--out")
     writable_dir(args.report_dir, "--report-dir")
@@ -286,7 +292,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _load_rows(run_dirs) -> tuple[list, list]:
-    from .rundir import RunDir
+    from .results.rundir import RunDir
     rows, warnings = RunDir.load(run_dirs)
     for w in warnings:
         print(f"lorabench: warning: {w}", file=sys.stderr)
@@ -294,15 +300,15 @@ def _load_rows(run_dirs) -> tuple[list, list]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from . import report
-    from .rundir import writable_dir
+    from .render import benchmarks, report
+    from .results.rundir import writable_dir
 
     if (args.pytest_benchmark is None) == (not args.run_dirs):
         raise UsageError("give run directories (RUN_DIR) or --pytest-benchmark FILE.json, one of the two")
     if args.pytest_benchmark is not None:
-        data = report.load_pytest_benchmark(args.pytest_benchmark)
+        data = benchmarks.load_pytest_benchmark(args.pytest_benchmark)
         out = args.output or args.report_dir / f"{args.pytest_benchmark.stem}.md"
-        write = lambda: out.write_text(report.pytest_benchmark_report(data), encoding="utf-8")   # noqa: E731
+        write = lambda: out.write_text(benchmarks.pytest_benchmark_report(data), encoding="utf-8")   # noqa: E731
     else:
         rows, warnings = _load_rows(args.run_dirs)
         name = rows[0].run_id if len(args.run_dirs) == 1 else args.run_dirs[0].name + "-combined"
@@ -318,11 +324,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from . import report
-    from .compare import THRESHOLDS, compare
+    from .results.compare import THRESHOLDS, compare
+    from .render.comparison import comparison_report
     limits = {kind: getattr(args, f"{kind}_threshold") for kind in THRESHOLDS}
     result = compare(_load_rows([args.base])[0], _load_rows([args.new])[0], limits, args.allow_environment_change)
-    text = report.comparison_report(result, args.base.name, args.new.name)
+    text = comparison_report(result, args.base.name, args.new.name)
     print(text)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -331,17 +337,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from . import check, environment, report
+    from . import check
+    from .measure import environment
+    from .render import listings
     device = environment.resolve_device(args.device)
     t0 = time.perf_counter()
     results = check.run_checks(device, lambda name: print(f"lorabench check: {name} ...", file=sys.stderr))
-    print(report.check_table(results, device, time.perf_counter() - t0))
+    print(listings.check_table(results, device, time.perf_counter() - t0))
     return EXIT_OK if all(c.ok for c in results) else EXIT_FAILED_CELLS
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from . import report
-    print(report.metrics_table() if args.metrics else report.registries())
+    from .render import listings
+    print(listings.metrics_table() if args.metrics else listings.registries())
     return EXIT_OK
 
 
@@ -352,7 +360,7 @@ COMMANDS = {"run": cmd_run, "report": cmd_report, "list": cmd_list, "merge": cmd
 def main(argv: Sequence[str] | None = None) -> int:
     from .errors import InputError
     from .forksafe import keep_out
-    from .runner import quiet_library_warnings
+    from .run.worker import quiet_library_warnings
     keep_out()   # the parent of a run never initialises CUDA: bitsandbytes' import would (lorabench/forksafe.py)
     quiet_library_warnings()
     parser = build_parser()

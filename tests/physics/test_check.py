@@ -1,8 +1,10 @@
 """`lorabench check`'s checks can fail: each one against a measurement made wrong on purpose."""
 import torch
 
-from lorabench import check, flops
-from lorabench.trackers import HostMemory
+from lorabench import check
+
+from lorabench.measure import flops
+from lorabench.measure.trackers import HostMemory
 
 
 def test_the_host_rss_check_sets_a_new_mark_and_fails_a_sampler_that_misses_the_buffer(monkeypatch):

@@ -11,25 +11,26 @@ import torch
 
 from lorabench import forksafe
 
-# A cell process as `runner` starts one (the fork server preloaded with what a BERT LoRA cell needs,
+# A cell process as `runner` starts one through `worker` (the fork server preloaded with what a BERT LoRA cell needs,
 # peft included), which then forks two ranks as `ranks.launch` does for a cell of two.
 CELL_AND_RANKS = textwrap.dedent("""
     import json, multiprocessing as mp, sys
-    from lorabench import forksafe, ranks, runner
-    from lorabench.cells import Cell
+    from lorabench import forksafe
+    from lorabench.run import ranks, worker
+    from lorabench.plan.cells import Cell
 
     def rank(conn):
         conn.send(("result", {"status": "ok", "bad_fork": forksafe.in_bad_fork()}))
 
     def cell(conn):
-        forksafe.keep_out()   # as runner._child does
+        forksafe.keep_out()   # as worker.cell_main does
         results = ranks.launch(2, rank)
         conn.send({"cell": forksafe.in_bad_fork(), "ranks": [r.payload["bad_fork"] for r in results]})
 
     if __name__ == "__main__":
         method = sys.argv[1]
-        runner.start_workers(method, [Cell(model="bert-tiny", method="lora", rank=8)])
-        assert method == "spawn" or "lorabench.preload_hf" in runner.PRELOAD_HF
+        worker.start_workers(method, [Cell(model="bert-tiny", method="lora", rank=8)])
+        assert method == "spawn" or "lorabench.run.preload_hf" in worker.PRELOAD_HF
         ctx = mp.get_context(method)
         recv, send = ctx.Pipe(duplex=False)
         p = ctx.Process(target=cell, args=(send,))
@@ -73,8 +74,8 @@ def test_the_bad_fork_check_sees_a_fork_after_a_cuda_query():
 
 
 def test_a_cell_in_a_bad_fork_fails_with_one_line_naming_the_cause(monkeypatch):
-    from lorabench.cells import Cell
-    from lorabench.experiment import execute
+    from lorabench.plan.cells import Cell
+    from lorabench.run.experiment import execute
     monkeypatch.setattr(torch._C, "_cuda_isInBadFork", lambda: True)
     row = execute(Cell(model="cifar-mlp", method="full", device="cuda", samples=16, eval_samples=8, batch_size=8,
                        epochs=1, warmup_epochs=0))

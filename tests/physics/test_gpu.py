@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lorabench.cells import Cell
-from lorabench.experiment import execute
-from lorabench.trackers import TorchAllocator
+from lorabench.plan.cells import Cell
+from lorabench.run.experiment import execute
+from lorabench.measure.trackers import TorchAllocator
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU; none is visible to torch")]

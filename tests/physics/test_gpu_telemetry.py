@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from fakes import (AMDSMI_STATUS_NO_PERM, FakeAMD, FakeAmdsmi, FakeGPU, FakeNVML, me)
-from lorabench import drivers, environment, experiment
-from lorabench.drivers import AmdsmiMemory, NvmlMemory, amdsmi_energy, amdsmi_handle, nvml_energy, nvml_handle
-from lorabench.trackers import Unavailable, is_unavailable
+from lorabench.measure import drivers, environment
+from lorabench.run import experiment
+from lorabench.measure.drivers import AmdsmiMemory, NvmlMemory, amdsmi_energy, amdsmi_handle, nvml_energy, nvml_handle
+from lorabench.measure.trackers import Unavailable, is_unavailable
 
 GiB = 2 ** 30
 A = "GPU-aaaaaaaa-0000-0000-0000-000000000000"
@@ -277,8 +278,8 @@ def test_driver_trackers_use_amdsmi_by_bus_id_on_rocm_and_record_the_driver(monk
 
 
 def test_the_driver_version_lands_in_the_rows_environment_not_its_metrics(monkeypatch):
-    from lorabench.cells import Cell
-    from lorabench.drivers import unavailable_energy
+    from lorabench.plan.cells import Cell
+    from lorabench.measure.drivers import unavailable_energy
     monkeypatch.setattr(experiment, "driver_trackers", lambda device, interval: (
         [], unavailable_energy("fake"), {"gpu_driver_view": "NVML", "gpu_driver": "550.54.15"}, {}))
     row = experiment.execute(Cell(model="cifar-mlp", method="lora", rank=1, samples=16, eval_samples=8, batch_size=8,

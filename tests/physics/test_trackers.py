@@ -3,7 +3,7 @@ import time
 
 import torch
 
-from lorabench.trackers import HostMemory, SavedTensors, TorchAllocator, Unavailable, is_unavailable
+from lorabench.measure.trackers import HostMemory, SavedTensors, TorchAllocator, Unavailable, is_unavailable
 
 MiB = 2 ** 20
 
@@ -91,8 +91,8 @@ def test_a_tracker_whose_start_raised_reports_why_not_a_second_error():
 
 
 def test_a_cell_whose_tracker_fails_to_start_keeps_that_error_in_its_row(monkeypatch):
-    from lorabench import experiment
-    from lorabench.cells import Cell
+    from lorabench.run import experiment
+    from lorabench.plan.cells import Cell
 
     class Broken(TorchAllocator):
         def start(self):

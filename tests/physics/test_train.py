@@ -1,11 +1,11 @@
 import torch
 
-from lorabench import data, models
-from lorabench.cells import Cell
-from lorabench.experiment import probe_step
-from lorabench.methods import METHODS
-from lorabench.tasks import TASKS
-from lorabench.train import evaluate, fit, make_optimizer
+from lorabench.workload import data, models
+from lorabench.plan.cells import Cell
+from lorabench.run.experiment import probe_step
+from lorabench.workload.methods import METHODS
+from lorabench.workload.tasks import TASKS
+from lorabench.run.train import evaluate, fit, make_optimizer
 
 
 def apply(bundle, cell):
@@ -110,7 +110,7 @@ def test_activation_memory_does_not_grow_with_the_data_set():
     by index and never a shuffled copy of the whole set (which at 16,384 images is 192 MiB)."""
     from torch import nn
 
-    from lorabench.trackers import HostMemory
+    from lorabench.measure.trackers import HostMemory
     task = TASKS["image-classification"]
     above = {}
     for n in (1024, 16384):
@@ -128,8 +128,8 @@ def test_activation_memory_does_not_grow_with_the_data_set():
 def test_a_diverging_cell_is_a_diverged_row_with_null_losses_not_a_crash():
     import json
 
-    from lorabench.experiment import execute
-    from lorabench.rows import Status
+    from lorabench.run.experiment import execute
+    from lorabench.results.rows import Status
     row = execute(Cell(model="cifar-mlp", method="lora", rank=2, lr=1e30, samples=64, eval_samples=16, batch_size=16,
                        epochs=1, warmup_epochs=1))
     assert row.status is Status.DIVERGED and row.error["type"] == "Diverged"
@@ -142,8 +142,8 @@ def test_a_diverging_cell_is_a_diverged_row_with_null_losses_not_a_crash():
 def test_gradient_checkpointing_keeps_only_block_inputs_for_backward():
     """BERT-Tiny LoRA: the saved activations at least halve (the issue's bar), and the prediction
     follows the measurement within 25 % both ways."""
-    from lorabench.experiment import execute
-    from lorabench.survey import survey
+    from lorabench.run.experiment import execute
+    from lorabench.plan.survey import survey
     rows = {}
     for gc in ("off", "on"):
         cell = Cell(model="bert-tiny", method="lora", rank=8, grad_checkpointing=gc, samples=64, eval_samples=32,

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from conftest import files_under
-from lorabench import data, models
-from lorabench.cells import Cell
-from lorabench.experiment import execute
-from lorabench.methods import METHODS, match_targets
-from lorabench.plan import plan
-from lorabench.survey import survey
-from lorabench.tasks import task_of_data
+from lorabench.workload import data, models
+from lorabench.plan.cells import Cell
+from lorabench.run.experiment import execute
+from lorabench.workload.methods import METHODS, match_targets
+from lorabench.plan.presets import expand
+from lorabench.plan.survey import survey
+from lorabench.workload.tasks import task_of_data
 
 
 def inspect(cell):
@@ -38,7 +38,7 @@ def test_seed_001_regex_picks_the_fused_projection_of_blocks_starting_with_1():
 
 
 def test_seed_bloom_split_shows_the_embedding_trained_in_full():
-    (cell,) = plan(["seed-bloom"])
+    (cell,) = expand(["seed-bloom"])
     p = inspect(cell)
     assert p.adapter == 11 * 8 * (2048 + 3 * 2048)          # 11 blocks, r=8, in 2048, out 6144
     assert p.full_trained == 46145 * 2048                  # the whole word embedding
@@ -46,13 +46,13 @@ def test_seed_bloom_split_shows_the_embedding_trained_in_full():
 
 
 def test_seed_cifar_preset_continues_lora_from_trained_weights():
-    full, lora = plan(["seed-cifar-mlp"])
+    full, lora = expand(["seed-cifar-mlp"])
     assert (full.batch_size, full.lr, full.pretrain_epochs) == (8, 1e-3, 0)
     assert (lora.method, lora.rank, lora.alpha, lora.pretrain_epochs) == ("lora-reparam", 1, 1.0, 2)
 
 
 def test_ranks_preset_sweeps_the_mlp_hidden_layers():
-    cells = plan(["ranks"], models=["bert-tiny", "cifar-mlp"])
+    cells = expand(["ranks"], models=["bert-tiny", "cifar-mlp"])
     mlp = [c for c in cells if c.model == "cifar-mlp" and c.rank == 64]
     assert mlp and inspect(mlp[0]).adapter == 64 * (3072 + 4096 + 4096 + 2048)
     assert sorted({c.rank for c in cells if c.rank}) == [1, 2, 4, 8, 16, 32, 64]
@@ -69,7 +69,7 @@ def test_prediction_for_full_fp32_is_16_bytes_per_parameter_plus_activations():
 def test_counted_flops_of_the_mlp_equal_the_closed_form(method):
     """FlopCounterMode on the meta device against the textbook count: the first layer computes no
     input gradient; re-parametrization pays a full weight gradient and its B A products."""
-    from lorabench import flops
+    from lorabench.measure import flops
     cell = Cell(model="cifar-mlp", method=method, batch_size=8, grad_accum=2, **({} if method == "full" else {"rank": 4}))
     counted = survey(cell).prediction.flops
     with torch.device("meta"):
@@ -100,7 +100,7 @@ def test_activation_prediction_matches_what_autograd_saves(model, method, tolera
     transformer estimate (and its LoRA variant, where frozen Linear layers keep no input). A causal
     LM's fp32 log-probabilities (batch x seq x vocab x 4 bytes) dominate a small-hidden, large-vocab
     model: the tiny Bloom's vocabulary is 50,000."""
-    from lorabench.trackers import SavedTensors
+    from lorabench.measure.trackers import SavedTensors
     if model == "tiny-bloom":
         model = f"hf:{local_models / 'tiny-bloom'}"
     cell = Cell(model=model, method=method, batch_size=16, seq_len=64, **({} if method == "full" else {"rank": 8}))

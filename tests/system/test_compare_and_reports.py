@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import TINY, run_subprocess
-from lorabench.rundir import RunDir
+from lorabench.results.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

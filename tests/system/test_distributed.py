@@ -120,7 +120,7 @@ def test_a_cell_spans_processes_started_by_torchrun_itself(tmp_path):
             "eval_samples": 32, "batch_size": 16, "epochs": 1}
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "lorabench.ranks", "results/torchrun", json.dumps(cell)],
+                          "-m", "lorabench.run.ranks", "results/torchrun", json.dumps(cell)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     (row,) = [json.loads(line) for line in (tmp_path / "results/torchrun/results.jsonl").read_text().splitlines()]

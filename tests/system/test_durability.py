@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from conftest import TINY, run_subprocess
-from lorabench.plan import plan
-from lorabench.rundir import RunDir, RunDirLocked
+from lorabench.plan.presets import expand
+from lorabench.results.rundir import RunDir, RunDirLocked
 
 pytestmark = pytest.mark.slow
 
@@ -193,7 +193,7 @@ def test_three_shards_merge_into_the_cells_of_one_unsharded_run(tmp_path):
     merged = run_subprocess("merge", *map(str, dirs), "--out", "merged", cwd=tmp_path)
     assert merged.returncode == 0, merged.stderr
     rows, _ = rows_of(tmp_path / "merged")
-    expected = plan(["quick"], ["cifar-mlp", "bert-tiny"], ["full", "lora"], [1, 2],
+    expected = expand(["quick"], ["cifar-mlp", "bert-tiny"], ["full", "lora"], [1, 2],
                     {"samples": 32, "eval_samples": 16, "batch_size": 16, "epochs": 1, "warmup_epochs": 1,
                      "seq_len": 16, "device": "cpu"})
     assert [r["cell_key"] for r in rows] == [c.key() for c in expected]

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from conftest import TINY, run_subprocess
-from lorabench import report
-from lorabench.cells import Cell
-from lorabench.rows import METRICS, Status, is_number
-from lorabench.rundir import RunDir
+from lorabench.render import report
+from lorabench.plan.cells import Cell
+from lorabench.results.rows import METRICS, Status, is_number
+from lorabench.results.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 

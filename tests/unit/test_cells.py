@@ -4,10 +4,10 @@ import re
 
 import pytest
 
-from lorabench.cells import AXIS_FIELDS, Cell, CellError
-from lorabench.methods import METHODS
-from lorabench.plan import PRESETS, Matrix, plan
-from lorabench.survey import survey_all
+from lorabench.plan.cells import AXIS_FIELDS, Cell, CellError
+from lorabench.workload.methods import METHODS
+from lorabench.plan.presets import PRESETS, Matrix, expand
+from lorabench.plan.survey import survey_all
 
 
 def test_full_cell_defaults_are_valid():
@@ -64,7 +64,7 @@ def test_matrix_without_ranks_for_lora_is_refused():
 
 
 def test_quick_preset_is_two_models_full_and_two_ranks():
-    cells = plan()
+    cells = expand()
     assert [(c.model, c.label) for c in cells] == [
         ("cifar-mlp", "full"), ("cifar-mlp", "lora r=2"), ("cifar-mlp", "lora r=8"),
         ("bert-tiny", "full"), ("bert-tiny", "lora r=2"), ("bert-tiny", "lora r=8")]
@@ -72,42 +72,42 @@ def test_quick_preset_is_two_models_full_and_two_ranks():
 
 
 def test_models_replace_the_presets_models_keeping_its_shape():
-    cells = plan(models=["bert-base"])
+    cells = expand(models=["bert-base"])
     assert {c.model for c in cells} == {"bert-base"}
     assert [c.label for c in cells] == ["full", "lora r=2", "lora r=8"]
 
 
 def test_models_filter_a_preset_that_names_them():
-    cells = plan(models=["bert-tiny"])
+    cells = expand(models=["bert-tiny"])
     assert {c.model for c in cells} == {"bert-tiny"} and len(cells) == 3
 
 
 def test_axis_and_field_overrides():
-    cells = plan(methods=["lora-reparam"], ranks=[1], overrides={"epochs": 3, "device": "cpu"})
+    cells = expand(methods=["lora-reparam"], ranks=[1], overrides={"epochs": 3, "device": "cpu"})
     assert [(c.model, c.label, c.epochs) for c in cells] == [("cifar-mlp", "lora-reparam r=1", 3),
                                                              ("bert-tiny", "lora-reparam r=1", 3)]
 
 
 def test_methods_full_alone_drops_the_presets_ranks():
-    assert [c.label for c in plan(methods=["full"])] == ["full", "full"]
+    assert [c.label for c in expand(methods=["full"])] == ["full", "full"]
 
 
 def test_ranks_with_full_only_is_refused():
     with pytest.raises(CellError, match="only method is full"):
-        plan(methods=["full"], ranks=[4])
+        expand(methods=["full"], ranks=[4])
 
 
 def test_unknown_preset_and_setting_are_refused():
     with pytest.raises(CellError, match="unknown preset 'nope'; choose from"):
-        plan(["nope"])
+        expand(["nope"])
     with pytest.raises(CellError, match="unknown setting"):
-        plan(overrides={"epochz": 3})
+        expand(overrides={"epochz": 3})
 
 
 def test_repeat_makes_distinct_cells_and_duplicates_collapse():
-    cells = plan(repeat=3)
+    cells = expand(repeat=3)
     assert len(cells) == 18 and len({c.key() for c in cells}) == 18
-    assert len(plan(["quick", "quick"])) == 6
+    assert len(expand(["quick", "quick"])) == 6
 
 
 def test_key_is_stable_and_covers_every_field():
@@ -151,11 +151,11 @@ def test_bad_process_settings_are_refused(fields, message):
 
 
 def test_nproc_and_strategy_lists_are_axes_and_one_process_shares_nothing():
-    from lorabench.plan import plan
-    cells = plan(["quick"], ["cifar-mlp"], ["full"], None, {"nproc": (1, 2), "strategy": ("ddp", "fsdp2")})
+    from lorabench.plan.presets import expand
+    cells = expand(["quick"], ["cifar-mlp"], ["full"], None, {"nproc": (1, 2), "strategy": ("ddp", "fsdp2")})
     assert [c.label for c in cells] == ["full", "full ddp n=2", "full fsdp2 n=2"]
     with pytest.raises(CellError, match="--strategy applies to cells of several processes"):
-        plan(["quick"], ["cifar-mlp"], ["full"], None, {"strategy": ("fsdp2",)})
+        expand(["quick"], ["cifar-mlp"], ["full"], None, {"strategy": ("fsdp2",)})
 
 
 def test_round_trip_through_dict():
@@ -177,14 +177,14 @@ def test_every_preset_expands_to_its_closed_form_count_and_every_cell_builds(nam
         return sum(1 if n == 1 else len(strategy) for n in nproc) * math.prod(others)
     expected = sum(len(mx.models) * processes(mx) * sum(len(mx.ranks) if METHODS[m].adapts else 1 for m in mx.methods)
                    for mx in PRESETS[name])
-    cells = plan([name])
+    cells = expand([name])
     assert len(cells) == expected > 0
     assert len(survey_all(cells)) == expected   # each builds on the meta device, or PlanError names it
 
 
 def test_shard_assigns_every_cell_exactly_once_balanced_and_deterministic():
-    from lorabench.plan import shard
-    cells = plan(["quick"], models=["cifar-mlp", "bert-tiny", "bert-base"], ranks=[1, 2, 4, 8])
+    from lorabench.plan.admission import shard
+    cells = expand(["quick"], models=["cifar-mlp", "bert-tiny", "bert-base"], ranks=[1, 2, 4, 8])
     costs = [float(i % 7 + 1) for i in range(len(cells))]
     parts = [shard(cells, costs, k, 3) for k in (1, 2, 3)]
     keys = [c.key() for part in parts for c in part]
@@ -198,7 +198,7 @@ def test_shard_assigns_every_cell_exactly_once_balanced_and_deterministic():
 
 
 def test_seq_len_and_batch_size_lists_are_axes():
-    cells = plan(["quick"], ["bert-tiny"], ["lora"], [8], {"seq_len": (32, 64), "batch_size": (16, 32)})
+    cells = expand(["quick"], ["bert-tiny"], ["lora"], [8], {"seq_len": (32, 64), "batch_size": (16, 32)})
     assert sorted((c.seq_len, c.batch_size) for c in cells) == [(32, 16), (32, 32), (64, 16), (64, 32)]
     assert len({c.key() for c in cells}) == 4
 
@@ -212,5 +212,5 @@ def test_precision_is_an_axis_and_dtype_its_older_spelling():
         Cell(model="cifar-mlp", method="full", precision="bf16-mixed", dtype="float16")
     with pytest.raises(CellError, match="unknown precision 'fp8'; choose from bf16, bf16-mixed, fp16, fp16-mixed, fp32"):
         Cell(model="cifar-mlp", method="full", precision="fp8")
-    cells = plan(["quick"], ["cifar-mlp"], ["full"], None, {"precision": ("fp32", "bf16-mixed", "fp16-mixed", "bf16")})
+    cells = expand(["quick"], ["cifar-mlp"], ["full"], None, {"precision": ("fp32", "bf16-mixed", "fp16-mixed", "bf16")})
     assert [c.precision for c in cells] == ["fp32", "bf16-mixed", "fp16-mixed", "bf16"]

@@ -157,7 +157,7 @@ def test_dry_run_of_a_shard_shows_only_its_cells(cli):
 
 
 def test_cells_are_pinned_to_the_gpus_they_take(monkeypatch):
-    from lorabench import runner
+    from lorabench.run import runner
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(runner.torch.version, "hip", None)
     assert runner.devices("cuda", 2) == ["0", "1"]
@@ -197,7 +197,7 @@ def test_check_reports_a_failing_check_with_exit_1(monkeypatch, capsys):
 
 
 def test_a_model_fsdp2_cannot_wrap_is_refused_before_anything_runs(cli, in_tmp, monkeypatch):
-    from lorabench import distributed
+    from lorabench.workload import distributed
     monkeypatch.setattr(distributed, "units", lambda module: [])   # a model with no blocks and no Linear
     code, out, err = cli("run", "--models", "cifar-mlp", "--methods", "full", "--nproc", "2", "--strategy", "fsdp2")
     assert code == 2 and "FSDP2 cannot wrap cifar-mlp" in err and len(err.strip().splitlines()) == 1

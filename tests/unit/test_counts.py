@@ -1,10 +1,10 @@
 """Parameter counts by closed form: LoRA adds r * (in + out) per adapted Linear."""
 import pytest
 
-from lorabench.cells import Cell
-from lorabench.methods import MethodError
-from lorabench.plan import plan
-from lorabench.survey import survey
+from lorabench.plan.cells import Cell
+from lorabench.workload.methods import MethodError
+from lorabench.plan.presets import expand
+from lorabench.plan.survey import survey
 
 
 def inspect(cell):
@@ -65,7 +65,7 @@ def test_seed_bert_published_counts():
 
 
 def test_quick_preset_counts_by_closed_form():
-    for cell in plan():
+    for cell in expand():
         p = inspect(cell)
         if cell.model == "cifar-mlp":
             expected = MLP_TOTAL if cell.rank is None else sum(cell.rank * (i + o) for i, o in MLP_LINEARS)

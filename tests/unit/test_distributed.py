@@ -4,11 +4,13 @@ themselves run in tests/system/test_distributed.py."""
 import pytest
 import torch
 
-from lorabench import distributed, methods, models, ranks
-from lorabench.cells import Cell
-from lorabench.ranks import RankResult
-from lorabench.survey import survey
-from lorabench.rows import METRICS, Row, Status
+from lorabench.workload import distributed, methods, models
+
+from lorabench.run import ranks
+from lorabench.plan.cells import Cell
+from lorabench.run.ranks import RankResult
+from lorabench.plan.survey import survey
+from lorabench.results.rows import METRICS, Row, Status
 
 
 def adapted(model, method, rank=None):
@@ -86,7 +88,7 @@ def test_energy_is_summed_over_the_devices_each_once_and_the_driver_views_kept_p
 
 
 def test_energy_is_unavailable_unless_every_rank_read_its_device():
-    from lorabench.trackers import Unavailable
+    from lorabench.measure.trackers import Unavailable
     missing = ranks.fold([result(0, energy_j_per_epoch=100.0),
                                 result(1, energy_j_per_epoch=Unavailable("NVML total energy counter: Not Supported"))])
     assert missing.measured["energy_j_per_epoch"] == Unavailable(
@@ -106,7 +108,7 @@ def test_the_rank_that_died_is_named_before_the_peers_that_raised_after_it():
 
 
 def test_the_scaling_table_divides_by_the_same_method_in_one_process():
-    from lorabench.tables import fold, scaling_efficiency, scaling_table
+    from lorabench.render.tables import fold, scaling_efficiency, scaling_table
     def row(nproc, sps, strategy=None):
         cell = Cell(model="cifar-mlp", method="full", nproc=nproc, strategy=strategy)
         return Row.make(cell, Status.OK, {"step_s_p50": cell.batch_size * nproc / sps, "host_peak_rss_bytes": 2 ** 30,
@@ -122,7 +124,7 @@ def test_the_scaling_table_divides_by_the_same_method_in_one_process():
 
 
 def test_the_fit_gate_counts_every_rank_of_a_cpu_cell_against_the_one_host_memory():
-    from lorabench.plan import fit_gate
+    from lorabench.plan.admission import fit_gate
     one, two = Cell(model="cifar-mlp", method="full"), Cell(model="cifar-mlp", method="full", nproc=2)
     s1, s2 = survey(one), survey(two)
     free = s1.prediction.total_bytes + 1   # room for one replica, not for two

@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from lorabench import models
-from lorabench.cells import Cell
-from lorabench.methods import METHODS, LoRAParametrization, count_params, match_targets, set_reparam_enabled
-from lorabench.tasks import TASKS
+from lorabench.workload import models
+from lorabench.plan.cells import Cell
+from lorabench.workload.methods import METHODS, LoRAParametrization, count_params, match_targets, set_reparam_enabled
+from lorabench.workload.tasks import TASKS
 
 
 def apply(bundle, cell):
@@ -110,7 +110,7 @@ def test_adalora_spreads_its_rank_schedule_over_the_cells_steps():
 
 def test_a_peft_adapter_config_file_is_a_method_with_its_own_targets(tmp_path):
     from peft import LoraConfig
-    from lorabench.methods import MethodError, method
+    from lorabench.workload.methods import MethodError, method
     LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value"], use_dora=True).save_pretrained(tmp_path)
     m = method(f"peft:{tmp_path}")   # the folder, or its adapter_config.json
     assert not m.ranked and set(method(f"peft:{tmp_path / 'adapter_config.json'}").targets) == {"query", "key", "value"}

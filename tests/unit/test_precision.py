@@ -2,10 +2,12 @@
 import pytest
 import torch
 
-from lorabench import plan, precision
-from lorabench.cells import Cell
-from lorabench.experiment import execute
-from lorabench.survey import survey
+from lorabench.plan import admission, presets
+
+from lorabench.workload import precision
+from lorabench.plan.cells import Cell
+from lorabench.run.experiment import execute
+from lorabench.plan.survey import survey
 
 
 def test_mixed_precision_keeps_fp32_state_and_halves_the_predicted_activations():
@@ -33,21 +35,21 @@ def test_a_precision_the_device_cannot_run_is_skipped_with_the_reason(monkeypatc
     monkeypatch.setattr(precision, "unsupported", lambda name, device: why if name == "fp16-mixed" else None)
     asked = []
     # the probe runs in a child (the parent never touches the device): here, in-process, to see the patch
-    monkeypatch.setattr(plan.child, "call", lambda fn, args, **kw: asked.append(args) or fn(*args))
-    cells = plan.plan(["quick"], ["cifar-mlp"], ["full"], None, {"precision": ("fp32", "fp16-mixed")})
-    the_plan = plan.Plan.of(cells)
+    monkeypatch.setattr(admission.child, "call", lambda fn, args, **kw: asked.append(args) or fn(*args))
+    cells = presets.expand(["quick"], ["cifar-mlp"], ["full"], None, {"precision": ("fp32", "fp16-mixed")})
+    the_plan = admission.Plan.of(cells)
     assert the_plan.skipped == {cells[1].key(): why}
     assert asked == [("cpu", {"precision": ["fp16-mixed"]})]   # fp32 runs anywhere: not asked
 
 
 def test_the_device_is_probed_in_a_child_and_a_failed_probe_skips_with_why(monkeypatch):
-    cells = plan.plan(["quick"], ["cifar-mlp"], ["full"], None, {"precision": ("fp32", "bf16-mixed")})
-    assert plan.Plan.of(cells, start_method="spawn").skipped == {}   # a real child: the CPU runs bf16-mixed
+    cells = presets.expand(["quick"], ["cifar-mlp"], ["full"], None, {"precision": ("fp32", "bf16-mixed")})
+    assert admission.Plan.of(cells, start_method="spawn").skipped == {}   # a real child: the CPU runs bf16-mixed
 
     def dies(fn, args, **kw):
-        raise plan.child.ChildFailed("lorabench-probe died from SIGKILL without an answer")
-    monkeypatch.setattr(plan.child, "call", dies)
-    assert plan.Plan.of(cells).skipped == {cells[1].key(): "could not ask cpu whether it runs precision bf16-mixed: "
+        raise admission.child.ChildFailed("lorabench-probe died from SIGKILL without an answer")
+    monkeypatch.setattr(admission.child, "call", dies)
+    assert admission.Plan.of(cells).skipped == {cells[1].key(): "could not ask cpu whether it runs precision bf16-mixed: "
                                            "lorabench-probe died from SIGKILL without an answer"}
 
 

@@ -3,9 +3,9 @@ import sys
 
 import pytest
 
-from lorabench import models, quantization
-from lorabench.cells import Cell, CellError
-from lorabench.survey import survey
+from lorabench.workload import models, quantization
+from lorabench.plan.cells import Cell, CellError
+from lorabench.plan.survey import survey
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -41,7 +41,7 @@ def test_without_bitsandbytes_a_quantised_cell_is_skipped_with_how_to_install_it
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_a_quantised_lora_cell_trains_and_holds_what_was_predicted(kind):
     pytest.importorskip("bitsandbytes")
-    from lorabench.experiment import execute
+    from lorabench.run.experiment import execute
     for model in ("cifar-mlp", "bert-tiny"):
         cell = Cell(model=model, method="lora", rank=8, quantize=kind, samples=64, eval_samples=32, batch_size=16,
                     seq_len=16, epochs=1, warmup_epochs=0)

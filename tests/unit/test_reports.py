@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from lorabench import headlines, report, tables
-from lorabench.compare import compare
-from lorabench.rows import Row, Status
-from lorabench.rundir import RunDir
+from lorabench.render import headlines, report, tables
+from lorabench.results.compare import compare
+from lorabench.results.rows import METRICS, Row, Status
+from lorabench.results.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_ID = "20261123-211355-558bee"
@@ -71,7 +71,7 @@ def test_the_headline_says_more_when_lora_is_slower_and_reports_quality_on_pretr
 
 
 def test_memory_and_time_axes_start_at_zero_with_units(rows, tmp_path):
-    from lorabench import plots
+    from lorabench.render import plots
     ok = [tables.fold([r]) for r in rows if r.cell.model == "bert-tiny"]
     axes = plots.rank_sweep_plot("bert-tiny", ok, tmp_path / "s.png", tables.memory_key(ok))
     assert [a[0] for a in axes] == ["peak host RSS (MiB)", "epoch time (s)", "final eval accuracy (fraction)"]
@@ -83,7 +83,7 @@ def test_memory_and_time_axes_start_at_zero_with_units(rows, tmp_path):
 
 
 def test_the_memory_breakdown_adds_up_to_the_measured_peak(rows):
-    from lorabench import plots
+    from lorabench.render import plots
     m = next(r for r in rows if r.cell.model == "cifar-mlp" and r.cell.is_baseline).metrics
     parts = plots.breakdown(m, "host_peak_rss_bytes", "host_rss_baseline_bytes")
     layers = sum(parts[key] for _, _, key, _ in plots.LAYERS)
@@ -97,7 +97,7 @@ def test_the_summary_has_a_comparison_per_model_in_the_metrics_order(rows):
     assert text.count("| Comparison") == 2
     first = text[text.index("| Comparison"):].split("\n\n")[0].splitlines()
     labels = [line.split("|")[1].strip() for line in first[2:]]   # after the header and its rule
-    order = [m.label.strip() for m in report.METRICS if m.shown]
+    order = [m.label.strip() for m in METRICS if m.shown]
     assert labels == [x for x in order if x in labels] and "trainable parameters" == labels[0]
     assert "unavailable" not in text   # the CPU's missing allocator figures have no row at all
 
@@ -193,7 +193,7 @@ def test_a_gpu_run_draws_the_allocators_breakdown_with_the_drivers_line(rows, tm
                               "nvml_process_peak_bytes": r.metrics["state_bytes"] + gib // 2}) for r in rows]
     text = report.render(gpu, plot_dir=tmp_path, plot_link="p/")
     assert sum("-memory.png" in line for line in text.splitlines() if line.startswith("![")) == 2
-    from lorabench import plots
+    from lorabench.render import plots
     m = gpu[0].metrics
     parts = plots.breakdown(m, "torch_peak_allocated_bytes", "torch_allocated_baseline_bytes")
     assert parts["base"] == 6 * 2 ** 20

@@ -5,10 +5,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lorabench import report, tables
-from lorabench.cells import Cell
-from lorabench.rows import BY_KEY, METRICS, Row, Status, is_number
-from lorabench.trackers import Unavailable
+from lorabench.render import listings, tables
+from lorabench.plan.cells import Cell
+from lorabench.results.rows import BY_KEY, METRICS, Row, Status, is_number
+from lorabench.measure.trackers import Unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 # two rows of the first committed reference run (20261122-075125-2e42e4), written with schema 1
@@ -29,7 +29,7 @@ def test_measurements_split_into_numbers_reasons_and_info():
 
 
 def test_an_undeclared_metric_is_refused():
-    with pytest.raises(KeyError, match="not declared in lorabench.rows.METRICS"):
+    with pytest.raises(KeyError, match="not declared in lorabench.results.rows.METRICS"):
         Row.make(CELL, Status.OK, {"epoch_seconds": 1.0})
 
 
@@ -111,4 +111,4 @@ def test_the_readme_table_of_figures_is_the_metrics_table():
     readme = (ROOT / "README.md").read_text()
     start, end = "<!-- metrics-table: begin (lorabench list --metrics) -->\n", "\n<!-- metrics-table: end -->"
     assert start in readme and end in readme
-    assert readme[readme.index(start) + len(start):readme.index(end)] == report.metrics_table()
+    assert readme[readme.index(start) + len(start):readme.index(end)] == listings.metrics_table()

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.cells import Cell
-from lorabench.rows import Row, Status
-from lorabench.rundir import RunDir, RunDirError
+from lorabench.plan.cells import Cell
+from lorabench.results.rows import Row, Status
+from lorabench.results.rundir import RunDir, RunDirError
 
 CELLS = [Cell(model="cifar-mlp", method="full"), Cell(model="cifar-mlp", method="lora", rank=1)]
 

@@ -1,6 +1,6 @@
 import pytest
 
-from lorabench.stats import Summary
+from lorabench.measure.stats import Summary
 
 
 def test_hand_computed_values():

@@ -1,38 +1,78 @@
-"""The shape of the package: small modules, imports flowing one way, no dispatch on name strings."""
+"""The shape of the package: sub-packages by phase, imports that never climb the layer order, no
+dispatch on name strings, a torch floor that has every API called."""
 import ast
 from pathlib import Path
 
-from lorabench.methods import METHODS
-from lorabench.tasks import TASKS
+from lorabench.workload.methods import METHODS
+from lorabench.workload.tasks import TASKS
 
 PACKAGE = Path(__file__).resolve().parents[2] / "lorabench"
-MODULES = {p.stem: ast.parse(p.read_text(), str(p)) for p in PACKAGE.glob("*.py")}
+# "plan.cells" -> its syntax tree; the package's own root modules by their bare name ("cli").
+MODULES = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): ast.parse(p.read_text(), str(p))
+           for p in PACKAGE.rglob("*.py")}
+
+# The data path, bottom up: a module may import from its own layer and those below it, never above.
+# The root holds the foundation (errors, and the process helpers every layer may need) and the
+# entry points (the CLI, `lorabench check`) that sit above everything.
+LAYERS = ["foundation", "workload", "measure", "plan", "results", "run", "render", "entry"]
+ROOT = {"errors": "foundation", "forksafe": "foundation", "child": "foundation", "__init__": "foundation",
+        "cli": "entry", "check": "entry", "__main__": "entry"}
 
 
-def test_no_module_is_over_400_lines_and_the_cli_is_under_375():
-    lines = {p.stem: len(p.read_text().splitlines()) for p in PACKAGE.glob("*.py")}
-    assert {m: n for m, n in lines.items() if n > 400} == {}
-    assert lines["cli"] < 375   # parsing and printing of six commands (run, report, compare, check, list, merge)
+def layer(module: str) -> int:
+    head, _, rest = module.partition(".")
+    return LAYERS.index(head if rest else ROOT[head])
 
 
-def _imports(tree: ast.Module) -> set[str]:
-    """Every lorabench module this one imports, anywhere: top level, inside functions, under TYPE_CHECKING."""
+def _imports(name: str, tree: ast.Module) -> set[str]:
+    """Every lorabench module `name` imports, anywhere: top level, inside functions, under TYPE_CHECKING."""
+    here = name.split(".")[:-1]   # the package it is in ([] at the root)
     out = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                out.add(node.module.split(".")[0])
-            else:
-                out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lorabench."):
-            out.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = here[: len(here) - (node.level - 1)]
+            target = base + (node.module.split(".") if node.module else [])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "lorabench":
+            target = node.module.split(".")[1:]
         elif isinstance(node, ast.Import):
-            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("lorabench."))
-    return out & set(MODULES)
+            out.update(".".join(a.name.split(".")[1:]) for a in node.names if a.name.startswith("lorabench."))
+            continue
+        else:
+            continue
+        dotted = ".".join(target)
+        subs = {".".join(target + [a.name]) for a in node.names} & set(MODULES)
+        out |= subs or ({dotted} & set(MODULES))
+    return out
+
+
+GRAPH = {name: _imports(name, tree) - {name} for name, tree in MODULES.items()}
+
+
+def climbs(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that reaches a higher layer than its importer's."""
+    return [f"{a} ({LAYERS[layer(a)]}) imports {b} ({LAYERS[layer(b)]})"
+            for a, deps in sorted(graph.items()) for b in sorted(deps) if layer(b) > layer(a)]
+
+
+def test_every_module_has_a_layer_and_the_root_holds_only_the_named_ones():
+    for name in MODULES:
+        assert 0 <= layer(name) < len(LAYERS), name
+    assert {p.stem for p in PACKAGE.glob("*.py")} == set(ROOT)
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(LAYERS) - {"foundation", "entry"}
+
+
+def test_no_import_climbs_the_layer_order():
+    assert GRAPH["render.report"] and GRAPH["cli"]   # the import reader finds imports at all
+    assert "results.rows" in GRAPH["render.report"] and "plan.cells" in GRAPH["plan.presets"]
+    assert climbs(GRAPH) == []
+
+
+def test_the_layer_check_refuses_a_climbing_import():
+    assert climbs({"measure.trackers": {"run.runner"}, "run.runner": {"measure.trackers"}}) == [
+        "measure.trackers (measure) imports run.runner (run)"]
 
 
 def test_imports_flow_one_way():
-    graph = {name: _imports(tree) - {name} for name, tree in MODULES.items()}
     order, state = [], {}
 
     def visit(name, path):
@@ -40,14 +80,21 @@ def test_imports_flow_one_way():
             return
         assert state.get(name) != "open", f"import cycle: {' -> '.join(path + [name])}"
         state[name] = "open"
-        for dep in sorted(graph[name]):
+        for dep in sorted(GRAPH[name]):
             visit(dep, path + [name])
         state[name] = "done"
         order.append(name)
 
-    for name in sorted(graph):
+    for name in sorted(GRAPH):
         visit(name, [])
-    assert order.index("rows") < order.index("report") and order.index("cells") < order.index("plan")
+
+
+def test_no_private_name_crosses_a_module():
+    """A name that starts with _ is its module's own: no other module imports it."""
+    crossing = [(m, a.name) for m, tree in MODULES.items() for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) for a in node.names if a.name.startswith("_")
+                and not a.name.startswith("__")]
+    assert crossing == []
 
 
 def _name_comparisons(tree: ast.AST) -> list[tuple[int, str]]:
@@ -59,7 +106,7 @@ def _name_comparisons(tree: ast.AST) -> list[tuple[int, str]]:
 
 
 def test_no_method_or_task_name_is_compared_outside_its_registry():
-    found = {m: _name_comparisons(tree) for m, tree in MODULES.items() if m not in ("methods", "tasks")}
+    found = {m: _name_comparisons(tree) for m, tree in MODULES.items() if m not in ("workload.methods", "workload.tasks")}
     assert {m: hits for m, hits in found.items() if hits} == {}
 
 

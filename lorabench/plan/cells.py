@@ -1,0 +1,338 @@
+"""Experiment cells: one frozen, self-validating dataclass per (model, method, rank, settings).
+
+    lorabench run --help            # the "cell settings" flags are generated from Cell's fields
+
+A cell is pure data: building it validates every field, so a bad matrix is refused before
+anything runs or is written. Each settings field carries its CLI spelling and help text in its
+metadata, so a new setting is one line here and appears in `lorabench run --help`, the TOML
+`[settings]` table and `--resume`'s refusal of matrix flags at once. Matrices and presets are in
+`plan`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from ..errors import InputError
+from ..workload.methods import BASELINE, METHODS, Adapter, MethodError
+from ..workload.precision import OF_DTYPE, PRECISIONS
+from ..workload.quantization import KINDS as QUANTIZE_KINDS
+from ..workload.methods import method as method_of
+from ..workload.models import MODELS, is_byo
+from ..workload.tasks import TASKS
+
+DEVICES = ("cpu", "cuda")
+STRATEGIES = ("ddp", "fsdp2")   # how a cell of several processes shares the model (see `distributed`)
+DTYPES = ("float32", "bfloat16", "float16")
+WEIGHTS = ("random", "pretrained")
+ONOFF = ("off", "on")
+
+
+class CellError(InputError):
+    """A cell or matrix a user asked for is invalid; the message says why and what is accepted."""
+
+
+def choices(names: Iterable[str]) -> str:
+    return ", ".join(sorted(names))
+
+
+def csv_list(value: str) -> tuple[str, ...]:
+    """A comma-separated command-line list."""
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise ValueError("expected a comma-separated list, got nothing")
+    return items
+
+
+def int_list(value: str) -> tuple[int, ...]:
+    """A comma-separated list of whole numbers (an axis: one cell per value)."""
+    try:
+        return tuple(int(v) for v in csv_list(value))
+    except ValueError:
+        raise ValueError(f"expected whole numbers separated by commas, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a cell field is spelled on the command line."""
+
+    flag: str                                   # e.g. --batch-size
+    help: str = ""
+    parse: Callable[[str], Any] | None = None   # argparse type
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores it under."""
+        return self.flag[2:].replace("-", "_")
+
+
+def setting(default: Any, help: str = "", *flags: Flag, parse=None, choices=None, metavar=None):
+    """A cell field that the command line and a TOML [settings] table may set. Without `flags`,
+    the flag is the field's name with dashes; several flags are alternatives (one may be given)."""
+    return field(default=default, metadata={"flags": flags, "help": help, "parse": parse, "choices": choices,
+                                            "metavar": metavar})
+
+
+def cli_flags(f: dataclasses.Field) -> tuple[Flag, ...]:
+    """The command-line flags of a cell field (none for the matrix axes)."""
+    if "help" not in f.metadata:
+        return ()
+    md = f.metadata
+    return md["flags"] or (Flag("--" + f.name.replace("_", "-"), md["help"], md["parse"], md["choices"], md["metavar"]),)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One experiment: train `model` with `method` (at `rank`) under fixed settings.
+
+    `epochs` counts the timed epochs; `warmup_epochs` untimed epochs run before them, so a cell
+    trains `warmup_epochs + epochs` epochs in all and evaluates after each one.
+    """
+
+    model: str                        # the matrix's axes: --models, --methods, --ranks, --repeat
+    method: str
+    rank: int | None = None           # LoRA rank; None for full fine-tuning
+    alpha: float | None = setting(None, "LoRA alpha (default: equal to the rank, scale 1)", parse=float)
+    dropout: float = setting(0.0, "LoRA dropout (PEFT)", parse=float)
+    targets: tuple[str, ...] | str | None = setting(  # module names, or one regex; None: the model's default
+        None, "", Flag("--targets", "LoRA target modules, comma-separated names (PEFT's rule: a module matches when "
+                       "its name equals one or ends with '.'+one); default: the model's", csv_list),
+        Flag("--target-regex", r"LoRA targets as one regex matched against whole module names "
+                               r"(seed 001: '.*\.1.*query_key_value')"))
+    modules_to_save: tuple[str, ...] = setting((), "modules trained in full beside the adapters (PEFT)", parse=csv_list)
+    batch_size: int = setting(32, "samples per micro-batch (per process); a list is an axis, e.g. 16,32", parse=int_list,
+                              metavar="N[,N...]")
+    grad_accum: int = setting(1, "micro-batches per optimizer step", parse=int)
+    seq_len: int = setting(64, "tokens per sample (text models; ignored by the image MLP); a list is an axis, e.g. "
+                           "128,512", parse=int_list, metavar="N[,N...]")
+    epochs: int = setting(2, "timed epochs per cell", parse=int)
+    warmup_epochs: int = setting(1, "untimed epochs before the timed ones", parse=int)
+    samples: int = setting(512, "training samples per epoch", parse=int)
+    eval_samples: int = setting(256, "samples in the eval pass after each epoch", parse=int)
+    lr: float = setting(1e-3, "Adam learning rate", parse=float)
+    device: str = setting("cpu", "auto: cuda when torch sees a GPU (a ROCm build counts as cuda), else cpu",
+                          choices=("auto", *DEVICES))
+    dtype: str = setting("float32", "the older spelling of --precision: float32 = fp32, bfloat16 = bf16, float16 = fp16 "
+                         "(the dtype weights and Adam's state are kept in)", choices=DTYPES)
+    precision: str = setting("fp32", "fp32, bf16-mixed or fp16-mixed (fp32 weights and Adam, autocast at 16 bits; "
+                             "fp16 with a GradScaler), bf16 or fp16 (weights at 16 bits); a list is an axis",
+                             parse=csv_list, metavar="fp32|bf16-mixed|fp16-mixed|bf16|fp16")
+    seed: int = setting(0, "seed of weights, data and order", parse=int)
+    weights: str = setting("random", "random (from the configuration, default) or pretrained", choices=WEIGHTS)
+    data: str = setting("synthetic", "synthetic (default), a CIFAR-10 directory, a .csv/.jsonl with text,label, or a "
+                        ".jsonl with instruction,input,output")
+    task: str | None = setting(None, "task of an hf: model when it cannot be inferred from its configuration",
+                               choices=tuple(t for t in TASKS if TASKS[t].hf_auto_class))
+    grad_checkpointing: str = setting("off", "recompute each block's activations in backward instead of keeping "
+                                      "them (transformers' own; per Linear for the MLP): off or on; a list is an "
+                                      "axis, e.g. off,on", parse=csv_list, metavar="off|on")
+    compile: str = setting("off", "torch.compile the model (inductor); its compile time is measured apart, before the "
+                           "first step, and graph breaks counted: off or on; a list is an axis", parse=csv_list,
+                           metavar="off|on")
+    quantize: str = setting("none", "hold the frozen base's Linear layers (all but the head) in 4-bit NormalFloat "
+                            "(nf4, QLoRA) or 8 bits (int8) through bitsandbytes, pip install 'lorabench[quant]'; "
+                            "adapter methods only; a list is an axis", parse=csv_list, metavar="none|nf4|int8")
+    nproc: int = setting(1, "processes per cell, one per device on a GPU host, launched as torchrun does (gloo on the "
+                         "CPU, nccl/rccl on a GPU); a list is an axis, e.g. 1,2", parse=int_list, metavar="N[,N...]")
+    strategy: str | None = setting(None, "how the processes of a cell share the model: ddp (a replica each, gradients "
+                                   "all-reduced) or fsdp2 (fully_shard per block / Linear); default ddp; a list is an "
+                                   "axis, e.g. ddp,fsdp2; only for --nproc 2 or more", parse=csv_list,
+                                   metavar="ddp|fsdp2")
+    pretrain_epochs: int = setting(0, "train the base in full this many epochs before the method, untimed (seed 002 "
+                                   "continues LoRA from trained weights)", parse=int)
+    repeat: int = 0                   # index of a repetition of the same cell (--repeat N)
+
+    def __post_init__(self) -> None:
+        for name, (kinds, what) in field_types().items():
+            value = getattr(self, name)
+            # Normalise so equal cells hash equal: lists (from TOML) to tuples, whole numbers to floats.
+            if isinstance(value, list) and tuple in kinds:
+                object.__setattr__(self, name, value := tuple(value))
+            elif isinstance(value, int) and not isinstance(value, bool) and float in kinds and int not in kinds:
+                object.__setattr__(self, name, value := float(value))
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise CellError(f"{name} must be {what}, got {value!r}")
+        if isinstance(self.targets, tuple) and not all(isinstance(t, str) for t in self.targets):
+            raise CellError(f"targets must be module names (strings), got {self.targets!r}")
+        if not all(isinstance(t, str) for t in self.modules_to_save):
+            raise CellError(f"modules_to_save must be module names (strings), got {self.modules_to_save!r}")
+        if self.model not in MODELS and not is_byo(self.model):
+            raise CellError(f"unknown model {self.model!r}; choose from {choices(MODELS)} or hf:<dir or hub id>")
+        try:
+            method = method_of(self.method)
+        except MethodError as e:
+            raise CellError(str(e)) from None
+        if not method.ranked and self.rank is not None:
+            raise CellError(f"a rank was given to {method.title}; ranks apply to the methods that take one "
+                            f"({', '.join(n for n, m in METHODS.items() if m.ranked)})")
+        if method.ranked and self.rank is None:
+            raise CellError(f"method {self.method!r} needs a rank (a whole number >= 1)")
+        if self.rank is not None:
+            _positive_int("rank", self.rank)
+        if not method.adapts:
+            if self.targets is not None or self.modules_to_save:
+                raise CellError("targets and modules_to_save apply to the adapter methods only")
+        else:
+            if self.alpha is not None and not self.alpha > 0:
+                raise CellError(f"alpha must be > 0, got {self.alpha}")
+            if not 0.0 <= self.dropout < 1.0:
+                raise CellError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("batch_size", "grad_accum", "seq_len", "epochs", "samples", "eval_samples", "nproc"):
+            _positive_int(name, getattr(self, name))
+        _nonnegative_int("warmup_epochs", self.warmup_epochs)
+        _nonnegative_int("pretrain_epochs", self.pretrain_epochs)
+        if self.task is not None:
+            if self.task not in TASKS:
+                raise CellError(f"unknown task {self.task!r}; choose from {choices(TASKS)}")
+            if not is_byo(self.model):
+                raise CellError(f"--task applies to hf: models only; {self.model} knows its task")
+        _nonnegative_int("repeat", self.repeat)
+        _nonnegative_int("seed", self.seed)
+        if self.samples < self.batch_size * self.grad_accum * self.nproc:
+            raise CellError(
+                f"samples ({self.samples}) must be at least batch_size x grad_accum{' x nproc' * (self.nproc > 1)} "
+                f"({self.batch_size * self.grad_accum * self.nproc}) so an epoch has one optimizer step"
+            )
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise CellError(f"lr must be a number > 0, got {self.lr!r}")
+        if self.device not in DEVICES:
+            raise CellError(f"unknown device {self.device!r}; choose from {choices(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise CellError(f"unknown dtype {self.dtype!r}; choose from {choices(DTYPES)}")
+        if self.precision not in PRECISIONS:
+            raise CellError(f"unknown precision {self.precision!r}; choose from {choices(PRECISIONS)}")
+        # one cell, one spelling: --dtype bfloat16 is --precision bf16, and the dtype follows a precision
+        if self.precision == "fp32" and self.dtype != "float32":
+            object.__setattr__(self, "precision", OF_DTYPE[self.dtype])
+        elif PRECISIONS[self.precision][0] != self.dtype:
+            if self.dtype != "float32":
+                raise CellError(f"--dtype {self.dtype} and --precision {self.precision} disagree; give --precision only")
+            object.__setattr__(self, "dtype", PRECISIONS[self.precision][0])
+        if self.weights not in WEIGHTS:
+            raise CellError(f"unknown weights {self.weights!r}; choose from {choices(WEIGHTS)}")
+        if self.quantize not in QUANTIZE_KINDS:
+            raise CellError(f"unknown quantization {self.quantize!r}; choose from {', '.join(QUANTIZE_KINDS)}")
+        if self.quantize != "none" and not method.adapts:
+            raise CellError(f"--quantize {self.quantize} freezes the base in bits: it needs an adapter method, not "
+                            f"{method.title}")
+        if self.quantize != "none" and self.nproc > 1:
+            raise CellError("--quantize runs in one process; give --nproc 1")
+        if self.compile not in ONOFF:
+            raise CellError(f"compile must be one of {', '.join(ONOFF)}, got {self.compile!r}")
+        if self.grad_checkpointing not in ONOFF:
+            raise CellError(f"grad_checkpointing must be one of {', '.join(ONOFF)}, got {self.grad_checkpointing!r}")
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise CellError(f"unknown strategy {self.strategy!r}; choose from {choices(STRATEGIES)}")
+        if self.nproc == 1 and self.strategy is not None:
+            raise CellError(f"--strategy {self.strategy} applies to cells of several processes; give --nproc 2 or more")
+        if self.nproc > 1 and self.strategy is None:   # one spelling per cell, so equal cells hash equal
+            object.__setattr__(self, "strategy", STRATEGIES[0])
+
+    @property
+    def scale(self) -> float | None:
+        """LoRA's output scale alpha / r (None for full fine-tuning)."""
+        if self.rank is None:
+            return None
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    @property
+    def is_baseline(self) -> bool:
+        """The method other columns are compared against (full fine-tuning)."""
+        return self.method == BASELINE
+
+    @property
+    def adapter(self) -> Adapter:
+        """What the method is asked to apply."""
+        steps = self.samples // (self.batch_size * self.grad_accum * self.nproc) * (self.warmup_epochs + self.epochs)
+        return Adapter(self.rank, self.alpha, self.dropout, self.targets, self.modules_to_save, self.model, steps)
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype of the step's matrix products: autocast's, or the weights'."""
+        return PRECISIONS[self.precision][1] or self.dtype
+
+    @property
+    def method_label(self) -> str:
+        """The method at its rank: `full`, `lora r=8`, `lora-reparam r=1`."""
+        return self.method if self.rank is None else f"{self.method} r={self.rank}"
+
+    @property
+    def label(self) -> str:
+        """Column name in reports: the method at its rank, and its processes: `lora r=8`, `full fsdp2 n=2`."""
+        name = self.method_label + (" ckpt" if self.grad_checkpointing == "on" else "") + (
+            f" {self.precision}" if self.precision != "fp32" else "") + (f" {self.quantize}" if self.quantize != "none" else "") + (
+            " compiled" if self.compile == "on" else "")
+        return name if self.nproc == 1 else f"{name} {self.strategy} n={self.nproc}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name, default in QUIET_DEFAULTS.items():   # a cell of one process keeps the key it had before them
+            if d[name] == default:
+                del d[name]
+        if isinstance(d["targets"], tuple):
+            d["targets"] = list(d["targets"])
+        d["modules_to_save"] = list(d["modules_to_save"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Cell":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CellError(f"unknown cell field(s) {', '.join(unknown)}; accepted: {choices(known)}")
+        return cls(**d)
+
+    def variant_key(self) -> str:
+        """Identity of the cell whatever its repeat index: the repeats of one cell share it."""
+        return json.dumps({k: v for k, v in self.to_dict().items() if k != "repeat"}, sort_keys=True)
+
+    def key(self) -> str:
+        """Stable identity of the cell across runs (resume, compare, merge): a hash of every field."""
+        blob = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_WORDS = {int: "a whole number", float: "a number", str: "a string", tuple: "a list of names"}
+
+
+@functools.cache
+def field_types() -> dict[str, tuple[tuple[type, ...], str]]:
+    """{field: (accepted types, how a message names them)}, read from Cell's annotations, so a new
+    field is checked the moment it is declared."""
+    out = {}
+    for name, hint in typing.get_type_hints(Cell).items():
+        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kinds = tuple(typing.get_origin(o) or o for o in options)
+        out[name] = (kinds, " or ".join(_WORDS[k] for k in kinds if k is not type(None)))
+    return out
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CellError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+def _nonnegative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CellError(f"{name} must be a whole number >= 0, got {value!r}")
+
+
+CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
+SETTINGS = tuple(f for f in dataclasses.fields(Cell) if cli_flags(f))   # what flags and [settings] may set
+# Settings of the adapter: a matrix leaves them out of its baseline (full fine-tuning) cells.
+LORA_FIELDS = ("alpha", "dropout", "targets", "modules_to_save")
+# Settings that may be lists: a matrix makes one cell per value (their product, with the other axes).
+AXIS_FIELDS = ("nproc", "strategy", "batch_size", "seq_len", "grad_checkpointing", "precision", "quantize", "compile")
+# Fields added after results were first written: left out of a cell's dict (and key) at their default,
+# so older run directories resume and compare against newer ones.
+QUIET_DEFAULTS: dict[str, Any] = {"nproc": 1, "strategy": None, "grad_checkpointing": "off", "precision": "fp32",
+                                  "quantize": "none", "compile": "off"}
+

@@ -1,0 +1,61 @@
+"""The headline: one sentence per comparison table that answers what LoRA bought there.
+
+    lorabench run --headline-by time      # the fastest variant within a point of full's accuracy
+
+Every figure in it is one of the comparison table's cells, formatted the same way, so a reader
+can find each in the table below it.
+"""
+from __future__ import annotations
+
+from ..results.rows import BY_KEY, is_number
+from .tables import Variant, column_name, delta, fmt
+
+QUALITY_POINTS = 1.0   # "equal quality" for the time criterion: final accuracy within this many points of full
+
+
+def headline(variants: list[Variant], by: str = "memory") -> str | None:
+    """One or two sentences answering the question the tool exists for, from the rows: the best
+    LoRA variant by `by` ("memory": least weight+gradient+Adam state; "time": least epoch time
+    among those within QUALITY_POINTS of full's accuracy, on pretrained weights) against full
+    fine-tuning. Every figure is one of the comparison table's, formatted as it is there."""
+    ok = [v for v in variants if v.ok]
+    full = next((v for v in ok if v.cell.is_baseline), None)
+    loras = [v for v in ok if not v.cell.is_baseline]
+    if full is None or not loras:
+        return None
+    c = full.cell
+    pretrained = c.weights == "pretrained"
+    if by == "time":
+        acc = full.metrics.get("final_eval_accuracy")
+        equal = [v for v in loras if not pretrained or not is_number(acc)
+                 or (is_number(v.metrics.get("final_eval_accuracy"))
+                     and (acc - v.metrics["final_eval_accuracy"]) * 100 <= QUALITY_POINTS)]
+        pick = _least(equal or loras, "epoch_s")
+        why = "the fastest" + (f" within {QUALITY_POINTS:g} point of full's accuracy" if pretrained and equal else "")
+    else:
+        pick = _least(loras, "state_bytes")
+        why = "the least memory"
+    claims = []
+    pct = pick.metrics.get("params_trainable_pct")
+    if is_number(pct):
+        claims.append(f"trains {fmt(pct, 'pct')} of the parameters")
+    needs = []
+    for key, what in (("state_bytes", "weight+gradient+optimizer memory"), ("epoch_s", "time per epoch")):
+        d = delta(full.metrics.get(key), pick.metrics.get(key), BY_KEY[key].fmt)   # a reduction; "-" is more
+        if d:
+            needs.append(f"{d.lstrip('-')} {'more' if d.startswith('-') else 'less'} {what}")
+    if needs:
+        claims.append("needs " + " and ".join(needs))
+    if pretrained:
+        d = delta(full.metrics.get("final_eval_accuracy"), pick.metrics.get("final_eval_accuracy"), "acc")
+        quality = f"its final eval accuracy is {d} against full's" if d else "quality was not measured"
+    else:
+        quality = "quality is not comparable on random weights"
+    subject = f"{c.model} on {c.device} ({c.weights} weights)"
+    return (f"{subject}: {column_name(pick)} ({why} of {len(loras)} LoRA variant{'s' * (len(loras) > 1)}) "
+            f"{', and '.join(claims) or 'was measured'}{' than full fine-tuning' * bool(needs)}; {quality}.")
+
+
+def _least(variants: list[Variant], key: str) -> Variant:
+    measured = [v for v in variants if is_number(v.metrics.get(key))]
+    return min(measured, key=lambda v: (v.metrics[key], v.cell.rank or 0)) if measured else variants[0]

@@ -1,0 +1,68 @@
+"""Numeric precision of a cell: the dtype weights and Adam's state are kept in, and autocast.
+
+    lorabench run --models bert-tiny --methods lora --ranks 8 --precision fp32,bf16-mixed,fp16-mixed,bf16
+
+`*-mixed` keeps fp32 master weights and optimizer state and runs the forward (and so the
+backward's products) under torch.autocast at 16 bits; fp16 adds a GradScaler, whose loss scale
+keeps small gradients from flushing to zero. `bf16` (and `fp16`) keep the weights themselves at
+16 bits, with no master copy. A device that cannot run a precision (autocast or a dtype it lacks)
+gets its cells `skipped` with the reason, found by trying a small step before the run.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..errors import first_line
+
+# name: (dtype of weights, gradients and Adam's state; autocast dtype or None)
+PRECISIONS: dict[str, tuple[str, str | None]] = {
+    "fp32": ("float32", None),
+    "bf16-mixed": ("float32", "bfloat16"),
+    "fp16-mixed": ("float32", "float16"),
+    "bf16": ("bfloat16", None),
+    "fp16": ("float16", None),
+}
+OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}   # --dtype, the older spelling
+TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_NONE = contextlib.nullcontext()
+
+
+class Precision:
+    """How a step runs at `name` on `device`: its autocast context, backward and optimizer step."""
+
+    def __init__(self, name: str = "fp32", device: torch.device | str = "cpu"):
+        self.name, self.device = name, torch.device(device)
+        _, cast = PRECISIONS[name]
+        self.cast = TORCH[cast] if cast else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if name == "fp16-mixed" else None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.cast) if self.cast is not None else _NONE
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:   # skips a step whose gradients overflowed, and adapts the scale
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+
+def unsupported(name: str, device: str) -> str | None:
+    """Why `device` cannot train at `name` (a small Linear's forward, backward and step), or None."""
+    weights, _ = PRECISIONS[name]
+    try:
+        amp = Precision(name, device)
+        layer = torch.nn.Linear(16, 16).to(device=device, dtype=TORCH[weights])
+        optimizer = torch.optim.Adam(layer.parameters())
+        with amp.autocast():
+            loss = layer(torch.randn(4, 16, device=device, dtype=TORCH[weights])).float().square().mean()
+        amp.backward(loss)
+        amp.step(optimizer)
+    except Exception as e:   # a dtype or autocast this device or build does not have
+        return f"{name} cannot run on {device}: {type(e).__name__}: {first_line(e)[:200]}"
+    return None
