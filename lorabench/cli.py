@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-AXES = ("preset", "models", "methods", "ranks", "repeat", "config", "shard")   # the matrix, beside the settings
+MATRIX_FLAGS = ("preset", "models", "methods", "ranks", "repeat", "config", "shard")   # the matrix, beside the settings
 
 
 class UsageError(Exception):
@@ -224,7 +224,7 @@ def _resume(args: argparse.Namespace) -> int:
     from .results.rundir import RunDir, RunDirError
     from .plan.survey import survey_all
 
-    given = [flag for dest, flag in [(a, "--" + a) for a in AXES] + [(fl.dest, fl.flag) for f in SETTINGS
+    given = [flag for dest, flag in [(a, "--" + a) for a in MATRIX_FLAGS] + [(fl.dest, fl.flag) for f in SETTINGS
                                                                     for fl in cli_flags(f)]
              if getattr(args, dest) is not None]
     if given or args.dry_run:

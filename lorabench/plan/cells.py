@@ -266,16 +266,15 @@ class Cell:
 
     @property
     def label(self) -> str:
-        """Column name in reports: the method at its rank, and its processes: `lora r=8`, `full fsdp2 n=2`."""
-        name = self.method_label + (" ckpt" if self.grad_checkpointing == "on" else "") + (
-            f" {self.precision}" if self.precision != "fp32" else "") + (f" {self.quantize}" if self.quantize != "none" else "") + (
-            " compiled" if self.compile == "on" else "")
-        return name if self.nproc == 1 else f"{name} {self.strategy} n={self.nproc}"
+        """Column name in reports: the method at its rank, then each axis that is not at its quiet
+        default (AXES' tags, in their order): `lora r=8`, `lora r=8 ckpt bf16-mixed`, `full fsdp2 n=2`."""
+        tags = [a.tag(getattr(self, name)) for name, a in AXES.items() if a.tag and not a.is_quiet(getattr(self, name))]
+        return " ".join([self.method_label, *tags])
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for name, default in QUIET_DEFAULTS.items():   # a cell of one process keeps the key it had before them
-            if d[name] == default:
+        for name, a in AXES.items():   # a cell at their defaults keeps the key it had before they were added
+            if a.is_quiet(d[name]):
                 del d[name]
         if isinstance(d["targets"], tuple):
             d["targets"] = list(d["targets"])
@@ -327,12 +326,65 @@ def _nonnegative_int(name: str, value: Any) -> None:
 
 CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
 SETTINGS = tuple(f for f in dataclasses.fields(Cell) if cli_flags(f))   # what flags and [settings] may set
-# Settings of the adapter: a matrix leaves them out of its baseline (full fine-tuning) cells.
-LORA_FIELDS = ("alpha", "dropout", "targets", "modules_to_save")
-# Settings that may be lists: a matrix makes one cell per value (their product, with the other axes).
-AXIS_FIELDS = ("nproc", "strategy", "batch_size", "seq_len", "grad_checkpointing", "precision", "quantize", "compile")
-# Fields added after results were first written: left out of a cell's dict (and key) at their default,
-# so older run directories resume and compare against newer ones.
-QUIET_DEFAULTS: dict[str, Any] = {"nproc": 1, "strategy": None, "grad_checkpointing": "off", "precision": "fp32",
-                                  "quantize": "none", "compile": "off"}
 
+
+@dataclass(frozen=True)
+class Axis:
+    """What a Cell field means outside its cell: the one place the CLI's matrix axes, the cell's
+    label, the report's grouping, titles and long-table columns, and the survey's key read it."""
+
+    title: str | None = None   # its word in a section title and its long-table column ("seq len"); None: unnamed
+    matrix: bool = False       # a list of values is one more axis of a matrix (--batch-size 16,32)
+    adapter: bool = False      # the adapter's own setting: a matrix leaves it out of its baseline cells
+    grouped: bool = True       # cells differing in it get separate sections (False: columns of one table)
+    surveyed: bool = True      # it changes what the survey builds or predicts (False: cells share one survey)
+    tag: Callable[[Any], str] | None = None   # its word in the cell's label, where the value is not `quiet`
+    quiet: tuple = ()   # (its default,) where the field was added after rows were first written: left out of the
+    # cell's dict (and key) at that value, so older run directories resume and compare against newer ones
+
+    def is_quiet(self, value: Any) -> bool:
+        return value in self.quiet
+
+
+# Every Cell field, in the order labels, titles and long-table columns list them. A new axis is one
+# entry here (and its field in Cell) plus the code that gives it meaning.
+AXES: dict[str, Axis] = {
+    # the method and its own settings: the columns of one comparison table
+    "model": Axis(),
+    "method": Axis(grouped=False),
+    "rank": Axis("rank", grouped=False),
+    "alpha": Axis("alpha", adapter=True, grouped=False, surveyed=False),
+    "dropout": Axis(adapter=True, grouped=False, surveyed=False),
+    "targets": Axis("targets", adapter=True, grouped=False),
+    "modules_to_save": Axis(adapter=True, grouped=False),
+    "lr": Axis("lr", grouped=False, surveyed=False),
+    "pretrain_epochs": Axis(grouped=False, surveyed=False),
+    "repeat": Axis(grouped=False, surveyed=False),
+    # the workload and how it runs: a section per value
+    "seq_len": Axis("seq len", matrix=True),
+    "batch_size": Axis("batch", matrix=True),
+    "grad_accum": Axis(),
+    "grad_checkpointing": Axis("checkpointing", matrix=True, tag=lambda v: "ckpt", quiet=("off",)),
+    "precision": Axis("precision", matrix=True, tag=str, quiet=("fp32",)),
+    "quantize": Axis("quantize", matrix=True, tag=str, quiet=("none",)),
+    "compile": Axis("compile", matrix=True, surveyed=False, tag=lambda v: "compiled", quiet=("off",)),
+    "dtype": Axis(),   # precision names it
+    "task": Axis(),
+    "weights": Axis("weights", surveyed=False),
+    "data": Axis("data", surveyed=False),
+    "epochs": Axis(surveyed=False),
+    "warmup_epochs": Axis(surveyed=False),
+    "samples": Axis(surveyed=False),
+    "eval_samples": Axis(surveyed=False),
+    "seed": Axis(surveyed=False),
+    "device": Axis(surveyed=False),
+    # the processes of a cell: the scaling table's columns
+    "strategy": Axis("strategy", matrix=True, grouped=False, tag=str, quiet=(None,)),
+    "nproc": Axis("processes", matrix=True, grouped=False, tag=lambda n: f"n={n}", quiet=(1,)),
+}
+# Views of AXES by what their readers ask.
+MATRIX_FIELDS = tuple(f for f, a in AXES.items() if a.matrix)   # a list of values makes one cell per value
+ADAPTER_FIELDS = tuple(f for f, a in AXES.items() if a.adapter)
+TABLE_FIELDS = tuple(f for f, a in AXES.items() if not a.grouped)   # may differ between one table's columns
+NAMED_FIELDS = tuple(f for f, a in AXES.items() if a.title)   # named in titles and the long table where they vary
+SURVEYED_FIELDS = tuple(f for f, a in AXES.items() if a.surveyed)

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from ..measure import environment
-from .cells import AXIS_FIELDS, CELL_FIELDS, LORA_FIELDS, Cell, CellError, choices
+from .cells import ADAPTER_FIELDS, CELL_FIELDS, MATRIX_FIELDS, Cell, CellError, choices
 from .config import load_config
 from ..workload.methods import METHODS, MethodError
 from ..workload.methods import method as method_of
@@ -25,7 +25,7 @@ from ..workload.methods import method as method_of
 
 @dataclass(frozen=True)
 class Matrix:
-    """models x methods x ranks, sharing `settings` (any other Cell field); a setting of AXIS_FIELDS
+    """models x methods x ranks, sharing `settings` (any other Cell field); a setting of MATRIX_FIELDS
     given as a list is one more axis."""
 
     models: tuple[str, ...]
@@ -49,7 +49,7 @@ class Matrix:
                     for values in itertools.product(*self._axes().values()):
                         settings = {**self.settings, **dict(zip(self._axes(), values))}
                         if not adapts:
-                            settings = {k: v for k, v in settings.items() if k not in LORA_FIELDS}
+                            settings = {k: v for k, v in settings.items() if k not in ADAPTER_FIELDS}
                         if settings.get("nproc", 1) == 1:
                             settings.pop("strategy", None)   # one process shares nothing
                         out.append(Cell(model=model, method=method, rank=rank, **settings))
@@ -57,7 +57,7 @@ class Matrix:
 
     def _axes(self) -> dict[str, tuple]:
         """{field: values} of the settings given as lists (an axis each)."""
-        return {k: tuple(v) for k, v in self.settings.items() if k in AXIS_FIELDS and isinstance(v, (list, tuple))}
+        return {k: tuple(v) for k, v in self.settings.items() if k in MATRIX_FIELDS and isinstance(v, (list, tuple))}
 
 
 # Settings of the CPU default: small synthetic data so the whole matrix runs in about a minute.

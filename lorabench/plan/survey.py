@@ -17,7 +17,7 @@ import torch
 from ..workload import data, distributed, models, precision, quantization
 from ..measure import flops
 from .. import forksafe
-from .cells import Cell, CellError
+from .cells import SURVEYED_FIELDS, Cell, CellError
 from ..workload.methods import MethodError, ParamCount
 from ..workload.methods import method as method_of
 from ..measure.predictions import DTYPE_BYTES, Prediction, per_rank, predict
@@ -79,9 +79,7 @@ def survey_all(cells: list[Cell]) -> list[Survey]:
     wrong kind, or pretrained weights that cannot be had raise PlanError."""
     surveys: dict[tuple, Survey] = {}
     kinds: dict[str, str] = {}
-    shape = lambda c: (c.model, c.method, c.rank, c.targets, c.modules_to_save, c.task,   # noqa: E731
-                       c.batch_size, c.grad_accum, c.seq_len, c.dtype, c.nproc, c.strategy, c.grad_checkpointing,
-                       c.precision, c.quantize)
+    shape = lambda c: tuple(getattr(c, f) for f in SURVEYED_FIELDS)   # noqa: E731
     for cell in cells:
         if shape(cell) not in surveys:
             try:

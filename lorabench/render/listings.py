@@ -30,10 +30,10 @@ def registries() -> str:
                "target_modules win, its rank is its own (no --ranks)")
     import dataclasses
 
-    from ..plan.cells import AXIS_FIELDS, cli_flags
+    from ..plan.cells import MATRIX_FIELDS, cli_flags
     out.append("axes (a comma-separated list of values makes one cell per value):")
     for f in dataclasses.fields(Cell):
-        if f.name in AXIS_FIELDS:
+        if f.name in MATRIX_FIELDS:
             flag = cli_flags(f)[0]
             out.append(f"  {flag.flag:22s} {flag.metavar}")
     from ..workload.distributed import STRATEGIES

@@ -17,11 +17,11 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from ..plan.cells import Cell
+from ..plan.cells import AXES, Cell
 from .headlines import headline
 from .plots import axis_picture, memory_picture, plot_name, timeline_picture
 from ..results.rows import Row
-from .tables import (AXIS_NAMES, GROUP_FIELDS_EXCLUDED, Variant, comparison_table, epochs_table, groups, long_table, markdown, memory_key, prediction_table, rank_sweep_table,
+from .tables import (Variant, comparison_table, epochs_table, groups, long_table, markdown, memory_key, prediction_table, rank_sweep_table,
                      scaling_table, varying)
 
 
@@ -111,8 +111,8 @@ How to read these figures:
 
 def _group_title(cell: Cell, same_model: list[Cell]) -> str:
     """The section's title: the model, and the values that set its table apart from the model's others."""
-    fields = [f for f in varying(same_model) if f not in GROUP_FIELDS_EXCLUDED]
-    return cell.model + (f" ({', '.join(f'{AXIS_NAMES[f]} {getattr(cell, f)}' for f in fields)})" if fields else "")
+    fields = [f for f in varying(same_model) if AXES[f].grouped]
+    return cell.model + (f" ({', '.join(f'{AXES[f].title} {getattr(cell, f)}' for f in fields)})" if fields else "")
 
 
 def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str, line: str | None,

@@ -15,15 +15,12 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from ..plan.cells import Cell
+from ..plan.cells import AXES, NAMED_FIELDS, TABLE_FIELDS, Cell
 from ..results.rows import BY_KEY, METRICS, Row, Status, is_number
 from ..measure.stats import Summary
 
 MiB = 2 ** 20
 
-# Fields that may differ between the columns of one comparison table (the method's own settings).
-GROUP_FIELDS_EXCLUDED = ("method", "rank", "alpha", "dropout", "targets", "modules_to_save", "repeat", "lr",
-                         "pretrain_epochs", "nproc", "strategy")
 
 
 def _size(value: float) -> str:
@@ -131,7 +128,7 @@ def fold(rows: list[Row]) -> Variant:
 
 def group_key(cell: Cell) -> str:
     d = cell.to_dict()
-    return json.dumps({k: v for k, v in d.items() if k not in GROUP_FIELDS_EXCLUDED}, sort_keys=True)
+    return json.dumps({k: v for k, v in d.items() if k not in TABLE_FIELDS}, sort_keys=True)
 
 
 def _order(v: Variant) -> tuple:
@@ -329,15 +326,9 @@ def scaling_table(variants: list[Variant]) -> str:
     return markdown(df, [c for c in df.columns if c not in ("method", "strategy")])
 
 
-# Fields a matrix varies that name a cell beside its model and method: the long table's columns.
-AXIS_NAMES = {"rank": "rank", "seq_len": "seq len", "batch_size": "batch", "precision": "precision",
-              "grad_checkpointing": "checkpointing", "nproc": "processes", "strategy": "strategy", "alpha": "alpha",
-              "lr": "lr", "targets": "targets", "weights": "weights", "data": "data"}   # dtype: precision says it
-
-
 def varying(cells: list[Cell]) -> list[str]:
-    """The fields of AXIS_NAMES whose values differ across `cells`."""
-    return [f for f in AXIS_NAMES if len({json.dumps(getattr(c, f), default=str) for c in cells}) > 1]
+    """The named fields (cells.AXES with a title) whose values differ across `cells`."""
+    return [f for f in NAMED_FIELDS if len({json.dumps(getattr(c, f), default=str) for c in cells}) > 1]
 
 
 def long_table(rows: list[Row]) -> str:
@@ -350,12 +341,12 @@ def long_table(rows: list[Row]) -> str:
     mem_key, mem_label = memory_key(ok)
     figure = lambda key: [fmt(v.metrics.get(key), BY_KEY[key].fmt, v.unavailable.get(key)) for v in ok]   # noqa: E731
     df = pd.DataFrame({"model": [v.cell.model for v in ok], "method": [v.cell.method_label for v in ok],
-                       **{AXIS_NAMES[f]: [str(getattr(v.cell, f)) for v in ok] for f in fields},
+                       **{AXES[f].title: [str(getattr(v.cell, f)) for v in ok] for f in fields},
                        "trainable": figure("params_trainable"), mem_label: figure(mem_key),
                        "saved activations (MiB)": figure("activations_saved_bytes"),
                        "step time p50 (ms)": figure("step_s_p50"), "throughput (samples/s)": figure("samples_per_s"),
                        "final accuracy": figure("final_eval_accuracy")})
-    return markdown(df, [c for c in df.columns if c not in ("model", "method", *(AXIS_NAMES[f] for f in fields))])
+    return markdown(df, [c for c in df.columns if c not in ("model", "method", *(AXES[f].title for f in fields))])
 
 
 def _by_variant(rows: list[Row]) -> dict[str, list[Row]]:

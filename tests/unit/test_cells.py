@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from lorabench.plan.cells import AXIS_FIELDS, Cell, CellError
+from lorabench.plan.cells import MATRIX_FIELDS, Cell, CellError
 from lorabench.workload.methods import METHODS
 from lorabench.plan.presets import PRESETS, Matrix, expand
 from lorabench.plan.survey import survey_all
@@ -173,7 +173,7 @@ def test_every_preset_expands_to_its_closed_form_count_and_every_cell_builds(nam
     def processes(mx):
         nproc, strategy = mx.settings.get("nproc", (1,)), mx.settings.get("strategy", ("ddp",))
         others = [len(v) for k, v in mx.settings.items()
-                  if k in AXIS_FIELDS and k not in ("nproc", "strategy") and isinstance(v, (list, tuple))]
+                  if k in MATRIX_FIELDS and k not in ("nproc", "strategy") and isinstance(v, (list, tuple))]
         return sum(1 if n == 1 else len(strategy) for n in nproc) * math.prod(others)
     expected = sum(len(mx.models) * processes(mx) * sum(len(mx.ranks) if METHODS[m].adapts else 1 for m in mx.methods)
                    for mx in PRESETS[name])
@@ -214,3 +214,16 @@ def test_precision_is_an_axis_and_dtype_its_older_spelling():
         Cell(model="cifar-mlp", method="full", precision="fp8")
     cells = expand(["quick"], ["cifar-mlp"], ["full"], None, {"precision": ("fp32", "bf16-mixed", "fp16-mixed", "bf16")})
     assert [c.precision for c in cells] == ["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
+
+
+def test_every_cell_field_has_one_entry_in_the_axis_table_and_its_views_read_it():
+    from lorabench.plan.cells import AXES, CELL_FIELDS, SURVEYED_FIELDS
+    assert list(AXES) == sorted(CELL_FIELDS, key=list(AXES).index) and set(AXES) == set(CELL_FIELDS)
+    assert set(MATRIX_FIELDS) >= {"batch_size", "seq_len", "precision", "quantize", "compile", "nproc", "strategy"}
+    assert "lr" not in SURVEYED_FIELDS and "quantize" in SURVEYED_FIELDS   # cells differing in lr share one survey
+    cell = Cell(model="bert-tiny", method="lora", rank=8, grad_checkpointing="on", precision="bf16-mixed", compile="on",
+                nproc=2)
+    assert cell.label == "lora r=8 ckpt bf16-mixed compiled ddp n=2"
+    assert Cell(model="bert-tiny", method="lora", rank=8, quantize="nf4").label == "lora r=8 nf4"
+    quiet = Cell(model="bert-tiny", method="lora", rank=8).to_dict()
+    assert not {"nproc", "strategy", "precision", "quantize", "compile", "grad_checkpointing"} & set(quiet)

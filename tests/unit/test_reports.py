@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from lorabench.plan.cells import AXES
 from lorabench.render import headlines, report, tables
 from lorabench.results.compare import compare
 from lorabench.results.rows import METRICS, Row, Status
@@ -198,3 +199,21 @@ def test_a_gpu_run_draws_the_allocators_breakdown_with_the_drivers_line(rows, tm
     parts = plots.breakdown(m, "torch_peak_allocated_bytes", "torch_allocated_baseline_bytes")
     assert parts["base"] == 6 * 2 ** 20
     assert sum(parts[k] for _, _, k, _ in plots.LAYERS) + parts["base"] + parts["rest"] == m["torch_peak_allocated_bytes"]
+
+
+@pytest.mark.parametrize("field, values", [("quantize", ("none", "nf4")), ("compile", ("off", "on")),
+                                           ("precision", ("fp32", "bf16-mixed"))])
+def test_a_matrix_along_any_axis_renders_a_titled_section_per_value_and_a_long_table_column(rows, field, values):
+    """Every axis a matrix can vary (cells.AXES) names its sections and its long-table column: a
+    --quantize none,nf4 or --compile off,on matrix once rendered two sections with one title."""
+    lora = [r for r in rows if r.cell.method == "lora"]
+    varied = [r.replace(cell=dataclasses.replace(r.cell, **{field: v, "seq_len": s}))
+              for v in values for s in (64, 128) for r in lora]   # three axes: the long table shows too
+    text = report.render(varied)
+    titles = [line for line in text.splitlines() if line.startswith("## bert-tiny")]
+    assert len(titles) == len(set(titles)) == 4, titles
+    word = AXES[field].title
+    assert all(f"{word} {v}" in "".join(titles) for v in values), titles
+    long = text[text.index("## Every cell"):]
+    header = long.splitlines()[2]
+    assert f"| {word} " in header and "| seq len " in header, header
