@@ -10,6 +10,7 @@ task dispatch (1.01 on 2 CPU cores after the change to gathering, 2026-11-23); t
 hand loop's epoch time (median of timed epochs from interleaved blocks, so drift in the machine
 hits both alike). Both follow the same protocol: a fresh Adam, one warm-up epoch, timed epochs.
 """
+
 from __future__ import annotations
 
 import time
@@ -18,23 +19,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorabench.workload import models
-from lorabench.plan.cells import Cell
-from lorabench.workload.methods import METHODS
 from lorabench.measure.stats import Summary
+from lorabench.plan.cells import Cell
 from lorabench.run.train import fit
+from lorabench.workload import models
+from lorabench.workload.methods import METHODS
 
 CPU = torch.device("cpu")
 BATCH, SAMPLES, SEQ = 32, 256, 64
-TARGET = 1.03   # harness epoch / hand epoch
+TARGET = 1.03  # harness epoch / hand epoch
 
 
 def setup_case(model: str):
     torch.manual_seed(0)
     bundle = models.build(model)
     module = METHODS["full"].apply(bundle, Cell(model=model, method="full").adapter).module
-    ds = bundle.task.build_data(samples=SAMPLES, eval_samples=BATCH, seq_len=SEQ, seed=0,
-                    vocab_size=bundle.vocab_size, num_labels=bundle.num_labels)
+    ds = bundle.task.build_data(
+        samples=SAMPLES,
+        eval_samples=BATCH,
+        seq_len=SEQ,
+        seed=0,
+        vocab_size=bundle.vocab_size,
+        num_labels=bundle.num_labels,
+    )
     return module, bundle.task, ds
 
 
@@ -47,10 +54,12 @@ def hand_epoch(model, ds, optimizer, generator) -> float:
     labels = tensors["labels"]
     for i in range(n // BATCH):
         sl = slice(i * BATCH, (i + 1) * BATCH)
-        if "x" in tensors:   # the image MLP
+        if "x" in tensors:  # the image MLP
             logits = model(tensors["x"][sl])
         else:
-            logits = model(input_ids=tensors["input_ids"][sl], attention_mask=tensors["attention_mask"][sl]).logits
+            logits = model(
+                input_ids=tensors["input_ids"][sl], attention_mask=tensors["attention_mask"][sl]
+            ).logits
         F.cross_entropy(logits, labels[sl]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -75,8 +84,13 @@ def hand_run(model, task, ds, epochs: int) -> list[float]:
 def test_epoch(benchmark, model, loop):
     module, task, ds = setup_case(model)
     benchmark.group = f"epoch {model} full, batch {BATCH}, {SAMPLES} samples"
-    benchmark.extra_info.update(model=model, loop=loop, batch_size=BATCH, samples=SAMPLES,
-                                params_trainable=sum(p.numel() for p in module.parameters()))
+    benchmark.extra_info.update(
+        model=model,
+        loop=loop,
+        batch_size=BATCH,
+        samples=SAMPLES,
+        params_trainable=sum(p.numel() for p in module.parameters()),
+    )
     run = harness_run if loop == "harness" else hand_run
     # One round = warm-up epoch + 1 timed epoch; the benchmark reports the whole round.
     benchmark.pedantic(run, args=(module, task, ds, 1), rounds=5, warmup_rounds=1)
@@ -90,11 +104,13 @@ def test_harness_within_3_percent_of_hand_loop(model):
     estimate of what the loop itself costs. Medians are printed beside it."""
     module, task, ds = setup_case(model)
     harness, hand = [], []
-    for block in range(6):   # alternate which loop goes first, so neither always inherits the other's state
+    for block in range(6):  # alternate which loop goes first, so neither always inherits the other's state
         runs = [(harness, harness_run), (hand, hand_run)]
-        for out, run in (runs if block % 2 == 0 else runs[::-1]):
+        for out, run in runs if block % 2 == 0 else runs[::-1]:
             out += run(module, task, ds, 3)
     ratio = min(harness) / min(hand)
-    print(f"{model}: fastest epoch harness {min(harness) * 1e3:.1f} ms, hand {min(hand) * 1e3:.1f} ms, ratio {ratio:.3f}; "
-          f"medians {Summary.of(harness).median * 1e3:.1f} / {Summary.of(hand).median * 1e3:.1f} ms")
+    print(
+        f"{model}: fastest epoch harness {min(harness) * 1e3:.1f} ms, hand {min(hand) * 1e3:.1f} ms, ratio {ratio:.3f}; "
+        f"medians {Summary.of(harness).median * 1e3:.1f} / {Summary.of(hand).median * 1e3:.1f} ms"
+    )
     assert ratio < TARGET, f"harness epoch is {100 * (ratio - 1):.1f}% slower than the hand loop"

@@ -16,24 +16,30 @@ threads spend per second of steps (time.thread_time, read in the sampler's own t
 bound on what they take from the training thread through the GIL. Target: both under 2 % (the
 paired figure only where it was resolved: otherwise it is printed, with its standard error).
 """
+
 import statistics
 import time
 
 import pytest
 import torch
 
-from lorabench.workload import models
-from lorabench.plan.cells import Cell
 from lorabench.measure.drivers import driver_trackers
-from lorabench.workload.methods import METHODS
+from lorabench.plan.cells import Cell
 from lorabench.run.train import make_optimizer
+from lorabench.workload import models
+from lorabench.workload.methods import METHODS
 
-GATE = 0.02          # the samplers may cost at most 2 % of a step
-RESOLVE = 0.005      # standard error of each median: resolves 1 %
-BLOCK_S = 0.25       # seconds of steps per timed block
+GATE = 0.02  # the samplers may cost at most 2 % of a step
+RESOLVE = 0.005  # standard error of each median: resolves 1 %
+BLOCK_S = 0.25  # seconds of steps per timed block
 MIN_ROUNDS, MAX_ROUNDS = 12, 40
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="needs a GPU for the driver sampler"))]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU for the driver sampler"),
+    ),
+]
 
 
 def se_of_median(xs: list[float]) -> float:
@@ -44,6 +50,7 @@ def samplers(device: torch.device) -> list:
     """The samplers a cell runs on `device`, at the cell's default 10 ms, each keeping the CPU time
     its thread spends sampling (`busy_s`)."""
     from lorabench.measure.trackers import HostMemory
+
     drivers, _, _, missing = driver_trackers(device, 0.01)
     if device.type == "cuda" and not drivers:
         pytest.fail(f"no driver sampler on this GPU: {missing}")
@@ -56,11 +63,14 @@ def samplers(device: torch.device) -> list:
 
 def timed(sampler, sample):
     def run():
-        t0 = time.thread_time()   # this thread's CPU time: the sampler's own work, not the wait between samples
+        t0 = (
+            time.thread_time()
+        )  # this thread's CPU time: the sampler's own work, not the wait between samples
         try:
             sample()
         finally:
             sampler.busy_s += time.thread_time() - t0
+
     return run
 
 
@@ -71,8 +81,14 @@ def test_sampling_costs_under_2_percent(model, device, benchmark):
     torch.manual_seed(0)
     bundle = models.build(model)
     module = METHODS["full"].apply(bundle, Cell(model=model, method="full").adapter).module.to(dev)
-    ds = bundle.task.build_data(samples=32, eval_samples=8, seq_len=64, seed=0, vocab_size=bundle.vocab_size,
-                                num_labels=bundle.num_labels).to(dev, torch.float32)
+    ds = bundle.task.build_data(
+        samples=32,
+        eval_samples=8,
+        seq_len=64,
+        seed=0,
+        vocab_size=bundle.vocab_size,
+        num_labels=bundle.num_labels,
+    ).to(dev, torch.float32)
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], 1e-4)[0]
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 
@@ -82,7 +98,7 @@ def test_sampling_costs_under_2_percent(model, device, benchmark):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    busy = []   # the samplers' CPU time per second of sampled steps, one entry per sampled block
+    busy = []  # the samplers' CPU time per second of sampled steps, one entry per sampled block
 
     def block(n: int, sampled: bool) -> float:
         running = samplers(dev) if sampled else []
@@ -102,12 +118,12 @@ def test_sampling_costs_under_2_percent(model, device, benchmark):
             busy.append(sum(s.busy_s for s in running) / took)
         return took
 
-    for _ in range(3):   # warm-up: kernels chosen, Adam's state allocated
+    for _ in range(3):  # warm-up: kernels chosen, Adam's state allocated
         step()
     n = max(3, round(BLOCK_S / (block(5, False) / 5)))
     ratios, noise = [], []
     for r in range(MAX_ROUNDS):
-        order = (False, True, False) if r % 2 == 0 else (False, False, True)   # the sampled block moves
+        order = (False, True, False) if r % 2 == 0 else (False, False, True)  # the sampled block moves
         times = [block(n, sampled) for sampled in order]
         on = times[order.index(True)]
         off = [t for t, sampled in zip(times, order) if not sampled]
@@ -119,15 +135,25 @@ def test_sampling_costs_under_2_percent(model, device, benchmark):
     floor = statistics.median(abs(x - 1) for x in noise)
     resolved = max(se_of_median(ratios), se_of_median(noise)) <= RESOLVE
     direct = statistics.median(busy)
-    benchmark.extra_info.update(model=model, device=device, samplers=[type(s).__name__ for s in samplers(dev)],
-                                steps_per_block=n, rounds=len(ratios), overhead_pct=100 * overhead,
-                                overhead_se_pct=100 * se_of_median(ratios), noise_floor_pct=100 * floor,
-                                resolved=resolved, sampler_cpu_pct=100 * direct)
+    benchmark.extra_info.update(
+        model=model,
+        device=device,
+        samplers=[type(s).__name__ for s in samplers(dev)],
+        steps_per_block=n,
+        rounds=len(ratios),
+        overhead_pct=100 * overhead,
+        overhead_se_pct=100 * se_of_median(ratios),
+        noise_floor_pct=100 * floor,
+        resolved=resolved,
+        sampler_cpu_pct=100 * direct,
+    )
     # the pytest-benchmark figure: a block of steps with the samplers running
     benchmark.pedantic(lambda: block(n, True), rounds=5, warmup_rounds=1)
-    print(f"{model} on {device}: paired {100 * overhead:+.2f} % (se {100 * se_of_median(ratios):.2f} %, "
-          f"{'resolved' if resolved else 'NOT resolved to 1 %'}) over {len(ratios)} rounds of {n} steps; noise floor "
-          f"(off vs off) {100 * floor:.2f} %; the samplers' own CPU time {100 * direct:.3f} % of the steps' wall time")
+    print(
+        f"{model} on {device}: paired {100 * overhead:+.2f} % (se {100 * se_of_median(ratios):.2f} %, "
+        f"{'resolved' if resolved else 'NOT resolved to 1 %'}) over {len(ratios)} rounds of {n} steps; noise floor "
+        f"(off vs off) {100 * floor:.2f} %; the samplers' own CPU time {100 * direct:.3f} % of the steps' wall time"
+    )
     assert direct < GATE
     if resolved:
         assert overhead < GATE

@@ -10,19 +10,24 @@ synchronised inside the timed function. `extra_info` carries the cell, the param
 the peak memory (allocator peak on a GPU; on the CPU the sampled RSS peak of the benchmark
 process during this benchmark, interpreter and libraries included).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lorabench.workload import models
-from lorabench.plan.cells import Cell
-from lorabench.workload.methods import METHODS
 from lorabench.measure.trackers import HostMemory
+from lorabench.plan.cells import Cell
 from lorabench.run.train import make_optimizer
+from lorabench.workload import models
+from lorabench.workload.methods import METHODS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = [(m, meth, r) for m in ("cifar-mlp", "bert-tiny") for meth, r in (("full", None), ("lora", 8), ("lora-reparam", 8))]
+CASES = [
+    (m, meth, r)
+    for m in ("cifar-mlp", "bert-tiny")
+    for meth, r in (("full", None), ("lora", 8), ("lora-reparam", 8))
+]
 
 
 def sync() -> None:
@@ -37,8 +42,14 @@ def test_training_step(benchmark, model, method, rank):
     bundle = models.build(model)
     adapted = METHODS[method].apply(bundle, cell.adapter)
     module = adapted.module.to(DEVICE).train()
-    ds = bundle.task.build_data(samples=cell.batch_size, eval_samples=1, seq_len=cell.seq_len, seed=0,
-                    vocab_size=bundle.vocab_size, num_labels=bundle.num_labels).to(DEVICE, torch.float32)
+    ds = bundle.task.build_data(
+        samples=cell.batch_size,
+        eval_samples=1,
+        seq_len=cell.seq_len,
+        seed=0,
+        vocab_size=bundle.vocab_size,
+        num_labels=bundle.num_labels,
+    ).to(DEVICE, torch.float32)
     batch = ds.train
     optimizer, impl = make_optimizer([p for p in module.parameters() if p.requires_grad], cell.lr)
 
@@ -47,7 +58,7 @@ def test_training_step(benchmark, model, method, rank):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync()   # inside the timed function: the step is over when the device says so
+        sync()  # inside the timed function: the step is over when the device says so
 
     benchmark.group = f"training step: {model}, batch {cell.batch_size}"
     host = HostMemory(0.01)
@@ -55,9 +66,22 @@ def test_training_step(benchmark, model, method, rank):
         torch.cuda.reset_peak_memory_stats(DEVICE)
     with host:
         benchmark.pedantic(step, rounds=10, warmup_rounds=3, iterations=1)
-    peak = torch.cuda.max_memory_allocated(DEVICE) if DEVICE.type == "cuda" else host.result()["host_peak_rss_bytes"]
+    peak = (
+        torch.cuda.max_memory_allocated(DEVICE)
+        if DEVICE.type == "cuda"
+        else host.result()["host_peak_rss_bytes"]
+    )
     p = adapted.params
     benchmark.extra_info.update(
-        cell=cell.to_dict(), label=cell.label, params_trainable=p.trainable, params_total=p.total,
-        params_trainable_adapter=p.adapter, optimizer=impl, device=DEVICE.type, peak_memory_bytes=peak,
-        peak_memory_kind="torch_max_memory_allocated" if DEVICE.type == "cuda" else "host RSS peak during this benchmark")
+        cell=cell.to_dict(),
+        label=cell.label,
+        params_trainable=p.trainable,
+        params_total=p.total,
+        params_trainable_adapter=p.adapter,
+        optimizer=impl,
+        device=DEVICE.type,
+        peak_memory_bytes=peak,
+        peak_memory_kind="torch_max_memory_allocated"
+        if DEVICE.type == "cuda"
+        else "host RSS peak during this benchmark",
+    )

@@ -1,4 +1,5 @@
 """`python -m lorabench` is the `lorabench` command."""
+
 import sys
 
 from .cli import main

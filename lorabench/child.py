@@ -8,6 +8,7 @@ open one. Whatever asks the device something (the matmul-rate calibration, wheth
 a quantisation runs on it) runs here, in a child started the way cells are (forkserver or spawn:
 never a fork of the parent), which exits when it has answered.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,7 @@ import psutil
 
 from .errors import first_line
 
-EXIT_GRACE_S = 10.0   # how long a child that has answered may take to exit before it is killed
+EXIT_GRACE_S = 10.0  # how long a child that has answered may take to exit before it is killed
 
 
 class ChildFailed(RuntimeError):
@@ -27,10 +28,10 @@ class ChildFailed(RuntimeError):
 
 
 def _entry(fn: Callable, args: tuple, conn) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         conn.send((True, fn(*args)))
-    except Exception as e:   # noqa: BLE001 (the parent gets the reason, in one line)
+    except Exception as e:  # noqa: BLE001 (the parent gets the reason, in one line)
         conn.send((False, f"{type(e).__name__}: {first_line(e)}"))
     finally:
         conn.close()
@@ -43,7 +44,7 @@ def call(fn: Callable, args: tuple = (), *, start_method: str, timeout_s: float,
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_entry, args=(fn, args, send), name=name)
     proc.start()
-    send.close()   # the child holds the only writer: EOF means it is gone
+    send.close()  # the child holds the only writer: EOF means it is gone
     try:
         if not recv.poll(timeout_s):
             raise ChildFailed(f"{name} gave no answer within {timeout_s:g} s")
@@ -52,10 +53,14 @@ def call(fn: Callable, args: tuple = (), *, start_method: str, timeout_s: float,
         except EOFError:
             proc.join(EXIT_GRACE_S)
             code = proc.exitcode
-            how = f"died from {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited ({code})"
+            how = (
+                f"died from {signal.Signals(-code).name}"
+                if code is not None and code < 0
+                else f"exited ({code})"
+            )
             raise ChildFailed(f"{name} {how} without an answer") from None
     finally:
-        end_process(proc, EXIT_GRACE_S)   # kill only a hung one
+        end_process(proc, EXIT_GRACE_S)  # kill only a hung one
         recv.close()
     if not ok:
         raise ChildFailed(f"{name} failed: {value}")

@@ -7,6 +7,7 @@ and the accepted values, exits with code 2, and writes nothing. The "cell settin
 `run` are generated from `Cell`'s fields; the work itself is done by `plan`, `runner`,
 `rundir` and `report`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-MATRIX_FLAGS = ("preset", "models", "methods", "ranks", "repeat", "config", "shard")   # the matrix, beside the settings
+MATRIX_FLAGS = (
+    "preset",
+    "models",
+    "methods",
+    "ranks",
+    "repeat",
+    "config",
+    "shard",
+)  # the matrix, beside the settings
 
 
 class UsageError(Exception):
@@ -25,37 +34,47 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):   # one line, no usage dump, exit 2
+    def error(self, message: str):  # one line, no usage dump, exit 2
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _argtype(parse):
     """An argparse type whose error message is the parser's own ValueError."""
+
     def convert(text: str):
         try:
             return parse(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+
     return convert
 
 
 def _ranks(value: str) -> list[int]:
     from .plan.cells import csv_list
+
     try:
         return [int(v) for v in csv_list(value)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"ranks must be whole numbers separated by commas, got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"ranks must be whole numbers separated by commas, got {value!r}"
+        ) from None
 
 
 def _add_flags(group, cls) -> None:
     """One flag per field of `cls` (Cell, RunOptions) that declares one; several for a field with
     alternatives. Defaults stay None here: the dataclass's own default applies when a flag is not given."""
     from .plan.cells import cli_flags
+
     for f in dataclasses.fields(cls):
         for flag in cli_flags(f):
-            kw: dict[str, Any] = {"help": flag.help or None, "metavar": flag.metavar, "choices": flag.choices,
-                                  "dest": flag.dest}
-            if flag.parse is not None:   # int and float keep argparse's own "invalid int value" message
+            kw: dict[str, Any] = {
+                "help": flag.help or None,
+                "metavar": flag.metavar,
+                "choices": flag.choices,
+                "dest": flag.dest,
+            }
+            if flag.parse is not None:  # int and float keep argparse's own "invalid int value" message
                 kw["type"] = flag.parse if flag.parse in (int, float) else _argtype(flag.parse)
             group.add_argument(flag.flag, **kw)
 
@@ -64,6 +83,7 @@ def _given(args: argparse.Namespace, cls) -> dict[str, Any]:
     """{field: value} of the flags given for `cls`; of a field's alternative flags (--targets,
     --target-regex), one at most."""
     from .plan.cells import cli_flags
+
     out = {}
     for f in dataclasses.fields(cls):
         given = [(fl.flag, getattr(args, fl.dest)) for fl in cli_flags(f)]
@@ -76,98 +96,191 @@ def _given(args: argparse.Namespace, cls) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .plan.cells import Cell, csv_list
-    from .results.compare import THRESHOLDS
     from .measure.environment import installed_version
-    from .workload.methods import METHODS
+    from .plan.cells import Cell, csv_list
     from .plan.presets import PRESETS
+    from .results.compare import THRESHOLDS
     from .run.worker import RunOptions
+    from .workload.methods import METHODS
 
-    parser = _Parser(prog="lorabench", description=(
-        "Measure what LoRA buys against full fine-tuning on this machine: trainable parameters, "
-        "peak memory, epoch time and task quality, at every rank."))
+    parser = _Parser(
+        prog="lorabench",
+        description=(
+            "Measure what LoRA buys against full fine-tuning on this machine: trainable parameters, "
+            "peak memory, epoch time and task quality, at every rank."
+        ),
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    run = sub.add_parser("run", help="run a matrix of cells and write results and a report", description=(
-        "Run every cell of the matrix (models x methods x ranks) in its own process, append one JSON line per "
-        "cell to OUT/<run-id>/results.jsonl as it ends, then write REPORT_DIR/<run-id>.md and print the "
-        "comparison. With no arguments: the `quick` preset on the best device present."))
+    run = sub.add_parser(
+        "run",
+        help="run a matrix of cells and write results and a report",
+        description=(
+            "Run every cell of the matrix (models x methods x ranks) in its own process, append one JSON line per "
+            "cell to OUT/<run-id>/results.jsonl as it ends, then write REPORT_DIR/<run-id>.md and print the "
+            "comparison. With no arguments: the `quick` preset on the best device present."
+        ),
+    )
     m = run.add_argument_group("matrix")
     _list = _argtype(lambda v: list(csv_list(v)))
-    m.add_argument("--preset", type=_list, help=f"presets to expand (default: quick; choices: {', '.join(PRESETS)})")
+    m.add_argument(
+        "--preset", type=_list, help=f"presets to expand (default: quick; choices: {', '.join(PRESETS)})"
+    )
     m.add_argument("--models", type=_list, help="models to run (replaces the preset's; see `lorabench list`)")
     m.add_argument("--methods", type=_list, help=f"methods to run: {', '.join(METHODS)}")
     m.add_argument("--ranks", type=_ranks, help="LoRA ranks, e.g. 1,8,64")
-    m.add_argument("--repeat", type=int, metavar="N", help="run each cell N times (spread across runs; default 1)")
-    m.add_argument("--config", metavar="FILE.toml", help="TOML file with preset/models/methods/ranks/repeat and a "
-                   "[settings] table of cell fields; flags given on the command line override it")
-    m.add_argument("--shard", metavar="K/N", help="run only shard K of N (balanced by predicted cost); combine the "
-                   "shards' run directories with `lorabench merge`")
+    m.add_argument(
+        "--repeat", type=int, metavar="N", help="run each cell N times (spread across runs; default 1)"
+    )
+    m.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="TOML file with preset/models/methods/ranks/repeat and a "
+        "[settings] table of cell fields; flags given on the command line override it",
+    )
+    m.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="run only shard K of N (balanced by predicted cost); combine the "
+        "shards' run directories with `lorabench merge`",
+    )
     _add_flags(run.add_argument_group("cell settings (override the preset)"), Cell)
     o = run.add_argument_group("output and control")
-    o.add_argument("--download", action="store_true", help="download CIFAR-10 into --data DIR first (needs a network)")
+    o.add_argument(
+        "--download", action="store_true", help="download CIFAR-10 into --data DIR first (needs a network)"
+    )
     o.add_argument("--out", type=Path, default=Path("results"), help="results directory (default: results)")
-    o.add_argument("--report-dir", type=Path, default=Path("report"), help="report directory (default: report)")
-    o.add_argument("--dry-run", action="store_true", help="build every cell, print counts and the plan, train nothing")
+    o.add_argument(
+        "--report-dir", type=Path, default=Path("report"), help="report directory (default: report)"
+    )
+    o.add_argument(
+        "--dry-run", action="store_true", help="build every cell, print counts and the plan, train nothing"
+    )
     o.add_argument("--strict", action="store_true", help="exit 1 when any cell did not finish ok")
-    o.add_argument("--resume", type=Path, metavar="RUN_DIR", help="finish an interrupted run: run only the cells of "
-                   "RUN_DIR's plan that have no row yet")
-    o.add_argument("--retry-failed", action="store_true", help="with --resume: also re-run cells whose row is not ok "
-                   "(their old rows are replaced)")
-    o.add_argument("--profile", action="store_true", help="per cell, a torch.profiler Chrome trace of a few steps "
-                   "after the timed epochs: RUN_DIR/traces/<cell-key>.json (chrome://tracing, ui.perfetto.dev)")
-    o.add_argument("--memory-snapshot", action="store_true", help="per CUDA cell, the allocator's history over the "
-                   "first step: RUN_DIR/snapshots/<cell-key>.pickle (pytorch.org/memory_viz)")
-    o.add_argument("--force", action="store_true", help="run cells predicted not to fit in free memory (otherwise "
-                   "they are recorded as skipped)")
-    o.add_argument("--headline-by", choices=["memory", "time"], default="memory", help="the LoRA variant each model's "
-                   "headline names: least memory (default), or least time at equal quality")
-    o.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
-                   help="progress bars (auto: only when stderr is a terminal)")
+    o.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="finish an interrupted run: run only the cells of RUN_DIR's plan that have no row yet",
+    )
+    o.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --resume: also re-run cells whose row is not ok (their old rows are replaced)",
+    )
+    o.add_argument(
+        "--profile",
+        action="store_true",
+        help="per cell, a torch.profiler Chrome trace of a few steps "
+        "after the timed epochs: RUN_DIR/traces/<cell-key>.json (chrome://tracing, ui.perfetto.dev)",
+    )
+    o.add_argument(
+        "--memory-snapshot",
+        action="store_true",
+        help="per CUDA cell, the allocator's history over the "
+        "first step: RUN_DIR/snapshots/<cell-key>.pickle (pytorch.org/memory_viz)",
+    )
+    o.add_argument(
+        "--force",
+        action="store_true",
+        help="run cells predicted not to fit in free memory (otherwise they are recorded as skipped)",
+    )
+    o.add_argument(
+        "--headline-by",
+        choices=["memory", "time"],
+        default="memory",
+        help="the LoRA variant each model's "
+        "headline names: least memory (default), or least time at equal quality",
+    )
+    o.add_argument(
+        "--progress",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="progress bars (auto: only when stderr is a terminal)",
+    )
     _add_flags(o, RunOptions)
 
-    rep = sub.add_parser("report", help="render the markdown report of one or more run directories",
-                         description="Render RUN_DIR/results.jsonl into markdown (from the results files alone). "
-                                     "Several run directories (shards, repeats) render as one report.")
+    rep = sub.add_parser(
+        "report",
+        help="render the markdown report of one or more run directories",
+        description="Render RUN_DIR/results.jsonl into markdown (from the results files alone). "
+        "Several run directories (shards, repeats) render as one report.",
+    )
     rep.add_argument("run_dirs", type=Path, nargs="*", metavar="RUN_DIR")
-    rep.add_argument("--pytest-benchmark", type=Path, metavar="FILE.json",
-                     help="render a pytest-benchmark JSON (pytest bench/ --benchmark-json FILE) instead")
-    rep.add_argument("--report-dir", type=Path, default=Path("report"), help="where <run-id>.md goes (default: report)")
+    rep.add_argument(
+        "--pytest-benchmark",
+        type=Path,
+        metavar="FILE.json",
+        help="render a pytest-benchmark JSON (pytest bench/ --benchmark-json FILE) instead",
+    )
+    rep.add_argument(
+        "--report-dir", type=Path, default=Path("report"), help="where <run-id>.md goes (default: report)"
+    )
     rep.add_argument("-o", "--output", type=Path, help="write the report to this file instead")
-    rep.add_argument("--headline-by", choices=["memory", "time"], default="memory",
-                     help="the LoRA variant each headline names: least memory (default), or least time at "
-                          "equal quality")
+    rep.add_argument(
+        "--headline-by",
+        choices=["memory", "time"],
+        default="memory",
+        help="the LoRA variant each headline names: least memory (default), or least time at equal quality",
+    )
 
-    cmp_ = sub.add_parser("compare", help="compare two runs and flag regressions",
-                          description="Match the cells of two runs by their parameters, print the change of every "
-                                      "figure, and flag regressions past the thresholds (and past twice the measured "
-                                      "spread where repeats exist).")
+    cmp_ = sub.add_parser(
+        "compare",
+        help="compare two runs and flag regressions",
+        description="Match the cells of two runs by their parameters, print the change of every "
+        "figure, and flag regressions past the thresholds (and past twice the measured "
+        "spread where repeats exist).",
+    )
     cmp_.add_argument("base", type=Path, metavar="BASE_RUN")
     cmp_.add_argument("new", type=Path, metavar="NEW_RUN")
     for kind, (default, unit, worse) in THRESHOLDS.items():
-        cmp_.add_argument(f"--{kind}-threshold", type=float, default=default, metavar="PCT" if unit == "%" else unit.upper(),
-                          help=f"{worse} by more than this many {unit.replace('%', '%%')} (default {default:g})")
-    cmp_.add_argument("--fail-on-regression", action="store_true", help="exit 1 when any regression is flagged")
-    cmp_.add_argument("--allow-environment-change", action="store_true",
-                      help="compare runs whose device model, GPU driver or torch version differ (refused otherwise)")
+        cmp_.add_argument(
+            f"--{kind}-threshold",
+            type=float,
+            default=default,
+            metavar="PCT" if unit == "%" else unit.upper(),
+            help=f"{worse} by more than this many {unit.replace('%', '%%')} (default {default:g})",
+        )
+    cmp_.add_argument(
+        "--fail-on-regression", action="store_true", help="exit 1 when any regression is flagged"
+    )
+    cmp_.add_argument(
+        "--allow-environment-change",
+        action="store_true",
+        help="compare runs whose device model, GPU driver or torch version differ (refused otherwise)",
+    )
     cmp_.add_argument("-o", "--output", type=Path, help="also write the comparison (markdown) to this file")
 
-    chk = sub.add_parser("check", help="prove the measurement stack on this machine (run it on a new machine)",
-                         description="Measure what is known in advance with the trackers a cell uses; print check, "
-                                     "measured, expected, verdict; exit 1 if any fails (see lorabench/check.py).")
-    chk.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                     help="auto: the GPU checks too when torch sees a GPU (default)")
+    chk = sub.add_parser(
+        "check",
+        help="prove the measurement stack on this machine (run it on a new machine)",
+        description="Measure what is known in advance with the trackers a cell uses; print check, "
+        "measured, expected, verdict; exit 1 if any fails (see lorabench/check.py).",
+    )
+    chk.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: the GPU checks too when torch sees a GPU (default)",
+    )
 
     lst = sub.add_parser("list", help="list models, methods and presets", description="List the registries.")
     lst.add_argument("--metrics", action="store_true", help="print the table of figures a result row holds")
 
-    mrg = sub.add_parser("merge", help="combine the run directories of shards into one run",
-                         description="Combine the results of `lorabench run --shard K/N` runs of one matrix into OUT, "
-                                     "refusing shards of different matrices or lorabench versions, then report it.")
+    mrg = sub.add_parser(
+        "merge",
+        help="combine the run directories of shards into one run",
+        description="Combine the results of `lorabench run --shard K/N` runs of one matrix into OUT, "
+        "refusing shards of different matrices or lorabench versions, then report it.",
+    )
     mrg.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="run directories of the shards")
-    mrg.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="the merged run directory (new)")
-    mrg.add_argument("--report-dir", type=Path, default=Path("report"), help="report directory (default: report)")
+    mrg.add_argument(
+        "--out", type=Path, required=True, metavar="RUN_DIR", help="the merged run directory (new)"
+    )
+    mrg.add_argument(
+        "--report-dir", type=Path, default=Path("report"), help="report directory (default: report)"
+    )
     return parser
 
 
@@ -175,37 +288,51 @@ def _options(args: argparse.Namespace, device: str):
     """Validated run options, shared by new and resumed runs."""
     from .results.rundir import writable_dir
     from .run.worker import RunOptions
+
     writable_dir(args.report_dir, "--report-dir")
-    return RunOptions(**_given(args, RunOptions), profile=args.profile, memory_snapshot=args.memory_snapshot).on(device)
+    return RunOptions(
+        **_given(args, RunOptions), profile=args.profile, memory_snapshot=args.memory_snapshot
+    ).on(device)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .plan import admission, presets
-    from .workload import data
-    from .render import tables
-    from .run import worker
     from .plan.cells import Cell
+    from .render import tables
     from .results.rundir import RunDir, writable_dir
+    from .run import worker
+    from .workload import data
 
     if args.resume is not None:
         return _resume(args)
     if args.retry_failed:
         raise UsageError("--retry-failed goes with --resume RUN_DIR")
-    cells = presets.request(config=args.config, presets=args.preset, models=args.models, methods=args.methods,
-                         ranks=args.ranks, repeat=args.repeat, settings=_given(args, Cell))
+    cells = presets.request(
+        config=args.config,
+        presets=args.preset,
+        models=args.models,
+        methods=args.methods,
+        ranks=args.ranks,
+        repeat=args.repeat,
+        settings=_given(args, Cell),
+    )
     device = cells[0].device if cells else "cpu"
     options = _options(args, device)
     writable_dir(args.out, "--out")
     for path in sorted({c.data for c in cells if c.data != "synthetic"} if args.download else ()):
         data.download_cifar10(path)
     if not args.dry_run:
-        worker.start_workers(options.start_method, cells)   # its imports overlap with the model builds below
+        worker.start_workers(options.start_method, cells)  # its imports overlap with the model builds below
     the_plan = admission.Plan.of(cells, args.shard, args.force, options.start_method)
     cells = the_plan.cells
     if the_plan.fit_note:
         print(f"lorabench: {the_plan.fit_note}", file=sys.stderr)
     if args.dry_run:
-        print(tables.plan_table(cells, the_plan.surveys, the_plan.skipped) if cells else "(this shard has no cells)")
+        print(
+            tables.plan_table(cells, the_plan.surveys, the_plan.skipped)
+            if cells
+            else "(this shard has no cells)"
+        )
         where = f", shard {args.shard} of a {len(the_plan.matrix)}-cell matrix" if args.shard else ""
         print(f"\n{len(cells)} cells on {device}{where}; dry run: nothing trained, nothing written.")
         return EXIT_OK
@@ -216,19 +343,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from .plan import admission
-    from .measure import environment
-    from .run import worker
-    from .plan.cells import SETTINGS, cli_flags
     from .errors import InputError
-    from .results.rundir import RunDir, RunDirError
+    from .measure import environment
+    from .plan import admission
+    from .plan.cells import SETTINGS, cli_flags
     from .plan.survey import survey_all
+    from .results.rundir import RunDir, RunDirError
+    from .run import worker
 
-    given = [flag for dest, flag in [(a, "--" + a) for a in MATRIX_FLAGS] + [(fl.dest, fl.flag) for f in SETTINGS
-                                                                    for fl in cli_flags(f)]
-             if getattr(args, dest) is not None]
+    given = [
+        flag
+        for dest, flag in [(a, "--" + a) for a in MATRIX_FLAGS]
+        + [(fl.dest, fl.flag) for f in SETTINGS for fl in cli_flags(f)]
+        if getattr(args, dest) is not None
+    ]
     if given or args.dry_run:
-        raise UsageError(f"--resume takes its cells from RUN_DIR/{RunDir.PLAN}; drop {', '.join(given) or '--dry-run'}")
+        raise UsageError(
+            f"--resume takes its cells from RUN_DIR/{RunDir.PLAN}; drop {', '.join(given) or '--dry-run'}"
+        )
     try:
         run = RunDir.open(args.resume)
         saved = run.plan()
@@ -237,19 +369,24 @@ def _resume(args: argparse.Namespace) -> int:
         options = _options(args, device)
         with run.lock():
             if run.took_over:
-                print(f"lorabench: took over the lock of {run.took_over}, which is no longer running", file=sys.stderr)
+                print(
+                    f"lorabench: took over the lock of {run.took_over}, which is no longer running",
+                    file=sys.stderr,
+                )
             todo, done, warnings = run.pending(cells, args.retry_failed)
             for w in warnings:
                 print(f"lorabench: warning: {w}", file=sys.stderr)
-            print(f"lorabench: resuming {run}: {done} of {len(cells)} cells have rows, {len(todo)} to run",
-                  file=sys.stderr)
+            print(
+                f"lorabench: resuming {run}: {done} of {len(cells)} cells have rows, {len(todo)} to run",
+                file=sys.stderr,
+            )
             if todo:
                 worker.start_workers(options.start_method, todo)
             skipped = {} if args.force else dict(saved.get("skipped", {}))
             return _execute(args, run, admission.Plan(todo, cells, survey_all(todo), skipped), options)
-    except RunDirError as e:   # its message starts with the directory
+    except RunDirError as e:  # its message starts with the directory
         raise UsageError(f"--resume {e}") from None
-    except InputError as e:   # a plan that no longer builds, or no GPU for a cuda run
+    except InputError as e:  # a plan that no longer builds, or no GPU for a cuda run
         raise UsageError(f"--resume {args.resume}: {e}") from None
 
 
@@ -266,15 +403,22 @@ def _execute(args: argparse.Namespace, run, the_plan, options) -> int:
     try:
         runner.run_cells(run, cells, the_plan.known(), skipped, options, progress, the_plan.gemms())
     except KeyboardInterrupt:
-        print(f"\nlorabench: interrupted; every finished cell is in {run.results_path}.\n"
-              f"Resume with: lorabench run --resume {run}", file=sys.stderr)
+        print(
+            f"\nlorabench: interrupted; every finished cell is in {run.results_path}.\n"
+            f"Resume with: lorabench run --resume {run}",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
-    rows, warnings = run.rows()   # the report comes from the results file alone
-    report_path = report.write(rows, args.report_dir / f"{run.run_id}.md", warnings, args.headline_by, [run.path])
+    rows, warnings = run.rows()  # the report comes from the results file alone
+    report_path = report.write(
+        rows, args.report_dir / f"{run.run_id}.md", warnings, args.headline_by, [run.path]
+    )
     print(report.summary(rows, args.headline_by))
     failed = sum(not r.ok for r in rows)
-    print(f"{n} cells in {time.perf_counter() - t0:.1f} s; the run has {len(rows)} rows, "
-          f"{failed} not ok. Results: {run.results_path}  Report: {report_path}")
+    print(
+        f"{n} cells in {time.perf_counter() - t0:.1f} s; the run has {len(rows)} rows, "
+        f"{failed} not ok. Results: {run.results_path}  Report: {report_path}"
+    )
     return EXIT_FAILED_CELLS if (args.strict and failed) else EXIT_OK
 
 
@@ -286,13 +430,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     writable_dir(args.report_dir, "--report-dir")
     run, merged, missing = RunDir.merge(args.dirs, args.out)
     report_path = report.write(merged, args.report_dir / f"{run.run_id}.md", run_dirs=[run.path, *args.dirs])
-    print(f"merged {len(args.dirs)} shards: {len(merged)} of {len(run.plan()['cells'])} cells"
-          + (f" ({missing} cells have no row in any shard)" if missing else "") + f" -> {run}; report {report_path}")
+    print(
+        f"merged {len(args.dirs)} shards: {len(merged)} of {len(run.plan()['cells'])} cells"
+        + (f" ({missing} cells have no row in any shard)" if missing else "")
+        + f" -> {run}; report {report_path}"
+    )
     return EXIT_OK
 
 
 def _load_rows(run_dirs) -> tuple[list, list]:
     from .results.rundir import RunDir
+
     rows, warnings = RunDir.load(run_dirs)
     for w in warnings:
         print(f"lorabench: warning: {w}", file=sys.stderr)
@@ -308,13 +456,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.pytest_benchmark is not None:
         data = benchmarks.load_pytest_benchmark(args.pytest_benchmark)
         out = args.output or args.report_dir / f"{args.pytest_benchmark.stem}.md"
-        write = lambda: out.write_text(benchmarks.pytest_benchmark_report(data), encoding="utf-8")   # noqa: E731
+        write = lambda: out.write_text(benchmarks.pytest_benchmark_report(data), encoding="utf-8")
     else:
         rows, warnings = _load_rows(args.run_dirs)
         name = rows[0].run_id if len(args.run_dirs) == 1 else args.run_dirs[0].name + "-combined"
         out = args.output or args.report_dir / f"{name}.md"
-        write = lambda: report.write(rows, out, warnings, args.headline_by, args.run_dirs)   # noqa: E731
-    if out.is_dir():   # checked before anything (plots included) is written
+        write = lambda: report.write(rows, out, warnings, args.headline_by, args.run_dirs)
+    if out.is_dir():  # checked before anything (plots included) is written
         raise UsageError(f"--output {out} is a directory; give a file name")
     writable_dir(out.parent, "--report-dir")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -324,10 +472,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .results.compare import THRESHOLDS, compare
     from .render.comparison import comparison_report
+    from .results.compare import THRESHOLDS, compare
+
     limits = {kind: getattr(args, f"{kind}_threshold") for kind in THRESHOLDS}
-    result = compare(_load_rows([args.base])[0], _load_rows([args.new])[0], limits, args.allow_environment_change)
+    result = compare(
+        _load_rows([args.base])[0], _load_rows([args.new])[0], limits, args.allow_environment_change
+    )
     text = comparison_report(result, args.base.name, args.new.name)
     print(text)
     if args.output:
@@ -340,6 +491,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from . import check
     from .measure import environment
     from .render import listings
+
     device = environment.resolve_device(args.device)
     t0 = time.perf_counter()
     results = check.run_checks(device, lambda name: print(f"lorabench check: {name} ...", file=sys.stderr))
@@ -349,19 +501,27 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from .render import listings
+
     print(listings.metrics_table() if args.metrics else listings.registries())
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "list": cmd_list, "merge": cmd_merge, "compare": cmd_compare,
-            "check": cmd_check}
+COMMANDS = {
+    "run": cmd_run,
+    "report": cmd_report,
+    "list": cmd_list,
+    "merge": cmd_merge,
+    "compare": cmd_compare,
+    "check": cmd_check,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .errors import InputError
     from .forksafe import keep_out
     from .run.worker import quiet_library_warnings
-    keep_out()   # the parent of a run never initialises CUDA: bitsandbytes' import would (lorabench/forksafe.py)
+
+    keep_out()  # the parent of a run never initialises CUDA: bitsandbytes' import would (lorabench/forksafe.py)
     quiet_library_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)

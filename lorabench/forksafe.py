@@ -12,6 +12,7 @@ server and every cell process `keep_out` bitsandbytes (peft treats it as optiona
 server can preload peft and the parent can build PEFT models on the meta device without touching
 CUDA; a cell that quantises `allow`s it, in its own process, which forks nothing.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -50,6 +51,7 @@ def allow(name: str):
         _kept_out.discard(name)
         if "peft" in sys.modules:
             from peft import import_utils
+
             for check in ("is_bnb_available", "is_bnb_4bit_available"):
                 getattr(getattr(import_utils, check, None), "cache_clear", lambda: None)()
     return importlib.import_module(name)
@@ -60,7 +62,8 @@ def no_cuda_extensions() -> None:
     initialises CUDA (peft's own comment, its issue 1877). In a process that must not touch CUDA
     (the parent, building a cell's model on the meta device to survey it), tell BOFT there is none:
     its layers then take the path they take wherever the extension cannot be built."""
-    from peft.tuners.boft import layer   # peft's module global, read by layer.get_fbd_cuda()
+    from peft.tuners.boft import layer  # peft's module global, read by layer.get_fbd_cuda()
+
     if layer._FBD_CUDA is None:
         layer._FBD_CUDA = False
 
@@ -82,6 +85,8 @@ def in_bad_fork() -> bool:
 def require_clean(device: torch.device) -> None:
     """Raise BadFork, one line naming the cause, before a CUDA cell or rank makes its first CUDA call."""
     if device.type == "cuda" and in_bad_fork():
-        raise BadFork("this process was forked from one that had already queried CUDA, so torch refuses every "
-                      "CUDA call in it; run with --start-method spawn, and report it: lorabench's fork server and "
-                      "cell processes must not touch CUDA")
+        raise BadFork(
+            "this process was forked from one that had already queried CUDA, so torch refuses every "
+            "CUDA call in it; run with --start-method spawn, and report it: lorabench's fork server and "
+            "cell processes must not touch CUDA"
+        )

@@ -1,4 +1,5 @@
 """Shared helpers: the CLI run in-process, with the working directory in a fresh temp folder."""
+
 import os
 import subprocess
 import sys
@@ -9,8 +10,22 @@ import pytest
 from lorabench.cli import main
 
 # The smallest real training settings: every cell trains a few steps on the CPU.
-TINY = ["--samples", "32", "--eval-samples", "16", "--batch-size", "16", "--epochs", "1",
-        "--warmup-epochs", "1", "--seq-len", "16", "--progress", "off"]
+TINY = [
+    "--samples",
+    "32",
+    "--eval-samples",
+    "16",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "1",
+    "--warmup-epochs",
+    "1",
+    "--seq-len",
+    "16",
+    "--progress",
+    "off",
+]
 
 
 @pytest.fixture
@@ -26,10 +41,12 @@ def files_under(path: Path) -> list[str]:
 @pytest.fixture
 def cli(in_tmp, capsys):
     """cli(*args) -> (exit code, stdout, stderr), run in-process from an empty temp folder."""
+
     def run(*args):
         code = main(list(args))
         out = capsys.readouterr()
         return code, out.out, out.err
+
     return run
 
 
@@ -39,8 +56,14 @@ def run_subprocess(*args, cwd, timeout=300, show_warnings=False):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if show_warnings:
         del env["PYTHONWARNINGS"]
-    return subprocess.run([sys.executable, "-m", "lorabench", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "lorabench", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -49,4 +72,5 @@ def _let_kept_out_libraries_in():
     back in after each test, so a later test imports it as a user's process would."""
     yield
     from lorabench import forksafe
+
     forksafe.let_in()

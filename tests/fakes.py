@@ -10,6 +10,7 @@ They keep the real modules' call signatures, return types, units and exceptions:
   the process list as dicts (amdsmi >= 6.1) or as handles resolved by `amdsmi_get_gpu_process_info`;
   the energy counter with its resolution in microjoules; AmdSmiLibraryException with status codes.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,14 +24,14 @@ import pynvml
 class FakeGPU:
     uuid: str = "GPU-11111111-2222-3333-4444-555555555555"
     pci_bus_id: str = "00000000:3B:00.0"
-    total: int = 80 * 2 ** 30
-    used: int = 2 * 2 ** 30                                         # processes' memory (v2's `used`)
-    reserved: int = 0                                               # the driver's own; v1's `used` includes it
-    v2: bool = True                                                 # the driver has nvmlDeviceGetMemoryInfo_v2
-    processes: dict[int, int | None] = field(default_factory=dict)   # pid -> usedGpuMemory
-    energy_mj: int | None = 1_000_000                               # None: counter not supported
-    mig: list["FakeGPU"] = field(default_factory=list)              # instances: the GPU is in MIG mode
-    mig_capable: bool = False                                       # MIG mode can be read (A100, H100); off
+    total: int = 80 * 2**30
+    used: int = 2 * 2**30  # processes' memory (v2's `used`)
+    reserved: int = 0  # the driver's own; v1's `used` includes it
+    v2: bool = True  # the driver has nvmlDeviceGetMemoryInfo_v2
+    processes: dict[int, int | None] = field(default_factory=dict)  # pid -> usedGpuMemory
+    energy_mj: int | None = 1_000_000  # None: counter not supported
+    mig: list["FakeGPU"] = field(default_factory=list)  # instances: the GPU is in MIG mode
+    mig_capable: bool = False  # MIG mode can be read (A100, H100); off
 
 
 class FakeNVML:
@@ -83,13 +84,19 @@ class FakeNVML:
 
     def nvmlDeviceGetPciInfo(self, handle: FakeGPU):
         """pynvml's nvmlPciInfo_t: the slot as numbers, `busId` as text (pynvml turns the C chars into str)."""
-        if handle not in self.gpus:   # a MIG instance's handle: the PCI query is the parent GPU's
+        if handle not in self.gpus:  # a MIG instance's handle: the PCI query is the parent GPU's
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
         domain, bus, rest = handle.pci_bus_id.split(":")
         device = rest.split(".")[0]
-        return SimpleNamespace(busIdLegacy=f"{int(domain, 16):04X}:{bus}:{rest}", domain=int(domain, 16),
-                               bus=int(bus, 16), device=int(device, 16), pciDeviceId=0x233010DE,
-                               pciSubSystemId=0x16C110DE, busId=handle.pci_bus_id)
+        return SimpleNamespace(
+            busIdLegacy=f"{int(domain, 16):04X}:{bus}:{rest}",
+            domain=int(domain, 16),
+            bus=int(bus, 16),
+            device=int(device, 16),
+            pciDeviceId=0x233010DE,
+            pciSubSystemId=0x16C110DE,
+            busId=handle.pci_bus_id,
+        )
 
     def nvmlDeviceGetMigMode(self, handle: FakeGPU):
         """[current, pending]; NOT_SUPPORTED on a GPU without MIG."""
@@ -106,14 +113,19 @@ class FakeNVML:
             return SimpleNamespace(total=handle.total, free=free, used=handle.used + handle.reserved)
         if not handle.v2:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
-        return SimpleNamespace(version=version, total=handle.total, reserved=handle.reserved, free=free,
-                               used=handle.used)
+        return SimpleNamespace(
+            version=version, total=handle.total, reserved=handle.reserved, free=free, used=handle.used
+        )
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeGPU):
         if self.process_error is not None:
             raise pynvml.NVMLError(self.process_error)
-        return [SimpleNamespace(pid=pid, usedGpuMemory=mem, gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF)
-                for pid, mem in handle.processes.items()]
+        return [
+            SimpleNamespace(
+                pid=pid, usedGpuMemory=mem, gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF
+            )
+            for pid, mem in handle.processes.items()
+        ]
 
     def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeGPU) -> int:
         if handle.energy_mj is None:
@@ -140,19 +152,29 @@ class FakeAMD:
     bdf: str = "0000:c1:00.0"
     vram_total_mb: int = 196_592
     vram_used_mb: int = 512
-    processes: dict[int, int] = field(default_factory=dict)   # pid -> VRAM bytes
-    energy: int | None = 5_000_000                            # counter units
+    processes: dict[int, int] = field(default_factory=dict)  # pid -> VRAM bytes
+    energy: int | None = 5_000_000  # counter units
     resolution_uj: float = 15.3
-    driver_version: str | None = "6.8.5"                      # None: the query is not supported
+    driver_version: str | None = "6.8.5"  # None: the query is not supported
 
 
 class FakeAmdsmi:
     AmdSmiException = AmdSmiException
     AmdSmiLibraryException = AmdSmiLibraryException
 
-    def __init__(self, gpus: list[FakeAMD], process_api: str = "dicts", process_error: int | None = None,
-                 energy_key: str = "energy_accumulator"):
-        self.gpus, self.process_api, self.process_error, self.energy_key = gpus, process_api, process_error, energy_key
+    def __init__(
+        self,
+        gpus: list[FakeAMD],
+        process_api: str = "dicts",
+        process_error: int | None = None,
+        energy_key: str = "energy_accumulator",
+    ):
+        self.gpus, self.process_api, self.process_error, self.energy_key = (
+            gpus,
+            process_api,
+            process_error,
+            energy_key,
+        )
 
     def amdsmi_init(self, flag=None):
         pass
@@ -169,7 +191,11 @@ class FakeAmdsmi:
     def amdsmi_get_gpu_driver_info(self, handle: FakeAMD) -> dict:
         if handle.driver_version is None:
             raise AmdSmiLibraryException(AMDSMI_STATUS_NOT_SUPPORTED)
-        return {"driver_name": "amdgpu", "driver_version": handle.driver_version, "driver_date": "2015/01/01 00:00"}
+        return {
+            "driver_name": "amdgpu",
+            "driver_version": handle.driver_version,
+            "driver_date": "2015/01/01 00:00",
+        }
 
     def amdsmi_get_gpu_vram_usage(self, handle: FakeAMD) -> dict:
         return {"vram_total": handle.vram_total_mb, "vram_used": handle.vram_used_mb}
@@ -177,13 +203,23 @@ class FakeAmdsmi:
     def amdsmi_get_gpu_process_list(self, handle: FakeAMD):
         if self.process_error is not None:
             raise AmdSmiLibraryException(self.process_error)
-        infos = [{"name": "python", "pid": pid, "mem": vram, "engine_usage": {"gfx": 0, "enc": 0},
-                  "memory_usage": {"gtt_mem": 0, "cpu_mem": 0, "vram_mem": vram}} for pid, vram in handle.processes.items()]
+        infos = [
+            {
+                "name": "python",
+                "pid": pid,
+                "mem": vram,
+                "engine_usage": {"gfx": 0, "enc": 0},
+                "memory_usage": {"gtt_mem": 0, "cpu_mem": 0, "vram_mem": vram},
+            }
+            for pid, vram in handle.processes.items()
+        ]
         return infos if self.process_api == "dicts" else [("proc", i) for i in range(len(infos))]
 
     def amdsmi_get_gpu_process_info(self, handle: FakeAMD, proc):
-        infos = [{"name": "python", "pid": pid, "mem": vram, "memory_usage": {"vram_mem": vram}}
-                 for pid, vram in handle.processes.items()]
+        infos = [
+            {"name": "python", "pid": pid, "mem": vram, "memory_usage": {"vram_mem": vram}}
+            for pid, vram in handle.processes.items()
+        ]
         return infos[proc[1]]
 
     def amdsmi_get_energy_count(self, handle: FakeAMD) -> dict:

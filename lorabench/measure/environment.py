@@ -4,6 +4,7 @@
 
 Captured inside the cell's own process, on the device it used, so a row is self-describing.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,6 +24,7 @@ VISIBLE_DEVICE_VARS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISI
 def installed_version() -> str:
     """lorabench's own version as installed ("unknown" when run from a checkout without installing)."""
     from importlib import metadata
+
     try:
         return metadata.version("lorabench")
     except metadata.PackageNotFoundError:
@@ -50,10 +52,19 @@ def project_commit() -> str:
     """The git commit of the lorabench checkout, with '+dirty' when it has uncommitted changes."""
     root = Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -81,16 +92,18 @@ def capture(device: str, index: int = 0, gpu: bool = True) -> dict[str, Any]:
     }
     if device == "cuda" and gpu and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(index)
-        env.update({
-            "gpu_name": props.name,
-            "gpu_count": torch.cuda.device_count(),
-            "gpu_memory_bytes": props.total_memory,
-            "cuda_runtime": torch.version.cuda,
-            "hip_runtime": torch.version.hip,
-            # gfx arch on ROCm, compute capability on CUDA (where torch fills gcnArchName with the
-            # card's name, so that attribute is only read on a ROCm build)
-            "gpu_arch": gpu_arch(props, bool(torch.version.hip)),
-        })
+        env.update(
+            {
+                "gpu_name": props.name,
+                "gpu_count": torch.cuda.device_count(),
+                "gpu_memory_bytes": props.total_memory,
+                "cuda_runtime": torch.version.cuda,
+                "hip_runtime": torch.version.hip,
+                # gfx arch on ROCm, compute capability on CUDA (where torch fills gcnArchName with the
+                # card's name, so that attribute is only read on a ROCm build)
+                "gpu_arch": gpu_arch(props, bool(torch.version.hip)),
+            }
+        )
     return env
 
 
@@ -109,7 +122,7 @@ def free_memory_bytes(device: str) -> tuple[int | None, str]:
         return psutil.virtual_memory().available, "host memory available"
     try:
         return _amdsmi_free() if torch.version.hip else _nvml_free()
-    except Exception as e:   # no driver library, or it failed: no gate, and say so
+    except Exception as e:  # no driver library, or it failed: no gate, and say so
         return None, f"free GPU memory unknown ({type(e).__name__}: {e})"
 
 
@@ -117,6 +130,7 @@ def _nvml_free() -> tuple[int, str]:
     import pynvml
 
     from .drivers import nvml_visible
+
     pynvml.nvmlInit()
     try:
         handles, which = nvml_visible(pynvml)
@@ -129,11 +143,12 @@ def _nvml_free() -> tuple[int, str]:
 
 def _amdsmi_free() -> tuple[int, str]:
     import amdsmi
+
     amdsmi.amdsmi_init()
     try:
         handles = amdsmi.amdsmi_get_processor_handles()
-        usage = [amdsmi.amdsmi_get_gpu_vram_usage(h) for h in handles]   # MB
-        free = [(int(u["vram_total"]) - int(u["vram_used"])) * 2 ** 20 for u in usage]
+        usage = [amdsmi.amdsmi_get_gpu_vram_usage(h) for h in handles]  # MB
+        free = [(int(u["vram_total"]) - int(u["vram_used"])) * 2**20 for u in usage]
         # HIP_VISIBLE_DEVICES numbers devices as HIP does: every GPU is read, the least kept (never more)
         return min(free), f"GPU memory free (amdsmi, the least of {len(free)} GPU(s): every GPU)"
     finally:
@@ -144,10 +159,16 @@ def resolve_device(requested: str) -> str:
     """`auto` -> cuda when torch sees a GPU (a ROCm build counts: HIP answers as cuda), else cpu;
     InputError for cuda where torch sees none."""
     from ..errors import InputError
+
     has_gpu = torch.cuda.is_available()
     if requested == "cuda" and not has_gpu:
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else (
-            f"ROCm {torch.version.hip}" if torch.version.hip else "CPU-only")
-        raise InputError(f"--device cuda: torch sees no GPU here (torch {torch.__version__}, {build} build); "
-                         "use --device cpu or auto")
+        build = (
+            f"CUDA {torch.version.cuda}"
+            if torch.version.cuda
+            else (f"ROCm {torch.version.hip}" if torch.version.hip else "CPU-only")
+        )
+        raise InputError(
+            f"--device cuda: torch sees no GPU here (torch {torch.__version__}, {build} build); "
+            "use --device cpu or auto"
+        )
     return ("cuda" if has_gpu else "cpu") if requested == "auto" else requested

@@ -11,6 +11,7 @@ and a few percent of the matmuls at these sizes. `closed_form` is the textbook c
 of Linear layers, kept to cross-check the counter (tests, `lorabench check`). `measure_matmul_flops`
 is the other side of MFU: the rate the device does the model's own matrix products at.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,15 +40,29 @@ class StepFlops:
         return self.forward + self.backward
 
 
-def count(module: nn.Module, task: Task, *, batch_size: int, grad_accum: int, seq_len: int,
-          vocab_size: int | None, num_labels: int | None) -> StepFlops | Unavailable:
+def count(
+    module: nn.Module,
+    task: Task,
+    *,
+    batch_size: int,
+    grad_accum: int,
+    seq_len: int,
+    vocab_size: int | None,
+    num_labels: int | None,
+) -> StepFlops | Unavailable:
     """Count one training step of `module` (built on the meta device) on a batch of the task's
     shape. A model whose forward reads its data (`.item()` on a tensor) cannot run on meta: the
     figure is then unavailable, with the reason, rather than guessed."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    ds = task.build_data(samples=batch_size, eval_samples=1, seq_len=seq_len, seed=0, vocab_size=vocab_size,
-                         num_labels=num_labels)
+    ds = task.build_data(
+        samples=batch_size,
+        eval_samples=1,
+        seq_len=seq_len,
+        seed=0,
+        vocab_size=vocab_size,
+        num_labels=num_labels,
+    )
     batch = {k: v.to("meta") for k, v in ds.train.items()}
     if "attention_mask" in batch:
         # an all-ones mask lets transformers skip the mask (a data-dependent test meta cannot make);
@@ -59,12 +74,15 @@ def count(module: nn.Module, task: Task, *, batch_size: int, grad_accum: int, se
             loss, _ = task.loss(module, batch)
         with FlopCounterMode(display=False) as bwd:
             loss.backward()
-    except Exception as e:   # noqa: BLE001 (any model code may fail on meta; say why, do not guess)
-        return Unavailable(f"FLOPs could not be counted on the meta device ({type(e).__name__}: {first_line(e)})")
+    except Exception as e:  # noqa: BLE001 (any model code may fail on meta; say why, do not guess)
+        return Unavailable(
+            f"FLOPs could not be counted on the meta device ({type(e).__name__}: {first_line(e)})"
+        )
     finally:
         module.zero_grad(set_to_none=True)
-    return StepFlops(forward=float(fwd.get_total_flops() * grad_accum),
-                     backward=float(bwd.get_total_flops() * grad_accum))
+    return StepFlops(
+        forward=float(fwd.get_total_flops() * grad_accum), backward=float(bwd.get_total_flops() * grad_accum)
+    )
 
 
 def closed_form(module: nn.Module, rows: int) -> StepFlops:
@@ -87,7 +105,7 @@ def closed_form(module: nn.Module, rows: int) -> StepFlops:
         if parametrize.is_parametrized(m, "weight"):
             r = m.parametrizations.weight[0].lora_A.shape[0]
             fwd += 2.0 * out_f * r * in_f
-            bwd += gemm + 2 * (2.0 * out_f * r * in_f)   # dW, then dB = dW A^T and dA = B^T dW
+            bwd += gemm + 2 * (2.0 * out_f * r * in_f)  # dW, then dB = dW A^T and dA = B^T dW
             trainable_before = True
         elif m.weight.requires_grad:
             bwd += gemm
@@ -111,11 +129,12 @@ def measure_matmul_flops(device, dtype, shapes=(), seconds: float = 0.2) -> dict
     shape larger than the square one has its largest side halved until it is not (an LM head's
     vocabulary-wide product would take a minute on a CPU); `shapes` says what was timed."""
     import torch
+
     n = 4096 if device.type == "cuda" else 1024
     todo = []
     for shape in sorted({tuple(int(x) for x in s) for s in shapes}, key=lambda s: -s[0] * s[1] * s[2])[:8]:
         shape = list(shape)
-        while shape[0] * shape[1] * shape[2] > n ** 3:
+        while shape[0] * shape[1] * shape[2] > n**3:
             i = shape.index(max(shape))
             shape[i] //= 2
         todo.append(tuple(shape))

@@ -11,15 +11,16 @@ upcasts the logits to fp32 and log_softmax keeps them: batch x seq x vocab x 4 b
 largest single tensor of the step (the task says so: `Task.loss_saved_bytes`). These are
 estimates: the measured figures sit beside them in the report.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 from torch import nn
 
-from .flops import StepFlops
 from ..workload.methods import Method, ParamCount
 from ..workload.tasks import Task
+from .flops import StepFlops
 from .trackers import Unavailable
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -31,9 +32,11 @@ class Prediction:
     grads_bytes: int
     optimizer_bytes: int
     activations_bytes: int
-    flops: StepFlops | Unavailable    # the model's, counted on the meta device, or why it could not be
+    flops: StepFlops | Unavailable  # the model's, counted on the meta device, or why it could not be
     tokens_per_step: int
-    comm_bytes: int | None = None     # a cell of several processes: the strategy's own buffers (None: one process)
+    comm_bytes: int | None = (
+        None  # a cell of several processes: the strategy's own buffers (None: one process)
+    )
     # what the device runs: the model's FLOPs plus gradient checkpointing's recomputed forward (None: the same)
     hardware_flops: StepFlops | Unavailable | None = None
 
@@ -43,17 +46,27 @@ class Prediction:
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes + (self.comm_bytes or 0)
+        return (
+            self.weights_bytes
+            + self.grads_bytes
+            + self.optimizer_bytes
+            + self.activations_bytes
+            + (self.comm_bytes or 0)
+        )
 
     def to_metrics(self) -> dict[str, float | int]:
         hardware = self.flops if self.hardware_flops is None else self.hardware_flops
-        return {**({"predicted_comm_bytes": self.comm_bytes} if self.comm_bytes is not None else {}),
-                "predicted_weights_bytes": self.weights_bytes, "predicted_grads_bytes": self.grads_bytes,
-                "predicted_optimizer_bytes": self.optimizer_bytes,
-                "predicted_activations_bytes": self.activations_bytes, "predicted_total_bytes": self.total_bytes,
-                "flops_per_step": self.flops if isinstance(self.flops, Unavailable) else self.flops.total,
-                "hardware_flops_per_step": hardware if isinstance(hardware, Unavailable) else hardware.total,
-                "tokens_per_step": self.tokens_per_step}
+        return {
+            **({"predicted_comm_bytes": self.comm_bytes} if self.comm_bytes is not None else {}),
+            "predicted_weights_bytes": self.weights_bytes,
+            "predicted_grads_bytes": self.grads_bytes,
+            "predicted_optimizer_bytes": self.optimizer_bytes,
+            "predicted_activations_bytes": self.activations_bytes,
+            "predicted_total_bytes": self.total_bytes,
+            "flops_per_step": self.flops if isinstance(self.flops, Unavailable) else self.flops.total,
+            "hardware_flops_per_step": hardware if isinstance(hardware, Unavailable) else hardware.total,
+            "tokens_per_step": self.tokens_per_step,
+        }
 
 
 def _shape(module: nn.Module) -> tuple[int, int, int, int]:
@@ -70,9 +83,20 @@ def _shape(module: nn.Module) -> tuple[int, int, int, int]:
     return int(layers), int(hidden), int(heads), int(getattr(cfg, "vocab_size", 0) or 0)
 
 
-def predict(module: nn.Module, params: ParamCount, *, method: Method, task: Task, batch_size: int, grad_accum: int,
-            seq_len: int, dtype: str, flops: StepFlops | Unavailable, checkpointing: bool = False,
-            act_dtype: str | None = None) -> Prediction:
+def predict(
+    module: nn.Module,
+    params: ParamCount,
+    *,
+    method: Method,
+    task: Task,
+    batch_size: int,
+    grad_accum: int,
+    seq_len: int,
+    dtype: str,
+    flops: StepFlops | Unavailable,
+    checkpointing: bool = False,
+    act_dtype: str | None = None,
+) -> Prediction:
     """`dtype` holds weights, gradients and Adam's state; activations are at `act_dtype` (autocast's:
     16 bits for most saved tensors, though autocast keeps norms and softmax at 32)."""
     w = DTYPE_BYTES[dtype]
@@ -80,7 +104,7 @@ def predict(module: nn.Module, params: ParamCount, *, method: Method, task: Task
     layers, hidden, heads, vocab = _shape(module)
     per_sample = task.tokens_per_sample(seq_len)
     tokens = batch_size * grad_accum * per_sample
-    rows = batch_size * per_sample   # activation rows of one micro-batch
+    rows = batch_size * per_sample  # activation rows of one micro-batch
     if layers:
         # Korthikanti et al. 2022: ~ s*b*h*(34 + 5*a*s/h) bytes per layer at 16 bits, scaled to the
         # dtype. 14 of the 34 are the inputs of the four Linear layers, which autograd keeps only for
@@ -96,15 +120,29 @@ def predict(module: nn.Module, params: ParamCount, *, method: Method, task: Task
         # an MLP keeps each layer's output per sample for backward (a ReLU's output is also the next
         # Linear's input, one tensor); the first layer's input is the data set, resident already.
         # Checkpointed per Linear, it keeps the same: those outputs are the segments' inputs.
-        act = rows * sum(m.out_features for name, m in module.named_modules()
-                         if isinstance(m, nn.Linear) and "lora_" not in name) * b
+        act = (
+            rows
+            * sum(
+                m.out_features
+                for name, m in module.named_modules()
+                if isinstance(m, nn.Linear) and "lora_" not in name
+            )
+            * b
+        )
         act += method.extra_activations(module, rows, b, inputs=False)
-    return Prediction(weights_bytes=params.total * w, grads_bytes=params.trainable * w,
-                      optimizer_bytes=2 * params.trainable * w, activations_bytes=int(act),
-                      flops=flops, tokens_per_step=tokens)
+    return Prediction(
+        weights_bytes=params.total * w,
+        grads_bytes=params.trainable * w,
+        optimizer_bytes=2 * params.trainable * w,
+        activations_bytes=int(act),
+        flops=flops,
+        tokens_per_step=tokens,
+    )
 
 
-def per_rank(pred: Prediction, *, nproc: int, strategy: str, largest_unit: int, root: int, dtype: str) -> Prediction:
+def per_rank(
+    pred: Prediction, *, nproc: int, strategy: str, largest_unit: int, root: int, dtype: str
+) -> Prediction:
     """What one of `nproc` ranks holds, from the one-process prediction `pred` of its micro-batch.
     DDP: a whole replica, plus gradient buckets the size of the trainable gradients (the reducer
     copies gradients into them to all-reduce). FSDP2: weights, gradients and Adam state sharded
@@ -113,13 +151,25 @@ def per_rank(pred: Prediction, *, nproc: int, strategy: str, largest_unit: int, 
     is gathered while the previous one still is (FSDP2 prefetches one ahead), so twice the largest.
     Activations are the rank's micro-batch's, as in one process. FLOPs and tokens are the whole
     step's: every rank's micro-batch."""
+
     def every_rank(f):
-        return f if f is None or isinstance(f, Unavailable) else StepFlops(f.forward * nproc, f.backward * nproc)
-    common = dict(flops=every_rank(pred.flops), hardware_flops=every_rank(pred.hardware_flops),
-                  tokens_per_step=pred.tokens_per_step * nproc)
+        return (
+            f if f is None or isinstance(f, Unavailable) else StepFlops(f.forward * nproc, f.backward * nproc)
+        )
+
+    common = dict(
+        flops=every_rank(pred.flops),
+        hardware_flops=every_rank(pred.hardware_flops),
+        tokens_per_step=pred.tokens_per_step * nproc,
+    )
     if strategy == "ddp":
         return replace(pred, comm_bytes=pred.grads_bytes, **common)
-    shard = lambda n: -(-n // nproc)   # noqa: E731 (ceiling)
-    return replace(pred, weights_bytes=shard(pred.weights_bytes), grads_bytes=shard(pred.grads_bytes),
-                   optimizer_bytes=shard(pred.optimizer_bytes),
-                   comm_bytes=(root + 2 * largest_unit) * DTYPE_BYTES[dtype], **common)
+    shard = lambda n: -(-n // nproc)  # ceiling
+    return replace(
+        pred,
+        weights_bytes=shard(pred.weights_bytes),
+        grads_bytes=shard(pred.grads_bytes),
+        optimizer_bytes=shard(pred.optimizer_bytes),
+        comm_bytes=(root + 2 * largest_unit) * DTYPE_BYTES[dtype],
+        **common,
+    )

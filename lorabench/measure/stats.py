@@ -5,6 +5,7 @@
 Percentiles interpolate linearly between order statistics (numpy's default), so p50 of an
 even count is the mean of the two middle values. Formatting lives in report.py.
 """
+
 from __future__ import annotations
 
 import math

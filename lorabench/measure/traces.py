@@ -10,6 +10,7 @@ The snapshot records the CUDA caching allocator's history over the cell's first 
 (forward, backward, Adam's state allocated): drag it onto https://pytorch.org/memory_viz. The CPU
 has no allocator history to record; the row says so.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Callable
 
 import torch
 
-PROFILED_STEPS = 3   # after one untraced step, so the trace shows steady state rather than first-call setup
+PROFILED_STEPS = 3  # after one untraced step, so the trace shows steady state rather than first-call setup
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,10 @@ class MemorySnapshot:
         if not self.on:
             return False
         if self.device.type != "cuda":
-            self.note = ("not recorded: torch records the history of the CUDA caching allocator only; this cell ran "
-                         "on the CPU")
+            self.note = (
+                "not recorded: torch records the history of the CUDA caching allocator only; this cell ran "
+                "on the CPU"
+            )
             return False
         try:
             path = self.traces.path("snapshots", f"{self.name}.pickle")
@@ -64,12 +67,15 @@ class MemorySnapshot:
         return False
 
 
-def profile_steps(traces: Traces | None, step: Callable[[], None], device: torch.device, name: str) -> str | None:
+def profile_steps(
+    traces: Traces | None, step: Callable[[], None], device: torch.device, name: str
+) -> str | None:
     """Run `step` once untraced, then PROFILED_STEPS times under torch.profiler, and write the
     Chrome trace; its path relative to the run directory (None when no profile was asked for)."""
     if not (traces and traces.profile):
         return None
     from torch.profiler import ProfilerActivity, profile
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     step()
     with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
@@ -85,6 +91,7 @@ def profile_steps(traces: Traces | None, step: Callable[[], None], device: torch
 def write_timeline(timeline, traces: Traces, name: str) -> str:
     """Write a cell's `trackers.Timeline` under the run directory; its path relative to it."""
     import json
+
     path = traces.path("timelines", f"{name}.json")
     path.write_text(json.dumps(timeline.to_json()), encoding="utf-8")
     return str(path.relative_to(traces.dir))

@@ -7,6 +7,7 @@ dict whose keys carry their unit (`_bytes`, `_s`). A figure that cannot be measu
 `Unavailable(reason)`, never a zero; the row keeps it as null with its reason beside it. Samplers stop in `finally`, so an exception in
 the tracked block (an out-of-memory error, say) still leaves its readings behind.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,7 @@ class Tracker:
     """The shared interface: start on enter, stop on exit (always), then `result()`. A tracker
     whose start raised has no readings: `unavailable_result` gives each of its KEYS with why."""
 
-    KEYS: tuple[str, ...] = ()   # the figures result() gives
+    KEYS: tuple[str, ...] = ()  # the figures result() gives
     started = False
 
     def __enter__(self) -> "Tracker":
@@ -51,7 +52,7 @@ class Tracker:
 
     def __exit__(self, *exc) -> bool:
         self.stop()
-        return False   # never swallow the block's exception
+        return False  # never swallow the block's exception
 
     def start(self) -> None: ...
 
@@ -72,7 +73,7 @@ class Sampler(Tracker):
         self.series: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.error: str | None = None   # the first failure of a reading: the figure becomes unavailable
+        self.error: str | None = None  # the first failure of a reading: the figure becomes unavailable
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -81,7 +82,7 @@ class Sampler(Tracker):
     def _safe_sample(self) -> None:
         try:
             self._sample()
-        except Exception as e:   # a sampler must never take the cell down
+        except Exception as e:  # a sampler must never take the cell down
             self.error = self.error or f"{type(e).__name__}: {e}"
 
     def _sample(self) -> None:
@@ -150,7 +151,7 @@ class SelfRss:
 
     def __call__(self) -> int:
         if self._statm is not None:
-            return int(os.pread(self._statm, 64, 0).split()[1]) * self._page   # resident pages
+            return int(os.pread(self._statm, 64, 0).split()[1]) * self._page  # resident pages
         return self._me.memory_info().rss
 
     def close(self) -> None:
@@ -175,7 +176,12 @@ class HostMemory(Sampler):
     """
 
     series_name = "host_rss_bytes"
-    KEYS = ("host_rss_baseline_bytes", "host_peak_rss_bytes", "host_peak_above_baseline_bytes", "host_maxrss_bytes")
+    KEYS = (
+        "host_rss_baseline_bytes",
+        "host_peak_rss_bytes",
+        "host_peak_above_baseline_bytes",
+        "host_maxrss_bytes",
+    )
 
     def __init__(self, interval_s: float = 0.01):
         super().__init__(interval_s)
@@ -222,11 +228,12 @@ class Timeline(Sampler):
         self.t0 = time.perf_counter()
         self.samples: list[tuple[float, int, int | None]] = []
         self.marks: list[tuple[str, float]] = []
-        self.others: dict[str, list[tuple[float, int]]] = {}   # the trackers' series, over their window
+        self.others: dict[str, list[tuple[float, int]]] = {}  # the trackers' series, over their window
         self._self_rss = SelfRss()
 
     def _sample(self) -> None:
         import torch
+
         gpu = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
         self.samples.append((time.perf_counter() - self.t0, self._self_rss(), gpu))
 
@@ -237,7 +244,7 @@ class Timeline(Sampler):
             self._self_rss.close()
 
     def result(self) -> dict[str, Any]:
-        return {}   # not figures of the row: the series goes to its own file (`to_json`)
+        return {}  # not figures of the row: the series goes to its own file (`to_json`)
 
     def mark(self, label: str) -> None:
         self.marks.append((label, time.perf_counter() - self.t0))
@@ -251,17 +258,23 @@ class Timeline(Sampler):
     def to_json(self) -> dict:
         kept = _highest(self.samples, (lambda s: s[2]) if self.device.type == "cuda" else (lambda s: s[1]))
         others = {name: _highest(series, lambda s: s[1]) for name, series in self.others.items()}
-        return {"t_s": [round(s[0], 4) for s in kept], "host_rss_bytes": [s[1] for s in kept],
-                "torch_allocated_bytes": [s[2] for s in kept] if self.device.type == "cuda" else None,
-                "marks": [[label, round(t, 4)] for label, t in self.marks], "interval_s": self.interval_s,
-                "trackers": {name: {"t_s": [round(t, 4) for t, _ in series], "bytes": [v for _, v in series]}
-                             for name, series in others.items()}}
+        return {
+            "t_s": [round(s[0], 4) for s in kept],
+            "host_rss_bytes": [s[1] for s in kept],
+            "torch_allocated_bytes": [s[2] for s in kept] if self.device.type == "cuda" else None,
+            "marks": [[label, round(t, 4)] for label, t in self.marks],
+            "interval_s": self.interval_s,
+            "trackers": {
+                name: {"t_s": [round(t, 4) for t, _ in series], "bytes": [v for _, v in series]}
+                for name, series in others.items()
+            },
+        }
 
 
 def _highest(samples: list, key) -> list:
     """At most Timeline.POINTS of `samples`, each stretch of them represented by its highest."""
     step = max(1, -(-len(samples) // Timeline.POINTS))
-    return [max(samples[i:i + step], key=key) for i in range(0, len(samples), step)]
+    return [max(samples[i : i + step], key=key) for i in range(0, len(samples), step)]
 
 
 class TorchAllocator(Tracker):
@@ -273,10 +286,14 @@ class TorchAllocator(Tracker):
     neither includes the CUDA context, which only the driver (NVML / amdsmi) sees.
     """
 
-    KEYS = ("torch_allocated_baseline_bytes", "torch_peak_allocated_bytes", "torch_peak_reserved_bytes",
-            "torch_peak_above_baseline_bytes")
+    KEYS = (
+        "torch_allocated_baseline_bytes",
+        "torch_peak_allocated_bytes",
+        "torch_peak_reserved_bytes",
+        "torch_peak_above_baseline_bytes",
+    )
 
-    def __init__(self, device):   # a torch.device
+    def __init__(self, device):  # a torch.device
         self.device = device
         self.baseline = 0
         self.peak_allocated = self.peak_reserved = None
@@ -285,6 +302,7 @@ class TorchAllocator(Tracker):
         if self.device.type != "cuda":
             return
         import torch
+
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self.baseline = torch.cuda.memory_allocated(self.device)
@@ -293,9 +311,10 @@ class TorchAllocator(Tracker):
         if self.device.type != "cuda":
             return
         import torch
+
         try:
             torch.cuda.synchronize(self.device)
-        except RuntimeError:   # after a device error the readings below are still what we have
+        except RuntimeError:  # after a device error the readings below are still what we have
             pass
         self.peak_allocated = torch.cuda.max_memory_allocated(self.device)
         self.peak_reserved = torch.cuda.max_memory_reserved(self.device)
@@ -303,9 +322,12 @@ class TorchAllocator(Tracker):
     def result(self) -> dict[str, Any]:
         if self.device.type != "cuda":
             reason = unavailable(f"torch keeps no allocator statistics on the {self.device.type}")
-            return {"torch_peak_allocated_bytes": reason, "torch_peak_reserved_bytes": reason,
-                    "torch_allocated_baseline_bytes": reason}
-        if self.peak_allocated is None or self.peak_reserved is None:   # stop() failed before reading them
+            return {
+                "torch_peak_allocated_bytes": reason,
+                "torch_peak_reserved_bytes": reason,
+                "torch_allocated_baseline_bytes": reason,
+            }
+        if self.peak_allocated is None or self.peak_reserved is None:  # stop() failed before reading them
             return self.unavailable_result("the allocator's peaks could not be read after the block")
         return {
             "torch_allocated_baseline_bytes": self.baseline,
@@ -329,12 +351,14 @@ class SavedTensors(Tracker):
 
     def __init__(self, exclude: set[int] = frozenset()):
         self.exclude = exclude
-        self._storages: dict[int, int] = {}   # storage address -> bytes
+        self._storages: dict[int, int] = {}  # storage address -> bytes
         self._hooks = None
 
     def _pack(self, t):
         base = t if t._base is None else t._base
-        if isinstance(base, self._parameter):   # a weight (a view of one): FSDP2 gathers them anew, at new addresses
+        if isinstance(
+            base, self._parameter
+        ):  # a weight (a view of one): FSDP2 gathers them anew, at new addresses
             return t
         storage = t.untyped_storage()
         if storage.data_ptr() not in self.exclude:
@@ -343,6 +367,7 @@ class SavedTensors(Tracker):
 
     def start(self) -> None:
         import torch
+
         self._parameter = torch.nn.Parameter
         self._storages.clear()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
@@ -354,8 +379,10 @@ class SavedTensors(Tracker):
             self._hooks = None
 
     def result(self) -> dict[str, Any]:
-        return {"activations_saved_bytes": sum(self._storages.values()),
-                "activations_saved_tensors": len(self._storages)}
+        return {
+            "activations_saved_bytes": sum(self._storages.values()),
+            "activations_saved_tensors": len(self._storages),
+        }
 
 
 def _unpack(t):

@@ -7,12 +7,12 @@ unbuildable cell before anything is written, balances shards by predicted cost, 
 predicted not to fit in free memory or whose precision or quantisation the device cannot run (asked
 in a child: the parent never initialises CUDA).
 """
+
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
-
 
 from .. import child
 from ..measure import environment
@@ -62,19 +62,30 @@ def predicted_cost(cell: Cell, s: Survey) -> float:
     return per_step * steps * (cell.epochs + cell.warmup_epochs + cell.pretrain_epochs)
 
 
-def fit_gate(cells: list[Cell], surveys: list[Survey], free: int | None, what: str, force: bool) -> dict[str, str]:
+def fit_gate(
+    cells: list[Cell], surveys: list[Survey], free: int | None, what: str, force: bool
+) -> dict[str, str]:
     """{cell key: why it is skipped} for cells predicted to need more than `free` bytes (`what`
     says what was read). A prediction is per device: the ranks of a CPU cell all draw on the one
     host memory. When no cell fits, the whole plan is refused (PlanError)."""
     if free is None or force:
         return {}
-    gib = 2 ** 30
-    need = {c.key(): s.prediction.total_bytes * (c.nproc if c.device == "cpu" else 1) for c, s in zip(cells, surveys)}
-    skipped = {c.key(): f"predicted to need {need[c.key()] / gib:.2f} GiB; {what}: {free / gib:.2f} GiB "
-                        "(--force runs it anyway)" for c in cells if need[c.key()] > free}
+    gib = 2**30
+    need = {
+        c.key(): s.prediction.total_bytes * (c.nproc if c.device == "cpu" else 1)
+        for c, s in zip(cells, surveys)
+    }
+    skipped = {
+        c.key(): f"predicted to need {need[c.key()] / gib:.2f} GiB; {what}: {free / gib:.2f} GiB "
+        "(--force runs it anyway)"
+        for c in cells
+        if need[c.key()] > free
+    }
     if cells and len(skipped) == len(cells):
-        raise PlanError(f"no cell fits this device: the largest is predicted to need {max(need.values()) / gib:.2f} "
-                        f"GiB, {what}: {free / gib:.2f} GiB (--force runs them anyway)")
+        raise PlanError(
+            f"no cell fits this device: the largest is predicted to need {max(need.values()) / gib:.2f} "
+            f"GiB, {what}: {free / gib:.2f} GiB (--force runs them anyway)"
+        )
     return skipped
 
 
@@ -88,37 +99,60 @@ class Plan:
     surveys: list[Survey]
     skipped: dict[str, str] = field(default_factory=dict)
     shard: str | None = None
-    fit_note: str | None = None   # why no fit check could be made, when none was
+    fit_note: str | None = None  # why no fit check could be made, when none was
 
     @classmethod
-    def of(cls, cells: list[Cell], shard_spec: str | None = None, force: bool = False,
-           start_method: str = "forkserver") -> "Plan":
+    def of(
+        cls,
+        cells: list[Cell],
+        shard_spec: str | None = None,
+        force: bool = False,
+        start_method: str = "forkserver",
+    ) -> "Plan":
         """Survey every cell, keep shard K/N of them, gate those predicted not to fit, and skip those
         whose precision or quantisation the device cannot run (asked in a child: `probe`)."""
         k_n = parse_shard(shard_spec) if shard_spec else None
         surveys = survey_all(cells)
         matrix = cells
         if k_n:
-            chosen = {c.key() for c in shard(cells, [predicted_cost(c, s) for c, s in zip(cells, surveys)], *k_n)}
+            chosen = {
+                c.key() for c in shard(cells, [predicted_cost(c, s) for c, s in zip(cells, surveys)], *k_n)
+            }
             surveys = [s for c, s in zip(cells, surveys) if c.key() in chosen]
             cells = [c for c in cells if c.key() in chosen]
         device = cells[0].device if cells else "cpu"
         free, what = environment.free_memory_bytes(device)
         skipped = fit_gate(cells, surveys, free, what, force)
         # a precision this device cannot run, a quantisation bitsandbytes cannot serve: skipped, with why
-        asked = {axis: sorted({getattr(c, axis) for c in cells} - {everywhere}) for axis, everywhere in RUNS_ANYWHERE.items()}
+        asked = {
+            axis: sorted({getattr(c, axis) for c in cells} - {everywhere})
+            for axis, everywhere in RUNS_ANYWHERE.items()
+        }
         asked = {axis: values for axis, values in asked.items() if values}
         if asked:
             try:
-                answers = child.call(probe, (device, asked), start_method=start_method, timeout_s=PROBE_TIMEOUT_S,
-                                     name="lorabench-probe")
+                answers = child.call(
+                    probe,
+                    (device, asked),
+                    start_method=start_method,
+                    timeout_s=PROBE_TIMEOUT_S,
+                    name="lorabench-probe",
+                )
             except child.ChildFailed as e:
-                answers = {axis: {v: f"could not ask {device} whether it runs {axis} {v}: {e}" for v in values}
-                           for axis, values in asked.items()}
+                answers = {
+                    axis: {v: f"could not ask {device} whether it runs {axis} {v}: {e}" for v in values}
+                    for axis, values in asked.items()
+                }
             for axis, whys in answers.items():
                 skipped.update({c.key(): whys[getattr(c, axis)] for c in cells if whys.get(getattr(c, axis))})
-        return cls(cells, matrix, surveys, skipped, shard_spec,
-                   None if free is not None else f"no fit check before running: {what}")
+        return cls(
+            cells,
+            matrix,
+            surveys,
+            skipped,
+            shard_spec,
+            None if free is not None else f"no fit check before running: {what}",
+        )
 
     def known(self) -> dict[str, dict[str, Any]]:
         """Figures known of each cell before it runs (its prediction), by cell key."""
@@ -133,6 +167,13 @@ class Plan:
         return {dtype: sorted(shapes) for dtype, shapes in out.items()}
 
     def to_json(self, run_id: str, argv: list[str]) -> dict[str, Any]:
-        return {"run_id": run_id, "argv": argv, "matrix_id": matrix_id(self.matrix), "shard": self.shard,
-                "lorabench_commit": environment.project_commit(), "skipped": self.skipped,
-                "cells": [c.to_dict() for c in self.cells], "matrix": [c.to_dict() for c in self.matrix]}
+        return {
+            "run_id": run_id,
+            "argv": argv,
+            "matrix_id": matrix_id(self.matrix),
+            "shard": self.shard,
+            "lorabench_commit": environment.project_commit(),
+            "skipped": self.skipped,
+            "cells": [c.to_dict() for c in self.cells],
+            "matrix": [c.to_dict() for c in self.matrix],
+        }

@@ -8,6 +8,7 @@ metadata, so a new setting is one line here and appears in `lorabench run --help
 `[settings]` table and `--resume`'s refusal of matrix flags at once. Matrices and presets are in
 `plan`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,14 +22,14 @@ from typing import Any, Callable, Iterable
 
 from ..errors import InputError
 from ..workload.methods import BASELINE, METHODS, Adapter, MethodError
-from ..workload.precision import OF_DTYPE, PRECISIONS
-from ..workload.quantization import KINDS as QUANTIZE_KINDS
 from ..workload.methods import method as method_of
 from ..workload.models import MODELS, is_byo
+from ..workload.precision import OF_DTYPE, PRECISIONS
+from ..workload.quantization import KINDS as QUANTIZE_KINDS
 from ..workload.tasks import TASKS
 
 DEVICES = ("cpu", "cuda")
-STRATEGIES = ("ddp", "fsdp2")   # how a cell of several processes shares the model (see `distributed`)
+STRATEGIES = ("ddp", "fsdp2")  # how a cell of several processes shares the model (see `distributed`)
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTS = ("random", "pretrained")
 ONOFF = ("off", "on")
@@ -62,9 +63,9 @@ def int_list(value: str) -> tuple[int, ...]:
 class Flag:
     """How a cell field is spelled on the command line."""
 
-    flag: str                                   # e.g. --batch-size
+    flag: str  # e.g. --batch-size
     help: str = ""
-    parse: Callable[[str], Any] | None = None   # argparse type
+    parse: Callable[[str], Any] | None = None  # argparse type
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
 
@@ -77,8 +78,10 @@ class Flag:
 def setting(default: Any, help: str = "", *flags: Flag, parse=None, choices=None, metavar=None):
     """A cell field that the command line and a TOML [settings] table may set. Without `flags`,
     the flag is the field's name with dashes; several flags are alternatives (one may be given)."""
-    return field(default=default, metadata={"flags": flags, "help": help, "parse": parse, "choices": choices,
-                                            "metavar": metavar})
+    return field(
+        default=default,
+        metadata={"flags": flags, "help": help, "parse": parse, "choices": choices, "metavar": metavar},
+    )
 
 
 def cli_flags(f: dataclasses.Field) -> tuple[Flag, ...]:
@@ -86,7 +89,9 @@ def cli_flags(f: dataclasses.Field) -> tuple[Flag, ...]:
     if "help" not in f.metadata:
         return ()
     md = f.metadata
-    return md["flags"] or (Flag("--" + f.name.replace("_", "-"), md["help"], md["parse"], md["choices"], md["metavar"]),)
+    return md["flags"] or (
+        Flag("--" + f.name.replace("_", "-"), md["help"], md["parse"], md["choices"], md["metavar"]),
+    )
 
 
 @dataclass(frozen=True)
@@ -97,58 +102,124 @@ class Cell:
     trains `warmup_epochs + epochs` epochs in all and evaluates after each one.
     """
 
-    model: str                        # the matrix's axes: --models, --methods, --ranks, --repeat
+    model: str  # the matrix's axes: --models, --methods, --ranks, --repeat
     method: str
-    rank: int | None = None           # LoRA rank; None for full fine-tuning
+    rank: int | None = None  # LoRA rank; None for full fine-tuning
     alpha: float | None = setting(None, "LoRA alpha (default: equal to the rank, scale 1)", parse=float)
     dropout: float = setting(0.0, "LoRA dropout (PEFT)", parse=float)
     targets: tuple[str, ...] | str | None = setting(  # module names, or one regex; None: the model's default
-        None, "", Flag("--targets", "LoRA target modules, comma-separated names (PEFT's rule: a module matches when "
-                       "its name equals one or ends with '.'+one); default: the model's", csv_list),
-        Flag("--target-regex", r"LoRA targets as one regex matched against whole module names "
-                               r"(seed 001: '.*\.1.*query_key_value')"))
-    modules_to_save: tuple[str, ...] = setting((), "modules trained in full beside the adapters (PEFT)", parse=csv_list)
-    batch_size: int = setting(32, "samples per micro-batch (per process); a list is an axis, e.g. 16,32", parse=int_list,
-                              metavar="N[,N...]")
+        None,
+        "",
+        Flag(
+            "--targets",
+            "LoRA target modules, comma-separated names (PEFT's rule: a module matches when "
+            "its name equals one or ends with '.'+one); default: the model's",
+            csv_list,
+        ),
+        Flag(
+            "--target-regex",
+            r"LoRA targets as one regex matched against whole module names "
+            r"(seed 001: '.*\.1.*query_key_value')",
+        ),
+    )
+    modules_to_save: tuple[str, ...] = setting(
+        (), "modules trained in full beside the adapters (PEFT)", parse=csv_list
+    )
+    batch_size: int = setting(
+        32,
+        "samples per micro-batch (per process); a list is an axis, e.g. 16,32",
+        parse=int_list,
+        metavar="N[,N...]",
+    )
     grad_accum: int = setting(1, "micro-batches per optimizer step", parse=int)
-    seq_len: int = setting(64, "tokens per sample (text models; ignored by the image MLP); a list is an axis, e.g. "
-                           "128,512", parse=int_list, metavar="N[,N...]")
+    seq_len: int = setting(
+        64,
+        "tokens per sample (text models; ignored by the image MLP); a list is an axis, e.g. 128,512",
+        parse=int_list,
+        metavar="N[,N...]",
+    )
     epochs: int = setting(2, "timed epochs per cell", parse=int)
     warmup_epochs: int = setting(1, "untimed epochs before the timed ones", parse=int)
     samples: int = setting(512, "training samples per epoch", parse=int)
     eval_samples: int = setting(256, "samples in the eval pass after each epoch", parse=int)
     lr: float = setting(1e-3, "Adam learning rate", parse=float)
-    device: str = setting("cpu", "auto: cuda when torch sees a GPU (a ROCm build counts as cuda), else cpu",
-                          choices=("auto", *DEVICES))
-    dtype: str = setting("float32", "the older spelling of --precision: float32 = fp32, bfloat16 = bf16, float16 = fp16 "
-                         "(the dtype weights and Adam's state are kept in)", choices=DTYPES)
-    precision: str = setting("fp32", "fp32, bf16-mixed or fp16-mixed (fp32 weights and Adam, autocast at 16 bits; "
-                             "fp16 with a GradScaler), bf16 or fp16 (weights at 16 bits); a list is an axis",
-                             parse=csv_list, metavar="fp32|bf16-mixed|fp16-mixed|bf16|fp16")
+    device: str = setting(
+        "cpu",
+        "auto: cuda when torch sees a GPU (a ROCm build counts as cuda), else cpu",
+        choices=("auto", *DEVICES),
+    )
+    dtype: str = setting(
+        "float32",
+        "the older spelling of --precision: float32 = fp32, bfloat16 = bf16, float16 = fp16 "
+        "(the dtype weights and Adam's state are kept in)",
+        choices=DTYPES,
+    )
+    precision: str = setting(
+        "fp32",
+        "fp32, bf16-mixed or fp16-mixed (fp32 weights and Adam, autocast at 16 bits; "
+        "fp16 with a GradScaler), bf16 or fp16 (weights at 16 bits); a list is an axis",
+        parse=csv_list,
+        metavar="fp32|bf16-mixed|fp16-mixed|bf16|fp16",
+    )
     seed: int = setting(0, "seed of weights, data and order", parse=int)
-    weights: str = setting("random", "random (from the configuration, default) or pretrained", choices=WEIGHTS)
-    data: str = setting("synthetic", "synthetic (default), a CIFAR-10 directory, a .csv/.jsonl with text,label, or a "
-                        ".jsonl with instruction,input,output")
-    task: str | None = setting(None, "task of an hf: model when it cannot be inferred from its configuration",
-                               choices=tuple(t for t in TASKS if TASKS[t].hf_auto_class))
-    grad_checkpointing: str = setting("off", "recompute each block's activations in backward instead of keeping "
-                                      "them (transformers' own; per Linear for the MLP): off or on; a list is an "
-                                      "axis, e.g. off,on", parse=csv_list, metavar="off|on")
-    compile: str = setting("off", "torch.compile the model (inductor); its compile time is measured apart, before the "
-                           "first step, and graph breaks counted: off or on; a list is an axis", parse=csv_list,
-                           metavar="off|on")
-    quantize: str = setting("none", "hold the frozen base's Linear layers (all but the head) in 4-bit NormalFloat "
-                            "(nf4, QLoRA) or 8 bits (int8) through bitsandbytes, pip install 'lorabench[quant]'; "
-                            "adapter methods only; a list is an axis", parse=csv_list, metavar="none|nf4|int8")
-    nproc: int = setting(1, "processes per cell, one per device on a GPU host, launched as torchrun does (gloo on the "
-                         "CPU, nccl/rccl on a GPU); a list is an axis, e.g. 1,2", parse=int_list, metavar="N[,N...]")
-    strategy: str | None = setting(None, "how the processes of a cell share the model: ddp (a replica each, gradients "
-                                   "all-reduced) or fsdp2 (fully_shard per block / Linear); default ddp; a list is an "
-                                   "axis, e.g. ddp,fsdp2; only for --nproc 2 or more", parse=csv_list,
-                                   metavar="ddp|fsdp2")
-    pretrain_epochs: int = setting(0, "train the base in full this many epochs before the method, untimed (seed 002 "
-                                   "continues LoRA from trained weights)", parse=int)
-    repeat: int = 0                   # index of a repetition of the same cell (--repeat N)
+    weights: str = setting(
+        "random", "random (from the configuration, default) or pretrained", choices=WEIGHTS
+    )
+    data: str = setting(
+        "synthetic",
+        "synthetic (default), a CIFAR-10 directory, a .csv/.jsonl with text,label, or a "
+        ".jsonl with instruction,input,output",
+    )
+    task: str | None = setting(
+        None,
+        "task of an hf: model when it cannot be inferred from its configuration",
+        choices=tuple(t for t in TASKS if TASKS[t].hf_auto_class),
+    )
+    grad_checkpointing: str = setting(
+        "off",
+        "recompute each block's activations in backward instead of keeping "
+        "them (transformers' own; per Linear for the MLP): off or on; a list is an "
+        "axis, e.g. off,on",
+        parse=csv_list,
+        metavar="off|on",
+    )
+    compile: str = setting(
+        "off",
+        "torch.compile the model (inductor); its compile time is measured apart, before the "
+        "first step, and graph breaks counted: off or on; a list is an axis",
+        parse=csv_list,
+        metavar="off|on",
+    )
+    quantize: str = setting(
+        "none",
+        "hold the frozen base's Linear layers (all but the head) in 4-bit NormalFloat "
+        "(nf4, QLoRA) or 8 bits (int8) through bitsandbytes, pip install 'lorabench[quant]'; "
+        "adapter methods only; a list is an axis",
+        parse=csv_list,
+        metavar="none|nf4|int8",
+    )
+    nproc: int = setting(
+        1,
+        "processes per cell, one per device on a GPU host, launched as torchrun does (gloo on the "
+        "CPU, nccl/rccl on a GPU); a list is an axis, e.g. 1,2",
+        parse=int_list,
+        metavar="N[,N...]",
+    )
+    strategy: str | None = setting(
+        None,
+        "how the processes of a cell share the model: ddp (a replica each, gradients "
+        "all-reduced) or fsdp2 (fully_shard per block / Linear); default ddp; a list is an "
+        "axis, e.g. ddp,fsdp2; only for --nproc 2 or more",
+        parse=csv_list,
+        metavar="ddp|fsdp2",
+    )
+    pretrain_epochs: int = setting(
+        0,
+        "train the base in full this many epochs before the method, untimed (seed 002 "
+        "continues LoRA from trained weights)",
+        parse=int,
+    )
+    repeat: int = 0  # index of a repetition of the same cell (--repeat N)
 
     def __post_init__(self) -> None:
         for name, (kinds, what) in field_types().items():
@@ -156,7 +227,9 @@ class Cell:
             # Normalise so equal cells hash equal: lists (from TOML) to tuples, whole numbers to floats.
             if isinstance(value, list) and tuple in kinds:
                 object.__setattr__(self, name, value := tuple(value))
-            elif isinstance(value, int) and not isinstance(value, bool) and float in kinds and int not in kinds:
+            elif (
+                isinstance(value, int) and not isinstance(value, bool) and float in kinds and int not in kinds
+            ):
                 object.__setattr__(self, name, value := float(value))
             if isinstance(value, bool) or not isinstance(value, kinds):
                 raise CellError(f"{name} must be {what}, got {value!r}")
@@ -165,14 +238,18 @@ class Cell:
         if not all(isinstance(t, str) for t in self.modules_to_save):
             raise CellError(f"modules_to_save must be module names (strings), got {self.modules_to_save!r}")
         if self.model not in MODELS and not is_byo(self.model):
-            raise CellError(f"unknown model {self.model!r}; choose from {choices(MODELS)} or hf:<dir or hub id>")
+            raise CellError(
+                f"unknown model {self.model!r}; choose from {choices(MODELS)} or hf:<dir or hub id>"
+            )
         try:
             method = method_of(self.method)
         except MethodError as e:
             raise CellError(str(e)) from None
         if not method.ranked and self.rank is not None:
-            raise CellError(f"a rank was given to {method.title}; ranks apply to the methods that take one "
-                            f"({', '.join(n for n, m in METHODS.items() if m.ranked)})")
+            raise CellError(
+                f"a rank was given to {method.title}; ranks apply to the methods that take one "
+                f"({', '.join(n for n, m in METHODS.items() if m.ranked)})"
+            )
         if method.ranked and self.rank is None:
             raise CellError(f"method {self.method!r} needs a rank (a whole number >= 1)")
         if self.rank is not None:
@@ -214,26 +291,36 @@ class Cell:
             object.__setattr__(self, "precision", OF_DTYPE[self.dtype])
         elif PRECISIONS[self.precision][0] != self.dtype:
             if self.dtype != "float32":
-                raise CellError(f"--dtype {self.dtype} and --precision {self.precision} disagree; give --precision only")
+                raise CellError(
+                    f"--dtype {self.dtype} and --precision {self.precision} disagree; give --precision only"
+                )
             object.__setattr__(self, "dtype", PRECISIONS[self.precision][0])
         if self.weights not in WEIGHTS:
             raise CellError(f"unknown weights {self.weights!r}; choose from {choices(WEIGHTS)}")
         if self.quantize not in QUANTIZE_KINDS:
-            raise CellError(f"unknown quantization {self.quantize!r}; choose from {', '.join(QUANTIZE_KINDS)}")
+            raise CellError(
+                f"unknown quantization {self.quantize!r}; choose from {', '.join(QUANTIZE_KINDS)}"
+            )
         if self.quantize != "none" and not method.adapts:
-            raise CellError(f"--quantize {self.quantize} freezes the base in bits: it needs an adapter method, not "
-                            f"{method.title}")
+            raise CellError(
+                f"--quantize {self.quantize} freezes the base in bits: it needs an adapter method, not "
+                f"{method.title}"
+            )
         if self.quantize != "none" and self.nproc > 1:
             raise CellError("--quantize runs in one process; give --nproc 1")
         if self.compile not in ONOFF:
             raise CellError(f"compile must be one of {', '.join(ONOFF)}, got {self.compile!r}")
         if self.grad_checkpointing not in ONOFF:
-            raise CellError(f"grad_checkpointing must be one of {', '.join(ONOFF)}, got {self.grad_checkpointing!r}")
+            raise CellError(
+                f"grad_checkpointing must be one of {', '.join(ONOFF)}, got {self.grad_checkpointing!r}"
+            )
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise CellError(f"unknown strategy {self.strategy!r}; choose from {choices(STRATEGIES)}")
         if self.nproc == 1 and self.strategy is not None:
-            raise CellError(f"--strategy {self.strategy} applies to cells of several processes; give --nproc 2 or more")
-        if self.nproc > 1 and self.strategy is None:   # one spelling per cell, so equal cells hash equal
+            raise CellError(
+                f"--strategy {self.strategy} applies to cells of several processes; give --nproc 2 or more"
+            )
+        if self.nproc > 1 and self.strategy is None:  # one spelling per cell, so equal cells hash equal
             object.__setattr__(self, "strategy", STRATEGIES[0])
 
     @property
@@ -251,8 +338,14 @@ class Cell:
     @property
     def adapter(self) -> Adapter:
         """What the method is asked to apply."""
-        steps = self.samples // (self.batch_size * self.grad_accum * self.nproc) * (self.warmup_epochs + self.epochs)
-        return Adapter(self.rank, self.alpha, self.dropout, self.targets, self.modules_to_save, self.model, steps)
+        steps = (
+            self.samples
+            // (self.batch_size * self.grad_accum * self.nproc)
+            * (self.warmup_epochs + self.epochs)
+        )
+        return Adapter(
+            self.rank, self.alpha, self.dropout, self.targets, self.modules_to_save, self.model, steps
+        )
 
     @property
     def compute_dtype(self) -> str:
@@ -268,12 +361,16 @@ class Cell:
     def label(self) -> str:
         """Column name in reports: the method at its rank, then each axis that is not at its quiet
         default (AXES' tags, in their order): `lora r=8`, `lora r=8 ckpt bf16-mixed`, `full fsdp2 n=2`."""
-        tags = [a.tag(getattr(self, name)) for name, a in AXES.items() if a.tag and not a.is_quiet(getattr(self, name))]
+        tags = [
+            a.tag(getattr(self, name))
+            for name, a in AXES.items()
+            if a.tag and not a.is_quiet(getattr(self, name))
+        ]
         return " ".join([self.method_label, *tags])
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for name, a in AXES.items():   # a cell at their defaults keeps the key it had before they were added
+        for name, a in AXES.items():  # a cell at their defaults keeps the key it had before they were added
             if a.is_quiet(d[name]):
                 del d[name]
         if isinstance(d["targets"], tuple):
@@ -325,7 +422,7 @@ def _nonnegative_int(name: str, value: Any) -> None:
 
 
 CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
-SETTINGS = tuple(f for f in dataclasses.fields(Cell) if cli_flags(f))   # what flags and [settings] may set
+SETTINGS = tuple(f for f in dataclasses.fields(Cell) if cli_flags(f))  # what flags and [settings] may set
 
 
 @dataclass(frozen=True)
@@ -333,13 +430,15 @@ class Axis:
     """What a Cell field means outside its cell: the one place the CLI's matrix axes, the cell's
     label, the report's grouping, titles and long-table columns, and the survey's key read it."""
 
-    title: str | None = None   # its word in a section title and its long-table column ("seq len"); None: unnamed
-    matrix: bool = False       # a list of values is one more axis of a matrix (--batch-size 16,32)
-    adapter: bool = False      # the adapter's own setting: a matrix leaves it out of its baseline cells
-    grouped: bool = True       # cells differing in it get separate sections (False: columns of one table)
-    surveyed: bool = True      # it changes what the survey builds or predicts (False: cells share one survey)
-    tag: Callable[[Any], str] | None = None   # its word in the cell's label, where the value is not `quiet`
-    quiet: tuple = ()   # (its default,) where the field was added after rows were first written: left out of the
+    title: str | None = (
+        None  # its word in a section title and its long-table column ("seq len"); None: unnamed
+    )
+    matrix: bool = False  # a list of values is one more axis of a matrix (--batch-size 16,32)
+    adapter: bool = False  # the adapter's own setting: a matrix leaves it out of its baseline cells
+    grouped: bool = True  # cells differing in it get separate sections (False: columns of one table)
+    surveyed: bool = True  # it changes what the survey builds or predicts (False: cells share one survey)
+    tag: Callable[[Any], str] | None = None  # its word in the cell's label, where the value is not `quiet`
+    quiet: tuple = ()  # (its default,) where the field was added after rows were first written: left out of the
     # cell's dict (and key) at that value, so older run directories resume and compare against newer ones
 
     def is_quiet(self, value: Any) -> bool:
@@ -368,7 +467,7 @@ AXES: dict[str, Axis] = {
     "precision": Axis("precision", matrix=True, tag=str, quiet=("fp32",)),
     "quantize": Axis("quantize", matrix=True, tag=str, quiet=("none",)),
     "compile": Axis("compile", matrix=True, surveyed=False, tag=lambda v: "compiled", quiet=("off",)),
-    "dtype": Axis(),   # precision names it
+    "dtype": Axis(),  # precision names it
     "task": Axis(),
     "weights": Axis("weights", surveyed=False),
     "data": Axis("data", surveyed=False),
@@ -383,8 +482,10 @@ AXES: dict[str, Axis] = {
     "nproc": Axis("processes", matrix=True, grouped=False, tag=lambda n: f"n={n}", quiet=(1,)),
 }
 # Views of AXES by what their readers ask.
-MATRIX_FIELDS = tuple(f for f, a in AXES.items() if a.matrix)   # a list of values makes one cell per value
+MATRIX_FIELDS = tuple(f for f, a in AXES.items() if a.matrix)  # a list of values makes one cell per value
 ADAPTER_FIELDS = tuple(f for f, a in AXES.items() if a.adapter)
-TABLE_FIELDS = tuple(f for f, a in AXES.items() if not a.grouped)   # may differ between one table's columns
-NAMED_FIELDS = tuple(f for f, a in AXES.items() if a.title)   # named in titles and the long table where they vary
+TABLE_FIELDS = tuple(f for f, a in AXES.items() if not a.grouped)  # may differ between one table's columns
+NAMED_FIELDS = tuple(
+    f for f, a in AXES.items() if a.title
+)  # named in titles and the long table where they vary
 SURVEYED_FIELDS = tuple(f for f, a in AXES.items() if a.surveyed)

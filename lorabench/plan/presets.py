@@ -6,6 +6,7 @@
 Presets are named tuples of `Matrix` (models x methods x ranks with shared settings); CLI flags
 and a TOML file (`config`) override them. `admission` then surveys the cells and decides which run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,10 +18,10 @@ from typing import Any, Iterable
 import torch
 
 from ..measure import environment
-from .cells import ADAPTER_FIELDS, CELL_FIELDS, MATRIX_FIELDS, Cell, CellError, choices
-from .config import load_config
 from ..workload.methods import METHODS, MethodError
 from ..workload.methods import method as method_of
+from .cells import ADAPTER_FIELDS, CELL_FIELDS, MATRIX_FIELDS, Cell, CellError, choices
+from .config import load_config
 
 
 @dataclass(frozen=True)
@@ -45,54 +46,108 @@ class Matrix:
         for model in self.models:
             for method in self.methods:
                 adapts = kinds[method].adapts
-                for rank in (self.ranks if kinds[method].ranked else [None]):
+                for rank in self.ranks if kinds[method].ranked else [None]:
                     for values in itertools.product(*self._axes().values()):
                         settings = {**self.settings, **dict(zip(self._axes(), values))}
                         if not adapts:
                             settings = {k: v for k, v in settings.items() if k not in ADAPTER_FIELDS}
                         if settings.get("nproc", 1) == 1:
-                            settings.pop("strategy", None)   # one process shares nothing
+                            settings.pop("strategy", None)  # one process shares nothing
                         out.append(Cell(model=model, method=method, rank=rank, **settings))
         return list({c.key(): c for c in out}.values())
 
     def _axes(self) -> dict[str, tuple]:
         """{field: values} of the settings given as lists (an axis each)."""
-        return {k: tuple(v) for k, v in self.settings.items() if k in MATRIX_FIELDS and isinstance(v, (list, tuple))}
+        return {
+            k: tuple(v)
+            for k, v in self.settings.items()
+            if k in MATRIX_FIELDS and isinstance(v, (list, tuple))
+        }
 
 
 # Settings of the CPU default: small synthetic data so the whole matrix runs in about a minute.
-QUICK = {"batch_size": 32, "samples": 512, "eval_samples": 256, "seq_len": 64, "epochs": 2, "warmup_epochs": 1}
+QUICK = {
+    "batch_size": 32,
+    "samples": 512,
+    "eval_samples": 256,
+    "seq_len": 64,
+    "epochs": 2,
+    "warmup_epochs": 1,
+}
 
 # Seed 002: batch 8, Adam 1e-3, the full CIFAR-10 train/test split; 2 epochs from scratch (a
 # warm-up, then a timed one), then LoRA rank 1, alpha 1 continued from those trained weights.
-SEED_CIFAR = {"batch_size": 8, "samples": 50000, "eval_samples": 10000, "lr": 1e-3, "epochs": 1, "warmup_epochs": 1}
+SEED_CIFAR = {
+    "batch_size": 8,
+    "samples": 50000,
+    "eval_samples": 10000,
+    "lr": 1e-3,
+    "epochs": 1,
+    "warmup_epochs": 1,
+}
 
 # Seed 003 (slides): BERT-Tiny and BERT-Base, full vs LoRA r=8 (PEFT defaults: query, value), 5
 # epochs. The slides give no learning rate or data size: the HF Trainer's default 5e-5 for full
 # fine-tuning, 5e-4 for LoRA (adapters start at zero and need a larger step), 4,096 samples.
-SEED_BERT = {"batch_size": 32, "seq_len": 128, "samples": 4096, "eval_samples": 1024, "epochs": 4, "warmup_epochs": 1}
+SEED_BERT = {
+    "batch_size": 32,
+    "seq_len": 128,
+    "samples": 4096,
+    "eval_samples": 1024,
+    "epochs": 4,
+    "warmup_epochs": 1,
+}
 
 # Seed 001: Bloom 1b4 (zh), LoraConfig(r=8 default, alpha 8 default, target regex on the blocks
 # whose index starts with 1, modules_to_save=["word_embeddings"]), batch 1 x 8 accumulated, 256
 # tokens, lr 5e-5 (Trainer default). The seed trains one epoch; an untimed warm-up epoch is added.
-SEED_BLOOM = {"batch_size": 1, "grad_accum": 8, "seq_len": 256, "samples": 512, "eval_samples": 64, "lr": 5e-5,
-              "epochs": 1, "warmup_epochs": 1, "alpha": 8.0, "targets": r".*\.1.*query_key_value",
-              "modules_to_save": ("word_embeddings",)}
+SEED_BLOOM = {
+    "batch_size": 1,
+    "grad_accum": 8,
+    "seq_len": 256,
+    "samples": 512,
+    "eval_samples": 64,
+    "lr": 5e-5,
+    "epochs": 1,
+    "warmup_epochs": 1,
+    "alpha": 8.0,
+    "targets": r".*\.1.*query_key_value",
+    "modules_to_save": ("word_embeddings",),
+}
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 
 # Scaling on a GPU host: full fine-tuning replicated (DDP) and sharded (FSDP2) against LoRA, on 1 to
 # 8 processes, a GPU each (the counts this host has no GPUs for are left out). bf16 is not used:
 # the comparison is of memory and throughput at the seed's fp32.
-SCALE = {"batch_size": 8, "seq_len": 256, "samples": 2048, "eval_samples": 256, "epochs": 2, "warmup_epochs": 1,
-         "nproc": (1, 2, 4, 8)}
+SCALE = {
+    "batch_size": 8,
+    "seq_len": 256,
+    "samples": 2048,
+    "eval_samples": 256,
+    "epochs": 2,
+    "warmup_epochs": 1,
+    "nproc": (1, 2, 4, 8),
+}
 
 PRESETS: dict[str, tuple[Matrix, ...]] = {
     "quick": (Matrix(("cifar-mlp", "bert-tiny"), ("full", "lora"), (2, 8), QUICK),),
     # The nightly GPU job: small enough for minutes, large enough that steps are not launch-bound.
-    "ci": (Matrix(("cifar-mlp", "bert-tiny"), ("full", "lora", "lora-reparam"), (8,),
-                  {"batch_size": 64, "samples": 4096, "eval_samples": 512, "seq_len": 128, "epochs": 3,
-                   "warmup_epochs": 1}),),
+    "ci": (
+        Matrix(
+            ("cifar-mlp", "bert-tiny"),
+            ("full", "lora", "lora-reparam"),
+            (8,),
+            {
+                "batch_size": 64,
+                "samples": 4096,
+                "eval_samples": 512,
+                "seq_len": 128,
+                "epochs": 3,
+                "warmup_epochs": 1,
+            },
+        ),
+    ),
     "seed-cifar-mlp": (
         Matrix(("cifar-mlp",), ("full",), (), SEED_CIFAR),
         Matrix(("cifar-mlp",), ("lora-reparam",), (1,), {**SEED_CIFAR, "alpha": 1.0, "pretrain_epochs": 2}),
@@ -103,12 +158,26 @@ PRESETS: dict[str, tuple[Matrix, ...]] = {
     ),
     "seed-bloom": (Matrix(("bloom-1b4-zh",), ("lora",), (8,), SEED_BLOOM),),
     # What the knobs buy LoRA on BERT-Tiny: every precision, with and without gradient checkpointing.
-    "knobs": (Matrix(("bert-tiny",), ("lora",), (8,), {**QUICK, "precision": ("fp32", "bf16-mixed", "fp16-mixed", "bf16"),
-                                                      "grad_checkpointing": ("off", "on")}),),
+    "knobs": (
+        Matrix(
+            ("bert-tiny",),
+            ("lora",),
+            (8,),
+            {
+                **QUICK,
+                "precision": ("fp32", "bf16-mixed", "fp16-mixed", "bf16"),
+                "grad_checkpointing": ("off", "on"),
+            },
+        ),
+    ),
     # Every method on BERT-Tiny at r=8 (IA3 takes no rank), against full fine-tuning.
     "peft-methods": (Matrix(("bert-tiny",), tuple(METHODS), (8,), QUICK),),
-    "scale": (Matrix(("bert-base", "bloom-560m"), ("full",), (), {**SCALE, "lr": 5e-5, "strategy": ("ddp", "fsdp2")}),
-              Matrix(("bert-base", "bloom-560m"), ("lora",), (8,), {**SCALE, "lr": 5e-4, "strategy": ("ddp",)})),
+    "scale": (
+        Matrix(
+            ("bert-base", "bloom-560m"), ("full",), (), {**SCALE, "lr": 5e-5, "strategy": ("ddp", "fsdp2")}
+        ),
+        Matrix(("bert-base", "bloom-560m"), ("lora",), (8,), {**SCALE, "lr": 5e-4, "strategy": ("ddp",)}),
+    ),
     # Every rank against full fine-tuning. The MLP's head has 10 outputs, which caps a rank on it
     # at 10: its sweep adapts the two hidden layers (fc1, fc2) at every rank instead.
     "ranks": (
@@ -149,8 +218,10 @@ def expand(
         matrices = [dataclasses.replace(mx, methods=tuple(methods)) for mx in matrices]
     if ranks is not None:
         if methods is not None and not any(m in METHODS and METHODS[m].ranked for m in methods):
-            raise CellError(f"--ranks was given but the only method is {', '.join(methods)}; ranks apply to the "
-                            "methods that take one")
+            raise CellError(
+                f"--ranks was given but the only method is {', '.join(methods)}; ranks apply to the "
+                "methods that take one"
+            )
         matrices = [dataclasses.replace(mx, ranks=tuple(ranks)) for mx in matrices]
     overrides = overrides or {}
     unknown = sorted(set(overrides) - set(CELL_FIELDS))
@@ -169,19 +240,33 @@ def expand(
     for r in range(repeat):
         for cell in base:
             c = dataclasses.replace(cell, repeat=r)
-            cells.setdefault(c.key(), c)   # identical cells from overlapping presets run once
+            cells.setdefault(c.key(), c)  # identical cells from overlapping presets run once
     return list(cells.values())
 
 
-def request(*, config: str | None = None, presets=None, models=None, methods=None, ranks=None, repeat=None,
-            settings: dict[str, Any] | None = None) -> list[Cell]:
+def request(
+    *,
+    config: str | None = None,
+    presets=None,
+    models=None,
+    methods=None,
+    ranks=None,
+    repeat=None,
+    settings: dict[str, Any] | None = None,
+) -> list[Cell]:
     """The cells a user asked for: a TOML config, overridden by what was given on the command line
     (None: not given), the device resolved ("auto": a GPU when torch sees one)."""
     cfg = load_config(config) if config else {}
     merged = {**cfg.get("settings", {}), **(settings or {})}
     merged["device"] = environment.resolve_device(merged.get("device") or "auto")
-    cells = expand(presets or cfg.get("preset") or ["quick"], models or cfg.get("models"), methods or cfg.get("methods"),
-                 ranks or cfg.get("ranks"), merged, repeat if repeat is not None else cfg.get("repeat", 1))
+    cells = expand(
+        presets or cfg.get("preset") or ["quick"],
+        models or cfg.get("models"),
+        methods or cfg.get("methods"),
+        ranks or cfg.get("ranks"),
+        merged,
+        repeat if repeat is not None else cfg.get("repeat", 1),
+    )
     return within_host(cells, asked="nproc" in merged)
 
 
@@ -201,5 +286,3 @@ def within_host(cells: list[Cell], asked: bool) -> list[Cell]:
     if not kept:
         raise CellError(f"every cell needs more processes than this host has {what} ({have})")
     return kept
-
-

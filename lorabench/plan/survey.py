@@ -7,6 +7,7 @@ prediction and the counted FLOPs of a step, in milliseconds), which refuses an u
 before anything is written. Whether the device runs a cell's precision and quantisation is asked
 in a child (`probe`): this is the parent of the run, which never initialises CUDA.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,14 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..workload import data, distributed, models, precision, quantization
-from ..measure import flops
 from .. import forksafe
-from .cells import SURVEYED_FIELDS, Cell, CellError
+from ..measure import flops
+from ..measure.predictions import DTYPE_BYTES, Prediction, per_rank, predict
+from ..workload import data, distributed, models, precision, quantization
 from ..workload.methods import MethodError, ParamCount
 from ..workload.methods import method as method_of
-from ..measure.predictions import DTYPE_BYTES, Prediction, per_rank, predict
 from ..workload.tasks import task_of_data
+from .cells import SURVEYED_FIELDS, Cell, CellError
 
 
 class PlanError(CellError):
@@ -33,7 +34,7 @@ class Survey:
     params: ParamCount
     task: str
     prediction: Prediction
-    gemms: frozenset[tuple[int, int, int]] = frozenset()   # (M, K, N) of the model's Linear products
+    gemms: frozenset[tuple[int, int, int]] = frozenset()  # (M, K, N) of the model's Linear products
 
 
 def survey(cell: Cell) -> Survey:
@@ -42,34 +43,56 @@ def survey(cell: Cell) -> Survey:
     MethodError for a cell that cannot be built."""
     method = method_of(cell.method)
     if method.uses_peft:
-        forksafe.no_cuda_extensions()   # this is the parent: BOFT would build one and initialise CUDA
+        forksafe.no_cuda_extensions()  # this is the parent: BOFT would build one and initialise CUDA
     with torch.device(method.survey_device):
         bundle = models.build(cell.model, "random", cell.task)
         adapted = method.apply(bundle, cell.adapter)
     task = bundle.task
-    count = lambda: flops.count(adapted.module, task, batch_size=cell.batch_size,   # noqa: E731
-                                grad_accum=cell.grad_accum, seq_len=cell.seq_len, vocab_size=bundle.vocab_size,
-                                num_labels=bundle.num_labels)
-    counted = count()   # the model's FLOPs: what MFU divides (PaLM, appendix B)
+    count = lambda: flops.count(
+        adapted.module,
+        task,
+        batch_size=cell.batch_size,
+        grad_accum=cell.grad_accum,
+        seq_len=cell.seq_len,
+        vocab_size=bundle.vocab_size,
+        num_labels=bundle.num_labels,
+    )
+    counted = count()  # the model's FLOPs: what MFU divides (PaLM, appendix B)
     hardware = None
-    if cell.grad_checkpointing == "on":   # the device also runs the recomputed forward: what HFU divides
+    if cell.grad_checkpointing == "on":  # the device also runs the recomputed forward: what HFU divides
         models.checkpoint(adapted.module)
         hardware = count()
-    pred = predict(adapted.module, adapted.params, method=method, task=task, batch_size=cell.batch_size,
-                   grad_accum=cell.grad_accum, seq_len=cell.seq_len, dtype=cell.dtype, flops=counted,
-                   act_dtype=cell.compute_dtype,
-                   checkpointing=cell.grad_checkpointing == "on")
+    pred = predict(
+        adapted.module,
+        adapted.params,
+        method=method,
+        task=task,
+        batch_size=cell.batch_size,
+        grad_accum=cell.grad_accum,
+        seq_len=cell.seq_len,
+        dtype=cell.dtype,
+        flops=counted,
+        act_dtype=cell.compute_dtype,
+        checkpointing=cell.grad_checkpointing == "on",
+    )
     pred = dataclasses.replace(pred, hardware_flops=hardware)
-    if cell.quantize != "none":   # the frozen Linears in bits, with their scales
-        pred = dataclasses.replace(pred, weights_bytes=quantization.predicted_bytes(
-            adapted.module, cell.quantize, DTYPE_BYTES[cell.dtype]))
+    if cell.quantize != "none":  # the frozen Linears in bits, with their scales
+        pred = dataclasses.replace(
+            pred,
+            weights_bytes=quantization.predicted_bytes(
+                adapted.module, cell.quantize, DTYPE_BYTES[cell.dtype]
+            ),
+        )
     if cell.nproc > 1:
         largest, root = distributed.unit_params(adapted.module)
         if cell.strategy == "fsdp2" and not largest:
-            raise PlanError(f"FSDP2 cannot wrap {cell.model}: it has no transformer blocks (an nn.ModuleList) and "
-                            "no Linear layers to shard")
-        pred = per_rank(pred, nproc=cell.nproc, strategy=cell.strategy, largest_unit=largest, root=root,
-                        dtype=cell.dtype)
+            raise PlanError(
+                f"FSDP2 cannot wrap {cell.model}: it has no transformer blocks (an nn.ModuleList) and "
+                "no Linear layers to shard"
+            )
+        pred = per_rank(
+            pred, nproc=cell.nproc, strategy=cell.strategy, largest_unit=largest, root=root, dtype=cell.dtype
+        )
     rows = cell.batch_size * task.tokens_per_sample(cell.seq_len)
     return Survey(adapted.params, task.name, pred, frozenset(flops.gemm_shapes(adapted.module, rows)))
 
@@ -79,7 +102,7 @@ def survey_all(cells: list[Cell]) -> list[Survey]:
     wrong kind, or pretrained weights that cannot be had raise PlanError."""
     surveys: dict[tuple, Survey] = {}
     kinds: dict[str, str] = {}
-    shape = lambda c: tuple(getattr(c, f) for f in SURVEYED_FIELDS)   # noqa: E731
+    shape = lambda c: tuple(getattr(c, f) for f in SURVEYED_FIELDS)
     for cell in cells:
         if shape(cell) not in surveys:
             try:
@@ -88,15 +111,17 @@ def survey_all(cells: list[Cell]) -> list[Survey]:
                 raise PlanError(str(e)) from None
         task = surveys[shape(cell)].task
         if cell.data != "synthetic":
-            if cell.data not in kinds:   # detection parses the whole file: once per path
+            if cell.data not in kinds:  # detection parses the whole file: once per path
                 try:
                     kinds[cell.data] = data.detect(cell.data)
                 except data.DataError as e:
                     raise PlanError(str(e)) from None
             holds = task_of_data(kinds[cell.data]).name
             if holds != task:
-                raise PlanError(f"--data {cell.data} holds {kinds[cell.data]} data ({holds}) but {cell.model} is a "
-                                f"{task} model")
+                raise PlanError(
+                    f"--data {cell.data} holds {kinds[cell.data]} data ({holds}) but {cell.model} is a "
+                    f"{task} model"
+                )
     for model in sorted({c.model for c in cells if c.weights == "pretrained"}):
         try:
             models.check_pretrained(model)
@@ -107,7 +132,7 @@ def survey_all(cells: list[Cell]) -> list[Survey]:
 
 # The settings every device runs (no probe needed), of the axes a device may not support.
 RUNS_ANYWHERE = {"precision": "fp32", "quantize": "none"}
-PROBE_TIMEOUT_S = 300.0   # importing bitsandbytes and a first kernel on a cold GPU take seconds, not minutes
+PROBE_TIMEOUT_S = 300.0  # importing bitsandbytes and a first kernel on a cold GPU take seconds, not minutes
 
 
 def probe(device: str, asked: dict[str, list[str]]) -> dict[str, dict[str, str | None]]:

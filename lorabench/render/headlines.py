@@ -5,12 +5,13 @@
 Every figure in it is one of the comparison table's cells, formatted the same way, so a reader
 can find each in the table below it.
 """
+
 from __future__ import annotations
 
 from ..results.rows import BY_KEY, is_number
 from .tables import Variant, column_name, delta, fmt
 
-QUALITY_POINTS = 1.0   # "equal quality" for the time criterion: final accuracy within this many points of full
+QUALITY_POINTS = 1.0  # "equal quality" for the time criterion: final accuracy within this many points of full
 
 
 def headline(variants: list[Variant], by: str = "memory") -> str | None:
@@ -27,11 +28,20 @@ def headline(variants: list[Variant], by: str = "memory") -> str | None:
     pretrained = c.weights == "pretrained"
     if by == "time":
         acc = full.metrics.get("final_eval_accuracy")
-        equal = [v for v in loras if not pretrained or not is_number(acc)
-                 or (is_number(v.metrics.get("final_eval_accuracy"))
-                     and (acc - v.metrics["final_eval_accuracy"]) * 100 <= QUALITY_POINTS)]
+        equal = [
+            v
+            for v in loras
+            if not pretrained
+            or not is_number(acc)
+            or (
+                is_number(v.metrics.get("final_eval_accuracy"))
+                and (acc - v.metrics["final_eval_accuracy"]) * 100 <= QUALITY_POINTS
+            )
+        ]
         pick = _least(equal or loras, "epoch_s")
-        why = "the fastest" + (f" within {QUALITY_POINTS:g} point of full's accuracy" if pretrained and equal else "")
+        why = "the fastest" + (
+            f" within {QUALITY_POINTS:g} point of full's accuracy" if pretrained and equal else ""
+        )
     else:
         pick = _least(loras, "state_bytes")
         why = "the least memory"
@@ -41,7 +51,7 @@ def headline(variants: list[Variant], by: str = "memory") -> str | None:
         claims.append(f"trains {fmt(pct, 'pct')} of the parameters")
     needs = []
     for key, what in (("state_bytes", "weight+gradient+optimizer memory"), ("epoch_s", "time per epoch")):
-        d = delta(full.metrics.get(key), pick.metrics.get(key), BY_KEY[key].fmt)   # a reduction; "-" is more
+        d = delta(full.metrics.get(key), pick.metrics.get(key), BY_KEY[key].fmt)  # a reduction; "-" is more
         if d:
             needs.append(f"{d.lstrip('-')} {'more' if d.startswith('-') else 'less'} {what}")
     if needs:
@@ -52,8 +62,10 @@ def headline(variants: list[Variant], by: str = "memory") -> str | None:
     else:
         quality = "quality is not comparable on random weights"
     subject = f"{c.model} on {c.device} ({c.weights} weights)"
-    return (f"{subject}: {column_name(pick)} ({why} of {len(loras)} LoRA variant{'s' * (len(loras) > 1)}) "
-            f"{', and '.join(claims) or 'was measured'}{' than full fine-tuning' * bool(needs)}; {quality}.")
+    return (
+        f"{subject}: {column_name(pick)} ({why} of {len(loras)} LoRA variant{'s' * (len(loras) > 1)}) "
+        f"{', and '.join(claims) or 'was measured'}{' than full fine-tuning' * bool(needs)}; {quality}."
+    )
 
 
 def _least(variants: list[Variant], key: str) -> Variant:

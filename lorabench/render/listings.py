@@ -4,8 +4,8 @@ check` (what was proved).
     lorabench list [--metrics]
     lorabench check --device cpu
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pandas as pd
 
@@ -16,40 +16,53 @@ from .tables import markdown
 
 def registries() -> str:
     """`lorabench list`: models with their exact parameter counts, methods, presets."""
-    from ..workload.methods import BASELINE, METHODS
-    from ..workload.models import MODELS
     from ..plan.presets import PRESETS
     from ..plan.survey import survey
+    from ..workload.methods import BASELINE, METHODS
+    from ..workload.models import MODELS
+
     out = ["models:"]
     for name, builder in MODELS.items():
         total = survey(Cell(model=name, method=BASELINE)).params.total
         out.append(f"  {name:14s} {total:>15,} parameters  {(builder.__doc__ or '').strip().splitlines()[0]}")
     out += ["  hf:<dir|id>    any transformers model for sequence classification or causal LM", "methods:"]
     out += [f"  {name:14s} {m.description}" for name, m in METHODS.items()]
-    out.append("  peft:<path>    any method PEFT knows, as an adapter_config.json (or its folder) sets it; its "
-               "target_modules win, its rank is its own (no --ranks)")
+    out.append(
+        "  peft:<path>    any method PEFT knows, as an adapter_config.json (or its folder) sets it; its "
+        "target_modules win, its rank is its own (no --ranks)"
+    )
     import dataclasses
 
     from ..plan.cells import MATRIX_FIELDS, cli_flags
+
     out.append("axes (a comma-separated list of values makes one cell per value):")
     for f in dataclasses.fields(Cell):
         if f.name in MATRIX_FIELDS:
             flag = cli_flags(f)[0]
             out.append(f"  {flag.flag:22s} {flag.metavar}")
     from ..workload.distributed import STRATEGIES
+
     out.append("strategies (--strategy, for cells of --nproc 2 or more):")
     out += [f"  {name:14s} {text}" for name, text in STRATEGIES.items()]
     out.append("presets:")
     for name, matrices in PRESETS.items():
         models = sorted({m for mx in matrices for m in mx.models})
-        out.append(f"  {name:14s} {sum(len(mx.cells()) for mx in matrices):3d} cells  models: {', '.join(models)}")
+        out.append(
+            f"  {name:14s} {sum(len(mx.cells()) for mx in matrices):3d} cells  models: {', '.join(models)}"
+        )
     return "\n".join(out)
 
 
 def check_table(checks, device: str, seconds: float) -> str:
     """`lorabench check`'s table: check, measured, expected, verdict."""
-    df = pd.DataFrame({"check": [c.name for c in checks], "measured": [c.measured for c in checks],
-                       "expected": [c.expected for c in checks], "verdict": ["pass" if c.ok else "FAIL" for c in checks]})
+    df = pd.DataFrame(
+        {
+            "check": [c.name for c in checks],
+            "measured": [c.measured for c in checks],
+            "expected": [c.expected for c in checks],
+            "verdict": ["pass" if c.ok else "FAIL" for c in checks],
+        }
+    )
     failed = sum(not c.ok for c in checks)
     verdict = "every check passed" if not failed else f"{failed} of {len(checks)} checks FAILED"
     return "\n".join([f"# lorabench check on {device}: {verdict} ({seconds:.1f} s)", "", markdown(df), ""])
@@ -58,11 +71,17 @@ def check_table(checks, device: str, seconds: float) -> str:
 def metrics_table() -> str:
     """Every figure a row can hold (rows.METRICS): the README's table of figures is this."""
     gate = {"time": "gated: time", "memory": "gated: memory", "quality": "gated: accuracy points"}
-    df = pd.DataFrame({
-        "key": [f"`{m.key}`" for m in METRICS],
-        "unit": [m.unit for m in METRICS],
-        "what it is (report row)": [m.label.strip() + ("" if m.shown else " (row only)")
-                                    + (" (derived)" if m.derive else "") for m in METRICS],
-        "compare": ["exact: any change is called out" if m.exact else gate.get(m.gate, "") for m in METRICS],
-    })
+    df = pd.DataFrame(
+        {
+            "key": [f"`{m.key}`" for m in METRICS],
+            "unit": [m.unit for m in METRICS],
+            "what it is (report row)": [
+                m.label.strip() + ("" if m.shown else " (row only)") + (" (derived)" if m.derive else "")
+                for m in METRICS
+            ],
+            "compare": [
+                "exact: any change is called out" if m.exact else gate.get(m.gate, "") for m in METRICS
+            ],
+        }
+    )
     return markdown(df)

@@ -8,6 +8,7 @@ memory; then failed cells, figures not available with their reasons, and the env
 `tables` builds each table; this module lays them out. `comparison` renders `compare`,
 `benchmarks` pytest-benchmark results, `listings` the texts of `lorabench list` and `check`.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,37 +19,57 @@ from typing import Any, Iterable
 import pandas as pd
 
 from ..plan.cells import AXES, Cell
+from ..results.rows import Row
 from .headlines import headline
 from .plots import axis_picture, memory_picture, plot_name, timeline_picture
-from ..results.rows import Row
-from .tables import (Variant, comparison_table, epochs_table, groups, long_table, markdown, memory_key, prediction_table, rank_sweep_table,
-                     scaling_table, varying)
+from .tables import (
+    Variant,
+    comparison_table,
+    epochs_table,
+    groups,
+    long_table,
+    markdown,
+    memory_key,
+    prediction_table,
+    rank_sweep_table,
+    scaling_table,
+    varying,
+)
 
 
 def _settings_line(cell: Cell, variants: list[Variant]) -> str:
     data = next((v.info.get("data") for v in variants if v.ok and v.info.get("data")), cell.data)
     accum = f" x {cell.grad_accum} accumulated" if cell.grad_accum > 1 else ""
     lrs = {v.label: v.cell.lr for v in variants}
-    lr = (f"{cell.lr:g}" if len(set(lrs.values())) == 1
-          else ", ".join(f"{lr_:g} ({label})" for label, lr_ in lrs.items()))
+    lr = (
+        f"{cell.lr:g}"
+        if len(set(lrs.values())) == 1
+        else ", ".join(f"{lr_:g} ({label})" for label, lr_ in lrs.items())
+    )
     knobs = cell.precision + (", gradient checkpointing" if cell.grad_checkpointing == "on" else "")
-    return (f"Device `{cell.device}` ({knobs}), weights: {cell.weights}, data: {data}; "
-            f"batch {cell.batch_size}{accum}, {cell.samples} training / {cell.eval_samples} eval samples, "
-            f"{cell.warmup_epochs} warm-up + {cell.epochs} timed epochs, Adam lr {lr}, seed {cell.seed}.")
+    return (
+        f"Device `{cell.device}` ({knobs}), weights: {cell.weights}, data: {data}; "
+        f"batch {cell.batch_size}{accum}, {cell.samples} training / {cell.eval_samples} eval samples, "
+        f"{cell.warmup_epochs} warm-up + {cell.epochs} timed epochs, Adam lr {lr}, seed {cell.seed}."
+    )
 
 
 def _failures(rows: list[Row]) -> str:
     bad = [r for r in rows if not r.ok]
     if not bad:
         return ""
-    df = pd.DataFrame({
-        "model": [r.cell.model for r in bad],
-        "method": [r.label for r in bad],
-        "repeat": [r.cell.repeat for r in bad],
-        "status": [r.status.value for r in bad],
-        "reason": [f"{(r.error or {}).get('type', '')}: {(r.error or {}).get('message', '')}".replace("|", "\\|")
-                   for r in bad],
-    })
+    df = pd.DataFrame(
+        {
+            "model": [r.cell.model for r in bad],
+            "method": [r.label for r in bad],
+            "repeat": [r.cell.repeat for r in bad],
+            "status": [r.status.value for r in bad],
+            "reason": [
+                f"{(r.error or {}).get('type', '')}: {(r.error or {}).get('message', '')}".replace("|", "\\|")
+                for r in bad
+            ],
+        }
+    )
     return markdown(df)
 
 
@@ -69,18 +90,21 @@ SCALING_NOTE = (
     "Each process trains on its own device (on the CPU, on its share of the cores) with its own shard of every "
     "global batch: batch per process x processes. Per device: the largest of the ranks' peaks, what must fit; all "
     "devices: their sum, what the cell costs. Throughput counts every rank's samples per step of the slowest rank; "
-    "scaling efficiency = throughput(N) / (N x throughput of the same method in one process).")
+    "scaling efficiency = throughput(N) / (N x throughput of the same method in one process)."
+)
 
 CPU_SCALING_NOTE = (
     " On the CPU the ranks share one set of cores (each gets cores / N threads), so N times the one-process "
     "throughput is out of reach: there, 1/N is what perfect scaling reads as, and the figure measures the cost of "
-    "the collectives and of the smaller per-process batches.")
+    "the collectives and of the smaller per-process batches."
+)
 
 RANDOM_WEIGHTS_NOTE = (
     "The weights are random (built from the configuration), so LoRA here adapts a frozen *random* network: "
     "its quality says what a low-rank update can do on top of noise, not what it does on a pretrained model. "
     "Parameter, memory and time figures do not depend on the weights; for quality, run with "
-    "`--weights pretrained` (and real data, `--data`).")
+    "`--weights pretrained` (and real data, `--data`)."
+)
 
 READING_NOTES = """\
 How to read these figures:
@@ -112,11 +136,14 @@ How to read these figures:
 def _group_title(cell: Cell, same_model: list[Cell]) -> str:
     """The section's title: the model, and the values that set its table apart from the model's others."""
     fields = [f for f in varying(same_model) if AXES[f].grouped]
-    return cell.model + (f" ({', '.join(f'{AXES[f].title} {getattr(cell, f)}' for f in fields)})" if fields else "")
+    return cell.model + (
+        f" ({', '.join(f'{AXES[f].title} {getattr(cell, f)}' for f in fields)})" if fields else ""
+    )
 
 
-def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str, line: str | None,
-                   title: str | None = None) -> list[str]:
+def _model_section(
+    cell: Cell, variants: list[Variant], plot_dir, plot_link: str, line: str | None, title: str | None = None
+) -> list[str]:
     """A model's section, opening with its headline `line` (None: none)."""
     out = [f"## {title or cell.model}", ""]
     if line:
@@ -129,25 +156,42 @@ def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str
         out += memory_picture(cell, variants, plot_dir, plot_link)
     spread = [(v.label, v.epoch_summary) for v in variants if v.ok and v.epoch_summary and v.repeats > 1]
     if spread:
-        out += ["Spread of epoch time across repeats: " + "; ".join(
-            f"{label}: median {s.median:.3f} s, stdev {s.stdev_pct:.1f}% (n={s.n})" for label, s in spread), ""]
+        out += [
+            "Spread of epoch time across repeats: "
+            + "; ".join(
+                f"{label}: median {s.median:.3f} s, stdev {s.stdev_pct:.1f}% (n={s.n})" for label, s in spread
+            ),
+            "",
+        ]
     if len({v.cell.rank for v in variants if v.ok and v.cell.rank}) >= 2:
         out += ["### Rank sweep", "", rank_sweep_table(variants), ""]
         if plot_dir is not None:
             from .plots import rank_sweep_plot
+
             name = plot_name(cell, "rank-sweep")
             Path(plot_dir).mkdir(parents=True, exist_ok=True)
-            rank_sweep_plot(cell.model, [v for v in variants if v.ok], Path(plot_dir) / name, memory_key(variants))
-            out += [f"![{cell.model}: peak memory, epoch time and accuracy against rank]({plot_link}{name})", ""]
+            rank_sweep_plot(
+                cell.model, [v for v in variants if v.ok], Path(plot_dir) / name, memory_key(variants)
+            )
+            out += [
+                f"![{cell.model}: peak memory, epoch time and accuracy against rank]({plot_link}{name})",
+                "",
+            ]
     if len({v.cell.nproc for v in variants if v.ok}) >= 2:
         note = SCALING_NOTE + (CPU_SCALING_NOTE if cell.device == "cpu" else "")
         out += ["### Scaling across processes", "", scaling_table(variants), "", note, ""]
         if plot_dir is not None:
             from .plots import scaling_plot
+
             name = plot_name(cell, "scaling")
             Path(plot_dir).mkdir(parents=True, exist_ok=True)
-            scaling_plot(cell.model, [v for v in variants if v.ok], Path(plot_dir) / name, memory_key(variants))
-            out += [f"![{cell.model}: per-device peak memory and throughput against processes]({plot_link}{name})", ""]
+            scaling_plot(
+                cell.model, [v for v in variants if v.ok], Path(plot_dir) / name, memory_key(variants)
+            )
+            out += [
+                f"![{cell.model}: per-device peak memory and throughput against processes]({plot_link}{name})",
+                "",
+            ]
     table = epochs_table(variants)
     if table:
         out += ["### Quality per epoch (eval set)", "", table, ""]
@@ -155,27 +199,52 @@ def _model_section(cell: Cell, variants: list[Variant], plot_dir, plot_link: str
             out += [RANDOM_WEIGHTS_NOTE, ""]
     table = prediction_table(variants)
     if table:
-        out += ["### Memory: predicted before the run vs measured", "", table, "",
-                "Saved activations are counted exactly, on every device, by saved-tensor hooks around the "
-                "first forward pass. Activations + temporaries at the peak come from the torch allocator on "
-                "a GPU and from sampled host RSS on the CPU (coarse: the allocator's and the interpreter's "
-                "own growth land there too); total = weights + gradients + Adam state + that peak figure.",
-                ""]
+        out += [
+            "### Memory: predicted before the run vs measured",
+            "",
+            table,
+            "",
+            "Saved activations are counted exactly, on every device, by saved-tensor hooks around the "
+            "first forward pass. Activations + temporaries at the peak come from the torch allocator on "
+            "a GPU and from sampled host RSS on the CPU (coarse: the allocator's and the interpreter's "
+            "own growth land there too); total = weights + gradients + Adam state + that peak figure.",
+            "",
+        ]
     return out
 
 
-def write(rows: list[Row], path: Path, warnings: Iterable[str] = (), headline_by: str = "memory",
-          run_dirs: Iterable[Path] = ()) -> Path:
+def write(
+    rows: list[Row],
+    path: Path,
+    warnings: Iterable[str] = (),
+    headline_by: str = "memory",
+    run_dirs: Iterable[Path] = (),
+) -> Path:
     """Write the report of `rows` to `path`, its plots in the folder beside it named after it;
     `run_dirs` hold the rows' timelines."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(rows, warnings, plot_dir=path.parent / path.stem, plot_link=f"{path.stem}/",
-                           headline_by=headline_by, run_dirs=run_dirs), encoding="utf-8")
+    path.write_text(
+        render(
+            rows,
+            warnings,
+            plot_dir=path.parent / path.stem,
+            plot_link=f"{path.stem}/",
+            headline_by=headline_by,
+            run_dirs=run_dirs,
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
-def render(rows: list[Row], warnings: Iterable[str] = (), plot_dir=None, plot_link: str = "",
-           headline_by: str = "memory", run_dirs: Iterable[Path] = ()) -> str:
+def render(
+    rows: list[Row],
+    warnings: Iterable[str] = (),
+    plot_dir=None,
+    plot_link: str = "",
+    headline_by: str = "memory",
+    run_dirs: Iterable[Path] = (),
+) -> str:
     run_ids = sorted({r.run_id for r in rows})
     statuses: dict[str, int] = defaultdict(int)
     for r in rows:
@@ -184,22 +253,29 @@ def render(rows: list[Row], warnings: Iterable[str] = (), plot_dir=None, plot_li
     sections = [(cell, variants, headline(variants, headline_by)) for cell, variants in groups(rows)]
     lines = [line for _, _, line in sections if line]
     out += [f"- {line}" for line in lines] + ([""] if lines else [])
-    out.append(f"{len(rows)} result rows: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + ".")
+    out.append(
+        f"{len(rows)} result rows: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + "."
+    )
     out.append("")
     for cell, variants, line in sections:
         same_model = [c for c, _, _ in sections if c.model == cell.model]
         out += _model_section(cell, variants, plot_dir, plot_link, line, _group_title(cell, same_model))
-        picture = timeline_picture(cell, variants, plot_dir, plot_link, list(run_dirs)) if plot_dir is not None else []
+        picture = (
+            timeline_picture(cell, variants, plot_dir, plot_link, list(run_dirs))
+            if plot_dir is not None
+            else []
+        )
         out += ["### Memory over time", ""] + picture if picture else []
-    for model in dict.fromkeys(r.cell.model for r in rows):   # memory against a size axis, across its tables
+    for model in dict.fromkeys(r.cell.model for r in rows):  # memory against a size axis, across its tables
         mine = [v for c, vs, _ in sections if c.model == model for v in vs if v.ok]
         for field, label in (("seq_len", "sequence length (tokens)"), ("batch_size", "batch size (samples)")):
             if len({getattr(v.cell, field) for v in mine}) > 1 and plot_dir is not None:
                 out += [f"## {model}: memory against {label}", ""]
                 out += axis_picture(model, mine, field, label, plot_dir, plot_link)
     axes = [f for f in varying([r.cell for r in rows]) if f != "rank"] + (
-        ["method"] if len({r.cell.method_label for r in rows}) > 1 else [])
-    if len(axes) > 2:   # many axes: one line per cell as well
+        ["method"] if len({r.cell.method_label for r in rows}) > 1 else []
+    )
+    if len(axes) > 2:  # many axes: one line per cell as well
         out += ["## Every cell", "", long_table(rows), ""]
     failures = _failures(rows)
     if failures:

@@ -6,6 +6,7 @@ Every figure is formatted here by its metric's kind (rows.METRICS), and every ta
 DataFrame rendered as GitHub-flavoured markdown. Delta columns follow the seed tables: the
 reduction relative to full fine-tuning (positive: LoRA needs less).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,16 +16,15 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from ..measure.stats import Summary
 from ..plan.cells import AXES, NAMED_FIELDS, TABLE_FIELDS, Cell
 from ..results.rows import BY_KEY, METRICS, Row, Status, is_number
-from ..measure.stats import Summary
 
-MiB = 2 ** 20
-
+MiB = 2**20
 
 
 def _size(value: float) -> str:
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if value >= scale:
             return f"{value / scale:,.1f} {unit}"
     return f"{value:.0f} B"
@@ -33,7 +33,7 @@ def _size(value: float) -> str:
 FORMATS = {
     "count": lambda v: f"{int(round(v)):,}",
     "pct": lambda v: f"{v:.3g}%",
-    "bytes": lambda v: f"{v / MiB:,.1f}",          # shown in MiB; the results keep bytes
+    "bytes": lambda v: f"{v / MiB:,.1f}",  # shown in MiB; the results keep bytes
     "time": lambda v: f"{v:.3f}" if v < 10 else f"{v:,.1f}",
     "ms": lambda v: f"{v * 1e3:.2f}",
     "rate": lambda v: f"{v:,.0f}",
@@ -71,6 +71,7 @@ def delta(full: Any, other: Any, kind: str) -> str:
 
 # ---- folding rows --------------------------------------------------------------------------
 
+
 @dataclass
 class Variant:
     """The repeats of one cell folded into one column: numbers become their median."""
@@ -78,7 +79,7 @@ class Variant:
     rows: list[Row]
     metrics: dict[str, Any] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
-    repeats: int = 0                   # rows that finished ok
+    repeats: int = 0  # rows that finished ok
     epoch_summary: Summary | None = None
 
     @property
@@ -147,16 +148,19 @@ def groups(rows: list[Row]) -> list[tuple[Cell, list[Variant]]]:
     for variants in by_group.values():
         variants.sort(key=_order)
         out.append((variants[0].cell, variants))
-    out.sort(key=lambda g: (g[0].model, g[0].seq_len, g[0].batch_size, group_key(g[0])))   # sizes in numeric order
+    out.sort(
+        key=lambda g: (g[0].model, g[0].seq_len, g[0].batch_size, group_key(g[0]))
+    )  # sizes in numeric order
     return out
 
 
 # ---- tables --------------------------------------------------------------------------------
 
+
 def markdown(df: pd.DataFrame, numeric_cols: Iterable[str] = ()) -> str:
     numeric = set(numeric_cols)
     align = ["right" if c in numeric else "left" for c in df.columns]
-    return df.to_markdown(index=False, colalign=align, disable_numparse=True)   # cells are formatted already
+    return df.to_markdown(index=False, colalign=align, disable_numparse=True)  # cells are formatted already
 
 
 def column_name(v: Variant) -> str:
@@ -178,7 +182,7 @@ def comparison_table(variants: list[Variant]) -> str:
     present = [m for m in METRICS if m.shown and any(is_number(v.metrics.get(m.key)) for v in ok)]
     columns: dict[str, list[str]] = {"Comparison": [m.label for m in present]}
     numeric_cols = []
-    for v in ([full] if full else []) + [v for v in ok if v is not full]:   # seed layout: full first
+    for v in ([full] if full else []) + [v for v in ok if v is not full]:  # seed layout: full first
         name = column_name(v)
         columns[name] = [fmt(v.metrics.get(m.key), m.fmt, v.unavailable.get(m.key)) for m in present]
         numeric_cols.append(name)
@@ -210,7 +214,9 @@ def prediction_table(variants: list[Variant]) -> str:
         m, name = v.metrics, column_name(v)
         pred = [m.get(p) if p else None for _, p, _ in PREDICTION_ROWS]
         meas = [m.get(k) for _, _, k in PREDICTION_ROWS]
-        cols[f"{name} predicted"] = [fmt(x, "bytes") for x in pred] + [fmt(m["predicted_total_bytes"], "bytes")]
+        cols[f"{name} predicted"] = [fmt(x, "bytes") for x in pred] + [
+            fmt(m["predicted_total_bytes"], "bytes")
+        ]
         peak_parts = [m.get(k) for _, _, k in PREDICTION_ROWS if k != "activations_saved_bytes"]
         total = sum(peak_parts) if all(is_number(x) for x in peak_parts) else None
         cols[f"{name} measured"] = [fmt(x, "bytes") for x in meas] + [fmt(total, "bytes")]
@@ -226,11 +232,15 @@ def epochs_table(variants: list[Variant]) -> str:
         recs = v.first.epochs
         timed.update((e["epoch"], e["timed"]) for e in recs)
         name = column_name(v)
-        frames.append(pd.DataFrame({
-            "epoch": [e["epoch"] for e in recs],
-            f"{name} loss": [f"{e['eval_loss']:.4f}" for e in recs],
-            f"{name} acc": [f"{e['eval_accuracy']:.4f}" for e in recs],
-        }).set_index("epoch"))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "epoch": [e["epoch"] for e in recs],
+                    f"{name} loss": [f"{e['eval_loss']:.4f}" for e in recs],
+                    f"{name} acc": [f"{e['eval_accuracy']:.4f}" for e in recs],
+                }
+            ).set_index("epoch")
+        )
     if not frames:
         return ""
     df = pd.concat(frames, axis=1).reset_index()
@@ -241,28 +251,52 @@ def epochs_table(variants: list[Variant]) -> str:
 def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
     """The dry-run plan: every cell with its exact parameter counts and predicted need."""
     counts = [s.params for s in surveys]
-    df = pd.DataFrame({
-        "#": list(range(1, len(cells) + 1)),
-        "model": [c.model for c in cells],
-        "method": [c.label for c in cells],
-        "trainable": [fmt(p.trainable, "count") for p in counts],
-        "adapters": [fmt(p.adapter, "count") for p in counts],
-        "trained in full": [fmt(p.full_trained, "count") for p in counts],
-        "total": [fmt(p.total, "count") for p in counts],
-        "trainable %": [f"{p.trainable_pct:.3f}%" for p in counts],
-        "predicted memory (MiB)": [fmt(s.prediction.total_bytes, "bytes") for s in surveys],
-        "GFLOP/step": [f"{s.prediction.flops_per_step / 1e9:,.2f}" if s.prediction.flops_per_step is not None
-                       else "unavailable" for s in surveys],
-        # per process x micro-batches, "on" N processes: together, the global batch of a step
-        "seq len": [str(c.seq_len) for c in cells],
-        "batch": [f"{c.batch_size}" + (f"x{c.grad_accum}" if c.grad_accum > 1 else "") +
-                  (f" on {c.nproc}" if c.nproc > 1 else "") for c in cells],
-        "samples": [c.samples for c in cells],
-        "epochs (warm-up+timed)": [f"{c.warmup_epochs}+{c.epochs}" for c in cells],
-        "device": [c.device + (" (skipped)" if skipped and c.key() in skipped else "") for c in cells],
-    })
-    return markdown(df, ["#", "trainable", "adapters", "trained in full", "total", "trainable %",
-                          "predicted memory (MiB)", "GFLOP/step", "seq len", "batch", "samples"])
+    df = pd.DataFrame(
+        {
+            "#": list(range(1, len(cells) + 1)),
+            "model": [c.model for c in cells],
+            "method": [c.label for c in cells],
+            "trainable": [fmt(p.trainable, "count") for p in counts],
+            "adapters": [fmt(p.adapter, "count") for p in counts],
+            "trained in full": [fmt(p.full_trained, "count") for p in counts],
+            "total": [fmt(p.total, "count") for p in counts],
+            "trainable %": [f"{p.trainable_pct:.3f}%" for p in counts],
+            "predicted memory (MiB)": [fmt(s.prediction.total_bytes, "bytes") for s in surveys],
+            "GFLOP/step": [
+                f"{s.prediction.flops_per_step / 1e9:,.2f}"
+                if s.prediction.flops_per_step is not None
+                else "unavailable"
+                for s in surveys
+            ],
+            # per process x micro-batches, "on" N processes: together, the global batch of a step
+            "seq len": [str(c.seq_len) for c in cells],
+            "batch": [
+                f"{c.batch_size}"
+                + (f"x{c.grad_accum}" if c.grad_accum > 1 else "")
+                + (f" on {c.nproc}" if c.nproc > 1 else "")
+                for c in cells
+            ],
+            "samples": [c.samples for c in cells],
+            "epochs (warm-up+timed)": [f"{c.warmup_epochs}+{c.epochs}" for c in cells],
+            "device": [c.device + (" (skipped)" if skipped and c.key() in skipped else "") for c in cells],
+        }
+    )
+    return markdown(
+        df,
+        [
+            "#",
+            "trainable",
+            "adapters",
+            "trained in full",
+            "total",
+            "trainable %",
+            "predicted memory (MiB)",
+            "GFLOP/step",
+            "seq len",
+            "batch",
+            "samples",
+        ],
+    )
 
 
 def memory_key(variants: list[Variant]) -> tuple[str, str]:
@@ -276,25 +310,35 @@ def rank_sweep_table(variants: list[Variant]) -> str:
     """One row per rank (full first), per LoRA method: trainable parameters, memory, time, quality."""
     ok = [v for v in variants if v.ok]
     mem_key, mem_label = memory_key(ok)
-    figure = lambda key: [fmt(v.metrics.get(key), BY_KEY[key].fmt) for v in ok]   # noqa: E731
-    df = pd.DataFrame({
-        "method": [v.cell.method for v in ok],
-        "rank": [str(v.cell.rank) if v.cell.rank else "-" for v in ok],
-        "trainable": figure("params_trainable"),
-        mem_label: figure(mem_key),
-        "weights + grads + Adam (MiB)": figure("state_bytes"),
-        "epoch time (s)": figure("epoch_s"),
-        "final accuracy": figure("final_eval_accuracy"),
-    })
+    figure = lambda key: [fmt(v.metrics.get(key), BY_KEY[key].fmt) for v in ok]
+    df = pd.DataFrame(
+        {
+            "method": [v.cell.method for v in ok],
+            "rank": [str(v.cell.rank) if v.cell.rank else "-" for v in ok],
+            "trainable": figure("params_trainable"),
+            mem_label: figure(mem_key),
+            "weights + grads + Adam (MiB)": figure("state_bytes"),
+            "epoch time (s)": figure("epoch_s"),
+            "final accuracy": figure("final_eval_accuracy"),
+        }
+    )
     return markdown(df, [c for c in df.columns if c not in ("method", "rank")])
-
-
 
 
 def _one_process(ok: list[Variant], v: Variant) -> Variant | None:
     """The variant that is `v` run in one process (its scaling reference)."""
-    return next((o for o in ok if o.cell.nproc == 1 and o.cell.method == v.cell.method and o.cell.rank == v.cell.rank
-                 and o.cell.alpha == v.cell.alpha and o.cell.targets == v.cell.targets), None)
+    return next(
+        (
+            o
+            for o in ok
+            if o.cell.nproc == 1
+            and o.cell.method == v.cell.method
+            and o.cell.rank == v.cell.rank
+            and o.cell.alpha == v.cell.alpha
+            and o.cell.targets == v.cell.targets
+        ),
+        None,
+    )
 
 
 def scaling_efficiency(ok: list[Variant], v: Variant) -> float | None:
@@ -308,21 +352,35 @@ def scaling_table(variants: list[Variant]) -> str:
     """One row per method and process count: what must fit on one device (max over ranks), what
     all devices hold (sum), global throughput and scaling efficiency against the same method in
     one process."""
-    ok = sorted([v for v in variants if v.ok], key=lambda v: (_order(v)[:-2], v.cell.strategy or "", v.cell.nproc))
+    ok = sorted(
+        [v for v in variants if v.ok], key=lambda v: (_order(v)[:-2], v.cell.strategy or "", v.cell.nproc)
+    )
     mem_key, mem_label = memory_key(ok)
-    summed = {"torch_peak_allocated_bytes": "torch_peak_allocated_sum_bytes", "host_peak_rss_bytes":
-              "host_peak_rss_sum_bytes"}[mem_key]
-    df = pd.DataFrame({
-        "method": [v.cell.method_label for v in ok],
-        "strategy": [v.cell.strategy or "-" for v in ok],
-        "processes": [str(v.cell.nproc) for v in ok],
-        f"per device: max, {mem_label}": [fmt(v.metrics.get(mem_key), "bytes") for v in ok],
-        "all devices: sum (MiB)": [fmt(v.metrics.get(summed if v.cell.nproc > 1 else mem_key), "bytes") for v in ok],
-        "weights + grads + Adam per device (MiB)": [fmt(v.metrics.get("state_bytes"), "bytes") for v in ok],
-        "throughput (samples/s)": [fmt(v.metrics.get("samples_per_s"), "rate") for v in ok],
-        "scaling efficiency": [fmt(scaling_efficiency(ok, v) * 100, "pct") if v.cell.nproc > 1 and
-                               scaling_efficiency(ok, v) is not None else "" for v in ok],
-    })
+    summed = {
+        "torch_peak_allocated_bytes": "torch_peak_allocated_sum_bytes",
+        "host_peak_rss_bytes": "host_peak_rss_sum_bytes",
+    }[mem_key]
+    df = pd.DataFrame(
+        {
+            "method": [v.cell.method_label for v in ok],
+            "strategy": [v.cell.strategy or "-" for v in ok],
+            "processes": [str(v.cell.nproc) for v in ok],
+            f"per device: max, {mem_label}": [fmt(v.metrics.get(mem_key), "bytes") for v in ok],
+            "all devices: sum (MiB)": [
+                fmt(v.metrics.get(summed if v.cell.nproc > 1 else mem_key), "bytes") for v in ok
+            ],
+            "weights + grads + Adam per device (MiB)": [
+                fmt(v.metrics.get("state_bytes"), "bytes") for v in ok
+            ],
+            "throughput (samples/s)": [fmt(v.metrics.get("samples_per_s"), "rate") for v in ok],
+            "scaling efficiency": [
+                fmt(scaling_efficiency(ok, v) * 100, "pct")
+                if v.cell.nproc > 1 and scaling_efficiency(ok, v) is not None
+                else ""
+                for v in ok
+            ],
+        }
+    )
     return markdown(df, [c for c in df.columns if c not in ("method", "strategy")])
 
 
@@ -336,17 +394,28 @@ def long_table(rows: list[Row]) -> str:
     figures a choice turns on. For a matrix of more than two axes, where per-group tables scatter."""
     fields = [f for f in varying([r.cell for r in rows]) if f != "rank"]
     ok = [fold(rs) for rs in _by_variant(rows).values()]
-    ok = sorted((v for v in ok if v.ok), key=lambda v: (v.cell.model, *_order(v)[:3], *(str(getattr(v.cell, f))
-                                                                                       for f in fields)))
+    ok = sorted(
+        (v for v in ok if v.ok),
+        key=lambda v: (v.cell.model, *_order(v)[:3], *(str(getattr(v.cell, f)) for f in fields)),
+    )
     mem_key, mem_label = memory_key(ok)
-    figure = lambda key: [fmt(v.metrics.get(key), BY_KEY[key].fmt, v.unavailable.get(key)) for v in ok]   # noqa: E731
-    df = pd.DataFrame({"model": [v.cell.model for v in ok], "method": [v.cell.method_label for v in ok],
-                       **{AXES[f].title: [str(getattr(v.cell, f)) for v in ok] for f in fields},
-                       "trainable": figure("params_trainable"), mem_label: figure(mem_key),
-                       "saved activations (MiB)": figure("activations_saved_bytes"),
-                       "step time p50 (ms)": figure("step_s_p50"), "throughput (samples/s)": figure("samples_per_s"),
-                       "final accuracy": figure("final_eval_accuracy")})
-    return markdown(df, [c for c in df.columns if c not in ("model", "method", *(AXES[f].title for f in fields))])
+    figure = lambda key: [fmt(v.metrics.get(key), BY_KEY[key].fmt, v.unavailable.get(key)) for v in ok]
+    df = pd.DataFrame(
+        {
+            "model": [v.cell.model for v in ok],
+            "method": [v.cell.method_label for v in ok],
+            **{AXES[f].title: [str(getattr(v.cell, f)) for v in ok] for f in fields},
+            "trainable": figure("params_trainable"),
+            mem_label: figure(mem_key),
+            "saved activations (MiB)": figure("activations_saved_bytes"),
+            "step time p50 (ms)": figure("step_s_p50"),
+            "throughput (samples/s)": figure("samples_per_s"),
+            "final accuracy": figure("final_eval_accuracy"),
+        }
+    )
+    return markdown(
+        df, [c for c in df.columns if c not in ("model", "method", *(AXES[f].title for f in fields))]
+    )
 
 
 def _by_variant(rows: list[Row]) -> dict[str, list[Row]]:

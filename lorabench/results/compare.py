@@ -103,7 +103,7 @@ def compare(base_rows: list[Row], new_rows: list[Row], thresholds: dict[str, flo
                                  "regression (--allow-environment-change compares them anyway)")
     base, new = _variants(base_rows), _variants(new_rows)
     result = Comparison(environment_changes=changed)
-    describe = lambda rows: f"{rows[0].cell.model} {rows[0].label}"   # noqa: E731
+    describe = lambda rows: f"{rows[0].cell.model} {rows[0].label}"
     result.only_in_base = sorted(describe(base[k]) for k in base.keys() - new.keys())
     result.only_in_new = sorted(describe(new[k]) for k in new.keys() - base.keys())
     for key in [k for k in base if k in new]:

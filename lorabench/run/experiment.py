@@ -13,6 +13,7 @@ A cell of several processes (`--nproc`) runs the same protocol, `measure`, in ea
 (launched by `ranks`, or by torchrun: `python -m lorabench.run.ranks`), with the model wrapped for
 its strategy and checked against one process before the first step.
 """
+
 from __future__ import annotations
 
 import gc
@@ -24,39 +25,56 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..workload import distributed, methods, models, quantization
-from ..measure import environment
 from .. import forksafe
+from ..errors import first_line
+from ..measure import environment
+from ..measure.drivers import driver_trackers
+from ..measure.stats import Summary
+from ..measure.traces import MemorySnapshot, Traces, profile_steps, write_timeline
+from ..measure.trackers import HostMemory, SavedTensors, Timeline, TorchAllocator, unavailable
 from ..plan.cells import Cell
+from ..results.rows import Row, Status
+from ..workload import distributed, methods, models, quantization
 from ..workload.compiler import Compiled
 from ..workload.data import Dataset, load
-from ..measure.drivers import driver_trackers
-from ..errors import first_line
 from ..workload.methods import method as method_of
 from ..workload.precision import TORCH as DTYPES
 from ..workload.precision import Precision
-from ..results.rows import Row, Status
-from ..measure.stats import Summary
 from ..workload.tasks import Task
-from ..measure.trackers import HostMemory, SavedTensors, Timeline, TorchAllocator, unavailable
-from ..measure.traces import MemorySnapshot, Traces, profile_steps, write_timeline
 from .train import EpochRecord, Fit, fit, make_optimizer, micro_batch
 
 
-def execute(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = None,
-            sample_interval_s: float = 0.01, known: dict[str, Any] | None = None, traces: Traces | None = None) -> Row:
+def execute(
+    cell: Cell,
+    on_epoch: Callable[[EpochRecord, int], None] | None = None,
+    sample_interval_s: float = 0.01,
+    known: dict[str, Any] | None = None,
+    traces: Traces | None = None,
+) -> Row:
     """Run a cell of one process here and return its row (a cell of several: `ranks.execute_group`).
     `known` holds figures made before the cell ran (its prediction, the run's matmul rate), so the
     row is whole, derived figures included, the moment it is made."""
     started = time.perf_counter()
     out = measure(cell, None, on_epoch, sample_interval_s, traces)
     measured = {**(known or {}), **out["measured"], "cell_wall_s": time.perf_counter() - started}
-    return Row.make(cell, out["status"], measured, epochs=out["epochs"], pretrain_epochs=out["pretrain"],
-                    environment=out["env_facts"], error=out["error"])
+    return Row.make(
+        cell,
+        out["status"],
+        measured,
+        epochs=out["epochs"],
+        pretrain_epochs=out["pretrain"],
+        environment=out["env_facts"],
+        error=out["error"],
+    )
 
 
-def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[EpochRecord, int], None] | None = None,
-            sample_interval_s: float = 0.01, traces: Traces | None = None) -> dict[str, Any]:
+def measure(
+    cell: Cell,
+    group: distributed.Group | None,
+    on_epoch: Callable[[EpochRecord, int], None] | None = None,
+    sample_interval_s: float = 0.01,
+    traces: Traces | None = None,
+) -> dict[str, Any]:
     """The protocol of one cell in this process (one rank of it when `group` is given): {measured,
     epochs, pretrain, env_facts, status, error}. An exception ends it as an error or oom, keeping
     what was measured before."""
@@ -66,14 +84,14 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
     epochs: list[dict] = []
     pretrain: list[dict] = []
     error = None
-    name = cell.key() + (f"-rank{group.rank}" if group else "")   # of its files under the run directory
+    name = cell.key() + (f"-rank{group.rank}" if group else "")  # of its files under the run directory
     timeline = None
     try:
         torch.manual_seed(cell.seed)
         dtype = DTYPES[cell.dtype]
-        forksafe.require_clean(torch.device(cell.device))   # one clear line, not a CUDA traceback
+        forksafe.require_clean(torch.device(cell.device))  # one clear line, not a CUDA traceback
         device = group.device(cell.device) if group else torch.device(cell.device)
-        if traces is not None:   # memory over the whole cell, with its phases marked
+        if traces is not None:  # memory over the whole cell, with its phases marked
             timeline = Timeline(device)
             timeline.start()
             timeline.mark("build and load")
@@ -88,32 +106,51 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
         model = bundle.module.to(device=device, dtype=dtype)
         ds = load_data(cell, bundle).to(device, dtype)
         measured["data"] = ds.source
-        if cell.pretrain_epochs:   # seed 002: the base is trained in full first, untimed (each rank alike)
-            pre = fit(model, task, ds, epochs=cell.pretrain_epochs, warmup_epochs=0, batch_size=cell.batch_size,
-                      grad_accum=cell.grad_accum, lr=cell.lr, seed=cell.seed, device=device)
+        if cell.pretrain_epochs:  # seed 002: the base is trained in full first, untimed (each rank alike)
+            pre = fit(
+                model,
+                task,
+                ds,
+                epochs=cell.pretrain_epochs,
+                warmup_epochs=0,
+                batch_size=cell.batch_size,
+                grad_accum=cell.grad_accum,
+                lr=cell.lr,
+                seed=cell.seed,
+                device=device,
+            )
             pretrain = [vars(e) for e in pre.epochs]
-            del pre   # its optimizer state and gradients are gone before anything is measured
-        if cell.quantize != "none":   # the base held in bits from here on (pretraining ran on the full weights)
+            del pre  # its optimizer state and gradients are gone before anything is measured
+        if (
+            cell.quantize != "none"
+        ):  # the base held in bits from here on (pretraining ran on the full weights)
             quantization.quantize(model, cell.quantize, device)
-        probe = {k: v[:min(cell.batch_size, 32)] for k, v in ds.eval.items()}
-        forward = lambda m: task.loss(m, probe)[1].float()   # noqa: E731 (logits of one batch)
+        probe = {k: v[: min(cell.batch_size, 32)] for k, v in ds.eval.items()}
+        forward = lambda m: task.loss(m, probe)[1].float()  # logits of one batch
         measured["model_file_bytes"] = methods.model_file_bytes(model)
         base_out = None
-        if method.adapts:   # the base's outputs, for the adapter-off check after training
+        if method.adapts:  # the base's outputs, for the adapter-off check after training
             model.eval()
             with torch.no_grad():
                 base_out = forward(model)
         adapted = method.apply(bundle, cell.adapter)
-        model = trained = adapted.module.to(device=device, **({"dtype": dtype} if cell.quantize == "none" else {}))
+        model = trained = adapted.module.to(
+            device=device, **({"dtype": dtype} if cell.quantize == "none" else {})
+        )
         if cell.grad_checkpointing == "on":
             models.checkpoint(model)
         p = adapted.params
-        measured.update(params_total=p.total, params_trainable=p.trainable, params_trainable_adapter=p.adapter,
-                        params_trainable_full=p.full_trained, lora_targets=len(adapted.targets))
+        measured.update(
+            params_total=p.total,
+            params_trainable=p.trainable,
+            params_trainable_adapter=p.adapter,
+            params_trainable_full=p.full_trained,
+            lora_targets=len(adapted.targets),
+        )
         if group:
             trained, check = _wrap_checked(model, task, ds, cell, group, device)
             measured.update(check)
-        release(model, device)   # pretraining's and the checks' cached blocks must not count as this cell's
+        release(model, device)  # pretraining's and the checks' cached blocks must not count as this cell's
         amp = Precision(cell.precision, device)
         compiled = None
         mark("weights and data in place")
@@ -124,80 +161,127 @@ def measure(cell: Cell, group: distributed.Group | None, on_epoch: Callable[[Epo
                 for t in trackers:
                     stack.enter_context(t)
                 optimizer = make_optimizer([q for q in trained.parameters() if q.requires_grad], cell.lr)
-                if cell.compile == "on":   # compiled by a step of its own, so no measured step holds it
+                if cell.compile == "on":  # compiled by a step of its own, so no measured step holds it
                     trained, compiled = torch.compile(trained), Compiled()
                     measured["compile_s"] = compiled.first_step(
-                        lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False, amp), device)
+                        lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False, amp),
+                        device,
+                    )
                 mark("first step (bookkeeping)")
-                with MemorySnapshot(traces, device, name) as snapshot:   # the first step's allocations, on request
+                with MemorySnapshot(
+                    traces, device, name
+                ) as snapshot:  # the first step's allocations, on request
                     measured.update(probe_step(trained, task, ds, optimizer[0], cell, device, group, amp=amp))
-                if group and group.strategy == "ddp":   # the replicas must agree after a step
-                    measured["check_ranks_params_max_abs_diff"] = distributed.params_max_abs_diff(trained, device)
-                result = fit(trained, task, ds, epochs=cell.epochs, warmup_epochs=cell.warmup_epochs,
-                             batch_size=cell.batch_size, grad_accum=cell.grad_accum, lr=cell.lr, seed=cell.seed,
-                             device=device, optimizer=optimizer, on_epoch=_marked(on_epoch, mark),
-                             on_timed=lambda edge: (mark("timed epoch" if edge == "begin" else "eval"),
-                                                    compiled and compiled.edge(edge),
-                                                    energy.begin() if edge == "begin" else energy.end()),
-                             rank=group.rank if group else 0, world=group.world if group else 1,
-                             sync=distributed.grad_sync if group else None, after_step=method.step_hook(model),
-                             amp=amp)
+                if group and group.strategy == "ddp":  # the replicas must agree after a step
+                    measured["check_ranks_params_max_abs_diff"] = distributed.params_max_abs_diff(
+                        trained, device
+                    )
+                result = fit(
+                    trained,
+                    task,
+                    ds,
+                    epochs=cell.epochs,
+                    warmup_epochs=cell.warmup_epochs,
+                    batch_size=cell.batch_size,
+                    grad_accum=cell.grad_accum,
+                    lr=cell.lr,
+                    seed=cell.seed,
+                    device=device,
+                    optimizer=optimizer,
+                    on_epoch=_marked(on_epoch, mark),
+                    on_timed=lambda edge: (
+                        mark("timed epoch" if edge == "begin" else "eval"),
+                        compiled and compiled.edge(edge),
+                        energy.begin() if edge == "begin" else energy.end(),
+                    ),
+                    rank=group.rank if group else 0,
+                    world=group.world if group else 1,
+                    sync=distributed.grad_sync if group else None,
+                    after_step=method.step_hook(model),
+                    amp=amp,
+                )
         finally:
             if timeline is not None:
                 timeline.add(trackers)
-            for t in trackers:   # one whose start raised has no readings (its error is the row's)
-                measured.update(t.result() if t.started else t.unavailable_result(f"{type(t).__name__} did not start"))
+            for t in trackers:  # one whose start raised has no readings (its error is the row's)
+                measured.update(
+                    t.result() if t.started else t.unavailable_result(f"{type(t).__name__} did not start")
+                )
             measured.update(energy.result())
         mark("after training: trace, checks")
         if compiled:
             measured.update(compiled.result())
         if snapshot.note:
             measured["memory_snapshot"] = snapshot.note
-        trace = profile_steps(traces, lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False,
-                                                         amp), device, name)   # after the timed region, the trackers stopped
+        trace = profile_steps(
+            traces,
+            lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False, amp),
+            device,
+            name,
+        )  # after the timed region, the trackers stopped
         if trace:
             measured["profile_trace"] = trace
         held = distributed.held(trained)
-        measured["weights_bytes"] = quantization.held_bytes(held)   # a quantised weight's scales included
+        measured["weights_bytes"] = quantization.held_bytes(held)  # a quantised weight's scales included
         measured["trainable_weights_bytes"] = sum(q.nbytes for q in held if q.requires_grad)
         measured.update(fit_metrics(result))
         epochs = [vars(e) for e in result.epochs]
         if result.diverged_at is None:
             measured.update(_checks(cell, method, adapted, trained, forward, base_out, group, device, dtype))
             status = Status.OK
-        else:   # a result, not a crash: the row keeps what was measured and says where the loss went
+        else:  # a result, not a crash: the row keeps what was measured and says where the loss went
             status = Status.DIVERGED
             last = result.epochs[-1]
-            error = {"type": "Diverged", "message": f"the training loss became {last.train_loss} in epoch "
-                     f"{result.diverged_at}; training stopped there (try a smaller --lr)", "traceback": []}
-    except Exception as e:   # the row records the failure; the matrix goes on
+            error = {
+                "type": "Diverged",
+                "message": f"the training loss became {last.train_loss} in epoch "
+                f"{result.diverged_at}; training stopped there (try a smaller --lr)",
+                "traceback": [],
+            }
+    except Exception as e:  # the row records the failure; the matrix goes on
         status = Status.OOM if _is_oom(e) else Status.ERROR
-        error = {"type": type(e).__name__, "message": str(e).strip().splitlines()[0] if str(e).strip() else "",
-                 "traceback": [] if isinstance(e, forksafe.BadFork) else traceback.format_exc().splitlines()[-12:]}
+        error = {
+            "type": type(e).__name__,
+            "message": str(e).strip().splitlines()[0] if str(e).strip() else "",
+            "traceback": [] if isinstance(e, forksafe.BadFork) else traceback.format_exc().splitlines()[-12:],
+        }
     if timeline is not None:
         timeline.stop()
         measured["timeline"] = write_timeline(timeline, traces, name)
     # facts of the machine, as this process (this rank, on its own device) sees them
     env_facts = {**_environment(cell, device), **env_facts}
-    return {"measured": measured, "epochs": epochs, "pretrain": pretrain, "env_facts": env_facts,
-            "status": status.value, "error": error}
+    return {
+        "measured": measured,
+        "epochs": epochs,
+        "pretrain": pretrain,
+        "env_facts": env_facts,
+        "status": status.value,
+        "error": error,
+    }
 
 
 def _environment(cell: Cell, device: torch.device | None) -> dict[str, Any]:
     """environment.capture on the process's own device; its properties left out where the cell
     never reached the device or it has failed (the row must still be made)."""
     try:
-        return environment.capture(cell.device, device.index or 0 if device is not None else 0, gpu=device is not None)
-    except Exception as e:   # noqa: BLE001 (a device in an error state: the machine's other facts stand)
-        return {**environment.capture(cell.device, gpu=False), "gpu_properties": f"unavailable: {first_line(e)}"}
+        return environment.capture(
+            cell.device, device.index or 0 if device is not None else 0, gpu=device is not None
+        )
+    except Exception as e:  # noqa: BLE001 (a device in an error state: the machine's other facts stand)
+        return {
+            **environment.capture(cell.device, gpu=False),
+            "gpu_properties": f"unavailable: {first_line(e)}",
+        }
 
 
 def _marked(on_epoch, mark):
     """`on_epoch` that first marks the epoch's end on the timeline."""
+
     def done(record: EpochRecord, total: int) -> None:
         mark(f"epoch {record.epoch} done ({'timed' if record.timed else 'warm-up'})")
         if on_epoch is not None:
             on_epoch(record, total)
+
     return done
 
 
@@ -207,7 +291,7 @@ def _checks(cell, method, adapted, trained, forward, base_out, group, device, dt
     if group is None:
         return method.checks(adapted, forward, base_out)
     if group.strategy == "fsdp2":
-        whole = distributed.full_state_dict(trained)   # every rank takes part in the gather
+        whole = distributed.full_state_dict(trained)  # every rank takes part in the gather
         if not group.leader:
             return {}
         adapted = method.apply(models.build(cell.model, cell.weights, cell.task), cell.adapter)
@@ -216,26 +300,35 @@ def _checks(cell, method, adapted, trained, forward, base_out, group, device, dt
     return method.checks(adapted, forward, base_out) if group.leader else {}
 
 
-def _wrap_checked(model: nn.Module, task: Task, ds: Dataset, cell: Cell, group: distributed.Group,
-                  device: torch.device) -> tuple[nn.Module, dict[str, float]]:
+def _wrap_checked(
+    model: nn.Module, task: Task, ds: Dataset, cell: Cell, group: distributed.Group, device: torch.device
+) -> tuple[nn.Module, dict[str, float]]:
     """The model wrapped for its strategy, and the loss of the first global micro-batch taken both
     ways before any step: in one process on all of it, and across the ranks on their shards
     (eval mode, so dropout draws no difference). They must agree."""
     b = cell.batch_size
     model.eval()
     with torch.no_grad():
-        one = task.loss(model, {k: v[:b * group.world] for k, v in ds.train.items()})[0].item()
+        one = task.loss(model, {k: v[: b * group.world] for k, v in ds.train.items()})[0].item()
         wrapped = distributed.wrap(model, group, device)
         rows = micro_batch(0, group.rank, group.world, b)
         mine = task.loss(wrapped, {k: v[rows] for k, v in ds.train.items()})[0].item()
-    distributed.reshard(wrapped)   # before the optimizer is built on its parameters
+    distributed.reshard(wrapped)  # before the optimizer is built on its parameters
     model.train()
     return wrapped, {"check_ranks_first_loss_abs_diff": abs(distributed.mean(mine, device) - one)}
 
 
-def probe_step(model: nn.Module, task: Task, data: Dataset, optimizer: torch.optim.Optimizer, cell: Cell,
-               device: torch.device, group: distributed.Group | None = None, count: bool = True,
-               amp: Precision = Precision()) -> dict[str, int]:
+def probe_step(
+    model: nn.Module,
+    task: Task,
+    data: Dataset,
+    optimizer: torch.optim.Optimizer,
+    cell: Cell,
+    device: torch.device,
+    group: distributed.Group | None = None,
+    count: bool = True,
+    amp: Precision = Precision(),
+) -> dict[str, int]:
     """One optimizer step before the training loop, for the one-off bookkeeping: what autograd
     keeps for backward (saved-tensor hooks around the first forward), the gradients' and Adam
     state's bytes, and the allocator at those phase boundaries. It trains like a warm-up step, and
@@ -246,7 +339,9 @@ def probe_step(model: nn.Module, task: Task, data: Dataset, optimizer: torch.opt
     params = [p for p in model.parameters() if p.requires_grad]
     rank, world = (group.rank, group.world) if group else (0, 1)
     # parameters and the resident data set are not activations
-    exclude = {distributed.local(t).untyped_storage().data_ptr() for t in (*model.parameters(), *data.train.values())}
+    exclude = {
+        distributed.local(t).untyped_storage().data_ptr() for t in (*model.parameters(), *data.train.values())
+    }
     out: dict[str, int] = {}
     for m in range(cell.grad_accum):
         rows = micro_batch(m, rank, world, cell.batch_size)
@@ -265,13 +360,17 @@ def probe_step(model: nn.Module, task: Task, data: Dataset, optimizer: torch.opt
         optimizer.zero_grad(set_to_none=True)
         return out
     out["grads_bytes"] = sum(distributed.local(p.grad).nbytes for p in params if p.grad is not None)
-    if device.type == "cuda":   # allocator at the phase boundary: weights + data + grads
+    if device.type == "cuda":  # allocator at the phase boundary: weights + data + grads
         out["torch_allocated_after_first_backward_bytes"] = torch.cuda.memory_allocated(device)
     amp.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
-    out["optimizer_state_bytes"] = sum(distributed.local(t).nbytes for st in optimizer.state.values()
-                                       for t in st.values() if torch.is_tensor(t))
-    if device.type == "cuda":   # grads freed, optimizer state allocated
+    out["optimizer_state_bytes"] = sum(
+        distributed.local(t).nbytes
+        for st in optimizer.state.values()
+        for t in st.values()
+        if torch.is_tensor(t)
+    )
+    if device.type == "cuda":  # grads freed, optimizer state allocated
         out["torch_allocated_after_first_step_bytes"] = torch.cuda.memory_allocated(device)
     return out
 
@@ -288,8 +387,14 @@ def release(model: nn.Module, device: torch.device) -> None:
 
 def load_data(cell: Cell, bundle: models.Bundle) -> Dataset:
     """The cell's data set: the task's synthetic stand-in, or the real one at `cell.data`."""
-    kw = dict(samples=cell.samples, eval_samples=cell.eval_samples, seq_len=cell.seq_len, seed=cell.seed,
-              vocab_size=bundle.vocab_size, num_labels=bundle.num_labels)
+    kw = dict(
+        samples=cell.samples,
+        eval_samples=cell.eval_samples,
+        seq_len=cell.seq_len,
+        seed=cell.seed,
+        vocab_size=bundle.vocab_size,
+        num_labels=bundle.num_labels,
+    )
     if cell.data == "synthetic":
         return bundle.task.build_data(**kw)
     return load(cell.data, tokenizer_source=bundle.tokenizer_source, **kw)
@@ -298,8 +403,11 @@ def load_data(cell: Cell, bundle: models.Bundle) -> Dataset:
 def fit_metrics(f: Fit) -> dict[str, Any]:
     epochs = Summary.of(f.timed_epoch_s) if f.timed_epoch_s else None
     steps = Summary.of(f.step_s) if f.step_s else None
-    none = unavailable("no timed steps" if f.diverged_at is None else
-                       f"no timed steps: training diverged in epoch {f.diverged_at}")
+    none = unavailable(
+        "no timed steps"
+        if f.diverged_at is None
+        else f"no timed steps: training diverged in epoch {f.diverged_at}"
+    )
     last = f.epochs[-1]
     return {
         "epoch_s": epochs.median if epochs else none,

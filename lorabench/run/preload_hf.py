@@ -6,6 +6,7 @@ Importing this module is its whole job (`multiprocessing`'s preload takes module
 BERT and peft (about 4 s on 2 cores), with bitsandbytes kept out (`forksafe`): it queries CUDA on
 import, and every cell forked from this server must be free to use CUDA.
 """
+
 from ..forksafe import keep_out
 
 keep_out()

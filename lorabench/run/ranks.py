@@ -13,6 +13,7 @@ sends its figures back; the agent folds them as each metric's `fold` says (rows.
 that dies or raises ends the cell, naming the rank; the others get a few seconds to report what
 they measured, then are killed, so a cell never hangs on a dead peer.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -29,14 +30,14 @@ import torch
 import torch.distributed as dist
 
 from ..measure import environment
+from ..measure.traces import Traces
 from ..plan.cells import Cell
+from ..results.rows import Row, Status, is_number
 from ..workload.distributed import Group
 from .experiment import measure
-from ..results.rows import Row, Status, is_number
-from ..measure.traces import Traces
 from .train import EpochRecord
 
-GRACE_S = 5.0          # after one rank fails, how long the others get to report what they measured
+GRACE_S = 5.0  # after one rank fails, how long the others get to report what they measured
 
 
 @dataclass
@@ -44,9 +45,9 @@ class RankResult:
     """What one rank sent, or how it ended without sending it."""
 
     rank: int
-    payload: dict[str, Any] | None = None   # experiment's measurement of this rank
+    payload: dict[str, Any] | None = None  # experiment's measurement of this rank
     exitcode: int | None = None
-    ended_at: float | None = None            # monotonic time its failure was seen
+    ended_at: float | None = None  # monotonic time its failure was seen
 
     @property
     def failed(self) -> bool:
@@ -64,7 +65,7 @@ class RankResult:
 def _die_with_parent() -> None:
     """A rank must not outlive its agent (a killed cell takes its whole group with it)."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
@@ -78,23 +79,33 @@ def _rank_entry(target: Callable, env: dict[str, str], conn, args: tuple) -> Non
         conn.close()
 
 
-def launch(world: int, target: Callable, args: tuple = (),
-           on_message: Callable[[tuple], None] | None = None) -> list[RankResult]:
+def launch(
+    world: int, target: Callable, args: tuple = (), on_message: Callable[[tuple], None] | None = None
+) -> list[RankResult]:
     """Run `target(conn, *args)` in `world` forked processes with torchrun's environment, hosting
     their store; a ("result", payload) message is the rank's result, any other goes to
     `on_message`. Returns every rank's result once all have ended; after the first failure the
     others get GRACE_S to report, then are killed."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)   # the agent's store
-    common = {"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0",
-              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True",
-              "TORCHELASTIC_RUN_ID": uuid.uuid4().hex}
-    ctx = mp.get_context("fork")   # the agent has imported torch but touched no device: the ranks start warm
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # the agent's store
+    common = {
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "GROUP_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(store.port),
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RUN_ID": uuid.uuid4().hex,
+    }
+    ctx = mp.get_context("fork")  # the agent has imported torch but touched no device: the ranks start warm
     results = [RankResult(r) for r in range(world)]
     procs, conns = [], {}
     for r in range(world):
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_rank_entry, name=f"lorabench-rank{r}",
-                        args=(target, {**common, "RANK": str(r), "LOCAL_RANK": str(r)}, send, args))
+        p = ctx.Process(
+            target=_rank_entry,
+            name=f"lorabench-rank{r}",
+            args=(target, {**common, "RANK": str(r), "LOCAL_RANK": str(r)}, send, args),
+        )
         p.start()
         send.close()
         procs.append(p)
@@ -105,13 +116,13 @@ def launch(world: int, target: Callable, args: tuple = (),
         while live:
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
             ready = wait(list(live), timeout)
-            if not ready:   # grace is over: the rest are stuck on a dead peer
+            if not ready:  # grace is over: the rest are stuck on a dead peer
                 break
             for c in ready:
                 r = live[c]
                 try:
                     msg = c.recv()
-                except EOFError:   # the rank is gone
+                except EOFError:  # the rank is gone
                     del live[c]
                     procs[r].join()
                     if results[r].payload is None:
@@ -161,6 +172,7 @@ def fold(results: list[RankResult]) -> Folded:
     `sum_of` companions where every rank reported; and one entry per rank (its `per_rank`
     figures, its device and whether it started clean of CUDA)."""
     from ..results.rows import METRICS
+
     payloads = {x.rank: x.payload for x in results if x.payload is not None}
     measured = {r: p["measured"] for r, p in payloads.items()}
     out = Folded(dict(measured.get(0, {})))
@@ -179,8 +191,12 @@ def fold(results: list[RankResult]) -> Folded:
     for x in results:
         m = measured.get(x.rank, {})
         facts = (x.payload or {}).get("env_facts", {})
-        entry = {"rank": x.rank, "status": x.payload["status"] if x.payload else "crashed",
-                 "device": facts.get("gpu_uuid"), "cuda_bad_fork": facts.get("cuda_bad_fork")}
+        entry = {
+            "rank": x.rank,
+            "status": x.payload["status"] if x.payload else "crashed",
+            "device": facts.get("gpu_uuid"),
+            "cuda_bad_fork": facts.get("cuda_bad_fork"),
+        }
         entry.update({k: m[k] if is_number(m.get(k)) else None for k in kept})
         out.per_rank.append(entry)
     return out
@@ -190,20 +206,31 @@ def _over_devices(key: str, results: list[RankResult], values: dict[int, Any], p
     """The sum over the cell's devices of a device's own counter (energy), each device once however
     many ranks read it; unavailable, with the first rank's reason, unless every rank read it."""
     from ..measure.trackers import Unavailable, unavailable
+
     for x in results:
         v = values.get(x.rank)
         if not is_number(v):
-            why = v.reason if isinstance(v, Unavailable) else ("it ended without a result" if x.rank not in payloads
-                                                              else "it did not measure it")
+            why = (
+                v.reason
+                if isinstance(v, Unavailable)
+                else ("it ended without a result" if x.rank not in payloads else "it did not measure it")
+            )
             return unavailable(f"rank {x.rank} of {len(results)}: {why}")
     per_device: dict[Any, float] = {}
     for r, v in values.items():
-        device = payloads[r].get("env_facts", {}).get("gpu_uuid") or ("rank", r)   # unknown: a device of its own
-        per_device[device] = max(per_device.get(device, v), v)   # two readings of one counter: the same interval
+        device = payloads[r].get("env_facts", {}).get("gpu_uuid") or (
+            "rank",
+            r,
+        )  # unknown: a device of its own
+        per_device[device] = max(
+            per_device.get(device, v), v
+        )  # two readings of one counter: the same interval
     return sum(per_device.values())
 
 
-def rank_main(conn, cell_dict: dict[str, Any], sample_interval_s: float, traces: Traces | None = None) -> None:
+def rank_main(
+    conn, cell_dict: dict[str, Any], sample_interval_s: float, traces: Traces | None = None
+) -> None:
     """One rank of a cell of several processes, launched by `launch`."""
     cell = Cell.from_dict(cell_dict)
     group = Group.from_env(cell.strategy)
@@ -215,9 +242,13 @@ def rank_main(conn, cell_dict: dict[str, Any], sample_interval_s: float, traces:
             torch.distributed.destroy_process_group()
 
 
-def execute_group(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | None = None,
-                  sample_interval_s: float = 0.01, known: dict[str, Any] | None = None,
-                  traces: Traces | None = None) -> Row:
+def execute_group(
+    cell: Cell,
+    on_epoch: Callable[[EpochRecord, int], None] | None = None,
+    sample_interval_s: float = 0.01,
+    known: dict[str, Any] | None = None,
+    traces: Traces | None = None,
+) -> Row:
     """Run a cell of `cell.nproc` processes from this one (the agent) and return its row: launch the
     ranks, fold their figures; a rank that failed ends the cell with its status, named, beside
     what the others measured. `known`: as `experiment.execute`'s."""
@@ -230,8 +261,13 @@ def execute_group(cell: Cell, on_epoch: Callable[[EpochRecord, int], None] | Non
 def group_row(cell: Cell, results: list[RankResult], known: dict[str, Any], started: float) -> Row:
     """The cell's row from its ranks' results: folded figures, and the status of the rank that ended it."""
     folded = fold(results)
-    leader = next((x.payload for x in results if x.payload), None) or {"epochs": [], "pretrain": [], "env_facts": {},
-                                                                        "status": "crashed", "error": None}
+    leader = next((x.payload for x in results if x.payload), None) or {
+        "epochs": [],
+        "pretrain": [],
+        "env_facts": {},
+        "status": "crashed",
+        "error": None,
+    }
     status, error = Status(leader["status"]), leader["error"]
     cause = root_cause(results)
     where = f"rank {cause.rank} of {cell.nproc}" if cause else ""
@@ -240,12 +276,24 @@ def group_row(cell: Cell, results: list[RankResult], known: dict[str, Any], star
         error["message"] = f"{where}: {error.get('message', '')}"
     elif cause is not None:
         status = Status.CRASHED
-        error = {"type": cause.death(), "message": f"{where}: the process died from {cause.death()}", "traceback": []}
+        error = {
+            "type": cause.death(),
+            "message": f"{where}: the process died from {cause.death()}",
+            "traceback": [],
+        }
     measured = {**known, **folded.measured, "cell_wall_s": time.perf_counter() - started}
     # the ranks' view of the machine; this agent never touches a GPU (its ranks fork from it)
     env = leader["env_facts"] or environment.capture(cell.device, gpu=False)
-    return Row.make(cell, status, measured, epochs=leader["epochs"], pretrain_epochs=leader["pretrain"],
-                    environment=env, error=error, per_rank=folded.per_rank)
+    return Row.make(
+        cell,
+        status,
+        measured,
+        epochs=leader["epochs"],
+        pretrain_epochs=leader["pretrain"],
+        environment=env,
+        error=error,
+        per_rank=folded.per_rank,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from ..results.rundir import RunDir
-    parser = argparse.ArgumentParser(prog="python -m lorabench.run.ranks", description=main.__doc__.split("\n\n")[0])
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lorabench.run.ranks", description=main.__doc__.split("\n\n")[0]
+    )
     parser.add_argument("run_dir", type=Path, help="where rank 0 appends the row (created if missing)")
     parser.add_argument("cell", help="the cell as JSON (Cell's fields); nproc is WORLD_SIZE")
     args = parser.parse_args(argv)
@@ -287,16 +338,25 @@ def known_before(cell: Cell) -> dict[str, Any]:
     its survey (FLOPs, tokens, the prediction per rank) and the matmul rate of this (the leader's)
     device, measured after training so that no timed step shares the device with it."""
     from ..measure.flops import measure_matmul_flops
-    from ..workload.precision import TORCH
-    from ..plan.survey import survey
     from ..measure.trackers import unavailable
+    from ..plan.survey import survey
+    from ..workload.precision import TORCH
+
     s = survey(cell)
     known: dict[str, Any] = s.prediction.to_metrics()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cell.device == "cuda" else torch.device("cpu")
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if cell.device == "cuda"
+        else torch.device("cpu")
+    )
     try:
-        known["device_matmul_flops"] = measure_matmul_flops(device, TORCH[cell.compute_dtype], sorted(s.gemms))["matmul_flops"]
-    except Exception as e:   # noqa: BLE001 (the row says why MFU is missing)
-        known["device_matmul_flops"] = unavailable(f"the matmul rate could not be measured: {type(e).__name__}: {e}")
+        known["device_matmul_flops"] = measure_matmul_flops(
+            device, TORCH[cell.compute_dtype], sorted(s.gemms)
+        )["matmul_flops"]
+    except Exception as e:  # noqa: BLE001 (the row says why MFU is missing)
+        known["device_matmul_flops"] = unavailable(
+            f"the matmul rate could not be measured: {type(e).__name__}: {e}"
+        )
     return known
 
 

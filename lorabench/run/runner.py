@@ -9,6 +9,7 @@ reports each epoch and its row through a pipe; the parent appends the row (fsync
 the cell ends. A child that dies without reporting becomes a `crashed` (or `oom`) row naming the
 signal. What one cell does is in `experiment`.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -23,11 +24,10 @@ import torch
 
 from .. import child
 from ..child import EXIT_GRACE_S, ChildFailed, end_process
+from ..measure.trackers import unavailable
 from ..plan.cells import Cell
 from ..results.rows import Row, Status
 from ..results.rundir import RunDir
-from ..measure.trackers import unavailable
-
 from .worker import RunOptions, cell_main
 
 
@@ -42,19 +42,29 @@ class Progress:
         self.cells = self.epochs = None
         if self.enabled:
             from tqdm import tqdm
+
             self._tqdm = tqdm
             self.cells = tqdm(total=self.total, desc="cells", unit="cell", position=0, file=sys.stderr)
 
     def cell_started(self, k: int, cell: Cell) -> None:
         if self.enabled:
             self.cells.set_description(f"cell {k}/{self.total}: {cell.model} {cell.label}")
-            self.epochs = self._tqdm(total=cell.warmup_epochs + cell.epochs, desc="  epochs", unit="epoch",
-                                     position=1, leave=False, file=sys.stderr)
+            self.epochs = self._tqdm(
+                total=cell.warmup_epochs + cell.epochs,
+                desc="  epochs",
+                unit="epoch",
+                position=1,
+                leave=False,
+                file=sys.stderr,
+            )
 
     def epoch(self, rec: dict[str, Any]) -> None:
         if self.enabled and self.epochs is not None:
-            self.epochs.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['eval_accuracy']:.3f}",
-                                    timed="yes" if rec["timed"] else "warm-up")
+            self.epochs.set_postfix(
+                loss=f"{rec['train_loss']:.3f}",
+                acc=f"{rec['eval_accuracy']:.3f}",
+                timed="yes" if rec["timed"] else "warm-up",
+            )
             self.epochs.update(1)
 
     def cell_done(self) -> None:
@@ -83,18 +93,28 @@ def _oom_kills() -> int | None:
 class CellProcess:
     """One cell in a fresh child process; `poll()` until it returns the cell's row."""
 
-    def __init__(self, cell: Cell, options: RunOptions = RunOptions(), *, env: dict[str, str] | None = None,
-                 known: dict[str, Any] | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None):
+    def __init__(
+        self,
+        cell: Cell,
+        options: RunOptions = RunOptions(),
+        *,
+        env: dict[str, str] | None = None,
+        known: dict[str, Any] | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ):
         self.cell, self.timeout_s, self.on_epoch = cell, options.timeout_s, on_epoch
-        self.known = known or {}   # figures made before the cell ran; a failure row keeps them too
+        self.known = known or {}  # figures made before the cell ran; a failure row keeps them too
         ctx = mp.get_context(options.start_method)
         self._recv, send = ctx.Pipe(duplex=False)
         self._oom_before = _oom_kills()
-        self.proc = ctx.Process(target=cell_main, args=(cell.to_dict(), send, options, env or {}, self.known),
-                                name=f"lorabench-{cell.key()}")
-        self.proc.start()   # the first start under forkserver waits for the server to boot: not the cell's time
+        self.proc = ctx.Process(
+            target=cell_main,
+            args=(cell.to_dict(), send, options, env or {}, self.known),
+            name=f"lorabench-{cell.key()}",
+        )
+        self.proc.start()  # the first start under forkserver waits for the server to boot: not the cell's time
         self.started = time.monotonic()
-        send.close()   # the child holds the only writer: EOF on the pipe means it is gone
+        send.close()  # the child holds the only writer: EOF on the pipe means it is gone
         self.row: Row | None = None
 
     def poll(self, wait_s: float = 0.2) -> Row | None:
@@ -103,7 +123,9 @@ class CellProcess:
             return self.row
         if self.timeout_s is not None and time.monotonic() - self.started > self.timeout_s:
             self.kill()
-            self.row = self._failure(Status.TIMEOUT, "TimeoutError", f"cell exceeded its {self.timeout_s:g} s limit")
+            self.row = self._failure(
+                Status.TIMEOUT, "TimeoutError", f"cell exceeded its {self.timeout_s:g} s limit"
+            )
             return self.row
         if self._recv.poll(wait_s):
             try:
@@ -130,12 +152,23 @@ class CellProcess:
         if code is not None and code < 0:
             name = signal.Signals(-code).name
             after = _oom_kills()
-            if -code == signal.SIGKILL and after is not None and self._oom_before is not None and after > self._oom_before:
-                self.row = self._failure(Status.OOM, name, "killed by the kernel's out-of-memory killer (cgroup oom_kill count rose)")
+            if (
+                -code == signal.SIGKILL
+                and after is not None
+                and self._oom_before is not None
+                and after > self._oom_before
+            ):
+                self.row = self._failure(
+                    Status.OOM,
+                    name,
+                    "killed by the kernel's out-of-memory killer (cgroup oom_kill count rose)",
+                )
             else:
                 self.row = self._failure(Status.CRASHED, name, f"the cell's process died from {name}")
         else:
-            self.row = self._failure(Status.CRASHED, "ProcessExit", f"the cell's process exited with code {code} without a result")
+            self.row = self._failure(
+                Status.CRASHED, "ProcessExit", f"the cell's process exited with code {code} without a result"
+            )
         return self.row
 
     def kill(self, grace_s: float = 0.0) -> None:
@@ -148,17 +181,22 @@ class CellProcess:
 
 
 def _calibrate(device: str, gemms: dict[str, list]) -> dict[str, dict]:
-    from .experiment import DTYPES
     from ..measure.flops import measure_matmul_flops
-    return {dtype: measure_matmul_flops(torch.device(device), DTYPES[dtype], shapes) for dtype, shapes in gemms.items()}
+    from .experiment import DTYPES
+
+    return {
+        dtype: measure_matmul_flops(torch.device(device), DTYPES[dtype], shapes)
+        for dtype, shapes in gemms.items()
+    }
 
 
 def calibrate(device: str, gemms: dict[str, list], start_method: str = "forkserver") -> dict[str, dict]:
     """The device's matmul rate per dtype (FLOP/s, `flops.measure_matmul_flops` on the cells'
     GEMM shapes `gemms[dtype]`), measured once per run in a fresh process on the same device.
     ChildFailed, with the reason, where it could not be measured."""
-    return child.call(_calibrate, (device, gemms), start_method=start_method, timeout_s=120,
-                      name="lorabench-calibrate")
+    return child.call(
+        _calibrate, (device, gemms), start_method=start_method, timeout_s=120, name="lorabench-calibrate"
+    )
 
 
 def devices(device: str, count: int) -> list[str]:
@@ -180,8 +218,15 @@ def pin(ids: list[str]) -> dict[str, str]:
     return {_visible_var(): ",".join(ids)} if ids else {}
 
 
-def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], skipped: dict[str, str],
-              options: RunOptions, progress: bool, gemms: dict[str, list] | None = None) -> None:
+def run_cells(
+    run: RunDir,
+    cells: list[Cell],
+    known: dict[str, dict[str, Any]],
+    skipped: dict[str, str],
+    options: RunOptions,
+    progress: bool,
+    gemms: dict[str, list] | None = None,
+) -> None:
     """Run `cells` into `run`: a skipped cell gets its row at once; the matmul rate is measured
     once (calibration.json); then every cell runs, at most `options.parallel` at a time (one per
     pinned GPU), its row appended the moment it ends. `known[cell key]` holds the figures made
@@ -189,8 +234,11 @@ def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], 
     Interrupting (Ctrl-C) kills the running cells."""
     for cell in cells:
         if cell.key() in skipped:
-            run.append(Row.failure(cell, Status.SKIPPED, "PredictedNotToFit", skipped[cell.key()],
-                                   known.get(cell.key())).replace(run_id=run.run_id))
+            run.append(
+                Row.failure(
+                    cell, Status.SKIPPED, "PredictedNotToFit", skipped[cell.key()], known.get(cell.key())
+                ).replace(run_id=run.run_id)
+            )
     cells = [c for c in cells if c.key() not in skipped]
     if not cells:
         return
@@ -200,7 +248,7 @@ def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], 
         rates = calibrate(cells[0].device, wanted, options.start_method)
         run.write_calibration({"device": cells[0].device, "rates": rates})
         no_rate = None
-    except ChildFailed as e:   # every cell's MFU says why it is missing
+    except ChildFailed as e:  # every cell's MFU says why it is missing
         rates, no_rate = {}, unavailable(f"the matmul rate could not be measured: {e}")
     options = replace(options, run_dir=str(run.path))
     bar = Progress(len(cells), progress and options.parallel == 1)
@@ -211,14 +259,23 @@ def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], 
     running: dict[CellProcess, list[str]] = {}
     try:
         while pending or running:
-            while pending and len(running) < options.parallel and (not on_gpu or len(free) >= pending[0][1].nproc):
+            while (
+                pending
+                and len(running) < options.parallel
+                and (not on_gpu or len(free) >= pending[0][1].nproc)
+            ):
                 k, cell = pending.pop(0)
-                taken, free = (free[:cell.nproc], free[cell.nproc:]) if on_gpu else ([], free)
+                taken, free = (free[: cell.nproc], free[cell.nproc :]) if on_gpu else ([], free)
                 bar.cell_started(k, cell)
                 rate = rates.get(cell.compute_dtype, {}).get("matmul_flops") or no_rate
                 extra = {"device_matmul_flops": rate} if rate else {}
-                cp = CellProcess(cell, options, env=pin(taken), known={**known.get(cell.key(), {}), **extra},
-                                 on_epoch=bar.epoch)
+                cp = CellProcess(
+                    cell,
+                    options,
+                    env=pin(taken),
+                    known={**known.get(cell.key(), {}), **extra},
+                    on_epoch=bar.epoch,
+                )
                 running[cp] = taken
             for cp in list(running):
                 row = cp.poll(0.2 / len(running))
@@ -229,6 +286,6 @@ def run_cells(run: RunDir, cells: list[Cell], known: dict[str, dict[str, Any]], 
                 run.write_environment(row.environment)
                 bar.cell_done()
     finally:
-        for cp in running:   # interrupted: leave no orphan behind
+        for cp in running:  # interrupted: leave no orphan behind
             cp.kill()
         bar.close()

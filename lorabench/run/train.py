@@ -13,6 +13,7 @@ would synchronise the device once per step. The loop is the training loop and no
 one-off memory bookkeeping (saved tensors, phase readings) happens in `experiment.probe_step`,
 before it, so bench/test_harness_overhead.py compares like with like.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,28 +30,27 @@ from ..workload.data import Dataset
 from ..workload.precision import Precision
 from ..workload.tasks import Task
 
-
-_NO_CONTEXT = contextlib.nullcontext()   # reusable: one object for every micro-batch of a single process
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: one object for every micro-batch of a single process
 
 
 @dataclass
 class EpochRecord:
-    epoch: int              # 1-based, warm-up epochs included
+    epoch: int  # 1-based, warm-up epochs included
     timed: bool
     epoch_s: float
-    train_loss: float       # mean over the epoch's micro-batches
+    train_loss: float  # mean over the epoch's micro-batches
     eval_loss: float
-    eval_accuracy: float    # classification: accuracy; causal LM: next-token accuracy on unmasked labels
+    eval_accuracy: float  # classification: accuracy; causal LM: next-token accuracy on unmasked labels
 
 
 @dataclass
 class Fit:
     epochs: list[EpochRecord]
-    step_s: list[float]            # every optimizer step of the timed epochs
+    step_s: list[float]  # every optimizer step of the timed epochs
     steps_per_epoch: int
-    samples_per_step: int          # batch_size x grad_accum x processes
+    samples_per_step: int  # batch_size x grad_accum x processes
     optimizer_impl: str
-    diverged_at: int | None = None   # the epoch whose training loss was not finite; training stopped there
+    diverged_at: int | None = None  # the epoch whose training loss was not finite; training stopped there
 
     @property
     def timed_epoch_s(self) -> list[float]:
@@ -73,13 +73,14 @@ def make_optimizer(params: list[nn.Parameter], lr: float) -> tuple[torch.optim.O
     """
     try:
         return torch.optim.Adam(params, lr=lr, fused=True), "adam(fused)"
-    except (RuntimeError, ValueError):   # a device or dtype without a fused kernel
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
         return torch.optim.Adam(params, lr=lr, foreach=True), "adam(foreach)"
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, split: dict[str, Tensor], batch_size: int,
-             amp: Precision = Precision()) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, task: Task, split: dict[str, Tensor], batch_size: int, amp: Precision = Precision()
+) -> tuple[float, float]:
     """(mean loss per batch element, accuracy) over `split`."""
     was_training = model.training
     model.eval()
@@ -88,7 +89,7 @@ def evaluate(model: nn.Module, task: Task, split: dict[str, Tensor], batch_size:
     correct = torch.zeros_like(loss_sum)
     counted = 0
     for i in range(0, n, batch_size):
-        batch = {k: v[i:i + batch_size] for k, v in split.items()}
+        batch = {k: v[i : i + batch_size] for k, v in split.items()}
         with amp.autocast():
             loss, logits = task.loss(model, batch)
         loss_sum += loss.double() * batch["labels"].shape[0]
@@ -130,17 +131,31 @@ class _Clock:
 
     def collect(self, out: list[float]) -> None:
         """After `sync()`: turn the recorded event pairs into seconds."""
-        out.extend(a.elapsed_time(b) / 1e3 for a, b in self._pending)   # elapsed_time is in ms
+        out.extend(a.elapsed_time(b) / 1e3 for a, b in self._pending)  # elapsed_time is in ms
         self._pending.clear()
 
 
-def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epochs: int, batch_size: int,
-        grad_accum: int = 1, lr: float = 1e-3, seed: int = 0, device: torch.device,
-        optimizer: tuple[torch.optim.Optimizer, str] | None = None,
-        on_epoch: Callable[[EpochRecord, int], None] | None = None,
-        on_timed: Callable[[str], None] | None = None, rank: int = 0, world: int = 1,
-        sync: Callable[[nn.Module, bool], ContextManager] | None = None,
-        after_step: Callable[[int], None] | None = None, amp: Precision | None = None) -> Fit:
+def fit(
+    model: nn.Module,
+    task: Task,
+    data: Dataset,
+    *,
+    epochs: int,
+    warmup_epochs: int,
+    batch_size: int,
+    grad_accum: int = 1,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: torch.device,
+    optimizer: tuple[torch.optim.Optimizer, str] | None = None,
+    on_epoch: Callable[[EpochRecord, int], None] | None = None,
+    on_timed: Callable[[str], None] | None = None,
+    rank: int = 0,
+    world: int = 1,
+    sync: Callable[[nn.Module, bool], ContextManager] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    amp: Precision | None = None,
+) -> Fit:
     """Train `model` in place (with `optimizer`, an (optimizer, name) pair, when the caller made
     one); `on_epoch(record, total_epochs)` is called after each epoch, and `on_timed("begin" |
     "end")` at the synchronised edges of each timed epoch (energy counters).
@@ -156,7 +171,7 @@ def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epoc
     optimizer, impl = optimizer or make_optimizer(params, lr)
     n = next(iter(data.train.values())).shape[0]
     per_step = batch_size * grad_accum * world
-    steps = n // per_step            # the ragged tail is dropped so every step has the same shape
+    steps = n // per_step  # the ragged tail is dropped so every step has the same shape
     clock = _Clock(device)
     generator = torch.Generator().manual_seed(seed)
     records: list[EpochRecord] = []
@@ -177,7 +192,9 @@ def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epoc
             for m in range(grad_accum):
                 idx = perm[micro_batch(s * grad_accum + m, rank, world, batch_size)]
                 with sync(model, m == grad_accum - 1) if sync is not None else _NO_CONTEXT:
-                    with amp.autocast():   # [0]: the logits are not kept alive into the next micro-batch's forward
+                    with (
+                        amp.autocast()
+                    ):  # [0]: the logits are not kept alive into the next micro-batch's forward
                         loss = task.loss(model, {k: v[idx] for k, v in data.train.items()})[0]
                     amp.backward(loss / grad_accum)
                 loss_sum += loss.detach().float()
@@ -191,16 +208,18 @@ def fit(model: nn.Module, task: Task, data: Dataset, *, epochs: int, warmup_epoc
         if timed and on_timed:
             on_timed("end")
         clock.collect(epoch_steps)
-        if world > 1:   # one training loss for the cell; every rank then stops on the same epoch
+        if world > 1:  # one training loss for the cell; every rank then stops on the same epoch
             torch.distributed.all_reduce(loss_sum)
             loss_sum /= world
         if timed:
             step_s.extend(epoch_steps)
         eval_loss, eval_acc = evaluate(model, task, data.eval, batch_size, amp)
-        record = EpochRecord(epoch, timed, epoch_s, loss_sum.item() / (steps * grad_accum), eval_loss, eval_acc)
+        record = EpochRecord(
+            epoch, timed, epoch_s, loss_sum.item() / (steps * grad_accum), eval_loss, eval_acc
+        )
         records.append(record)
         if on_epoch is not None:
             on_epoch(record, total_epochs)
-        if not math.isfinite(record.train_loss):   # diverged: more epochs of NaN measure nothing
+        if not math.isfinite(record.train_loss):  # diverged: more epochs of NaN measure nothing
             return Fit(records, step_s, steps, per_step, impl, diverged_at=epoch)
     return Fit(records, step_s, steps, per_step, impl)

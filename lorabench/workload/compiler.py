@@ -7,6 +7,7 @@ so compilation lands in `compile_s`, not in a warm-up or timed step. Graph break
 and so are graphs compiled inside the timed epochs: a recompilation there (a new shape, eval
 mode) is time the timed figures hold, and the row says how many.
 """
+
 from __future__ import annotations
 
 import time
@@ -20,6 +21,7 @@ class Compiled:
 
     def __init__(self):
         from torch._dynamo.utils import counters
+
         self.counters, self.in_timed, self._at = counters, 0, 0
         self.breaks_before = sum(counters["graph_break"].values())
 
@@ -40,5 +42,7 @@ class Compiled:
             self.in_timed += self.graphs() - self._at
 
     def result(self) -> dict[str, float]:
-        return {"compile_graph_breaks": sum(self.counters["graph_break"].values()) - self.breaks_before,
-                "compile_graphs_in_timed_epochs": self.in_timed}
+        return {
+            "compile_graph_breaks": sum(self.counters["graph_break"].values()) - self.breaks_before,
+            "compile_graphs_in_timed_epochs": self.in_timed,
+        }

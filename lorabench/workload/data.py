@@ -18,6 +18,7 @@ Text is tokenised with the model's tokenizer when one is available offline, else
 deterministic word-hash tokenizer (the report names which). Sequences are padded to `seq_len`
 once, so every tensor is resident and every step has the same shape.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,19 +34,21 @@ from torch import Tensor
 
 from ..errors import InputError
 
-IGNORE_INDEX = -100   # label value the loss skips (prompt tokens, padding)
+IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
 
 
 @dataclass
 class Dataset:
-    train: dict[str, Tensor]   # every tensor shares its first dimension (samples)
+    train: dict[str, Tensor]  # every tensor shares its first dimension (samples)
     eval: dict[str, Tensor]
-    source: str                # what the data is, for the report
+    source: str  # what the data is, for the report
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "Dataset":
         """Move to the device once, casting floating inputs to the training dtype."""
+
         def move(split: dict[str, Tensor]) -> dict[str, Tensor]:
             return {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in split.items()}
+
         return Dataset(move(self.train), move(self.eval), self.source)
 
 
@@ -62,12 +65,14 @@ def synthetic_images(n: int, n_eval: int, num_classes: int, generator: torch.Gen
         x = 0.15 * prototypes[labels] + torch.randn(count, 3, 32, 32, generator=generator)
         return {"x": x, "labels": labels}
 
-    return Dataset(split(n), split(n_eval),
-                   f"synthetic CIFAR-shaped images ({num_classes} class prototypes + noise)")
+    return Dataset(
+        split(n), split(n_eval), f"synthetic CIFAR-shaped images ({num_classes} class prototypes + noise)"
+    )
 
 
-def synthetic_text_classification(n: int, n_eval: int, seq_len: int, vocab_size: int, num_labels: int,
-                                  generator: torch.Generator) -> Dataset:
+def synthetic_text_classification(
+    n: int, n_eval: int, seq_len: int, vocab_size: int, num_labels: int, generator: torch.Generator
+) -> Dataset:
     """Random token sequences; a sample of class c holds marker token (2 + c) at 4 random places."""
     markers = 4
     if vocab_size < 2 + num_labels + 8:
@@ -76,15 +81,20 @@ def synthetic_text_classification(n: int, n_eval: int, seq_len: int, vocab_size:
     def split(count: int) -> dict[str, Tensor]:
         labels = torch.randint(num_labels, (count,), generator=generator)
         ids = torch.randint(2 + num_labels, vocab_size, (count, seq_len), generator=generator)
-        places = torch.rand(count, seq_len, generator=generator).argsort(dim=1)[:, :min(markers, seq_len)]
+        places = torch.rand(count, seq_len, generator=generator).argsort(dim=1)[:, : min(markers, seq_len)]
         ids.scatter_(1, places, (2 + labels).unsqueeze(1).expand_as(places))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
-    return Dataset(split(n), split(n_eval),
-                   f"synthetic token sequences ({num_labels} classes marked by class tokens), {seq_len} tokens")
+    return Dataset(
+        split(n),
+        split(n_eval),
+        f"synthetic token sequences ({num_labels} classes marked by class tokens), {seq_len} tokens",
+    )
 
 
-def synthetic_causal_lm(n: int, n_eval: int, seq_len: int, vocab_size: int, generator: torch.Generator) -> Dataset:
+def synthetic_causal_lm(
+    n: int, n_eval: int, seq_len: int, vocab_size: int, generator: torch.Generator
+) -> Dataset:
     """Arithmetic progressions t_i = (s + d*i) mod V' (V' = min(vocab, 1000), d in 1..7): the
     next token is predictable from the two before it. The first quarter is the prompt: labels -100."""
     modulus = min(vocab_size, 1000)
@@ -98,13 +108,11 @@ def synthetic_causal_lm(n: int, n_eval: int, seq_len: int, vocab_size: int, gene
         labels[:, :prompt] = IGNORE_INDEX
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
-    return Dataset(split(n), split(n_eval),
-                   f"synthetic token progressions (prompt masked), {seq_len} tokens")
-
-
+    return Dataset(split(n), split(n_eval), f"synthetic token progressions (prompt masked), {seq_len} tokens")
 
 
 # ---- real data sets --------------------------------------------------------------------------
+
 
 class DataError(InputError):
     """A data path that is missing, of an unknown kind, or malformed."""
@@ -119,23 +127,30 @@ def detect(path: str) -> str:
         if _cifar_dir(p) is not None:
             return "cifar10"
         if not _is_hf_dataset(p):
-            raise DataError(f"--data {path}: neither a CIFAR-10 directory (cifar-10-batches-py/ with data_batch_1..5 "
-                            "and test_batch) nor a data set saved by datasets' save_to_disk")
+            raise DataError(
+                f"--data {path}: neither a CIFAR-10 directory (cifar-10-batches-py/ with data_batch_1..5 "
+                "and test_batch) nor a data set saved by datasets' save_to_disk"
+            )
     elif p.suffix not in (".csv", ".jsonl"):
-        raise DataError(f"--data {path}: unknown kind of file; use a .csv or .jsonl file or a CIFAR-10 directory")
-    records = _records(p)   # every line parsed up front: a malformed file is refused before any work
+        raise DataError(
+            f"--data {path}: unknown kind of file; use a .csv or .jsonl file or a CIFAR-10 directory"
+        )
+    records = _records(p)  # every line parsed up front: a malformed file is refused before any work
     if not records:
         raise DataError(f"--data {path}: no records")
     columns = set(records[0])
-    for kind, needed in (("instructions", {"instruction", "output"}), ("text-classification", {"text", "label"})):
+    for kind, needed in (
+        ("instructions", {"instruction", "output"}),
+        ("text-classification", {"text", "label"}),
+    ):
         if needed <= columns:
             for i, r in enumerate(records, 1):
                 if not needed <= set(r):
                     raise DataError(f"--data {path}: record {i} lacks {', '.join(sorted(needed - set(r)))}")
             return kind
-    raise DataError(f"--data {path}: columns {sorted(columns)}; expected text and label, or instruction, input, output")
-
-
+    raise DataError(
+        f"--data {path}: columns {sorted(columns)}; expected text and label, or instruction, input, output"
+    )
 
 
 def _is_hf_dataset(p: Path) -> bool:
@@ -148,11 +163,13 @@ def _hf_records(path: Path) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"--data {path}: reading a saved HF data set needs the datasets package "
-                        "(pip install 'lorabench[hf]')") from None
+        raise DataError(
+            f"--data {path}: reading a saved HF data set needs the datasets package "
+            "(pip install 'lorabench[hf]')"
+        ) from None
     try:
         ds = datasets.load_from_disk(str(path))
-    except Exception as e:   # datasets raises several kinds for a damaged directory
+    except Exception as e:  # datasets raises several kinds for a damaged directory
         raise DataError(f"--data {path}: cannot load the saved data set ({type(e).__name__}: {e})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
@@ -195,9 +212,15 @@ class _NumpyOnly(pickle.Unpickler):
     """CIFAR-10's batches are pickles: allow the numpy array machinery and nothing else, so a
     crafted file cannot run code (the safe-loading rule, for a format that has no safe loader)."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("codecs", "encode")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("codecs", "encode"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -207,6 +230,7 @@ class _NumpyOnly(pickle.Unpickler):
 
 def _cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
     import numpy as np
+
     try:
         with open(path, "rb") as f:
             batch = _NumpyOnly(f, encoding="bytes").load()
@@ -228,16 +252,20 @@ def load_cifar10(path: str, samples: int, eval_samples: int, seed: int) -> Datas
     take, etake = torch.randperm(len(y), generator=g)[:samples], torch.arange(min(eval_samples, len(ey)))
     if len(take) < samples:
         raise DataError(f"--data {path}: {len(y)} training images, fewer than --samples {samples}")
-    return Dataset({"x": x[take], "labels": y[take]},
-                   {"x": ex[etake], "labels": ey[etake]}, f"CIFAR-10 from {path} ({samples} train / {len(etake)} test)")
+    return Dataset(
+        {"x": x[take], "labels": y[take]},
+        {"x": ex[etake], "labels": ey[etake]},
+        f"CIFAR-10 from {path} ({samples} train / {len(etake)} test)",
+    )
 
 
 def download_cifar10(root: str) -> None:
     """Fetch CIFAR-10 with torchvision (only when asked, and only where the network allows)."""
     from torchvision.datasets import CIFAR10
+
     try:
         CIFAR10(root, train=True, download=True)
-    except Exception as e:   # no network, or a refused connection
+    except Exception as e:  # no network, or a refused connection
         raise DataError(f"--download: cannot fetch CIFAR-10 into {root} ({type(e).__name__}: {e})") from None
 
 
@@ -269,26 +297,34 @@ def tokenizer_for(source: str | None, vocab_size: int):
     if source:
         try:
             from transformers import AutoTokenizer
+
             return HFTokenizer(AutoTokenizer.from_pretrained(source, local_files_only=True), source)
-        except Exception:   # not cached, no tokenizer files, or no network: fall back, and say so
+        except Exception:  # not cached, no tokenizer files, or no network: fall back, and say so
             pass
     return HashTokenizer(vocab_size)
 
 
 def _split(records: list[dict], samples: int, eval_samples: int, seed: int, path: str) -> tuple[list, list]:
     if len(records) < samples + eval_samples:
-        raise DataError(f"--data {path}: {len(records)} records, fewer than samples + eval samples "
-                        f"({samples} + {eval_samples})")
+        raise DataError(
+            f"--data {path}: {len(records)} records, fewer than samples + eval samples "
+            f"({samples} + {eval_samples})"
+        )
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [records[i] for i in order[:samples]], [records[i] for i in order[samples:samples + eval_samples]]
+    return [records[i] for i in order[:samples]], [
+        records[i] for i in order[samples : samples + eval_samples]
+    ]
 
 
 def _pad(rows: list[list[int]], seq_len: int, value: int) -> Tensor:
-    return torch.tensor([r[:seq_len] + [value] * (seq_len - len(r[:seq_len])) for r in rows], dtype=torch.long)
+    return torch.tensor(
+        [r[:seq_len] + [value] * (seq_len - len(r[:seq_len])) for r in rows], dtype=torch.long
+    )
 
 
-def load_text_classification(path: str, tokenizer, seq_len: int, samples: int, eval_samples: int,
-                             seed: int, num_labels: int) -> Dataset:
+def load_text_classification(
+    path: str, tokenizer, seq_len: int, samples: int, eval_samples: int, seed: int, num_labels: int
+) -> Dataset:
     records = _records(Path(path))
     for i, r in enumerate(records):
         try:
@@ -296,17 +332,24 @@ def load_text_classification(path: str, tokenizer, seq_len: int, samples: int, e
         except (KeyError, TypeError, ValueError):
             raise DataError(f"--data {path}: record {i + 1} has no whole-number label") from None
         if not 0 <= r["label"] < num_labels:
-            raise DataError(f"--data {path}: record {i + 1} has label {r['label']}; the model has {num_labels} labels")
+            raise DataError(
+                f"--data {path}: record {i + 1} has label {r['label']}; the model has {num_labels} labels"
+            )
     train, test = _split(records, samples, eval_samples, seed, path)
 
     def encode(rs):
         ids = [tokenizer.encode(str(r["text"]))[:seq_len] for r in rs]
-        return {"input_ids": _pad(ids, seq_len, tokenizer.pad_id),
-                "attention_mask": _pad([[1] * len(i) for i in ids], seq_len, 0),
-                "labels": torch.tensor([r["label"] for r in rs])}
+        return {
+            "input_ids": _pad(ids, seq_len, tokenizer.pad_id),
+            "attention_mask": _pad([[1] * len(i) for i in ids], seq_len, 0),
+            "labels": torch.tensor([r["label"] for r in rs]),
+        }
 
-    return Dataset(encode(train), encode(test),
-                   f"{Path(path).name} ({samples} train / {eval_samples} eval), {tokenizer.name}, {seq_len} tokens")
+    return Dataset(
+        encode(train),
+        encode(test),
+        f"{Path(path).name} ({samples} train / {eval_samples} eval), {tokenizer.name}, {seq_len} tokens",
+    )
 
 
 def seed001_prompt(instruction: str, inp: str) -> str:
@@ -314,7 +357,9 @@ def seed001_prompt(instruction: str, inp: str) -> str:
     return ("Human: " + instruction + "\n" + inp).strip() + "\n\nAssistant: "
 
 
-def load_instructions(path: str, tokenizer, seq_len: int, samples: int, eval_samples: int, seed: int) -> Dataset:
+def load_instructions(
+    path: str, tokenizer, seq_len: int, samples: int, eval_samples: int, seed: int
+) -> Dataset:
     records = _records(Path(path))
     for i, r in enumerate(records):
         if not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
@@ -326,23 +371,39 @@ def load_instructions(path: str, tokenizer, seq_len: int, samples: int, eval_sam
         for r in rs:
             prompt = tokenizer.encode(seed001_prompt(r["instruction"], str(r.get("input") or "")))
             response = tokenizer.encode(r["output"]) + [tokenizer.eos_id]
-            ids.append((prompt + response)[:seq_len])     # cut at seq_len (256 in seed 001)
+            ids.append((prompt + response)[:seq_len])  # cut at seq_len (256 in seed 001)
             labels.append(([IGNORE_INDEX] * len(prompt) + response)[:seq_len])
-        return {"input_ids": _pad(ids, seq_len, tokenizer.pad_id),
-                "attention_mask": _pad([[1] * len(i) for i in ids], seq_len, 0),
-                "labels": _pad(labels, seq_len, IGNORE_INDEX)}
+        return {
+            "input_ids": _pad(ids, seq_len, tokenizer.pad_id),
+            "attention_mask": _pad([[1] * len(i) for i in ids], seq_len, 0),
+            "labels": _pad(labels, seq_len, IGNORE_INDEX),
+        }
 
-    return Dataset(encode(train), encode(test),
-                   f"{Path(path).name} ({samples} train / {eval_samples} eval, seed-001 template), "
-                   f"{tokenizer.name}, {seq_len} tokens")
+    return Dataset(
+        encode(train),
+        encode(test),
+        f"{Path(path).name} ({samples} train / {eval_samples} eval, seed-001 template), "
+        f"{tokenizer.name}, {seq_len} tokens",
+    )
 
 
-def load(path: str, *, samples: int, eval_samples: int, seq_len: int, seed: int, vocab_size: int | None,
-         num_labels: int | None, tokenizer_source: str | None) -> Dataset:
+def load(
+    path: str,
+    *,
+    samples: int,
+    eval_samples: int,
+    seq_len: int,
+    seed: int,
+    vocab_size: int | None,
+    num_labels: int | None,
+    tokenizer_source: str | None,
+) -> Dataset:
     kind = detect(path)
     if kind == "cifar10":
         return load_cifar10(path, samples, eval_samples, seed)
     tokenizer = tokenizer_for(tokenizer_source, vocab_size)
     if kind == "text-classification":
-        return load_text_classification(path, tokenizer, seq_len, samples, eval_samples, seed, num_labels or 2)
+        return load_text_classification(
+            path, tokenizer, seq_len, samples, eval_samples, seed, num_labels or 2
+        )
     return load_instructions(path, tokenizer, seq_len, samples, eval_samples, seed)

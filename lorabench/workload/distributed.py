@@ -7,6 +7,7 @@ nccl on CUDA (RCCL on ROCm), one device per rank. Here: how a rank wraps its mod
 or FSDP2's shards per transformer block), what it holds, and the checks across ranks. Who starts
 the ranks and folds their figures into a row is `ranks`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,12 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-PG_TIMEOUT_S = 120.0   # a collective waiting this long on a peer raises instead of hanging the cell
-BACKENDS = {"cpu": "gloo", "cuda": "nccl"}   # torch's "nccl" is RCCL on a ROCm build
-STRATEGIES = {   # cells.STRATEGIES, described for `lorabench list`
+PG_TIMEOUT_S = 120.0  # a collective waiting this long on a peer raises instead of hanging the cell
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # torch's "nccl" is RCCL on a ROCm build
+STRATEGIES = {  # cells.STRATEGIES, described for `lorabench list`
     "ddp": "DistributedDataParallel: a whole replica per process, gradients all-reduced in buckets",
     "fsdp2": "FSDP2's fully_shard per transformer block (else per Linear), then the root: weights, gradients and "
-             "Adam state cut N ways",
+    "Adam state cut N ways",
 }
 
 
@@ -39,8 +40,12 @@ class Group:
 
     @classmethod
     def from_env(cls, strategy: str) -> "Group":
-        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
-                   strategy)
+        return cls(
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            strategy,
+        )
 
     @property
     def leader(self) -> bool:
@@ -58,17 +63,24 @@ class Group:
         """Join the process group; on the CPU, each rank gets its share of the cores (as torchrun's
         OMP_NUM_THREADS=1 intends: ranks must not oversubscribe them)."""
         if device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world))))
-        dist.init_process_group(BACKENDS[device.type], timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
-                                **({"device_id": device} if device.type == "cuda" else {}))
+            torch.set_num_threads(
+                max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))
+            )
+        dist.init_process_group(
+            BACKENDS[device.type],
+            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+            **({"device_id": device} if device.type == "cuda" else {}),
+        )
 
 
 # ---- the model across ranks ------------------------------------------------------------------
+
 
 def units(module: nn.Module) -> list[nn.Module]:
     """FSDP2's units: every transformer block (a child of an nn.ModuleList with parameters); in a
     model without blocks, every Linear, a LoRA-wrapped Linear with its adapters as one unit (frozen
     and trainable parameters in one shard group, which FSDP2 allows). The root takes the rest."""
+
     def outermost(pick: Callable[[str, nn.Module], bool]) -> list[nn.Module]:
         out, taken = [], []
         for name, m in module.named_modules():
@@ -76,8 +88,14 @@ def units(module: nn.Module) -> list[nn.Module]:
                 out.append(m)
                 taken.append(name)
         return out
-    blocks = {id(c) for m in module.modules() if isinstance(m, nn.ModuleList) for c in m
-              if any(True for _ in c.parameters())}
+
+    blocks = {
+        id(c)
+        for m in module.modules()
+        if isinstance(m, nn.ModuleList)
+        for c in m
+        if any(True for _ in c.parameters())
+    }
     found = outermost(lambda name, m: id(m) in blocks)
     return found or outermost(lambda name, m: isinstance(m, nn.Linear) or hasattr(m, "base_layer"))
 
@@ -94,9 +112,12 @@ def wrap(model: nn.Module, group: Group, device: torch.device) -> nn.Module:
     """The model as this rank trains it: a DDP replica, or sharded by FSDP2's fully_shard per unit,
     then the root. FSDP2 changes the module in place (its parameters become DTensor shards)."""
     if group.strategy == "ddp":
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
     mesh = init_device_mesh(device.type, (group.world,))
     for unit in units(model):
         fully_shard(unit, mesh=mesh)
@@ -129,9 +150,10 @@ def grad_sync(model: nn.Module, enabled: bool):
     the micro-batches before the last of a step only accumulate."""
     if enabled:
         return contextlib.nullcontext()
-    if hasattr(model, "no_sync"):   # DDP
+    if hasattr(model, "no_sync"):  # DDP
         return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+
         @contextlib.contextmanager
         def off():
             model.set_requires_gradient_sync(False)
@@ -139,6 +161,7 @@ def grad_sync(model: nn.Module, enabled: bool):
                 yield
             finally:
                 model.set_requires_gradient_sync(True)
+
         return off()
     return contextlib.nullcontext()
 
@@ -151,7 +174,7 @@ def mean(value: float, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def params_max_abs_diff(model: nn.Module, device: torch.device, chunk: int = 2 ** 18) -> float:
+def params_max_abs_diff(model: nn.Module, device: torch.device, chunk: int = 2**18) -> float:
     """Largest |parameter - rank 0's parameter| over every parameter and rank: 0 when the replicas
     agree (DDP after a step). Broadcast `chunk` elements at a time (1 MiB of fp32), so the check
     adds next to nothing to the peaks it runs among."""
@@ -159,9 +182,9 @@ def params_max_abs_diff(model: nn.Module, device: torch.device, chunk: int = 2 *
     for p in model.parameters():
         flat = p.detach().reshape(-1)
         for i in range(0, flat.numel(), chunk):
-            theirs = flat[i:i + chunk].clone()
+            theirs = flat[i : i + chunk].clone()
             dist.broadcast(theirs, src=0)
-            worst = torch.maximum(worst, (flat[i:i + chunk] - theirs).abs().max().double())
+            worst = torch.maximum(worst, (flat[i : i + chunk] - theirs).abs().max().double())
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return worst.item()
 
@@ -169,4 +192,5 @@ def params_max_abs_diff(model: nn.Module, device: torch.device, chunk: int = 2 *
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Every parameter whole, on the leader's CPU (others get {}): how checks see an FSDP2 model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -8,6 +8,7 @@ re-parametrized as W + (B @ A) * alpha/r with torch.nn.utils.parametrize, which 
 full out x in matrix on every forward pass. Each method freezes visibly, here, not as a side
 effect of a constructor, so the trainable counts below are what the optimizer receives.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,12 +36,12 @@ class Adapter:
     """What a cell asks of a method: the LoRA settings (rank None for full fine-tuning)."""
 
     rank: int | None = None
-    alpha: float | None = None        # None: alpha = rank (scale 1)
+    alpha: float | None = None  # None: alpha = rank (scale 1)
     dropout: float = 0.0
-    targets: tuple[str, ...] | str | None = None   # None: the model's default targets
+    targets: tuple[str, ...] | str | None = None  # None: the model's default targets
     modules_to_save: tuple[str, ...] = ()
-    model: str = "the model"          # for messages
-    steps: int = 1                    # optimizer steps the cell takes (AdaLoRA's schedule spans them)
+    model: str = "the model"  # for messages
+    steps: int = 1  # optimizer steps the cell takes (AdaLoRA's schedule spans them)
 
     @property
     def scale_alpha(self) -> float:
@@ -51,10 +52,10 @@ class Adapter:
 class ParamCount:
     """Parameter counts of an adapted model. trainable = adapter + full_trained."""
 
-    total: int          # every parameter of the adapted model, frozen ones and adapter copies included
+    total: int  # every parameter of the adapted model, frozen ones and adapter copies included
     trainable: int
-    adapter: int        # the adapters' weights (LoRA's A and B, DoRA's magnitudes, IA3's scales, ...)
-    full_trained: int   # parameters trained in full: all of them for `full`; saved modules / heads for LoRA
+    adapter: int  # the adapters' weights (LoRA's A and B, DoRA's magnitudes, IA3's scales, ...)
+    full_trained: int  # parameters trained in full: all of them for `full`; saved modules / heads for LoRA
 
     @property
     def trainable_pct(self) -> float:
@@ -65,12 +66,12 @@ class ParamCount:
 class Adapted:
     module: nn.Module
     params: ParamCount
-    targets: list[str]   # names of the adapted Linear modules (empty for full fine-tuning)
+    targets: list[str]  # names of the adapted Linear modules (empty for full fine-tuning)
 
 
 def count_params(module: nn.Module) -> ParamCount:
     total = trainable = adapter = 0
-    for name, p in module.named_parameters():   # named_parameters() visits tied weights once
+    for name, p in module.named_parameters():  # named_parameters() visits tied weights once
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
@@ -96,15 +97,21 @@ def _resolve(bundle: Bundle, adapter: Adapter) -> list[str]:
     matched = match_targets(bundle.module, targets)
     if not matched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names(bundle.module)})
-        raise MethodError(f"target {targets!r} matches no Linear module of {adapter.model}; its Linear modules end in: "
-                          f"{', '.join(leaves)}")
+        raise MethodError(
+            f"target {targets!r} matches no Linear module of {adapter.model}; its Linear modules end in: "
+            f"{', '.join(leaves)}"
+        )
     for name in matched:
         layer = bundle.module.get_submodule(name)
         # a Linear's features, not its weight's shape (a 4-bit weight is packed); GPT-2's Conv1D has only the weight
-        smaller = min((layer.in_features, layer.out_features) if hasattr(layer, "in_features") else layer.weight.shape)
+        smaller = min(
+            (layer.in_features, layer.out_features) if hasattr(layer, "in_features") else layer.weight.shape
+        )
         if adapter.rank is not None and adapter.rank > smaller:
-            raise MethodError(f"rank {adapter.rank} exceeds the smaller dimension ({smaller}) of target {name} "
-                              f"{tuple(layer.weight.shape)} in {adapter.model}; use a rank <= {smaller} or other targets")
+            raise MethodError(
+                f"rank {adapter.rank} exceeds the smaller dimension ({smaller}) of target {name} "
+                f"{tuple(layer.weight.shape)} in {adapter.model}; use a rank <= {smaller} or other targets"
+            )
     return matched
 
 
@@ -123,7 +130,7 @@ def _adapter_activations(module: nn.Module, rows: int, b: int, inputs: bool = Tr
             if trainable_before:
                 extra += m.out_features * m.in_features * b
             layer = name
-        elif isinstance(getattr(m, "base_layer", None), nn.Linear):   # any PEFT tuner: its input is kept
+        elif isinstance(getattr(m, "base_layer", None), nn.Linear):  # any PEFT tuner: its input is kept
             m, layer = m.base_layer, name
         else:
             trainable_before |= any(p.requires_grad for p in m.parameters(recurse=False))
@@ -141,12 +148,14 @@ class Method:
     prediction: the activations it changes. (FLOPs are counted, not predicted: see `flops`.)"""
 
     name, title = "full", "full fine-tuning"
-    adapts = False            # trains adapters on targets (checks: adapter off, merged)
-    ranked = False            # needs a rank (--ranks)
+    adapts = False  # trains adapters on targets (checks: adapter off, merged)
+    ranked = False  # needs a rank (--ranks)
     uses_peft = False
-    survey_device = "meta"    # where the plan builds it to count it (a method that reads its weights: cpu)
-    closed_form = True        # flops.closed_form knows its products (`lorabench check` holds the count to it)
-    linear_input_units = 14   # Korthikanti's 34 units per layer keep the 4 Linear inputs (14) for weight gradients
+    survey_device = "meta"  # where the plan builds it to count it (a method that reads its weights: cpu)
+    closed_form = True  # flops.closed_form knows its products (`lorabench check` holds the count to it)
+    linear_input_units = (
+        14  # Korthikanti's 34 units per layer keep the 4 Linear inputs (14) for weight gradients
+    )
 
     @property
     def description(self) -> str:
@@ -164,14 +173,15 @@ class Method:
     def extra_activations(self, module: nn.Module, rows: int, b: int, inputs: bool) -> int:
         return 0
 
-    def checks(self, adapted: Adapted, forward: Callable[[nn.Module], torch.Tensor],
-               base_out: torch.Tensor) -> dict[str, float | int]:
+    def checks(
+        self, adapted: Adapted, forward: Callable[[nn.Module], torch.Tensor], base_out: torch.Tensor
+    ) -> dict[str, float | int]:
         return {}
 
 
 class _LoRA(Method):
     adapts = ranked = True
-    linear_input_units = 0    # a frozen Linear keeps no input; the adapted ones come back in extra_activations
+    linear_input_units = 0  # a frozen Linear keeps no input; the adapted ones come back in extra_activations
 
     def extra_activations(self, module: nn.Module, rows: int, b: int, inputs: bool) -> int:
         return _adapter_activations(module, rows, b, inputs)
@@ -201,8 +211,15 @@ class PeftMethod(_LoRA):
 
     uses_peft = True
 
-    def __init__(self, name: str, title: str, config: Callable, ranked: bool = True, survey_device: str = "meta",
-                 closed_form: bool = False):
+    def __init__(
+        self,
+        name: str,
+        title: str,
+        config: Callable,
+        ranked: bool = True,
+        survey_device: str = "meta",
+        closed_form: bool = False,
+    ):
         self.name, self.title, self._config = name, title, config
         self.ranked, self.survey_device, self.closed_form = ranked, survey_device, closed_form
 
@@ -217,19 +234,24 @@ class PeftMethod(_LoRA):
         targets = adapter.targets if adapter.targets is not None else bundle.lora_targets
         config = self._config(adapter, targets if isinstance(targets, str) else list(targets))
         task_type = bundle.task.peft_task_type
-        config.task_type = getattr(TaskType, task_type) if task_type else None   # SEQ_CLS trains the head in full too
+        config.task_type = (
+            getattr(TaskType, task_type) if task_type else None
+        )  # SEQ_CLS trains the head in full too
         if adapter.modules_to_save:
             config.modules_to_save = list(adapter.modules_to_save)
-        bundle.module.requires_grad_(False)   # the base is frozen; PEFT unfreezes adapters and saved modules
+        bundle.module.requires_grad_(False)  # the base is frozen; PEFT unfreezes adapters and saved modules
         module = get_peft_model(bundle.module, config)
         return Adapted(module, count_params(module), matched)
 
     def step_hook(self, module):
-        update = getattr(getattr(module, "base_model", None), "update_and_allocate", None)   # AdaLoRA's rank schedule
+        update = getattr(
+            getattr(module, "base_model", None), "update_and_allocate", None
+        )  # AdaLoRA's rank schedule
         return update
 
     def _views(self, adapted, forward):
         from peft import get_peft_model_state_dict
+
         module = adapted.module
         with module.disable_adapter():
             off = forward(module)
@@ -239,39 +261,78 @@ class PeftMethod(_LoRA):
 
 def _peft(name: str):
     import peft
+
     return getattr(peft, name)
 
 
 def _lora(**extra) -> Callable:
-    return lambda a, t: _peft("LoraConfig")(r=a.rank, lora_alpha=a.scale_alpha, lora_dropout=a.dropout,
-                                            target_modules=t, **extra)
+    return lambda a, t: _peft("LoraConfig")(
+        r=a.rank, lora_alpha=a.scale_alpha, lora_dropout=a.dropout, target_modules=t, **extra
+    )
 
 
 # PEFT's methods, each one line: (name, what it trains, its config from the cell's adapter and targets)
 PEFT_METHODS = [
-    PeftMethod("lora", "LoRA through PEFT: an adapter path x A^T B^T beside each frozen Linear.", _lora(),
-               closed_form=True),
-    PeftMethod("dora", "DoRA: LoRA plus a learned magnitude per output feature of each target (use_dora)",
-               _lora(use_dora=True)),
-    PeftMethod("rslora", "rsLoRA: LoRA scaled by alpha / sqrt(r) instead of alpha / r (use_rslora)",
-               _lora(use_rslora=True)),
-    PeftMethod("loha", "LoHa: the update is the Hadamard product of two rank-r pairs",
-               lambda a, t: _peft("LoHaConfig")(r=a.rank, alpha=a.scale_alpha, target_modules=t)),
-    PeftMethod("lokr", "LoKr: the update is a Kronecker product with a rank-r factor",
-               lambda a, t: _peft("LoKrConfig")(r=a.rank, alpha=a.scale_alpha, target_modules=t)),
-    PeftMethod("ia3", "IA3: a learned scale per output feature of each target; no rank",
-               lambda a, t: _peft("IA3Config")(target_modules=t, feedforward_modules=[]), ranked=False),
-    PeftMethod("vera", "VeRA: frozen random rank-r projections shared by every target, learned scales",
-               lambda a, t: _peft("VeraConfig")(r=a.rank, target_modules=t, vera_dropout=a.dropout)),
-    PeftMethod("adalora", "AdaLoRA: SVD-form LoRA from rank r, pruned to r/2 over the cell's steps",
-               lambda a, t: _peft("AdaLoraConfig")(init_r=a.rank, target_r=max(a.rank // 2, 1), total_step=a.steps,
-                                                   lora_alpha=a.scale_alpha, target_modules=t)),
-    PeftMethod("oft", "OFT: an orthogonal block-diagonal rotation of each target's weight, r blocks",
-               lambda a, t: _peft("OFTConfig")(r=a.rank, oft_block_size=0, target_modules=t)),
+    PeftMethod(
+        "lora",
+        "LoRA through PEFT: an adapter path x A^T B^T beside each frozen Linear.",
+        _lora(),
+        closed_form=True,
+    ),
+    PeftMethod(
+        "dora",
+        "DoRA: LoRA plus a learned magnitude per output feature of each target (use_dora)",
+        _lora(use_dora=True),
+    ),
+    PeftMethod(
+        "rslora",
+        "rsLoRA: LoRA scaled by alpha / sqrt(r) instead of alpha / r (use_rslora)",
+        _lora(use_rslora=True),
+    ),
+    PeftMethod(
+        "loha",
+        "LoHa: the update is the Hadamard product of two rank-r pairs",
+        lambda a, t: _peft("LoHaConfig")(r=a.rank, alpha=a.scale_alpha, target_modules=t),
+    ),
+    PeftMethod(
+        "lokr",
+        "LoKr: the update is a Kronecker product with a rank-r factor",
+        lambda a, t: _peft("LoKrConfig")(r=a.rank, alpha=a.scale_alpha, target_modules=t),
+    ),
+    PeftMethod(
+        "ia3",
+        "IA3: a learned scale per output feature of each target; no rank",
+        lambda a, t: _peft("IA3Config")(target_modules=t, feedforward_modules=[]),
+        ranked=False,
+    ),
+    PeftMethod(
+        "vera",
+        "VeRA: frozen random rank-r projections shared by every target, learned scales",
+        lambda a, t: _peft("VeraConfig")(r=a.rank, target_modules=t, vera_dropout=a.dropout),
+    ),
+    PeftMethod(
+        "adalora",
+        "AdaLoRA: SVD-form LoRA from rank r, pruned to r/2 over the cell's steps",
+        lambda a, t: _peft("AdaLoraConfig")(
+            init_r=a.rank,
+            target_r=max(a.rank // 2, 1),
+            total_step=a.steps,
+            lora_alpha=a.scale_alpha,
+            target_modules=t,
+        ),
+    ),
+    PeftMethod(
+        "oft",
+        "OFT: an orthogonal block-diagonal rotation of each target's weight, r blocks",
+        lambda a, t: _peft("OFTConfig")(r=a.rank, oft_block_size=0, target_modules=t),
+    ),
     # BOFT reads its weights while building (.item()): the plan counts it on the CPU, not on meta
-    PeftMethod("boft", "BOFT: a butterfly-factored orthogonal rotation of each target, blocks of size r",
-               lambda a, t: _peft("BOFTConfig")(boft_block_size=a.rank, boft_n_butterfly_factor=1, target_modules=t),
-               survey_device="cpu"),
+    PeftMethod(
+        "boft",
+        "BOFT: a butterfly-factored orthogonal rotation of each target, blocks of size r",
+        lambda a, t: _peft("BOFTConfig")(boft_block_size=a.rank, boft_n_butterfly_factor=1, target_modules=t),
+        survey_device="cpu",
+    ),
 ]
 
 
@@ -279,7 +340,9 @@ class LoRAParametrization(nn.Module):
     """P(W) = W + (B @ A) * alpha / r, with A ~ N(0, 1) of shape (r, in) and B = 0 of shape (out, r),
     so the model is unchanged until trained; `enabled = False` makes P the identity."""
 
-    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, *, device=None, dtype=None):
+    def __init__(
+        self, out_features: int, in_features: int, rank: int, alpha: float, *, device=None, dtype=None
+    ):
         super().__init__()
         self.lora_A = nn.Parameter(torch.randn(rank, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
@@ -301,14 +364,19 @@ class ReparamLoRA(_LoRA):
         if adapter.modules_to_save:
             raise MethodError("lora-reparam trains adapters only; modules_to_save needs --methods lora")
         matched = _resolve(bundle, adapter)
-        bundle.module.requires_grad_(False)   # every non-LoRA parameter is frozen (seed 002)
+        bundle.module.requires_grad_(False)  # every non-LoRA parameter is frozen (seed 002)
         for name in matched:
             layer = bundle.module.get_submodule(name)
             if not isinstance(layer, nn.Linear):
                 raise MethodError(f"lora-reparam adapts nn.Linear only; {name} is a {type(layer).__name__}")
             w = layer.weight
-            parametrize.register_parametrization(layer, "weight", LoRAParametrization(
-                w.shape[0], w.shape[1], adapter.rank, adapter.scale_alpha, device=w.device, dtype=w.dtype))
+            parametrize.register_parametrization(
+                layer,
+                "weight",
+                LoRAParametrization(
+                    w.shape[0], w.shape[1], adapter.rank, adapter.scale_alpha, device=w.device, dtype=w.dtype
+                ),
+            )
         return Adapted(bundle.module, count_params(bundle.module), matched)
 
     def _views(self, adapted, forward):
@@ -332,6 +400,7 @@ def set_reparam_enabled(module: nn.Module, enabled: bool) -> None:
 def _state_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """Size of a safetensors file holding `tensors` (header included), without writing it."""
     from safetensors.torch import save
+
     return len(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
 
 
@@ -340,8 +409,10 @@ def model_file_bytes(module: nn.Module) -> int:
     return sum(t.nbytes for t in module.state_dict().values())
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (Method(), PEFT_METHODS[0], ReparamLoRA(), *PEFT_METHODS[1:])}
-BASELINE = next(name for name, m in METHODS.items() if not m.adapts)   # what Delta columns compare against
+METHODS: dict[str, Method] = {
+    m.name: m for m in (Method(), PEFT_METHODS[0], ReparamLoRA(), *PEFT_METHODS[1:])
+}
+BASELINE = next(name for name, m in METHODS.items() if not m.adapts)  # what Delta columns compare against
 
 
 def method(name: str) -> Method:
@@ -349,8 +420,10 @@ def method(name: str) -> Method:
     if name in METHODS:
         return METHODS[name]
     if name.startswith("peft:"):
-        return _from_file(name[len("peft:"):])
-    raise MethodError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}, or peft:<adapter_config.json>")
+        return _from_file(name[len("peft:") :])
+    raise MethodError(
+        f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}, or peft:<adapter_config.json>"
+    )
 
 
 @functools.cache
@@ -365,15 +438,23 @@ def _from_file(path: str) -> Method:
     except (OSError, ValueError) as e:
         raise MethodError(f"peft:{path}: not a JSON adapter_config.json ({type(e).__name__}: {e})") from None
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
     kind = d.get("peft_type") if isinstance(d, dict) else None
     if kind not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        raise MethodError(f"peft:{path}: peft_type {kind!r} is not a method PEFT knows; it knows "
-                          f"{', '.join(sorted(PEFT_TYPE_TO_CONFIG_MAPPING))}")
+        raise MethodError(
+            f"peft:{path}: peft_type {kind!r} is not a method PEFT knows; it knows "
+            f"{', '.join(sorted(PEFT_TYPE_TO_CONFIG_MAPPING))}"
+        )
     cls = PEFT_TYPE_TO_CONFIG_MAPPING[kind]
     known = {f.name for f in dataclasses.fields(cls)} - {"peft_type", "task_type", "base_model_name_or_path"}
     fields = {k: v for k, v in d.items() if k in known and v is not None}
-    return PeftFile(f"peft:{path}", f"PEFT {kind} as {file} sets it", lambda a, t: cls(**{"target_modules": t, **fields}),
-                    ranked=False, targets=fields.get("target_modules"))
+    return PeftFile(
+        f"peft:{path}",
+        f"PEFT {kind} as {file} sets it",
+        lambda a, t: cls(**{"target_modules": t, **fields}),
+        ranked=False,
+        targets=fields.get("target_modules"),
+    )
 
 
 class PeftFile(PeftMethod):

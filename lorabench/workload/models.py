@@ -8,6 +8,7 @@ figures need no download; `weights="pretrained"` loads published weights through
 default device, so `with torch.device("meta"):` builds any of them in milliseconds for counting.
 transformers is imported inside the builders that need it: it costs ~3.6 s per process on 2 cores.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -31,8 +32,8 @@ class Bundle:
     module: nn.Module
     task: Task
     lora_targets: tuple[str, ...] | str  # PEFT-style default target module names (or a regex)
-    vocab_size: int | None = None      # token models: ids are drawn below this
-    num_labels: int | None = None      # classifiers
+    vocab_size: int | None = None  # token models: ids are drawn below this
+    num_labels: int | None = None  # classifiers
     tokenizer_source: str | None = None  # where a tokenizer for real text data can be loaded
 
 
@@ -40,14 +41,16 @@ def build_cifar_mlp(weights: str = "random") -> Bundle:
     """Seed 002's MLP: 3*32*32 -> 4096 -> 2048 -> 10 with ReLU, 20,998,154 parameters."""
     if weights != "random":
         raise ModelError("cifar-mlp has no published weights; it trains from scratch (use --weights random)")
-    module = nn.Sequential(OrderedDict(
-        flatten=nn.Flatten(),
-        fc1=nn.Linear(3 * 32 * 32, 4096),
-        relu1=nn.ReLU(),
-        fc2=nn.Linear(4096, 2048),
-        relu2=nn.ReLU(),
-        fc3=nn.Linear(2048, 10),
-    ))
+    module = nn.Sequential(
+        OrderedDict(
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(3 * 32 * 32, 4096),
+            relu1=nn.ReLU(),
+            fc2=nn.Linear(4096, 2048),
+            relu2=nn.ReLU(),
+            fc3=nn.Linear(2048, 10),
+        )
+    )
     return Bundle(module, TASKS["image-classification"], ("fc1", "fc2", "fc3"), num_labels=10)
 
 
@@ -58,14 +61,26 @@ def _bert(hub_id: str, weights: str, **shape) -> Bundle:
         module = _from_pretrained(BertForSequenceClassification, hub_id, num_labels=2)
     else:
         module = BertForSequenceClassification(BertConfig(num_labels=2, **shape))
-    return Bundle(module, TASKS["sequence-classification"], ("query", "value"),
-                  vocab_size=module.config.vocab_size, num_labels=2, tokenizer_source=hub_id)
+    return Bundle(
+        module,
+        TASKS["sequence-classification"],
+        ("query", "value"),
+        vocab_size=module.config.vocab_size,
+        num_labels=2,
+        tokenizer_source=hub_id,
+    )
 
 
 def build_bert_tiny(weights: str = "random") -> Bundle:
     """2 layers, hidden 128, 2 heads, intermediate 512: 4,386,178 parameters with a 2-label head."""
-    return _bert("prajjwal1/bert-tiny", weights, hidden_size=128, num_hidden_layers=2,
-                 num_attention_heads=2, intermediate_size=512)
+    return _bert(
+        "prajjwal1/bert-tiny",
+        weights,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=512,
+    )
 
 
 def build_bert_base(weights: str = "random") -> Bundle:
@@ -80,13 +95,20 @@ def _bloom(hub_id: str, weights: str, **shape) -> Bundle:
         module = _from_pretrained(BloomForCausalLM, hub_id)
     else:
         module = BloomForCausalLM(BloomConfig(**shape))
-    return Bundle(module, TASKS["causal-lm"], ("query_key_value",), vocab_size=module.config.vocab_size,
-                  tokenizer_source=hub_id)
+    return Bundle(
+        module,
+        TASKS["causal-lm"],
+        ("query_key_value",),
+        vocab_size=module.config.vocab_size,
+        tokenizer_source=hub_id,
+    )
 
 
 def build_bloom_560m(weights: str = "random") -> Bundle:
     """Bloom 560m: hidden 1024, 24 layers, 16 heads, vocabulary 250,880."""
-    return _bloom("bigscience/bloom-560m", weights, hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880)
+    return _bloom(
+        "bigscience/bloom-560m", weights, hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880
+    )
 
 
 def build_bloom_1b4_zh(weights: str = "random") -> Bundle:
@@ -124,15 +146,23 @@ def build_byo(source: str, weights: str = "random", task: str | None = None) -> 
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot build {source!r} for {the_task.name}: {first_line(e)}") from None
     targets = _default_targets(module)
-    return Bundle(module, the_task, targets, vocab_size=getattr(config, "vocab_size", None),
-                  num_labels=config.num_labels if the_task.classifier else None, tokenizer_source=source)
+    return Bundle(
+        module,
+        the_task,
+        targets,
+        vocab_size=getattr(config, "vocab_size", None),
+        num_labels=config.num_labels if the_task.classifier else None,
+        tokenizer_source=source,
+    )
 
 
 def build(name: str, weights: str = "random", task: str | None = None) -> Bundle:
     if is_byo(name):
         return build_byo(name[3:], weights, task)
     if name not in MODELS:
-        raise ModelError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))} or hf:<dir or hub id>")
+        raise ModelError(
+            f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))} or hf:<dir or hub id>"
+        )
     return MODELS[name](weights)
 
 
@@ -149,17 +179,23 @@ def checkpoint(module: nn.Module) -> None:
     import types
 
     from torch.utils.checkpoint import checkpoint_sequential
+
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
     if hasattr(base, "gradient_checkpointing_enable"):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.config.use_cache = False   # a cache is of no use to training, and checkpointing refuses one
+        base.config.use_cache = False  # a cache is of no use to training, and checkpointing refuses one
         return
     if not isinstance(base, nn.Sequential):
-        raise ModelError(f"gradient checkpointing needs a transformers model or an nn.Sequential; this is a "
-                         f"{type(base).__name__}")
-    segments = max(sum(any(True for _ in m.parameters()) for m in base.children()), 1)   # a Linear (adapted or not) each
-    base.forward = types.MethodType(lambda self, x: checkpoint_sequential(self, segments, x, use_reentrant=False),
-                                    base)
+        raise ModelError(
+            f"gradient checkpointing needs a transformers model or an nn.Sequential; this is a "
+            f"{type(base).__name__}"
+        )
+    segments = max(
+        sum(any(True for _ in m.parameters()) for m in base.children()), 1
+    )  # a Linear (adapted or not) each
+    base.forward = types.MethodType(
+        lambda self, x: checkpoint_sequential(self, segments, x, use_reentrant=False), base
+    )
 
 
 def linear_names(module: nn.Module) -> list[str]:
@@ -173,7 +209,9 @@ def _infer_task(config) -> str:
         return "causal-lm"
     if "ForSequenceClassification" in archs or "ForMaskedLM" in archs or "Model" in archs:
         return "sequence-classification"
-    raise ModelError(f"cannot infer the task of {archs or 'this model'}; pass --task causal-lm or sequence-classification")
+    raise ModelError(
+        f"cannot infer the task of {archs or 'this model'}; pass --task causal-lm or sequence-classification"
+    )
 
 
 def _default_targets(module: nn.Module) -> tuple[str, ...]:
@@ -197,8 +235,12 @@ def _from_pretrained(cls, hub_id: str, **kwargs) -> nn.Module:
         ) from None
 
 
-HUB_IDS = {"bert-tiny": "prajjwal1/bert-tiny", "bert-base": "bert-base-uncased",
-           "bloom-560m": "bigscience/bloom-560m", "bloom-1b4-zh": "Langboat/bloom-1b4-zh"}
+HUB_IDS = {
+    "bert-tiny": "prajjwal1/bert-tiny",
+    "bert-base": "bert-base-uncased",
+    "bloom-560m": "bigscience/bloom-560m",
+    "bloom-1b4-zh": "Langboat/bloom-1b4-zh",
+}
 
 
 def check_pretrained(name: str) -> None:
@@ -213,9 +255,12 @@ def check_pretrained(name: str) -> None:
     if Path(source).is_dir():
         return
     from huggingface_hub import snapshot_download
+
     try:
         snapshot_download(source, local_files_only=True)
     except Exception:
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-            raise ModelError(f"pretrained weights for {source!r} are not in the HF cache and HF_HUB_OFFLINE is set; "
-                             "download them first (huggingface-cli download), or use --weights random") from None
+            raise ModelError(
+                f"pretrained weights for {source!r} are not in the HF cache and HF_HUB_OFFLINE is set; "
+                "download them first (huggingface-cli download), or use --weights random"
+            ) from None

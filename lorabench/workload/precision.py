@@ -8,6 +8,7 @@ keeps small gradients from flushing to zero. `bf16` (and `fp16`) keep the weight
 16 bits, with no master copy. A device that cannot run a precision (autocast or a dtype it lacks)
 gets its cells `skipped` with the reason, found by trying a small step before the run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,7 @@ PRECISIONS: dict[str, tuple[str, str | None]] = {
     "bf16": ("bfloat16", None),
     "fp16": ("float16", None),
 }
-OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}   # --dtype, the older spelling
+OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # --dtype, the older spelling
 TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NONE = contextlib.nullcontext()
 
@@ -47,7 +48,7 @@ class Precision:
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is None:
             optimizer.step()
-        else:   # skips a step whose gradients overflowed, and adapts the scale
+        else:  # skips a step whose gradients overflowed, and adapts the scale
             self.scaler.step(optimizer)
             self.scaler.update()
 
@@ -63,6 +64,6 @@ def unsupported(name: str, device: str) -> str | None:
             loss = layer(torch.randn(4, 16, device=device, dtype=TORCH[weights])).float().square().mean()
         amp.backward(loss)
         amp.step(optimizer)
-    except Exception as e:   # a dtype or autocast this device or build does not have
+    except Exception as e:  # a dtype or autocast this device or build does not have
         return f"{name} cannot run on {device}: {type(e).__name__}: {first_line(e)[:200]}"
     return None

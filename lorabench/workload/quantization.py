@@ -11,6 +11,7 @@ per output row (LLM.int8). The adapters then train beside the frozen quantised b
 PEFT's `prepare_model_for_kbit_training`. A device or install bitsandbytes cannot serve gets the
 cell `skipped` with the reason, found by trying a small layer before the run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,7 +27,7 @@ from ..forksafe import allow
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 KINDS = ("none", "nf4", "int8")
-NF4_BLOCK, NF4_NESTED = 64, 256   # weights per (8-bit) absmax scale; scales per fp32 scale of those
+NF4_BLOCK, NF4_NESTED = 64, 256  # weights per (8-bit) absmax scale; scales per fp32 scale of those
 
 
 def _bnb():
@@ -40,8 +41,11 @@ def _bnb():
 
 def targets(module: nn.Module) -> list[str]:
     """The Linear layers a quantised base holds in bits: every one but the output head."""
-    names = [n.replace(".base_layer", "") for n, m in module.named_modules()   # an adapted model: its base's
-             if isinstance(m, nn.Linear) and "lora_" not in n]
+    names = [
+        n.replace(".base_layer", "")
+        for n, m in module.named_modules()  # an adapted model: its base's
+        if isinstance(m, nn.Linear) and "lora_" not in n
+    ]
     return names[:-1]
 
 
@@ -49,15 +53,22 @@ def _layer(kind: str, linear: nn.Linear) -> nn.Module:
     bnb = _bnb()
     has_bias = linear.bias is not None
     if kind == "nf4":
-        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=linear.weight.dtype,
-                              quant_type="nf4")
+        q = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=linear.weight.dtype,
+            quant_type="nf4",
+        )
         q.weight = bnb.nn.Params4bit(linear.weight.data.float(), requires_grad=False, quant_type="nf4")
         # On a CPU with AVX512-BF16, an eval-mode forward repacks the weight for inference for good,
         # and the next training forward fails (bitsandbytes 0.50: "a view of a leaf Variable ... in-place"):
         # training evaluates after every epoch, so the repacking is kept off.
         q.support_avx512bf16_for_cpu = False
     else:
-        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
+        q = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False
+        )
         q.weight = bnb.nn.Int8Params(linear.weight.data.float(), requires_grad=False, has_fp16_weights=False)
     if has_bias:
         q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
@@ -76,8 +87,9 @@ def quantize(module: nn.Module, kind: str, device: torch.device) -> int:
     module.requires_grad_(False)
     # what PEFT reads to wrap bitsandbytes layers with its own k-bit LoRA layers (merging included)
     module.is_loaded_in_4bit, module.is_loaded_in_8bit = kind == "nf4", kind == "int8"
-    if hasattr(module, "config"):   # a transformers model: PEFT's preparation for a k-bit base
+    if hasattr(module, "config"):  # a transformers model: PEFT's preparation for a k-bit base
         from peft import prepare_model_for_kbit_training
+
         prepare_model_for_kbit_training(module, use_gradient_checkpointing=False)
     return len(names)
 
@@ -89,7 +101,9 @@ def held_bytes(params) -> int:
         total += p.nbytes
         state = getattr(p, "quant_state", None)
         if state is not None:
-            total += state.absmax.nbytes + (state.state2.absmax.nbytes if getattr(state, "nested", False) else 0)
+            total += state.absmax.nbytes + (
+                state.state2.absmax.nbytes if getattr(state, "nested", False) else 0
+            )
         scales = getattr(p, "SCB", None)
         if scales is not None:
             total += scales.nbytes
@@ -119,6 +133,6 @@ def unsupported(kind: str, device: str) -> str | None:
         q = _layer(kind, nn.Linear(64, 64)).to(device)
         x = torch.randn(4, 64, device=device, requires_grad=True)
         q(x).float().sum().backward()
-    except Exception as e:   # not installed, no kernel for this device, a driver problem
+    except Exception as e:  # not installed, no kernel for this device, a driver problem
         return f"--quantize {kind} cannot run on {device}: {type(e).__name__}: {first_line(e)[:200]}"
     return None

@@ -7,6 +7,7 @@ prediction, which learnable synthetic stand-in its data has, how many tokens a s
 FLOPs and activations), and which PEFT task type its LoRA config takes. Nothing outside this
 module compares a task's name: the rest of lorabench looks a task up in TASKS and asks it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,11 +23,11 @@ from . import data
 @dataclass(frozen=True)
 class Task:
     name: str
-    peft_task_type: str | None     # peft.TaskType member name; SEQ_CLS also trains a classifier head in full
-    hf_auto_class: str | None      # transformers AutoModel class for bring-your-own models
-    classifier: bool               # labels are classes of the whole sample (num_labels applies)
-    sequence: bool                 # a sample is seq_len tokens; otherwise one input row
-    data_kind: str                 # the kind of real data set (data.detect) this task reads
+    peft_task_type: str | None  # peft.TaskType member name; SEQ_CLS also trains a classifier head in full
+    hf_auto_class: str | None  # transformers AutoModel class for bring-your-own models
+    classifier: bool  # labels are classes of the whole sample (num_labels applies)
+    sequence: bool  # a sample is seq_len tokens; otherwise one input row
+    data_kind: str  # the kind of real data set (data.detect) this task reads
     synthetic: Callable[..., data.Dataset]
 
     def tokens_per_sample(self, seq_len: int) -> int:
@@ -45,12 +46,21 @@ class Task:
         """(number of correct predictions as a tensor, number of predictions)."""
         return (logits.argmax(-1) == labels).sum(), labels.numel()
 
-    def build_data(self, *, samples: int, eval_samples: int, seq_len: int, seed: int,
-                   vocab_size: int | None = None, num_labels: int | None = None) -> data.Dataset:
+    def build_data(
+        self,
+        *,
+        samples: int,
+        eval_samples: int,
+        seq_len: int,
+        seed: int,
+        vocab_size: int | None = None,
+        num_labels: int | None = None,
+    ) -> data.Dataset:
         """The synthetic data set of this task; the same seed gives every method the same data."""
         g = torch.Generator().manual_seed(seed)
-        return self.synthetic(samples, eval_samples, seq_len=seq_len, vocab_size=vocab_size,
-                              num_labels=num_labels, generator=g)
+        return self.synthetic(
+            samples, eval_samples, seq_len=seq_len, vocab_size=vocab_size, num_labels=num_labels, generator=g
+        )
 
 
 class ImageClassification(Task):
@@ -61,7 +71,9 @@ class ImageClassification(Task):
 
 class CausalLM(Task):
     def loss(self, model, batch):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]
+        )
         return out.loss, out.logits
 
     def loss_saved_bytes(self, rows, vocab):
@@ -69,25 +81,45 @@ class CausalLM(Task):
         return rows * vocab * 4
 
     def correct(self, logits, labels):
-        pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]   # position i predicts token i + 1
+        pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]  # position i predicts token i + 1
         mask = target != data.IGNORE_INDEX
         return (pred[mask] == target[mask]).sum(), int(mask.sum())
 
 
 TASKS: dict[str, Task] = {
     "image-classification": ImageClassification(
-        "image-classification", None, None, classifier=True, sequence=False, data_kind="cifar10",
+        "image-classification",
+        None,
+        None,
+        classifier=True,
+        sequence=False,
+        data_kind="cifar10",
         synthetic=lambda n, n_eval, *, num_labels, generator, **_: data.synthetic_images(
-            n, n_eval, num_labels or 10, generator)),
+            n, n_eval, num_labels or 10, generator
+        ),
+    ),
     "sequence-classification": Task(
-        "sequence-classification", "SEQ_CLS", "AutoModelForSequenceClassification", classifier=True, sequence=True,
+        "sequence-classification",
+        "SEQ_CLS",
+        "AutoModelForSequenceClassification",
+        classifier=True,
+        sequence=True,
         data_kind="text-classification",
-        synthetic=lambda n, n_eval, *, seq_len, vocab_size, num_labels, generator: data.synthetic_text_classification(
-            n, n_eval, seq_len, vocab_size, num_labels or 2, generator)),
+        synthetic=lambda n, n_eval, *, seq_len, vocab_size, num_labels, generator: (
+            data.synthetic_text_classification(n, n_eval, seq_len, vocab_size, num_labels or 2, generator)
+        ),
+    ),
     "causal-lm": CausalLM(
-        "causal-lm", "CAUSAL_LM", "AutoModelForCausalLM", classifier=False, sequence=True, data_kind="instructions",
+        "causal-lm",
+        "CAUSAL_LM",
+        "AutoModelForCausalLM",
+        classifier=False,
+        sequence=True,
+        data_kind="instructions",
         synthetic=lambda n, n_eval, *, seq_len, vocab_size, generator, **_: data.synthetic_causal_lm(
-            n, n_eval, seq_len, vocab_size, generator)),
+            n, n_eval, seq_len, vocab_size, generator
+        ),
+    ),
 }
 
 

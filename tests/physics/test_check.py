@@ -1,8 +1,8 @@
 """`lorabench check`'s checks can fail: each one against a measurement made wrong on purpose."""
+
 import torch
 
 from lorabench import check
-
 from lorabench.measure import flops
 from lorabench.measure.trackers import HostMemory
 
@@ -15,12 +15,14 @@ def test_the_host_rss_check_sets_a_new_mark_and_fails_a_sampler_that_misses_the_
     assert size >= 512 * check.MiB
     # the buffer raised the kernel's high-water mark: the getrusage comparison was made, not skipped
     assert check.resource.getrusage(check.resource.RUSAGE_SELF).ru_maxrss * 1024 > before
-    monkeypatch.setattr(HostMemory, "_sample", lambda self: None)   # a sampler that never reads after its start
+    monkeypatch.setattr(
+        HostMemory, "_sample", lambda self: None
+    )  # a sampler that never reads after its start
     assert not check.host_rss().ok
 
 
 def test_the_matmul_ceiling_check_fails_a_ceiling_too_high_as_well_as_too_low(monkeypatch):
     assert check.matmul_ceiling(torch.device("cpu")).ok
-    for wrong in (1.0, 1e18):   # 1 FLOP/s: every step beats it; 1 EFLOP/s: a clock read before the work ended
+    for wrong in (1.0, 1e18):  # 1 FLOP/s: every step beats it; 1 EFLOP/s: a clock read before the work ended
         monkeypatch.setattr(flops, "measure_matmul_flops", lambda *a, rate=wrong, **k: {"matmul_flops": rate})
         assert not check.matmul_ceiling(torch.device("cpu")).ok, wrong

@@ -1,6 +1,7 @@
 """GPU invariants the CPU can check: no process that runs a cell or a rank is a bad fork, and the
 parent of a run never initialises CUDA (lorabench/forksafe.py, lorabench/child.py). torch's bad-fork
 flag is readable on a CPU build: a process forked after its parent asked CUDA anything carries it."""
+
 import json
 import subprocess
 import sys
@@ -76,9 +77,20 @@ def test_the_bad_fork_check_sees_a_fork_after_a_cuda_query():
 def test_a_cell_in_a_bad_fork_fails_with_one_line_naming_the_cause(monkeypatch):
     from lorabench.plan.cells import Cell
     from lorabench.run.experiment import execute
+
     monkeypatch.setattr(torch._C, "_cuda_isInBadFork", lambda: True)
-    row = execute(Cell(model="cifar-mlp", method="full", device="cuda", samples=16, eval_samples=8, batch_size=8,
-                       epochs=1, warmup_epochs=0))
+    row = execute(
+        Cell(
+            model="cifar-mlp",
+            method="full",
+            device="cuda",
+            samples=16,
+            eval_samples=8,
+            batch_size=8,
+            epochs=1,
+            warmup_epochs=0,
+        )
+    )
     assert row.status.value == "error" and row.error["type"] == "BadFork"
     assert row.error["message"].startswith("this process was forked from one that had already queried CUDA")
     assert "--start-method spawn" in row.error["message"] and row.error["traceback"] == []
@@ -89,8 +101,8 @@ def test_keep_out_stops_bitsandbytes_until_allowed(monkeypatch):
     forksafe.keep_out()
     with pytest.raises(ImportError):
         import bitsandbytes  # noqa: F401
-    assert forksafe.allow("bitsandbytes").__name__ == "bitsandbytes"   # a cell that quantises
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)   # not installed (not ours to lift)
+    assert forksafe.allow("bitsandbytes").__name__ == "bitsandbytes"  # a cell that quantises
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed (not ours to lift)
     with pytest.raises(ImportError):
         forksafe.allow("bitsandbytes")
 
@@ -114,22 +126,54 @@ def test_a_gpu_run_never_initialises_cuda_in_the_parent(tmp_path):
     query passes through torch.cuda._lazy_init, which must never run there, and bitsandbytes (whose
     import initialises CUDA on a GPU host) is never imported there. The cells, the probes and the
     calibration run in children, where no GPU exists: they fail or skip, and the run reports it."""
-    out = subprocess.run([sys.executable, "-c", PARENT, "run", "--device", "cuda", "--models", "cifar-mlp", "--methods",
-                          "lora,boft", "--ranks", "2", "--precision", "fp32,bf16-mixed", "--quantize", "none,nf4",
-                          "--samples", "16", "--eval-samples", "8", "--batch-size", "8", "--epochs", "1",
-                          "--warmup-epochs", "0", "--progress", "off"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PARENT,
+            "run",
+            "--device",
+            "cuda",
+            "--models",
+            "cifar-mlp",
+            "--methods",
+            "lora,boft",
+            "--ranks",
+            "2",
+            "--precision",
+            "fp32,bf16-mixed",
+            "--quantize",
+            "none,nf4",
+            "--samples",
+            "16",
+            "--eval-samples",
+            "8",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--progress",
+            "off",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     parent = json.loads(out.stdout.strip().splitlines()[-1])
     assert parent == {"code": 0, "inits": [], "initialized": False, "bitsandbytes": False}, out.stderr[-3000:]
     (results,) = (tmp_path / "results").glob("*/results.jsonl")
     rows = [json.loads(line) for line in results.read_text().splitlines()]
-    assert len(rows) == 8   # (LoRA, BOFT: whose first layer would build a CUDA extension here) x 2 x 2
+    assert len(rows) == 8  # (LoRA, BOFT: whose first layer would build a CUDA extension here) x 2 x 2
     skipped = [r for r in rows if r["status"] == "skipped"]
     # asked in the probe child, which found no GPU: a reason from the device, not from this process
     assert len(skipped) == 6 and all("cannot run on cuda" in r["error"]["message"] for r in skipped)
     ran = [r for r in rows if r["status"] != "skipped"]
-    for r in ran:   # a cell process with no GPU; the run went on and reported it
+    for r in ran:  # a cell process with no GPU; the run went on and reported it
         assert r["status"] == "error"
-        assert r["unavailable"]["device_matmul_flops"].startswith("the matmul rate could not be measured: "
-                                                                  "lorabench-calibrate failed: ")
+        assert r["unavailable"]["device_matmul_flops"].startswith(
+            "the matmul rate could not be measured: lorabench-calibrate failed: "
+        )

@@ -1,15 +1,20 @@
 """Checks that need a real GPU. Skipped here, with the reason; run them wherever one is attached
 (`python -m pytest tests/physics/test_gpu.py`) and commit that run's results and report."""
+
 import pytest
 import torch
 
+from lorabench.measure.trackers import TorchAllocator
 from lorabench.plan.cells import Cell
 from lorabench.run.experiment import execute
-from lorabench.measure.trackers import TorchAllocator
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU; none is visible to torch")]
-MiB = 2 ** 20
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU; none is visible to torch"
+    ),
+]
+MiB = 2**20
 
 
 def test_allocator_peak_rises_by_an_allocated_tensor_within_10_percent():
@@ -26,15 +31,25 @@ def test_allocator_peak_rises_by_an_allocated_tensor_within_10_percent():
 
 @pytest.fixture(scope="module")
 def gpu_row():
-    row = execute(Cell(model="cifar-mlp", method="full", device="cuda", samples=256, eval_samples=64,
-                       batch_size=32, epochs=2, warmup_epochs=1))
+    row = execute(
+        Cell(
+            model="cifar-mlp",
+            method="full",
+            device="cuda",
+            samples=256,
+            eval_samples=64,
+            batch_size=32,
+            epochs=2,
+            warmup_epochs=1,
+        )
+    )
     assert row.ok, row.error
     return row
 
 
 def test_a_gpu_cell_reports_framework_memory_and_event_timings(gpu_row):
     m = gpu_row.metrics
-    assert m["torch_peak_allocated_bytes"] >= 4 * 4 * 20_998_154          # weights + grads + Adam
+    assert m["torch_peak_allocated_bytes"] >= 4 * 4 * 20_998_154  # weights + grads + Adam
     assert m["torch_peak_reserved_bytes"] >= m["torch_peak_allocated_bytes"]
     assert m["step_s_p50"] > 0 and len([e for e in gpu_row.epochs if e["timed"]]) == 2
     assert m["torch_allocated_after_first_step_bytes"] > m["torch_allocated_baseline_bytes"]
@@ -44,11 +59,14 @@ def test_the_driver_sees_the_context_on_top_of_the_allocators_pool(gpu_row):
     lib = "amdsmi" if torch.version.hip else "nvml"
     device = "amdsmi_device_vram_used_peak_bytes" if torch.version.hip else "nvml_device_used_peak_bytes"
     # the device-level reading needs only the mapping of torch's device to the driver's: it must be there
-    assert gpu_row.metrics.get(device, 0) >= gpu_row.metrics["torch_peak_reserved_bytes"], gpu_row.unavailable.get(device)
+    assert gpu_row.metrics.get(device, 0) >= gpu_row.metrics["torch_peak_reserved_bytes"], (
+        gpu_row.unavailable.get(device)
+    )
     key = f"{lib}_process_peak_bytes"
-    if gpu_row.metrics.get(key) is None:   # the one reason allowed: a container that hides the host's PIDs
-        assert gpu_row.unavailable[key].startswith(f"process not visible to {'amdsmi' if lib == 'amdsmi' else 'NVML'}"), \
-            gpu_row.unavailable[key]
+    if gpu_row.metrics.get(key) is None:  # the one reason allowed: a container that hides the host's PIDs
+        assert gpu_row.unavailable[key].startswith(
+            f"process not visible to {'amdsmi' if lib == 'amdsmi' else 'NVML'}"
+        ), gpu_row.unavailable[key]
     else:
         assert gpu_row.metrics[key] >= gpu_row.metrics["torch_peak_reserved_bytes"]
     assert gpu_row.environment["cuda_bad_fork"] is False and gpu_row.environment["gpu_uuid"]
@@ -58,11 +76,26 @@ def test_pretraining_leaves_no_cached_blocks_in_the_lora_cells_peaks(gpu_row):
     """Seed 002 pretrains the MLP in full before adapting it: its gradients, Adam state and cached
     blocks must be gone before the trackers start, so the LoRA cell's reserved peak sits well
     below full fine-tuning's (which holds 16 bytes per parameter)."""
-    lora = execute(Cell(model="cifar-mlp", method="lora-reparam", rank=1, device="cuda", samples=256, eval_samples=64,
-                        batch_size=32, epochs=1, warmup_epochs=1, pretrain_epochs=1))
+    lora = execute(
+        Cell(
+            model="cifar-mlp",
+            method="lora-reparam",
+            rank=1,
+            device="cuda",
+            samples=256,
+            eval_samples=64,
+            batch_size=32,
+            epochs=1,
+            warmup_epochs=1,
+            pretrain_epochs=1,
+        )
+    )
     assert lora.ok, lora.error
     full = gpu_row.metrics["torch_peak_reserved_bytes"]
-    assert lora.metrics["torch_peak_reserved_bytes"] < 0.5 * full, (lora.metrics["torch_peak_reserved_bytes"], full)
+    assert lora.metrics["torch_peak_reserved_bytes"] < 0.5 * full, (
+        lora.metrics["torch_peak_reserved_bytes"],
+        full,
+    )
 
 
 def test_gpu_arch_is_a_compute_capability_or_a_gfx_target(gpu_row):
@@ -72,6 +105,7 @@ def test_gpu_arch_is_a_compute_capability_or_a_gfx_target(gpu_row):
 
 def test_lorabench_check_passes_on_this_gpu():
     from lorabench.check import run_checks
+
     failed = [c for c in run_checks("cuda") if not c.ok]
     assert not failed, failed
 
@@ -83,17 +117,49 @@ def test_a_cell_of_two_gpus_reports_each_ranks_allocator_and_driver_view(tmp_pat
     import json
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "lorabench", "run", "--models", "bert-tiny", "--methods", "full",
-                          "--nproc", "2", "--strategy", "ddp,fsdp2", "--device", "cuda", "--samples", "256",
-                          "--epochs", "1", "--progress", "off", "--strict"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorabench",
+            "run",
+            "--models",
+            "bert-tiny",
+            "--methods",
+            "full",
+            "--nproc",
+            "2",
+            "--strategy",
+            "ddp,fsdp2",
+            "--device",
+            "cuda",
+            "--samples",
+            "256",
+            "--epochs",
+            "1",
+            "--progress",
+            "off",
+            "--strict",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for f in (tmp_path / "results").glob("*/results.jsonl") for line in f.read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for f in (tmp_path / "results").glob("*/results.jsonl")
+        for line in f.read_text().splitlines()
+    ]
     assert len(rows) == 2
     for r in rows:
         assert [e["rank"] for e in r["per_rank"]] == [0, 1]
         assert all(e["torch_peak_allocated_bytes"] > 0 for e in r["per_rank"])
-        assert r["metrics"]["torch_peak_allocated_sum_bytes"] == sum(e["torch_peak_allocated_bytes"] for e in r["per_rank"])
+        assert r["metrics"]["torch_peak_allocated_sum_bytes"] == sum(
+            e["torch_peak_allocated_bytes"] for e in r["per_rank"]
+        )
         assert r["metrics"]["check_ranks_first_loss_abs_diff"] < 1e-3
 
 
@@ -102,16 +168,42 @@ def test_memory_snapshot_writes_what_memory_viz_opens(tmp_path):
     import pickle
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "lorabench", "run", "--models", "cifar-mlp", "--methods", "lora",
-                          "--ranks", "2", "--device", "cuda", "--samples", "256", "--epochs", "1", "--progress", "off",
-                          "--memory-snapshot", "--profile"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorabench",
+            "run",
+            "--models",
+            "cifar-mlp",
+            "--methods",
+            "lora",
+            "--ranks",
+            "2",
+            "--device",
+            "cuda",
+            "--samples",
+            "256",
+            "--epochs",
+            "1",
+            "--progress",
+            "off",
+            "--memory-snapshot",
+            "--profile",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = (tmp_path / "results").iterdir()
     row = json.loads((run_dir / "results.jsonl").read_text().splitlines()[0])
     snapshot = pickle.loads((run_dir / row["info"]["memory_snapshot"]).read_bytes())
     assert snapshot["segments"] and snapshot["device_traces"]
     events = json.loads((run_dir / row["info"]["profile_trace"]).read_text())["traceEvents"]
-    assert any(e.get("cat") == "kernel" for e in events)   # the GPU's own kernels are in the trace
+    assert any(e.get("cat") == "kernel" for e in events)  # the GPU's own kernels are in the trace
 
 
 @pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
@@ -121,11 +213,41 @@ def test_cells_run_on_the_gpu_under_either_start_method(start_method, tmp_path):
     import json
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "lorabench", "run", "--models", "bert-tiny", "--methods", "full,lora",
-                          "--ranks", "8", "--device", "cuda", "--samples", "256", "--epochs", "1", "--progress", "off",
-                          "--start-method", start_method, "--strict"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorabench",
+            "run",
+            "--models",
+            "bert-tiny",
+            "--methods",
+            "full,lora",
+            "--ranks",
+            "8",
+            "--device",
+            "cuda",
+            "--samples",
+            "256",
+            "--epochs",
+            "1",
+            "--progress",
+            "off",
+            "--start-method",
+            start_method,
+            "--strict",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for f in (tmp_path / "results").glob("*/results.jsonl") for line in f.read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for f in (tmp_path / "results").glob("*/results.jsonl")
+        for line in f.read_text().splitlines()
+    ]
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert all(r["environment"]["cuda_bad_fork"] is False for r in rows)

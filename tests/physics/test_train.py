@@ -1,11 +1,11 @@
 import torch
 
-from lorabench.workload import data, models
 from lorabench.plan.cells import Cell
 from lorabench.run.experiment import probe_step
+from lorabench.run.train import evaluate, fit, make_optimizer
+from lorabench.workload import data, models
 from lorabench.workload.methods import METHODS
 from lorabench.workload.tasks import TASKS
-from lorabench.run.train import evaluate, fit, make_optimizer
 
 
 def apply(bundle, cell):
@@ -15,6 +15,7 @@ def apply(bundle, cell):
 def synthetic(task, **kw):
     return TASKS[task].build_data(**kw)
 
+
 CPU = torch.device("cpu")
 
 
@@ -23,12 +24,20 @@ def test_mlp_learns_the_synthetic_images_and_times_only_timed_epochs():
     adapted = apply(models.build("cifar-mlp"), Cell(model="cifar-mlp", method="full"))
     ds = synthetic("image-classification", samples=256, eval_samples=128, seq_len=1, seed=0)
     seen = []
-    f = fit(adapted.module, TASKS["image-classification"], ds, epochs=2, warmup_epochs=1, batch_size=32, device=CPU,
-            on_epoch=lambda rec, total: seen.append((rec.epoch, rec.timed, total)))
+    f = fit(
+        adapted.module,
+        TASKS["image-classification"],
+        ds,
+        epochs=2,
+        warmup_epochs=1,
+        batch_size=32,
+        device=CPU,
+        on_epoch=lambda rec, total: seen.append((rec.epoch, rec.timed, total)),
+    )
     assert seen == [(1, False, 3), (2, True, 3), (3, True, 3)]
     assert f.steps_per_epoch == 8 and len(f.step_s) == 16 and len(f.timed_epoch_s) == 2
     assert all(s > 0 for s in f.step_s)
-    assert f.epochs[-1].eval_accuracy > 0.5       # chance is 0.1
+    assert f.epochs[-1].eval_accuracy > 0.5  # chance is 0.1
     assert f.epochs[-1].train_loss < f.epochs[0].train_loss
     assert f.optimizer_impl == "adam(fused)"
 
@@ -55,19 +64,43 @@ def test_state_breakdown_is_4_4_8_bytes_per_trainable_fp32_parameter():
 def test_gradient_accumulation_counts_steps_per_optimizer_update():
     adapted = apply(models.build("cifar-mlp"), Cell(model="cifar-mlp", method="lora", rank=1))
     ds = synthetic("image-classification", samples=64, eval_samples=16, seq_len=1, seed=0)
-    f = fit(adapted.module, TASKS["image-classification"], ds, epochs=1, warmup_epochs=0, batch_size=8, grad_accum=4, device=CPU)
+    f = fit(
+        adapted.module,
+        TASKS["image-classification"],
+        ds,
+        epochs=1,
+        warmup_epochs=0,
+        batch_size=8,
+        grad_accum=4,
+        device=CPU,
+    )
     assert f.steps_per_epoch == 2 and f.samples_per_step == 32 and len(f.step_s) == 2
 
 
 def test_bert_and_causal_lm_train_and_evaluate():
     torch.manual_seed(0)
     bert = models.build("bert-tiny")
-    ds = synthetic("sequence-classification", samples=128, eval_samples=64, seq_len=16, seed=0,
-                   vocab_size=bert.vocab_size, num_labels=2)
-    f = fit(apply(bert, Cell(model="bert-tiny", method="full")).module, bert.task, ds, epochs=3, warmup_epochs=0,
-            batch_size=16, device=CPU)
+    ds = synthetic(
+        "sequence-classification",
+        samples=128,
+        eval_samples=64,
+        seq_len=16,
+        seed=0,
+        vocab_size=bert.vocab_size,
+        num_labels=2,
+    )
+    f = fit(
+        apply(bert, Cell(model="bert-tiny", method="full")).module,
+        bert.task,
+        ds,
+        epochs=3,
+        warmup_epochs=0,
+        batch_size=16,
+        device=CPU,
+    )
     assert f.epochs[-1].eval_accuracy >= 0.75
     from transformers import BloomConfig, BloomForCausalLM
+
     lm = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=2, n_head=2, vocab_size=128))
     ds = synthetic("causal-lm", samples=32, eval_samples=16, seq_len=16, seed=0, vocab_size=128)
     assert (ds.train["labels"][:, :4] == data.IGNORE_INDEX).all()
@@ -78,8 +111,12 @@ def test_bert_and_causal_lm_train_and_evaluate():
 
 
 def test_synthetic_data_is_deterministic_per_seed():
-    a = synthetic("sequence-classification", samples=8, eval_samples=4, seq_len=12, seed=3, vocab_size=100, num_labels=2)
-    b = synthetic("sequence-classification", samples=8, eval_samples=4, seq_len=12, seed=3, vocab_size=100, num_labels=2)
+    a = synthetic(
+        "sequence-classification", samples=8, eval_samples=4, seq_len=12, seed=3, vocab_size=100, num_labels=2
+    )
+    b = synthetic(
+        "sequence-classification", samples=8, eval_samples=4, seq_len=12, seed=3, vocab_size=100, num_labels=2
+    )
     assert torch.equal(a.train["input_ids"], b.train["input_ids"])
     # the class marker is present in every sample of its class
     for ids, label in zip(a.train["input_ids"], a.train["labels"]):
@@ -93,7 +130,9 @@ def test_saved_activations_of_the_mlp_equal_the_closed_form_and_reparam_keeps_th
     ds = synthetic("image-classification", samples=32, eval_samples=16, seq_len=1, seed=0)
     saved = {}
     for method in ("full", "lora", "lora-reparam"):
-        cell = Cell(model="cifar-mlp", method=method, batch_size=16, **({} if method == "full" else {"rank": 2}))
+        cell = Cell(
+            model="cifar-mlp", method=method, batch_size=16, **({} if method == "full" else {"rank": 2})
+        )
         bundle = models.build("cifar-mlp")
         module = apply(bundle, cell).module
         optimizer, _ = make_optimizer([q for q in module.parameters() if q.requires_grad], 1e-3)
@@ -111,6 +150,7 @@ def test_activation_memory_does_not_grow_with_the_data_set():
     from torch import nn
 
     from lorabench.measure.trackers import HostMemory
+
     task = TASKS["image-classification"]
     above = {}
     for n in (1024, 16384):
@@ -122,38 +162,64 @@ def test_activation_memory_does_not_grow_with_the_data_set():
         r = t.result()
         above[n] = r["host_peak_above_baseline_bytes"]
         del ds
-    assert abs(above[16384] - above[1024]) < 8 * 2 ** 20, above
+    assert abs(above[16384] - above[1024]) < 8 * 2**20, above
 
 
 def test_a_diverging_cell_is_a_diverged_row_with_null_losses_not_a_crash():
     import json
 
-    from lorabench.run.experiment import execute
     from lorabench.results.rows import Status
-    row = execute(Cell(model="cifar-mlp", method="lora", rank=2, lr=1e30, samples=64, eval_samples=16, batch_size=16,
-                       epochs=1, warmup_epochs=1))
+    from lorabench.run.experiment import execute
+
+    row = execute(
+        Cell(
+            model="cifar-mlp",
+            method="lora",
+            rank=2,
+            lr=1e30,
+            samples=64,
+            eval_samples=16,
+            batch_size=16,
+            epochs=1,
+            warmup_epochs=1,
+        )
+    )
     assert row.status is Status.DIVERGED and row.error["type"] == "Diverged"
     assert "epoch 1" in row.error["message"] and row.epochs[0]["train_loss"] is None
     assert row.metrics["step_s_p50"] is None and "diverged" in row.unavailable["step_s_p50"]
-    assert row.metrics["params_trainable"] > 0       # what was measured before it diverged stays
+    assert row.metrics["params_trainable"] > 0  # what was measured before it diverged stays
     json.dumps(row.to_json(), allow_nan=False)
 
 
 def test_gradient_checkpointing_keeps_only_block_inputs_for_backward():
     """BERT-Tiny LoRA: the saved activations at least halve (the issue's bar), and the prediction
     follows the measurement within 25 % both ways."""
-    from lorabench.run.experiment import execute
     from lorabench.plan.survey import survey
+    from lorabench.run.experiment import execute
+
     rows = {}
     for gc in ("off", "on"):
-        cell = Cell(model="bert-tiny", method="lora", rank=8, grad_checkpointing=gc, samples=64, eval_samples=32,
-                    batch_size=32, seq_len=64, epochs=1, warmup_epochs=0)
+        cell = Cell(
+            model="bert-tiny",
+            method="lora",
+            rank=8,
+            grad_checkpointing=gc,
+            samples=64,
+            eval_samples=32,
+            batch_size=32,
+            seq_len=64,
+            epochs=1,
+            warmup_epochs=0,
+        )
         row = execute(cell, known=survey(cell).prediction.to_metrics())
         assert row.ok, row.error
         rows[gc] = row.metrics
     assert rows["on"]["activations_saved_bytes"] * 2 <= rows["off"]["activations_saved_bytes"]
     on = rows["on"]
-    assert abs(on["predicted_activations_bytes"] - on["activations_saved_bytes"]) < 0.25 * on["activations_saved_bytes"]
+    assert (
+        abs(on["predicted_activations_bytes"] - on["activations_saved_bytes"])
+        < 0.25 * on["activations_saved_bytes"]
+    )
     # MFU counts the model's FLOPs, the same either way; HFU counts the recomputed forward too
     assert on["flops_per_step"] == rows["off"]["flops_per_step"] == rows["off"]["hardware_flops_per_step"]
     assert on["hardware_flops_per_step"] > on["flops_per_step"]

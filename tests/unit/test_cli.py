@@ -2,13 +2,15 @@ import os
 
 import pytest
 import torch
-
 from conftest import files_under
 
 BAD = [
     (["run", "--models", "gpt-17"], "unknown model 'gpt-17'; choose from"),
-    (["run", "--methods", "qlora"], "unknown method 'qlora'; choose from adalora, boft, dora, full, ia3, loha, lokr, "
-                                    "lora, lora-reparam, oft, rslora, vera, or peft:<adapter_config.json>"),
+    (
+        ["run", "--methods", "qlora"],
+        "unknown method 'qlora'; choose from adalora, boft, dora, full, ia3, loha, lokr, "
+        "lora, lora-reparam, oft, rslora, vera, or peft:<adapter_config.json>",
+    ),
     (["run", "--methods", "ia3", "--ranks", "8"], "--ranks was given but the only method is ia3"),
     (["run", "--methods", "peft:missing.json"], "peft:missing.json: no such file"),
     (["run", "--preset", "nightly"], "unknown preset 'nightly'; choose from"),
@@ -16,7 +18,10 @@ BAD = [
     (["run", "--ranks", "-4"], "rank must be a whole number >= 1, got -4"),
     (["run", "--ranks", "two"], "ranks must be whole numbers"),
     (["run", "--methods", "full", "--ranks", "4"], "ranks apply to the methods that take one"),
-    (["run", "--methods", "lora", "--ranks", "11", "--models", "cifar-mlp"], "rank 11 exceeds the smaller dimension (10)"),
+    (
+        ["run", "--methods", "lora", "--ranks", "11", "--models", "cifar-mlp"],
+        "rank 11 exceeds the smaller dimension (10)",
+    ),
     (["run", "--epochs", "0"], "epochs must be a whole number >= 1, got 0"),
     (["run", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
     (["run", "--warmup-epochs", "-1"], "warmup_epochs must be a whole number >= 0"),
@@ -41,31 +46,48 @@ BAD = [
     (["run", "--parallel", "many"], "--parallel must be auto or a whole number >= 1, got 'many'"),
     (["run", "--parallel", "2", "--device", "cpu"], "--parallel > 1 runs one cell per GPU"),
     (["run", "--cell-memory-limit", "-5"], "--cell-memory-limit must be > 0 MiB"),
-    (["run", "--models", "bert-tiny", "--methods", "lora", "--ranks", "4", "--seq-len", "0"], "seq_len must be a whole number >= 1"),
+    (
+        ["run", "--models", "bert-tiny", "--methods", "lora", "--ranks", "4", "--seq-len", "0"],
+        "seq_len must be a whole number >= 1",
+    ),
     (["merge", "nowhere", "--out", "m"], "nowhere: no readable plan.json"),
     (["run", "--nproc", "0"], "nproc must be a whole number >= 1, got 0"),
-    (["run", "--precision", "fp32,fp8"], "unknown precision 'fp8'; choose from bf16, bf16-mixed, fp16, fp16-mixed, fp32"),
-    (["run", "--methods", "lora", "--ranks", "8", "--quantize", "nf2"], "unknown quantization 'nf2'; choose from none"),
+    (
+        ["run", "--precision", "fp32,fp8"],
+        "unknown precision 'fp8'; choose from bf16, bf16-mixed, fp16, fp16-mixed, fp32",
+    ),
+    (
+        ["run", "--methods", "lora", "--ranks", "8", "--quantize", "nf2"],
+        "unknown quantization 'nf2'; choose from none",
+    ),
     (["run", "--methods", "full", "--quantize", "nf4"], "--quantize nf4 freezes the base in bits"),
     (["run", "--grad-checkpointing", "maybe"], "grad_checkpointing must be one of off, on, got 'maybe'"),
     (["run", "--compile", "on,sometimes"], "compile must be one of off, on, got 'sometimes'"),
-    (["run", "--seq-len", "32,x"], "argument --seq-len: expected whole numbers separated by commas, got '32,x'"),
+    (
+        ["run", "--seq-len", "32,x"],
+        "argument --seq-len: expected whole numbers separated by commas, got '32,x'",
+    ),
     (["run", "--batch-size", "16,0"], "batch_size must be a whole number >= 1, got 0"),
     (["run", "--nproc", "2,x"], "argument --nproc: expected whole numbers separated by commas, got '2,x'"),
     (["run", "--nproc", str((os.cpu_count() or 1) + 1)], "CPU cores (a rank needs one at least)"),
     (["run", "--nproc", "2", "--strategy", "zero3"], "unknown strategy 'zero3'; choose from ddp, fsdp2"),
-    (["run", "--strategy", "fsdp2"], "--strategy applies to cells of several processes; give --nproc 2 or more"),
-    (["run", "--nproc", "2", "--samples", "40", "--batch-size", "32"], "at least batch_size x grad_accum x nproc (64)"),
+    (
+        ["run", "--strategy", "fsdp2"],
+        "--strategy applies to cells of several processes; give --nproc 2 or more",
+    ),
+    (
+        ["run", "--nproc", "2", "--samples", "40", "--batch-size", "32"],
+        "at least batch_size x grad_accum x nproc (64)",
+    ),
 ]
 
 
 @pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_is_one_line_exit_2_nothing_written(cli, in_tmp, argv, message, capsys):
     try:
-        code, out, err = cli(*argv)
-    except SystemExit as e:   # argparse's own errors exit from inside parse_args
-        code, captured = e.code, capsys.readouterr()
-        out, err = captured.out, captured.err
+        code, _, err = cli(*argv)
+    except SystemExit as e:  # argparse's own errors exit from inside parse_args
+        code, err = e.code, capsys.readouterr().err
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1, err
@@ -105,6 +127,7 @@ def test_list_names_every_registry(cli):
 
 def test_help_everywhere(capsys):
     from lorabench.cli import main
+
     for argv in (["--help"], ["run", "--help"], ["report", "--help"], ["list", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -117,8 +140,8 @@ CONFIGS = [
     ("ranks = [1, 2.5]\n", "ranks must be a list of whole numbers"),
     ("epochs = 3\n", "unknown key(s) epochs; accepted: methods, models, preset, ranks, repeat, settings"),
     ("[settings]\nepochz = 3\n", "unknown setting(s) epochz"),
-    ("[settings]\nepochs = \"three\"\n", "epochs must be a whole number, got 'three'"),
-    ("[settings]\ndropout = \"x\"\n", "dropout must be a number, got 'x'"),
+    ('[settings]\nepochs = "three"\n', "epochs must be a whole number, got 'three'"),
+    ('[settings]\ndropout = "x"\n', "dropout must be a number, got 'x'"),
     ("[settings]\nrank = 4\n", "rank is an axis of the matrix"),
     ("models = [\n", "not valid TOML"),
 ]
@@ -133,8 +156,10 @@ def test_bad_config_files_are_refused_in_one_line(cli, in_tmp, text, message):
 
 
 def test_config_file_sets_the_matrix_and_flags_override_it(cli, in_tmp):
-    (in_tmp / "c.toml").write_text('models = ["cifar-mlp"]\nmethods = ["full", "lora-reparam"]\nranks = [1, 4]\n'
-                                   '[settings]\nbatch_size = 8\nsamples = 64\nepochs = 3\n')
+    (in_tmp / "c.toml").write_text(
+        'models = ["cifar-mlp"]\nmethods = ["full", "lora-reparam"]\nranks = [1, 4]\n'
+        "[settings]\nbatch_size = 8\nsamples = 64\nepochs = 3\n"
+    )
     code, out, err = cli("run", "--config", "c.toml", "--dry-run", "--epochs", "5")
     assert code == 0, err
     assert "lora-reparam r=4" in out and "| 0+5" not in out and "| 1+5" in out and "|       8 |" in out
@@ -158,12 +183,13 @@ def test_dry_run_of_a_shard_shows_only_its_cells(cli):
 
 def test_cells_are_pinned_to_the_gpus_they_take(monkeypatch):
     from lorabench.run import runner
+
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(runner.torch.version, "hip", None)
     assert runner.devices("cuda", 2) == ["0", "1"]
     assert runner.pin(["0"]) == {"CUDA_VISIBLE_DEVICES": "0"}
-    assert runner.pin(["2", "3"]) == {"CUDA_VISIBLE_DEVICES": "2,3"}   # a cell of two processes: one GPU each
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa,GPU-bbb,GPU-ccc")   # UUIDs are passed through as given
+    assert runner.pin(["2", "3"]) == {"CUDA_VISIBLE_DEVICES": "2,3"}  # a cell of two processes: one GPU each
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa,GPU-bbb,GPU-ccc")  # UUIDs are passed through as given
     assert runner.devices("cuda", 2) == ["GPU-aaa", "GPU-bbb"]
     monkeypatch.setattr(runner.torch.version, "hip", "6.2")
     monkeypatch.delenv("HIP_VISIBLE_DEVICES", raising=False)
@@ -176,20 +202,35 @@ def test_check_proves_the_cpu_stack_and_prints_its_table(tmp_path):
     lifetime high-water mark, which a pytest process has long passed."""
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "lorabench", "check", "--device", "cpu"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+
+    out = subprocess.run(
+        [sys.executable, "-m", "lorabench", "check", "--device", "cpu"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("# lorabench check on cpu: every check passed")
     assert "| check " in lines[2] and "| verdict" in lines[2]
-    for name in ("host RSS sampler", "clock", "FlopCounterMode vs closed form", "saved activations", "matmul ceiling"):
+    for name in (
+        "host RSS sampler",
+        "clock",
+        "FlopCounterMode vs closed form",
+        "saved activations",
+        "matmul ceiling",
+    ):
         assert any(name in line and "| pass" in line for line in lines), name
-    assert list(tmp_path.iterdir()) == []   # writes nothing
+    assert list(tmp_path.iterdir()) == []  # writes nothing
 
 
 def test_check_reports_a_failing_check_with_exit_1(monkeypatch, capsys):
     from lorabench import check, cli
-    monkeypatch.setattr(check, "clock", lambda: check.Check("clock: 200 ms sleep", "350.0 ms", "200 to 220 ms", False))
+
+    monkeypatch.setattr(
+        check, "clock", lambda: check.Check("clock: 200 ms sleep", "350.0 ms", "200 to 220 ms", False)
+    )
     monkeypatch.setattr(check, "host_rss", lambda: check.Check("host", "x", "x", True))
     code = cli.main(["check", "--device", "cpu"])
     out = capsys.readouterr().out
@@ -198,8 +239,11 @@ def test_check_reports_a_failing_check_with_exit_1(monkeypatch, capsys):
 
 def test_a_model_fsdp2_cannot_wrap_is_refused_before_anything_runs(cli, in_tmp, monkeypatch):
     from lorabench.workload import distributed
-    monkeypatch.setattr(distributed, "units", lambda module: [])   # a model with no blocks and no Linear
-    code, out, err = cli("run", "--models", "cifar-mlp", "--methods", "full", "--nproc", "2", "--strategy", "fsdp2")
+
+    monkeypatch.setattr(distributed, "units", lambda module: [])  # a model with no blocks and no Linear
+    code, out, err = cli(
+        "run", "--models", "cifar-mlp", "--methods", "full", "--nproc", "2", "--strategy", "fsdp2"
+    )
     assert code == 2 and "FSDP2 cannot wrap cifar-mlp" in err and len(err.strip().splitlines()) == 1
     assert files_under(in_tmp) == []
 
@@ -209,8 +253,16 @@ def test_list_shows_every_method_and_axis(cli):
     assert code == 0
     for name in ("dora", "rslora", "loha", "lokr", "ia3", "vera", "adalora", "oft", "boft", "peft:<path>"):
         assert f"\n  {name} " in out, name
-    for flag in ("--precision", "--grad-checkpointing", "--compile", "--quantize", "--seq-len", "--batch-size", "--nproc",
-                 "--strategy"):
+    for flag in (
+        "--precision",
+        "--grad-checkpointing",
+        "--compile",
+        "--quantize",
+        "--seq-len",
+        "--batch-size",
+        "--nproc",
+        "--strategy",
+    ):
         assert f"\n  {flag} " in out, flag
     assert "knobs" in out and "peft-methods" in out and "scale" in out
 
@@ -221,9 +273,12 @@ def test_the_slurm_example_is_a_command_line_lorabench_accepts():
     from pathlib import Path
 
     from lorabench.cli import build_parser
+
     text = (Path(__file__).parents[2] / "examples" / "slurm-array.sbatch").read_text()
     line = text.split("lorabench run ", 1)[1].split("\n\n")[0].replace("\\\n", " ")
-    argv = [a.replace("${SLURM_ARRAY_TASK_ID}", "2").replace("${SLURM_ARRAY_TASK_COUNT}", "4")
-            for a in shlex.split(line)]
+    argv = [
+        a.replace("${SLURM_ARRAY_TASK_ID}", "2").replace("${SLURM_ARRAY_TASK_COUNT}", "4")
+        for a in shlex.split(line)
+    ]
     args = build_parser().parse_args(["run", *argv])
     assert args.preset == ["scale"] and args.shard == "2/4" and str(args.out) == "shards/2"

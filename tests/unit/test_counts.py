@@ -1,14 +1,16 @@
 """Parameter counts by closed form: LoRA adds r * (in + out) per adapted Linear."""
+
 import pytest
 
 from lorabench.plan.cells import Cell
-from lorabench.workload.methods import MethodError
 from lorabench.plan.presets import expand
 from lorabench.plan.survey import survey
+from lorabench.workload.methods import MethodError
 
 
 def inspect(cell):
     return survey(cell).params
+
 
 MLP_LINEARS = [(3072, 4096), (4096, 2048), (2048, 10)]
 MLP_TOTAL = sum(i * o + o for i, o in MLP_LINEARS)
@@ -50,8 +52,8 @@ def test_bert_lora_counts(model, shape, rank):
     total = bert_total(layers, hidden, inter)
     assert inspect(Cell(model=model, method="full")).trainable == total
     p = inspect(Cell(model=model, method="lora", rank=rank))
-    adapters = layers * 2 * rank * (hidden + hidden)        # query and value, hidden x hidden each
-    head = hidden * 2 + 2                                   # PEFT trains the classifier for SEQ_CLS
+    adapters = layers * 2 * rank * (hidden + hidden)  # query and value, hidden x hidden each
+    head = hidden * 2 + 2  # PEFT trains the classifier for SEQ_CLS
     assert (p.adapter, p.full_trained, p.trainable) == (adapters, head, adapters + head)
     # PEFT keeps the frozen original head and trains a copy (modules_to_save), so it counts twice.
     assert p.total == total + adapters + head
@@ -80,5 +82,7 @@ def test_rank_above_a_targets_smaller_dimension_is_refused():
 
 
 def test_a_target_matching_nothing_lists_the_linear_modules():
-    with pytest.raises(MethodError, match="matches no Linear module of bert-tiny; its Linear modules end in: .*query"):
+    with pytest.raises(
+        MethodError, match="matches no Linear module of bert-tiny; its Linear modules end in: .*query"
+    ):
         inspect(Cell(model="bert-tiny", method="lora", rank=4, targets=("qkv",)))

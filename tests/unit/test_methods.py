@@ -2,9 +2,15 @@ import pytest
 import torch
 from torch import nn
 
-from lorabench.workload import models
 from lorabench.plan.cells import Cell
-from lorabench.workload.methods import METHODS, LoRAParametrization, count_params, match_targets, set_reparam_enabled
+from lorabench.workload import models
+from lorabench.workload.methods import (
+    METHODS,
+    LoRAParametrization,
+    count_params,
+    match_targets,
+    set_reparam_enabled,
+)
 from lorabench.workload.tasks import TASKS
 
 
@@ -13,7 +19,9 @@ def apply(bundle, cell):
 
 
 def small_mlp():
-    return models.Bundle(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), TASKS["image-classification"], ("0", "2"))
+    return models.Bundle(
+        nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), TASKS["image-classification"], ("0", "2")
+    )
 
 
 def test_reparam_is_w_plus_ba_times_scale():
@@ -69,10 +77,14 @@ def test_target_matching_follows_peft():
     with torch.device("meta"):
         m = models.build("bert-tiny").module
     names = match_targets(m, ("query", "value"))
-    assert names == ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value",
-                     "bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value"]
+    assert names == [
+        "bert.encoder.layer.0.attention.self.query",
+        "bert.encoder.layer.0.attention.self.value",
+        "bert.encoder.layer.1.attention.self.query",
+        "bert.encoder.layer.1.attention.self.value",
+    ]
     assert match_targets(m, r".*\.1\..*query") == ["bert.encoder.layer.1.attention.self.query"]
-    assert match_targets(m, ("uery",)) == []   # suffix match is on whole name parts
+    assert match_targets(m, ("uery",)) == []  # suffix match is on whole name parts
 
 
 PEFT_NAMES = ["lora", "dora", "rslora", "loha", "lokr", "ia3", "vera", "adalora", "oft", "boft"]
@@ -89,33 +101,47 @@ def test_every_peft_method_counts_what_peft_counts_split_into_adapters_and_full(
     trainable, total = adapted.module.get_nb_trainable_parameters()
     p = adapted.params
     assert (p.trainable, p.total) == (trainable, total)
-    assert p.full_trained == 2 * 128 + 2   # the SEQ_CLS head (128 x 2 + 2), trained in full beside any adapter
+    assert p.full_trained == 2 * 128 + 2  # the SEQ_CLS head (128 x 2 + 2), trained in full beside any adapter
     assert p.adapter == trainable - p.full_trained > 0
 
 
 def test_dora_adds_one_magnitude_per_output_feature_of_each_adapted_linear():
     # BERT-Tiny r=8 on query, value of 2 layers: LoRA's 4 x 8 x (128 + 128), plus 4 x 128 magnitudes, plus the head
     assert build("bert-tiny", "dora").params.trainable == 4 * 8 * 256 + 4 * 128 + 258 == 8_962
-    assert build("bert-tiny", "ia3").params.adapter == 4 * 128   # IA3: a scale per output feature
+    assert build("bert-tiny", "ia3").params.adapter == 4 * 128  # IA3: a scale per output feature
 
 
 def test_adalora_spreads_its_rank_schedule_over_the_cells_steps():
-    cell = Cell(model="bert-tiny", method="adalora", rank=8, samples=512, batch_size=32, epochs=2, warmup_epochs=1)
+    cell = Cell(
+        model="bert-tiny", method="adalora", rank=8, samples=512, batch_size=32, epochs=2, warmup_epochs=1
+    )
     assert cell.adapter.steps == 512 // 32 * 3
     module = METHODS["adalora"].apply(models.build("bert-tiny", "random", None), cell.adapter).module
     assert module.peft_config["default"].total_step == 48
     assert METHODS["adalora"].step_hook(module) == module.base_model.update_and_allocate
-    assert METHODS["dora"].step_hook(build("bert-tiny", "dora").module) is None   # nothing to call between steps
+    assert (
+        METHODS["dora"].step_hook(build("bert-tiny", "dora").module) is None
+    )  # nothing to call between steps
 
 
 def test_a_peft_adapter_config_file_is_a_method_with_its_own_targets(tmp_path):
     from peft import LoraConfig
+
     from lorabench.workload.methods import MethodError, method
-    LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value"], use_dora=True).save_pretrained(tmp_path)
-    m = method(f"peft:{tmp_path}")   # the folder, or its adapter_config.json
-    assert not m.ranked and set(method(f"peft:{tmp_path / 'adapter_config.json'}").targets) == {"query", "key", "value"}
-    adapted = m.apply(models.build("bert-tiny", "random", None), Cell(model="bert-tiny", method=f"peft:{tmp_path}").adapter)
-    assert adapted.params.adapter == 6 * (4 * 256 + 128)   # q, k, v of 2 layers: A, B and DoRA's magnitudes
+
+    LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value"], use_dora=True).save_pretrained(
+        tmp_path
+    )
+    m = method(f"peft:{tmp_path}")  # the folder, or its adapter_config.json
+    assert not m.ranked and set(method(f"peft:{tmp_path / 'adapter_config.json'}").targets) == {
+        "query",
+        "key",
+        "value",
+    }
+    adapted = m.apply(
+        models.build("bert-tiny", "random", None), Cell(model="bert-tiny", method=f"peft:{tmp_path}").adapter
+    )
+    assert adapted.params.adapter == 6 * (4 * 256 + 128)  # q, k, v of 2 layers: A, B and DoRA's magnitudes
     assert len(adapted.targets) == 6
     (tmp_path / "bad.json").write_text('{"peft_type": "MAGIC"}')
     with pytest.raises(MethodError, match="peft_type 'MAGIC' is not a method PEFT knows"):

@@ -1,18 +1,28 @@
 """QLoRA: a base held in 4 or 8 bits, its predicted bytes, and the cells that cannot have one."""
+
 import sys
 
 import pytest
 
-from lorabench.workload import models, quantization
 from lorabench.plan.cells import Cell, CellError
 from lorabench.plan.survey import survey
+from lorabench.workload import models, quantization
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"method": "full", "quantize": "nf4"}, "--quantize nf4 freezes the base in bits: it needs an adapter method"),
-    ({"method": "lora", "rank": 8, "quantize": "fp4"}, "unknown quantization 'fp4'; choose from none, nf4, int8"),
-    ({"method": "lora", "rank": 8, "quantize": "int8", "nproc": 2}, "--quantize runs in one process"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            {"method": "full", "quantize": "nf4"},
+            "--quantize nf4 freezes the base in bits: it needs an adapter method",
+        ),
+        (
+            {"method": "lora", "rank": 8, "quantize": "fp4"},
+            "unknown quantization 'fp4'; choose from none, nf4, int8",
+        ),
+        ({"method": "lora", "rank": 8, "quantize": "int8", "nproc": 2}, "--quantize runs in one process"),
+    ],
+)
 def test_bad_quantization_is_refused(fields, message):
     with pytest.raises(CellError, match=message):
         Cell(model="cifar-mlp", **fields)
@@ -22,19 +32,21 @@ def test_the_prediction_holds_the_quantised_layers_in_bits_and_the_rest_as_they_
     fp32 = survey(Cell(model="cifar-mlp", method="lora", rank=8)).prediction.weights_bytes
     nf4 = survey(Cell(model="cifar-mlp", method="lora", rank=8, quantize="nf4")).prediction.weights_bytes
     int8 = survey(Cell(model="cifar-mlp", method="lora", rank=8, quantize="int8")).prediction.weights_bytes
-    fc1, fc2 = 4096 * 3072, 2048 * 4096   # the head (fc3), biases and adapters stay fp32
+    fc1, fc2 = 4096 * 3072, 2048 * 4096  # the head (fc3), biases and adapters stay fp32
     rest = fp32 - (fc1 + fc2) * 4
-    blocks = lambda n: -(-n // 64)   # noqa: E731
+    blocks = lambda n: -(-n // 64)
     assert nf4 == rest + sum(n // 2 + blocks(n) + -(-blocks(n) // 256) * 4 for n in (fc1, fc2))
     assert int8 == rest + fc1 + fc2 + (4096 + 2048) * 4
     assert quantization.targets(models.build("cifar-mlp").module) == ["fc1", "fc2"]
 
 
 def test_without_bitsandbytes_a_quantised_cell_is_skipped_with_how_to_install_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)   # how Python spells "not importable"
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # how Python spells "not importable"
     why = quantization.unsupported("nf4", "cpu")
-    assert why == "--quantize nf4 cannot run on cpu: ImportError: bitsandbytes is not installed (pip install " \
-                  "'lorabench[quant]')"
+    assert (
+        why == "--quantize nf4 cannot run on cpu: ImportError: bitsandbytes is not installed (pip install "
+        "'lorabench[quant]')"
+    )
     assert quantization.unsupported("none", "cpu") is None
 
 
@@ -42,12 +54,25 @@ def test_without_bitsandbytes_a_quantised_cell_is_skipped_with_how_to_install_it
 def test_a_quantised_lora_cell_trains_and_holds_what_was_predicted(kind):
     pytest.importorskip("bitsandbytes")
     from lorabench.run.experiment import execute
+
     for model in ("cifar-mlp", "bert-tiny"):
-        cell = Cell(model=model, method="lora", rank=8, quantize=kind, samples=64, eval_samples=32, batch_size=16,
-                    seq_len=16, epochs=1, warmup_epochs=0)
+        cell = Cell(
+            model=model,
+            method="lora",
+            rank=8,
+            quantize=kind,
+            samples=64,
+            eval_samples=32,
+            batch_size=16,
+            seq_len=16,
+            epochs=1,
+            warmup_epochs=0,
+        )
         row = execute(cell, known=survey(cell).prediction.to_metrics())
         assert row.ok, row.error
         m = row.metrics
         assert m["weights_bytes"] == pytest.approx(m["predicted_weights_bytes"], rel=0.01)
-        assert m["check_adapter_off_vs_base_max_abs_diff"] == 0.0   # the quantised base is untouched by training
+        assert (
+            m["check_adapter_off_vs_base_max_abs_diff"] == 0.0
+        )  # the quantised base is untouched by training
         assert m["params_trainable"] == {"cifar-mlp": 122_960, "bert-tiny": 8_450}[model]

@@ -1,4 +1,5 @@
 """Reports and compare on the committed reference run: rendered, folded and compared without training."""
+
 import dataclasses
 import re
 from pathlib import Path
@@ -28,8 +29,12 @@ def repeats(rows, n, slower=1.0):
     for k in range(n):
         scale = slower * (1 + 0.01 * k)
         for r in rows:
-            m = {**r.metrics, "epoch_s": r.metrics["epoch_s"] * scale, "step_s_p50": r.metrics["step_s_p50"] * scale,
-                 "samples_per_s": r.metrics["samples_per_s"] / scale}
+            m = {
+                **r.metrics,
+                "epoch_s": r.metrics["epoch_s"] * scale,
+                "step_s_p50": r.metrics["step_s_p50"] * scale,
+                "samples_per_s": r.metrics["samples_per_s"] / scale,
+            }
             out.append(r.replace(cell=dataclasses.replace(r.cell, repeat=k), metrics=m))
     return out
 
@@ -43,16 +48,18 @@ def test_the_committed_report_is_what_the_current_code_renders(rows, tmp_path):
     for link in links:
         for png in (tmp_path / link.split("/", 1)[1], ROOT / "report" / link):
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, png
-    assert sum(link.endswith("-memory.png") for link in links) == 2   # one memory breakdown per model
+    assert sum(link.endswith("-memory.png") for link in links) == 2  # one memory breakdown per model
 
 
 def test_the_report_opens_with_a_headline_per_model_whose_figures_are_in_its_table(rows):
     text = report.render(rows)
     lines = text.splitlines()
-    assert lines[2].startswith("- bert-tiny on cpu (random weights): lora r=2 (the least memory of 2 LoRA variants) "
-                               "trains 0.0525% of the parameters, and needs 74.95% less weight+gradient+optimizer "
-                               "memory and 24.62% less time per epoch than full fine-tuning; quality is not "
-                               "comparable on random weights.")
+    assert lines[2].startswith(
+        "- bert-tiny on cpu (random weights): lora r=2 (the least memory of 2 LoRA variants) "
+        "trains 0.0525% of the parameters, and needs 74.95% less weight+gradient+optimizer "
+        "memory and 24.62% less time per epoch than full fine-tuning; quality is not "
+        "comparable on random weights."
+    )
     assert lines[3].startswith("- cifar-mlp on cpu (random weights): ")
     for cell, variants in tables.groups(rows):
         table = tables.comparison_table(variants)
@@ -68,23 +75,32 @@ def test_the_headline_says_more_when_lora_is_slower_and_reports_quality_on_pretr
     slow = lora.replace(metrics={**lora.metrics, "epoch_s": full.metrics["epoch_s"] * 1.2})
     pre = [r.replace(cell=dataclasses.replace(r.cell, weights="pretrained")) for r in (full, slow)]
     line = headlines.headline([tables.fold([r]) for r in pre])
-    assert "and 20.00% more time per epoch" in line and "its final eval accuracy is -57.4 pt against full's" in line
+    assert (
+        "and 20.00% more time per epoch" in line
+        and "its final eval accuracy is -57.4 pt against full's" in line
+    )
 
 
 def test_memory_and_time_axes_start_at_zero_with_units(rows, tmp_path):
     from lorabench.render import plots
+
     ok = [tables.fold([r]) for r in rows if r.cell.model == "bert-tiny"]
     axes = plots.rank_sweep_plot("bert-tiny", ok, tmp_path / "s.png", tables.memory_key(ok))
     assert [a[0] for a in axes] == ["peak host RSS (MiB)", "epoch time (s)", "final eval accuracy (fraction)"]
-    assert all(a[1][0] == 0 for a in axes) and all(a[3] == "linear" for a in axes)   # ranks 2 and 8: no decade
-    wide = [v if v.cell.is_baseline else dataclasses.replace(v, rows=[v.rows[0].replace(
-        cell=dataclasses.replace(v.cell, rank=128))]) for v in ok[:2]] + ok[2:]   # ranks 8 and 128
+    assert all(a[1][0] == 0 for a in axes) and all(a[3] == "linear" for a in axes)  # ranks 2 and 8: no decade
+    wide = [
+        v
+        if v.cell.is_baseline
+        else dataclasses.replace(v, rows=[v.rows[0].replace(cell=dataclasses.replace(v.cell, rank=128))])
+        for v in ok[:2]
+    ] + ok[2:]  # ranks 8 and 128
     axes = plots.rank_sweep_plot("bert-tiny", wide, tmp_path / "w.png", tables.memory_key(ok))
     assert axes[0][2] == "LoRA rank (log scale)" and axes[0][3] == "log"
 
 
 def test_the_memory_breakdown_adds_up_to_the_measured_peak(rows):
     from lorabench.render import plots
+
     m = next(r for r in rows if r.cell.model == "cifar-mlp" and r.cell.is_baseline).metrics
     parts = plots.breakdown(m, "host_peak_rss_bytes", "host_rss_baseline_bytes")
     layers = sum(parts[key] for _, _, key, _ in plots.LAYERS)
@@ -96,27 +112,34 @@ def test_the_memory_breakdown_adds_up_to_the_measured_peak(rows):
 def test_the_summary_has_a_comparison_per_model_in_the_metrics_order(rows):
     text = report.summary(rows)
     assert text.count("| Comparison") == 2
-    first = text[text.index("| Comparison"):].split("\n\n")[0].splitlines()
-    labels = [line.split("|")[1].strip() for line in first[2:]]   # after the header and its rule
+    first = text[text.index("| Comparison") :].split("\n\n")[0].splitlines()
+    labels = [line.split("|")[1].strip() for line in first[2:]]  # after the header and its rule
     order = [m.label.strip() for m in METRICS if m.shown]
     assert labels == [x for x in order if x in labels] and "trainable parameters" == labels[0]
-    assert "unavailable" not in text   # the CPU's missing allocator figures have no row at all
+    assert "unavailable" not in text  # the CPU's missing allocator figures have no row at all
 
 
 def test_repeats_fold_into_medians_with_their_spread_and_a_plot(rows, tmp_path):
     text = report.render(repeats(rows, 3), plot_dir=tmp_path, plot_link="p/")
     assert "### Rank sweep" in text and "(x3)" in text and "Spread of epoch time across repeats" in text
     links = [line for line in text.splitlines() if line.startswith("![cifar-mlp")]
-    assert len(links) == 2 and all((tmp_path / link[link.index("](p/") + 4:-1]).exists() for link in links)
-    for line in text.splitlines():   # GFM tables: every row closes its last cell
+    assert len(links) == 2 and all((tmp_path / link[link.index("](p/") + 4 : -1]).exists() for link in links)
+    for line in text.splitlines():  # GFM tables: every row closes its last cell
         if line.startswith("|"):
             assert line.endswith("|")
 
 
 def test_a_repeat_that_could_not_measure_a_figure_leaves_it_unavailable(rows):
-    folded = tables.fold([rows[0], rows[0].replace(
-        cell=dataclasses.replace(rows[0].cell, repeat=1), metrics={**rows[0].metrics, "epoch_s": None},
-        unavailable={"epoch_s": "sampler died"})])
+    folded = tables.fold(
+        [
+            rows[0],
+            rows[0].replace(
+                cell=dataclasses.replace(rows[0].cell, repeat=1),
+                metrics={**rows[0].metrics, "epoch_s": None},
+                unavailable={"epoch_s": "sampler died"},
+            ),
+        ]
+    )
     assert folded.metrics["epoch_s"] is None and folded.unavailable["epoch_s"] == "sampler died"
 
 
@@ -128,30 +151,47 @@ def test_an_identical_run_shows_no_change(rows):
 
 
 def test_a_planted_slower_cell_is_flagged_and_fails_the_gate(rows, cli, in_tmp):
-    slow = [r if r.label != "lora r=8" else r.replace(metrics={
-        **r.metrics, "epoch_s": r.metrics["epoch_s"] * 3, "step_s_p50": r.metrics["step_s_p50"] * 3,
-        "samples_per_s": r.metrics["samples_per_s"] / 3}) for r in rows]
+    slow = [
+        r
+        if r.label != "lora r=8"
+        else r.replace(
+            metrics={
+                **r.metrics,
+                "epoch_s": r.metrics["epoch_s"] * 3,
+                "step_s_p50": r.metrics["step_s_p50"] * 3,
+                "samples_per_s": r.metrics["samples_per_s"] / 3,
+            }
+        )
+        for r in rows
+    ]
     flagged = compare(rows, slow).regressions
     assert flagged and all(c.label == "lora r=8" for c in flagged)
-    assert {c.figure for c in flagged} == {"epoch_s", "step_s_p50"}   # samples/s is step time again: not gated twice
+    assert {c.figure for c in flagged} == {
+        "epoch_s",
+        "step_s_p50",
+    }  # samples/s is step time again: not gated twice
     for name, these in (("base", rows), ("slow", slow)):
         run = RunDir.create(in_tmp, name)
         run.rewrite(these)
     assert cli("compare", "base", "slow", "--fail-on-regression")[0] == 1
-    code, out, err = cli("compare", "base", "slow")   # without the gate: reported only
-    assert code == 0 and out.count("REGRESSION") == 4   # 2 figures x 2 models
+    code, out, err = cli("compare", "base", "slow")  # without the gate: reported only
+    assert code == 0 and out.count("REGRESSION") == 4  # 2 figures x 2 models
 
 
 def test_a_repeat_missing_a_figure_keeps_it_out_of_compare(rows):
     """A median of the other repeats would stand in for the missing one: the figure is not compared."""
     full = next(r for r in rows if r.cell.is_baseline)
-    two = [full.replace(cell=dataclasses.replace(full.cell, repeat=i), metrics={"epoch_s": v, "step_s_p50": 0.1})
-           for i, v in enumerate([1.0, None])]
+    two = [
+        full.replace(cell=dataclasses.replace(full.cell, repeat=i), metrics={"epoch_s": v, "step_s_p50": 0.1})
+        for i, v in enumerate([1.0, None])
+    ]
     assert {c.figure for c in compare(two, two).changes} == {"step_s_p50"}
 
 
 def test_a_changed_gpu_or_torch_is_refused_unless_allowed(rows, cli, in_tmp):
-    moved = [r.replace(environment={**r.environment, "torch": "9.9.9", "gpu_name": "NVIDIA H200"}) for r in rows]
+    moved = [
+        r.replace(environment={**r.environment, "torch": "9.9.9", "gpu_name": "NVIDIA H200"}) for r in rows
+    ]
     for name, these in (("base", rows), ("moved", moved)):
         RunDir.create(in_tmp, name).rewrite(these)
     code, out, err = cli("compare", "base", "moved")
@@ -163,7 +203,9 @@ def test_a_changed_gpu_or_torch_is_refused_unless_allowed(rows, cli, in_tmp):
 
 
 def test_changed_parameter_counts_are_called_out(rows):
-    new = [r.replace(metrics={**r.metrics, "params_trainable": r.metrics["params_trainable"] + 1}) for r in rows]
+    new = [
+        r.replace(metrics={**r.metrics, "params_trainable": r.metrics["params_trainable"] + 1}) for r in rows
+    ]
     exact = [c for c in compare(rows, new).changes if c.figure == "params_trainable"]
     assert len(exact) == len(rows) and all(c.regression and c.kind == "exact" for c in exact)
 
@@ -172,15 +214,20 @@ def test_spread_widens_the_limit_but_not_past_a_real_change(rows):
     full = next(r for r in rows if r.cell.is_baseline)
 
     def runs(values):
-        return [full.replace(cell=dataclasses.replace(full.cell, repeat=i), metrics={"epoch_s": v})
-                for i, v in enumerate(values)]
+        return [
+            full.replace(cell=dataclasses.replace(full.cell, repeat=i), metrics={"epoch_s": v})
+            for i, v in enumerate(values)
+        ]
+
     (c,) = compare(runs([1.0, 1.3, 0.8]), runs([1.25, 0.95, 1.2])).changes
-    assert c.threshold > 10 and not c.regression        # 2 x combined spread exceeds the 10 % default
+    assert c.threshold > 10 and not c.regression  # 2 x combined spread exceeds the 10 % default
     assert compare(runs([1.0, 1.01, 0.99]), runs([1.2, 1.21, 1.19])).changes[0].regression
 
 
 def test_failed_and_skipped_cells_are_listed_with_their_reasons(rows):
-    failed = Row.failure(rows[1].cell, Status.OOM, "MemoryError", "can't allocate memory", {"params_total": 3})
+    failed = Row.failure(
+        rows[1].cell, Status.OOM, "MemoryError", "can't allocate memory", {"params_total": 3}
+    )
     text = report.render([rows[0], failed])
     assert "## Cells that did not finish" in text and "| oom" in text and "can't allocate memory" in text
 
@@ -188,32 +235,52 @@ def test_failed_and_skipped_cells_are_listed_with_their_reasons(rows):
 def test_a_gpu_run_draws_the_allocators_breakdown_with_the_drivers_line(rows, tmp_path):
     """On a GPU the bars stack up to the allocator's peak and the driver's view is a line: drawn
     from rows shaped like a GPU run's (allocator and NVML figures added to the CPU reference)."""
-    gib = 2 ** 30
-    gpu = [r.replace(metrics={**r.metrics, "torch_allocated_baseline_bytes": r.metrics["weights_bytes"] + 6 * 2 ** 20,
-                              "torch_peak_allocated_bytes": r.metrics["state_bytes"] + gib // 8,
-                              "nvml_process_peak_bytes": r.metrics["state_bytes"] + gib // 2}) for r in rows]
+    gib = 2**30
+    gpu = [
+        r.replace(
+            metrics={
+                **r.metrics,
+                "torch_allocated_baseline_bytes": r.metrics["weights_bytes"] + 6 * 2**20,
+                "torch_peak_allocated_bytes": r.metrics["state_bytes"] + gib // 8,
+                "nvml_process_peak_bytes": r.metrics["state_bytes"] + gib // 2,
+            }
+        )
+        for r in rows
+    ]
     text = report.render(gpu, plot_dir=tmp_path, plot_link="p/")
     assert sum("-memory.png" in line for line in text.splitlines() if line.startswith("![")) == 2
     from lorabench.render import plots
+
     m = gpu[0].metrics
     parts = plots.breakdown(m, "torch_peak_allocated_bytes", "torch_allocated_baseline_bytes")
-    assert parts["base"] == 6 * 2 ** 20
-    assert sum(parts[k] for _, _, k, _ in plots.LAYERS) + parts["base"] + parts["rest"] == m["torch_peak_allocated_bytes"]
+    assert parts["base"] == 6 * 2**20
+    assert (
+        sum(parts[k] for _, _, k, _ in plots.LAYERS) + parts["base"] + parts["rest"]
+        == m["torch_peak_allocated_bytes"]
+    )
 
 
-@pytest.mark.parametrize("field, values", [("quantize", ("none", "nf4")), ("compile", ("off", "on")),
-                                           ("precision", ("fp32", "bf16-mixed"))])
-def test_a_matrix_along_any_axis_renders_a_titled_section_per_value_and_a_long_table_column(rows, field, values):
+@pytest.mark.parametrize(
+    "field, values",
+    [("quantize", ("none", "nf4")), ("compile", ("off", "on")), ("precision", ("fp32", "bf16-mixed"))],
+)
+def test_a_matrix_along_any_axis_renders_a_titled_section_per_value_and_a_long_table_column(
+    rows, field, values
+):
     """Every axis a matrix can vary (cells.AXES) names its sections and its long-table column: a
     --quantize none,nf4 or --compile off,on matrix once rendered two sections with one title."""
     lora = [r for r in rows if r.cell.method == "lora"]
-    varied = [r.replace(cell=dataclasses.replace(r.cell, **{field: v, "seq_len": s}))
-              for v in values for s in (64, 128) for r in lora]   # three axes: the long table shows too
+    varied = [
+        r.replace(cell=dataclasses.replace(r.cell, **{field: v, "seq_len": s}))
+        for v in values
+        for s in (64, 128)
+        for r in lora
+    ]  # three axes: the long table shows too
     text = report.render(varied)
     titles = [line for line in text.splitlines() if line.startswith("## bert-tiny")]
     assert len(titles) == len(set(titles)) == 4, titles
     word = AXES[field].title
     assert all(f"{word} {v}" in "".join(titles) for v in values), titles
-    long = text[text.index("## Every cell"):]
+    long = text[text.index("## Every cell") :]
     header = long.splitlines()[2]
     assert f"| {word} " in header and "| seq len " in header, header

@@ -1,5 +1,6 @@
 """The run directory: rows appended and read back, pending cells, merge (the lock, which needs a
 second process, is tested in tests/system/test_durability.py)."""
+
 import json
 import shutil
 from pathlib import Path
@@ -15,8 +16,16 @@ CELLS = [Cell(model="cifar-mlp", method="full"), Cell(model="cifar-mlp", method=
 
 def planned(tmp_path: Path) -> RunDir:
     run = RunDir.create(tmp_path, "run-1")
-    run.write_plan({"run_id": run.run_id, "matrix_id": "m", "lorabench_commit": "c", "shard": None,
-                    "cells": [c.to_dict() for c in CELLS], "matrix": [c.to_dict() for c in CELLS]})
+    run.write_plan(
+        {
+            "run_id": run.run_id,
+            "matrix_id": "m",
+            "lorabench_commit": "c",
+            "shard": None,
+            "cells": [c.to_dict() for c in CELLS],
+            "matrix": [c.to_dict() for c in CELLS],
+        }
+    )
     return run
 
 
@@ -28,13 +37,13 @@ def test_rows_append_read_back_and_a_torn_last_line_is_reported(tmp_path):
     run = planned(tmp_path)
     run.append(row(CELLS[0]))
     with open(run.results_path, "a") as f:
-        f.write(json.dumps(row(CELLS[1]).to_json())[:40])   # killed while writing
+        f.write(json.dumps(row(CELLS[1]).to_json())[:40])  # killed while writing
     rows, warnings = run.rows()
     assert [r.key for r in rows] == [CELLS[0].key()]
     assert len(warnings) == 1 and "truncated last line" in warnings[0]
     todo, done, _ = run.pending(CELLS)
     assert [c.key() for c in todo] == [CELLS[1].key()] and done == 1
-    assert run.rows() == (rows, [])   # the torn line was removed before anything is appended
+    assert run.rows() == (rows, [])  # the torn line was removed before anything is appended
 
 
 def test_retry_failed_replaces_the_failed_rows(tmp_path):
