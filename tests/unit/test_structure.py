@@ -1,5 +1,6 @@
 """The shape of the package: sub-packages by phase, imports that never climb the layer order, no
 dispatch on name strings, a torch floor that has every API called."""
+
 import ast
 from pathlib import Path
 
@@ -8,15 +9,25 @@ from lorabench.workload.tasks import TASKS
 
 PACKAGE = Path(__file__).resolve().parents[2] / "lorabench"
 # "plan.cells" -> its syntax tree; the package's own root modules by their bare name ("cli").
-MODULES = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): ast.parse(p.read_text(), str(p))
-           for p in PACKAGE.rglob("*.py")}
+MODULES = {
+    ".".join(p.relative_to(PACKAGE).with_suffix("").parts): ast.parse(p.read_text(), str(p))
+    for p in PACKAGE.rglob("*.py")
+}
 
 # The data path, bottom up: a module may import from its own layer and those below it, never above.
 # The root holds the foundation (errors, and the process helpers every layer may need) and the
-# entry points (the CLI, `lorabench check`) that sit above everything.
+# entry points (the CLI, `lorabench check`, the docs generator) that sit above everything.
 LAYERS = ["foundation", "workload", "measure", "plan", "results", "run", "render", "entry"]
-ROOT = {"errors": "foundation", "forksafe": "foundation", "child": "foundation", "__init__": "foundation",
-        "cli": "entry", "check": "entry", "__main__": "entry"}
+ROOT = {
+    "errors": "foundation",
+    "forksafe": "foundation",
+    "child": "foundation",
+    "__init__": "foundation",
+    "cli": "entry",
+    "check": "entry",
+    "__main__": "entry",
+    "docs": "entry",
+}
 
 
 def layer(module: str) -> int:
@@ -26,7 +37,7 @@ def layer(module: str) -> int:
 
 def _imports(name: str, tree: ast.Module) -> set[str]:
     """Every lorabench module `name` imports, anywhere: top level, inside functions, under TYPE_CHECKING."""
-    here = name.split(".")[:-1]   # the package it is in ([] at the root)
+    here = name.split(".")[:-1]  # the package it is in ([] at the root)
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level:
@@ -50,26 +61,34 @@ GRAPH = {name: _imports(name, tree) - {name} for name, tree in MODULES.items()}
 
 def climbs(graph: dict[str, set[str]]) -> list[str]:
     """Every import that reaches a higher layer than its importer's."""
-    return [f"{a} ({LAYERS[layer(a)]}) imports {b} ({LAYERS[layer(b)]})"
-            for a, deps in sorted(graph.items()) for b in sorted(deps) if layer(b) > layer(a)]
+    return [
+        f"{a} ({LAYERS[layer(a)]}) imports {b} ({LAYERS[layer(b)]})"
+        for a, deps in sorted(graph.items())
+        for b in sorted(deps)
+        if layer(b) > layer(a)
+    ]
 
 
 def test_every_module_has_a_layer_and_the_root_holds_only_the_named_ones():
     for name in MODULES:
         assert 0 <= layer(name) < len(LAYERS), name
     assert {p.stem for p in PACKAGE.glob("*.py")} == set(ROOT)
-    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(LAYERS) - {"foundation", "entry"}
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(LAYERS) - {
+        "foundation",
+        "entry",
+    }
 
 
 def test_no_import_climbs_the_layer_order():
-    assert GRAPH["render.report"] and GRAPH["cli"]   # the import reader finds imports at all
+    assert GRAPH["render.report"] and GRAPH["cli"]  # the import reader finds imports at all
     assert "results.rows" in GRAPH["render.report"] and "plan.cells" in GRAPH["plan.presets"]
     assert climbs(GRAPH) == []
 
 
 def test_the_layer_check_refuses_a_climbing_import():
     assert climbs({"measure.trackers": {"run.runner"}, "run.runner": {"measure.trackers"}}) == [
-        "measure.trackers (measure) imports run.runner (run)"]
+        "measure.trackers (measure) imports run.runner (run)"
+    ]
 
 
 def test_imports_flow_one_way():
@@ -91,22 +110,36 @@ def test_imports_flow_one_way():
 
 def test_no_private_name_crosses_a_module():
     """A name that starts with _ is its module's own: no other module imports it."""
-    crossing = [(m, a.name) for m, tree in MODULES.items() for node in ast.walk(tree)
-                if isinstance(node, ast.ImportFrom) for a in node.names if a.name.startswith("_")
-                and not a.name.startswith("__")]
+    crossing = [
+        (m, a.name)
+        for m, tree in MODULES.items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for a in node.names
+        if a.name.startswith("_") and not a.name.startswith("__")
+    ]
     assert crossing == []
 
 
 def _name_comparisons(tree: ast.AST) -> list[tuple[int, str]]:
     """(line, name) of every comparison against a method's or a task's name (==, !=, in)."""
     names = set(METHODS) | set(TASKS)
-    return [(node.lineno, c.value) for node in ast.walk(tree) if isinstance(node, ast.Compare)
-            for side in [node.left, *node.comparators] for c in ast.walk(side)
-            if isinstance(c, ast.Constant) and c.value in names]
+    return [
+        (node.lineno, c.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Compare)
+        for side in [node.left, *node.comparators]
+        for c in ast.walk(side)
+        if isinstance(c, ast.Constant) and c.value in names
+    ]
 
 
 def test_no_method_or_task_name_is_compared_outside_its_registry():
-    found = {m: _name_comparisons(tree) for m, tree in MODULES.items() if m not in ("workload.methods", "workload.tasks")}
+    found = {
+        m: _name_comparisons(tree)
+        for m, tree in MODULES.items()
+        if m not in ("workload.methods", "workload.tasks")
+    }
     assert {m: hits for m, hits in found.items() if hits} == {}
 
 
@@ -117,9 +150,9 @@ def test_the_name_check_catches_what_it_must_refuse():
 
 # torch APIs lorabench calls that older releases lack, and the release that made each public.
 TORCH_APIS = {
-    "torch.distributed.fsdp.fully_shard": "2.6",            # FSDP2 (before: torch.distributed._composable.fsdp)
-    "torch.OutOfMemoryError": "2.5",                        # (before: torch.cuda.OutOfMemoryError)
-    "torch.amp.GradScaler": "2.3",                          # device-generic, the CPU's included
+    "torch.distributed.fsdp.fully_shard": "2.6",  # FSDP2 (before: torch.distributed._composable.fsdp)
+    "torch.OutOfMemoryError": "2.5",  # (before: torch.cuda.OutOfMemoryError)
+    "torch.amp.GradScaler": "2.3",  # device-generic, the CPU's included
     "torch.distributed.checkpoint.state_dict.get_model_state_dict": "2.2",
     "torch.distributed.device_mesh.init_device_mesh": "2.2",
     "torch.utils.flop_counter.FlopCounterMode": "2.1",
@@ -129,9 +162,25 @@ TORCH_APIS = {
 def test_the_declared_torch_floor_has_every_api_lorabench_calls():
     import importlib
     import re
+
     pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
     floor = tuple(int(x) for x in re.search(r'"torch>=([0-9.]+)"', pyproject).group(1).split("."))
     for api, since in TORCH_APIS.items():
-        assert floor >= tuple(int(x) for x in since.split(".")), f"torch>={floor} lacks {api} (public since {since})"
+        assert floor >= tuple(int(x) for x in since.split(".")), (
+            f"torch>={floor} lacks {api} (public since {since})"
+        )
         module, _, name = api.rpartition(".")
-        assert hasattr(importlib.import_module(module), name), api   # and the torch installed here has it
+        assert hasattr(importlib.import_module(module), name), api  # and the torch installed here has it
+
+
+def test_the_code_is_as_the_formatter_leaves_it_and_the_linter_passes():
+    """ruff (pinned in pyproject's dev extra) owns the layout: `ruff format --check` and `ruff check`."""
+    import subprocess
+    import sys
+
+    root = PACKAGE.parent
+    for args in (["format", "--check", "--quiet"], ["check", "--quiet"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "ruff", *args, "."], cwd=root, capture_output=True, text=True
+        )
+        assert out.returncode == 0, f"ruff {' '.join(args)}:\n{out.stdout}{out.stderr}"

@@ -1,0 +1,34 @@
+"""The reference pages under docs/ are what their single sources render now, and the README links them."""
+
+from pathlib import Path
+
+import pytest
+
+from lorabench import docs
+from lorabench.results.rows import METRICS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", sorted(docs.PAGES))
+def test_a_generated_page_is_what_its_source_renders(name):
+    assert (ROOT / "docs" / name).read_text() == docs.PAGES[name]() + "\n", (
+        f"docs/{name} is stale: run `python -m lorabench.docs`"
+    )
+
+
+def test_the_pages_hold_every_metric_and_every_flag():
+    from lorabench.cli import build_parser
+
+    metrics, cli = docs.metrics_page(), docs.cli_page()
+    assert all(f"`{m.key}`" in metrics for m in METRICS)
+    run = next(a for a in build_parser()._actions if a.dest == "command").choices["run"]
+    flags = [s for a in run._actions for s in a.option_strings if s.startswith("--")]
+    assert len(flags) > 40 and all(f in cli for f in flags)
+
+
+def test_the_readme_is_short_and_links_every_page():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme) < 16_000  # what it answers, the two commands, one example, where to go next
+    for page in (ROOT / "docs").glob("*.md"):
+        assert f"docs/{page.name}" in readme, page.name
