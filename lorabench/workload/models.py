@@ -40,7 +40,7 @@ class Bundle:
 def build_cifar_mlp(weights: str = "random") -> Bundle:
     """Seed 002's MLP: 3*32*32 -> 4096 -> 2048 -> 10 with ReLU, 20,998,154 parameters."""
     if weights != "random":
-        raise ModelError("cifar-mlp has no published weights; it trains from scratch (use --weights random)")
+        raise ModelError(_UNPUBLISHED.format(name="cifar-mlp"))
     module = nn.Sequential(
         OrderedDict(
             flatten=nn.Flatten(),
@@ -52,6 +52,25 @@ def build_cifar_mlp(weights: str = "random") -> Bundle:
         )
     )
     return Bundle(module, TASKS["image-classification"], ("fc1", "fc2", "fc3"), num_labels=10)
+
+
+_UNPUBLISHED = "{name} has no published weights; it trains from scratch (use --weights random)"
+
+
+def published(hub_id: str) -> Callable[[Callable[[str], Bundle]], Callable[[str], Bundle]]:
+    """Mark a builder with where its published weights live on the Hub (`--weights pretrained`);
+    a builder without one (the MLP) has none, and builds no transformers model."""
+
+    def mark(build: Callable[[str], Bundle]) -> Callable[[str], Bundle]:
+        build.hub_id = hub_id
+        return build
+
+    return mark
+
+
+def hub_id(name: str) -> str | None:
+    """Where `name`'s published weights live: its builder's, or the hf: model's own source."""
+    return name[3:] if is_byo(name) else getattr(MODELS[name], "hub_id", None)
 
 
 def _bert(hub_id: str, weights: str, **shape) -> Bundle:
@@ -71,10 +90,11 @@ def _bert(hub_id: str, weights: str, **shape) -> Bundle:
     )
 
 
+@published("prajjwal1/bert-tiny")
 def build_bert_tiny(weights: str = "random") -> Bundle:
     """2 layers, hidden 128, 2 heads, intermediate 512: 4,386,178 parameters with a 2-label head."""
     return _bert(
-        "prajjwal1/bert-tiny",
+        build_bert_tiny.hub_id,
         weights,
         hidden_size=128,
         num_hidden_layers=2,
@@ -83,9 +103,10 @@ def build_bert_tiny(weights: str = "random") -> Bundle:
     )
 
 
+@published("bert-base-uncased")
 def build_bert_base(weights: str = "random") -> Bundle:
     """12 layers, hidden 768, 12 heads, intermediate 3072: 109,483,778 parameters with a 2-label head."""
-    return _bert("bert-base-uncased", weights)
+    return _bert(build_bert_base.hub_id, weights)
 
 
 def _bloom(hub_id: str, weights: str, **shape) -> Bundle:
@@ -104,16 +125,20 @@ def _bloom(hub_id: str, weights: str, **shape) -> Bundle:
     )
 
 
+@published("bigscience/bloom-560m")
 def build_bloom_560m(weights: str = "random") -> Bundle:
     """Bloom 560m: hidden 1024, 24 layers, 16 heads, vocabulary 250,880."""
     return _bloom(
-        "bigscience/bloom-560m", weights, hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880
+        build_bloom_560m.hub_id, weights, hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880
     )
 
 
+@published("Langboat/bloom-1b4-zh")
 def build_bloom_1b4_zh(weights: str = "random") -> Bundle:
     """Seed 001's model: Bloom-1b7's shape (hidden 2048, 24 layers, 16 heads), vocabulary cut to 46,145."""
-    return _bloom("Langboat/bloom-1b4-zh", weights, hidden_size=2048, n_layer=24, n_head=16, vocab_size=46145)
+    return _bloom(
+        build_bloom_1b4_zh.hub_id, weights, hidden_size=2048, n_layer=24, n_head=16, vocab_size=46145
+    )
 
 
 MODELS: dict[str, Callable[[str], Bundle]] = {
@@ -167,8 +192,9 @@ def build(name: str, weights: str = "random", task: str | None = None) -> Bundle
 
 
 def uses_transformers(name: str) -> bool:
-    """Whether building `name` imports transformers (worth preloading in the fork server)."""
-    return name != "cifar-mlp"
+    """Whether building `name` imports transformers (worth preloading in the fork server): every
+    model with published weights on the Hub, and every hf: model."""
+    return hub_id(name) is not None
 
 
 def checkpoint(module: nn.Module) -> None:
@@ -235,23 +261,15 @@ def _from_pretrained(cls, hub_id: str, **kwargs) -> nn.Module:
         ) from None
 
 
-HUB_IDS = {
-    "bert-tiny": "prajjwal1/bert-tiny",
-    "bert-base": "bert-base-uncased",
-    "bloom-560m": "bigscience/bloom-560m",
-    "bloom-1b4-zh": "Langboat/bloom-1b4-zh",
-}
-
-
 def check_pretrained(name: str) -> None:
     """Refuse up front when pretrained weights cannot be had: not in a local directory or the HF
     cache while HF_HUB_OFFLINE is set (or for a model that has none)."""
     import os
     from pathlib import Path
 
-    if name == "cifar-mlp":
-        raise ModelError("cifar-mlp has no published weights; it trains from scratch (use --weights random)")
-    source = name[3:] if is_byo(name) else HUB_IDS[name]
+    source = hub_id(name)
+    if source is None:
+        raise ModelError(_UNPUBLISHED.format(name=name))
     if Path(source).is_dir():
         return
     from huggingface_hub import snapshot_download

@@ -308,3 +308,18 @@ def test_every_cell_field_has_one_entry_in_the_axis_table_and_its_views_read_it(
     assert Cell(model="bert-tiny", method="lora", rank=8, quantize="nf4").label == "lora r=8 nf4"
     quiet = Cell(model="bert-tiny", method="lora", rank=8).to_dict()
     assert not {"nproc", "strategy", "precision", "quantize", "compile", "grad_checkpointing"} & set(quiet)
+
+
+def test_published_weights_are_a_property_of_the_builder_not_of_a_name(monkeypatch):
+    from lorabench.workload import models
+
+    assert models.hub_id("bert-tiny") == "prajjwal1/bert-tiny" and models.uses_transformers("bert-tiny")
+    assert models.hub_id("hf:./my-model") == "./my-model" and models.uses_transformers("hf:./my-model")
+
+    def build_my_mlp(weights="random"):
+        return models.build_cifar_mlp(weights)
+
+    monkeypatch.setitem(models.MODELS, "my-mlp", build_my_mlp)  # a model registered without Hub weights
+    assert not models.uses_transformers("my-mlp") and models.hub_id("my-mlp") is None
+    with pytest.raises(models.ModelError, match="my-mlp has no published weights"):
+        models.check_pretrained("my-mlp")
