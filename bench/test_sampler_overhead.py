@@ -25,8 +25,7 @@ import torch
 
 from lorabench.measure.drivers import driver_trackers
 from lorabench.plan.cells import Cell
-from lorabench.run.train import make_optimizer
-from lorabench.workload import models
+from lorabench.workload import models, optimizers
 from lorabench.workload.methods import METHODS
 
 GATE = 0.02  # the samplers may cost at most 2 % of a step
@@ -89,7 +88,7 @@ def test_sampling_costs_under_2_percent(model, device, benchmark):
         vocab_size=bundle.vocab_size,
         num_labels=bundle.num_labels,
     ).to(dev, torch.float32)
-    optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], 1e-4)[0]
+    optimizer = optimizers.make("adam", [p for p in module.parameters() if p.requires_grad], 1e-4)[0]
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 
     def step():

@@ -18,8 +18,7 @@ import torch
 
 from lorabench.measure.trackers import HostMemory
 from lorabench.plan.cells import Cell
-from lorabench.run.train import make_optimizer
-from lorabench.workload import models
+from lorabench.workload import models, optimizers
 from lorabench.workload.methods import METHODS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,7 +50,7 @@ def test_training_step(benchmark, model, method, rank):
         num_labels=bundle.num_labels,
     ).to(DEVICE, torch.float32)
     batch = ds.train
-    optimizer, impl = make_optimizer([p for p in module.parameters() if p.requires_grad], cell.lr)
+    optimizer, impl = optimizers.make("adam", [p for p in module.parameters() if p.requires_grad], cell.lr)
 
     def step():
         loss, _ = bundle.task.loss(module, batch)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from ..workload.methods import Method, ParamCount
+from ..workload.optimizers import OPTIMIZERS
 from ..workload.tasks import Task
 from .flops import StepFlops
 from .trackers import Unavailable
@@ -96,8 +97,9 @@ def predict(
     flops: StepFlops | Unavailable,
     checkpointing: bool = False,
     act_dtype: str | None = None,
+    optimizer: str = "adam",
 ) -> Prediction:
-    """`dtype` holds weights, gradients and Adam's state; activations are at `act_dtype` (autocast's:
+    """`dtype` holds weights, gradients and the optimizer's state (its own per tensor: `optimizers`); activations are at `act_dtype` (autocast's:
     16 bits for most saved tensors, though autocast keeps norms and softmax at 32)."""
     w = DTYPE_BYTES[dtype]
     b = DTYPE_BYTES[act_dtype or dtype]
@@ -133,7 +135,9 @@ def predict(
     return Prediction(
         weights_bytes=params.total * w,
         grads_bytes=params.trainable * w,
-        optimizer_bytes=2 * params.trainable * w,
+        optimizer_bytes=OPTIMIZERS[optimizer].state_bytes(
+            [p.shape for p in module.parameters() if p.requires_grad], w
+        ),
         activations_bytes=int(act),
         flops=flops,
         tokens_per_step=tokens,

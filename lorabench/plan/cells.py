@@ -24,6 +24,7 @@ from ..errors import InputError
 from ..workload.methods import BASELINE, METHODS, Adapter, MethodError
 from ..workload.methods import method as method_of
 from ..workload.models import MODELS, is_byo
+from ..workload.optimizers import OPTIMIZERS
 from ..workload.precision import OF_DTYPE, PRECISIONS
 from ..workload.quantization import KINDS as QUANTIZE_KINDS
 from ..workload.tasks import TASKS
@@ -142,7 +143,7 @@ class Cell:
     warmup_epochs: int = setting(1, "untimed epochs before the timed ones", parse=int)
     samples: int = setting(512, "training samples per epoch", parse=int)
     eval_samples: int = setting(256, "samples in the eval pass after each epoch", parse=int)
-    lr: float = setting(1e-3, "Adam learning rate", parse=float)
+    lr: float = setting(1e-3, "learning rate of the optimizer", parse=float)
     device: str = setting(
         "cpu",
         "auto: cuda when torch sees a GPU (a ROCm build counts as cuda), else cpu",
@@ -197,6 +198,13 @@ class Cell:
         "adapter methods only; a list is an axis",
         parse=csv_list,
         metavar="none|nf4|int8",
+    )
+    optimizer: str = setting(
+        "adam",
+        "adam (fused, the seeds'), adamw, adamw-8bit or paged-adamw-8bit (bitsandbytes, pip install "
+        "'lorabench[quant]'), adafactor, sgd (momentum 0.9); a list is an axis",
+        parse=csv_list,
+        metavar="adam|adamw|adamw-8bit|paged-adamw-8bit|adafactor|sgd",
     )
     nproc: int = setting(
         1,
@@ -308,6 +316,12 @@ class Cell:
             )
         if self.quantize != "none" and self.nproc > 1:
             raise CellError("--quantize runs in one process; give --nproc 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise CellError(f"unknown optimizer {self.optimizer!r}; choose from {choices(OPTIMIZERS)}")
+        if OPTIMIZERS[self.optimizer].bitsandbytes and self.strategy == "fsdp2":
+            raise CellError(
+                f"--optimizer {self.optimizer} (bitsandbytes) cannot step FSDP2's sharded tensors; use ddp"
+            )
         if self.compile not in ONOFF:
             raise CellError(f"compile must be one of {', '.join(ONOFF)}, got {self.compile!r}")
         if self.grad_checkpointing not in ONOFF:
@@ -466,6 +480,7 @@ AXES: dict[str, Axis] = {
     "grad_checkpointing": Axis("checkpointing", matrix=True, tag=lambda v: "ckpt", quiet=("off",)),
     "precision": Axis("precision", matrix=True, tag=str, quiet=("fp32",)),
     "quantize": Axis("quantize", matrix=True, tag=str, quiet=("none",)),
+    "optimizer": Axis("optimizer", matrix=True, tag=str, quiet=("adam",)),
     "compile": Axis("compile", matrix=True, surveyed=False, tag=lambda v: "compiled", quiet=("off",)),
     "dtype": Axis(),  # precision names it
     "task": Axis(),

@@ -18,7 +18,7 @@ import torch
 from .. import forksafe
 from ..measure import flops
 from ..measure.predictions import DTYPE_BYTES, Prediction, per_rank, predict
-from ..workload import data, distributed, models, precision, quantization
+from ..workload import data, distributed, models, optimizers, precision, quantization
 from ..workload.methods import MethodError, ParamCount
 from ..workload.methods import method as method_of
 from ..workload.tasks import task_of_data
@@ -74,6 +74,7 @@ def survey(cell: Cell) -> Survey:
         flops=counted,
         act_dtype=cell.compute_dtype,
         checkpointing=cell.grad_checkpointing == "on",
+        optimizer=cell.optimizer,
     )
     pred = dataclasses.replace(pred, hardware_flops=hardware)
     if cell.quantize != "none":  # the frozen Linears in bits, with their scales
@@ -131,12 +132,16 @@ def survey_all(cells: list[Cell]) -> list[Survey]:
 
 
 # The settings every device runs (no probe needed), of the axes a device may not support.
-RUNS_ANYWHERE = {"precision": "fp32", "quantize": "none"}
+RUNS_ANYWHERE = {"precision": "fp32", "quantize": "none", "optimizer": "adam"}
 PROBE_TIMEOUT_S = 300.0  # importing bitsandbytes and a first kernel on a cold GPU take seconds, not minutes
 
 
 def probe(device: str, asked: dict[str, list[str]]) -> dict[str, dict[str, str | None]]:
     """Why `device` cannot run each asked precision and quantisation, or None where it can: each
     tried on a small layer. Runs in a child (`child.call`): it initialises the device."""
-    tries = {"precision": precision.unsupported, "quantize": quantization.unsupported}
+    tries = {
+        "precision": precision.unsupported,
+        "quantize": quantization.unsupported,
+        "optimizer": optimizers.unsupported,
+    }
     return {axis: {value: tries[axis](value, device) for value in values} for axis, values in asked.items()}

@@ -16,7 +16,7 @@ QUALITY_POINTS = 1.0  # "equal quality" for the time criterion: final accuracy w
 
 def headline(variants: list[Variant], by: str = "memory") -> str | None:
     """One or two sentences answering the question the tool exists for, from the rows: the best
-    LoRA variant by `by` ("memory": least weight+gradient+Adam state; "time": least epoch time
+    LoRA variant by `by` ("memory": least weight+gradient+optimizer state; "time": least epoch time
     among those within QUALITY_POINTS of full's accuracy, on pretrained weights) against full
     fine-tuning. Every figure is one of the comparison table's, formatted as it is there."""
     ok = [v for v in variants if v.ok]
@@ -49,23 +49,50 @@ def headline(variants: list[Variant], by: str = "memory") -> str | None:
     pct = pick.metrics.get("params_trainable_pct")
     if is_number(pct):
         claims.append(f"trains {fmt(pct, 'pct')} of the parameters")
-    needs = []
-    for key, what in (("state_bytes", "weight+gradient+optimizer memory"), ("epoch_s", "time per epoch")):
-        d = delta(full.metrics.get(key), pick.metrics.get(key), BY_KEY[key].fmt)  # a reduction; "-" is more
-        if d:
-            needs.append(f"{d.lstrip('-')} {'more' if d.startswith('-') else 'less'} {what}")
+    needs = _needs(full, pick)
     if needs:
-        claims.append("needs " + " and ".join(needs))
+        claims.append("needs " + needs)
     if pretrained:
         d = delta(full.metrics.get("final_eval_accuracy"), pick.metrics.get("final_eval_accuracy"), "acc")
         quality = f"its final eval accuracy is {d} against full's" if d else "quality was not measured"
     else:
         quality = "quality is not comparable on random weights"
     subject = f"{c.model} on {c.device} ({c.weights} weights)"
+    # where full fine-tuning uses memory savers, name them: "than full fine-tuning (ckpt bf16-mixed adamw-8bit)"
+    savers = full.label[len(c.method_label) :].strip()
+    than = " than full fine-tuning" + (f" ({savers})" if savers else "")
     return (
         f"{subject}: {column_name(pick)} ({why} of {len(loras)} LoRA variant{'s' * (len(loras) > 1)}) "
-        f"{', and '.join(claims) or 'was measured'}{' than full fine-tuning' * bool(needs)}; {quality}."
+        f"{', and '.join(claims) or 'was measured'}{than * bool(needs)}; {quality}."
     )
+
+
+def against_leanest_full(variants: list[Variant]) -> str | None:
+    """Across a model's tables, where full fine-tuning ran with and without memory savers (the `fair`
+    preset): the leanest LoRA variant against the leanest full fine-tuning that ran, not only against
+    plain full fine-tuning. None where full fine-tuning ran one way only."""
+    ok = [v for v in variants if v.ok]
+    fulls = [v for v in ok if v.cell.is_baseline]
+    loras = [v for v in ok if not v.cell.is_baseline]
+    if len({v.label for v in fulls}) < 2 or not loras:
+        return None
+    full, pick = _least(fulls, "state_bytes"), _least(loras, "state_bytes")
+    c = full.cell
+    needs = _needs(full, pick)
+    return (
+        f"{c.model} on {c.device}, savers on both sides: against the leanest full fine-tuning that ran "
+        f"({column_name(full)}), {column_name(pick)} " + (f"needs {needs}." if needs else "was measured.")
+    )
+
+
+def _needs(full: Variant, pick: Variant) -> str:
+    """ "X% less weight+gradient+optimizer memory and Y% less time per epoch", as the table says them."""
+    out = []
+    for key, what in (("state_bytes", "weight+gradient+optimizer memory"), ("epoch_s", "time per epoch")):
+        d = delta(full.metrics.get(key), pick.metrics.get(key), BY_KEY[key].fmt)  # a reduction; "-" is more
+        if d:
+            out.append(f"{d.lstrip('-')} {'more' if d.startswith('-') else 'less'} {what}")
+    return " and ".join(out)
 
 
 def _least(variants: list[Variant], key: str) -> Variant:

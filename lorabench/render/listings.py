@@ -41,6 +41,10 @@ def registries() -> str:
             flag = cli_flags(f)[0]
             out.append(f"  {flag.flag:22s} {flag.metavar}")
     from ..workload.distributed import STRATEGIES
+    from ..workload.optimizers import OPTIMIZERS
+
+    out.append("optimizers (--optimizer):")
+    out += [f"  {name:18s} {o.description}" for name, o in OPTIMIZERS.items()]
 
     out.append("strategies (--strategy, for cells of --nproc 2 or more):")
     out += [f"  {name:14s} {text}" for name, text in STRATEGIES.items()]

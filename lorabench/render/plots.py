@@ -25,7 +25,7 @@ LAYERS = [
     ("frozen weights", "#b0b0b0", "frozen", "predicted_frozen"),
     ("trainable weights", "#4c72b0", "trainable_weights_bytes", "predicted_trainable"),
     ("gradients", "#dd8452", "grads_bytes", "predicted_grads_bytes"),
-    ("Adam state", "#c44e52", "optimizer_state_bytes", "predicted_optimizer_bytes"),
+    ("optimizer state", "#c44e52", "optimizer_state_bytes", "predicted_optimizer_bytes"),
     ("activations saved for backward", "#55a868", "activations_saved_bytes", "predicted_activations_bytes"),
 ]
 

@@ -20,7 +20,7 @@ import pandas as pd
 
 from ..plan.cells import AXES, Cell
 from ..results.rows import Row
-from .headlines import headline
+from .headlines import against_leanest_full, headline
 from .plots import axis_picture, memory_picture, plot_name, timeline_picture
 from .tables import (
     Variant,
@@ -50,7 +50,7 @@ def _settings_line(cell: Cell, variants: list[Variant]) -> str:
     return (
         f"Device `{cell.device}` ({knobs}), weights: {cell.weights}, data: {data}; "
         f"batch {cell.batch_size}{accum}, {cell.samples} training / {cell.eval_samples} eval samples, "
-        f"{cell.warmup_epochs} warm-up + {cell.epochs} timed epochs, Adam lr {lr}, seed {cell.seed}."
+        f"{cell.warmup_epochs} warm-up + {cell.epochs} timed epochs, {cell.optimizer} lr {lr}, seed {cell.seed}."
     )
 
 
@@ -116,7 +116,7 @@ How to read these figures:
 - **peak host RSS** is the resident memory of the cell's own process (sampled every 10 ms): on the CPU it includes
   the Python interpreter and the torch/transformers libraries (several hundred MiB), so it understates
   relative savings. **above weights+data** subtracts the reading taken once the model and data were in place.
-- **weights + grads + Adam state** sums the tensors themselves (4 + 4 + 8 bytes per trainable fp32 parameter,
+- **weights + grads + optimizer state** sums the tensors themselves (4 + 4 + 8 bytes per trainable fp32 parameter with Adam,
   4 per frozen one): what LoRA saves before activations.
 - **activations saved for backward** is what autograd keeps from the first forward pass (saved-tensor hooks,
   parameters and the resident data left out), exact on every device. LoRA by re-parametrization also keeps the
@@ -207,7 +207,7 @@ def _model_section(
             "Saved activations are counted exactly, on every device, by saved-tensor hooks around the "
             "first forward pass. Activations + temporaries at the peak come from the torch allocator on "
             "a GPU and from sampled host RSS on the CPU (coarse: the allocator's and the interpreter's "
-            "own growth land there too); total = weights + gradients + Adam state + that peak figure.",
+            "own growth land there too); total = weights + gradients + optimizer state + that peak figure.",
             "",
         ]
     return out
@@ -252,6 +252,9 @@ def render(
     out = [f"# lorabench report: {', '.join(run_ids) or 'no rows'}", ""]
     sections = [(cell, variants, headline(variants, headline_by)) for cell, variants in groups(rows)]
     lines = [line for _, _, line in sections if line]
+    for model in dict.fromkeys(c.model for c, _, _ in sections):  # full fine-tuning with savers too
+        line = against_leanest_full([v for c, vs, _ in sections if c.model == model for v in vs])
+        lines += [line] if line else []
     out += [f"- {line}" for line in lines] + ([""] if lines else [])
     out.append(
         f"{len(rows)} result rows: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + "."
@@ -295,8 +298,10 @@ def render(
 def summary(rows: list[Row], headline_by: str = "memory") -> str:
     """The comparison tables, each followed by its headline, for the end of `lorabench run`."""
     out = []
-    for cell, variants in groups(rows):
-        out += [f"{cell.model}  ({cell.device}, {cell.weights} weights)", ""]
+    sections = groups(rows)
+    for cell, variants in sections:
+        title = _group_title(cell, [c for c, _ in sections if c.model == cell.model])
+        out += [f"{title}  ({cell.device}, {cell.weights} weights)", ""]
         if any(v.ok for v in variants):
             out += [comparison_table(variants), ""]
         line = headline(variants, headline_by)

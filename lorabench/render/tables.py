@@ -198,7 +198,7 @@ def comparison_table(variants: list[Variant]) -> str:
 PREDICTION_ROWS = [
     ("weights", "predicted_weights_bytes", "weights_bytes"),
     ("gradients", "predicted_grads_bytes", "grads_bytes"),
-    ("Adam state", "predicted_optimizer_bytes", "optimizer_state_bytes"),
+    ("optimizer state", "predicted_optimizer_bytes", "optimizer_state_bytes"),
     ("activations saved for backward", "predicted_activations_bytes", "activations_saved_bytes"),
     ("activations + temporaries at the peak", None, "activations_bytes"),
 ]
@@ -317,7 +317,7 @@ def rank_sweep_table(variants: list[Variant]) -> str:
             "rank": [str(v.cell.rank) if v.cell.rank else "-" for v in ok],
             "trainable": figure("params_trainable"),
             mem_label: figure(mem_key),
-            "weights + grads + Adam (MiB)": figure("state_bytes"),
+            "weights + grads + optimizer (MiB)": figure("state_bytes"),
             "epoch time (s)": figure("epoch_s"),
             "final accuracy": figure("final_eval_accuracy"),
         }
@@ -369,7 +369,7 @@ def scaling_table(variants: list[Variant]) -> str:
             "all devices: sum (MiB)": [
                 fmt(v.metrics.get(summed if v.cell.nproc > 1 else mem_key), "bytes") for v in ok
             ],
-            "weights + grads + Adam per device (MiB)": [
+            "weights + grads + optimizer per device (MiB)": [
                 fmt(v.metrics.get("state_bytes"), "bytes") for v in ok
             ],
             "throughput (samples/s)": [fmt(v.metrics.get("samples_per_s"), "rate") for v in ok],

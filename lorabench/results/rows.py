@@ -121,13 +121,13 @@ METRICS: tuple[Metric, ...] = (
            "bytes", gate="memory", fold="max", per_rank=True),
     Metric("host_peak_rss_sum_bytes", _B, "peak host RSS, all ranks: sum (MiB)", "bytes", sum_of="host_peak_rss_bytes"),
     Metric("host_peak_above_baseline_bytes", _B, "host RSS peak above weights+data (MiB)", "bytes", fold="max"),
-    Metric("state_bytes", _B, "weights + grads + Adam state (MiB, tensor sum)", "bytes",
+    Metric("state_bytes", _B, "weights + grads + optimizer state (MiB, tensor sum)", "bytes",
            inputs=("weights_bytes", "grads_bytes", "optimizer_state_bytes"),
            derive=lambda m, c: m["weights_bytes"] + m["grads_bytes"] + m["optimizer_state_bytes"]
            if _all(m, "weights_bytes", "grads_bytes", "optimizer_state_bytes") else None),
     Metric("activations_saved_bytes", _B, "activations saved for backward (MiB, saved-tensor hooks)", "bytes",
            exact=True, fold="max"),
-    Metric("activations_bytes", _B, "activations + temporaries (MiB, peak less weights, grads, Adam)", "bytes",
+    Metric("activations_bytes", _B, "activations + temporaries (MiB, peak less weights, grads, optimizer state)", "bytes",
            derive=_activations, inputs=("grads_bytes", "optimizer_state_bytes")),
     Metric("epoch_s", "s", "epoch time (s, median of timed epochs)", "time", gate="time", fold="max", per_rank=True),
     Metric("step_s_p50", "s", "step time p50 (ms)", "ms", gate="time", fold="max", per_rank=True),
@@ -157,7 +157,7 @@ METRICS: tuple[Metric, ...] = (
            inputs=("model_file_bytes",),   # the adapter file beside the base, or the whole model
            derive=lambda m, c: m["adapter_file_bytes"] if is_number(m.get("adapter_file_bytes"))
            else m.get("model_file_bytes") if is_number(m.get("model_file_bytes")) else None),
-    Metric("predicted_total_bytes", _B, "predicted: weights+grads+Adam+activations (MiB, per device)", "bytes"),
+    Metric("predicted_total_bytes", _B, "predicted: weights+grads+optimizer+activations (MiB, per device)", "bytes"),
     Metric("check_merged_vs_adapter_max_abs_diff", "output units", "check: merged vs adapter outputs, max abs diff",
            "sci"),
     Metric("check_adapter_off_vs_base_max_abs_diff", "output units",
@@ -175,7 +175,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("weights_bytes", _B, "weights, every parameter (tensor sum)", "bytes", exact=True, shown=False, fold="max", per_rank=True),
     Metric("trainable_weights_bytes", _B, "trainable weights (tensor sum)", "bytes", exact=True, shown=False, fold="max"),
     Metric("grads_bytes", _B, "gradients after the first backward (tensor sum)", "bytes", exact=True, shown=False, fold="max", per_rank=True),
-    Metric("optimizer_state_bytes", _B, "Adam state after the first step (tensor sum)", "bytes", exact=True,
+    Metric("optimizer_state_bytes", _B, "optimizer state after the first step (tensor sum; paged state included)", "bytes", exact=True,
            shown=False, fold="max", per_rank=True),
     Metric("activations_saved_tensors", "tensors", "storages autograd keeps for backward", "count", shown=False, fold="max"),
     Metric("torch_allocated_baseline_bytes", _B, "torch allocated once weights and data were placed", "bytes",
@@ -198,12 +198,12 @@ METRICS: tuple[Metric, ...] = (
            shown=False, fold="max"),
     Metric("predicted_weights_bytes", _B, "predicted weights", "bytes", shown=False),
     Metric("predicted_grads_bytes", _B, "predicted gradients", "bytes", shown=False),
-    Metric("predicted_optimizer_bytes", _B, "predicted Adam state", "bytes", shown=False),
+    Metric("predicted_optimizer_bytes", _B, "predicted optimizer state", "bytes", shown=False),
     Metric("predicted_activations_bytes", _B, "predicted activations saved for backward", "bytes", shown=False),
     Metric("predicted_comm_bytes", _B, "predicted buffers of the strategy: DDP's gradient buckets, or the FSDP2 units "
            "gathered at once (the root's and twice the largest block's)", "bytes", shown=False),
     Metric("flops_per_step", "FLOP", "model FLOPs per optimizer step (matmuls of forward + backward, counted by "
-           "torch FlopCounterMode; no recomputation; Adam's elementwise update not included): what MFU divides",
+           "torch FlopCounterMode; no recomputation; the optimizer's elementwise update not included): what MFU divides",
            "num", shown=False, exact=True),
     Metric("hardware_flops_per_step", "FLOP", "FLOPs the device runs per optimizer step: the model's, plus the "
            "forward gradient checkpointing recomputes: what HFU divides", "num", shown=False, exact=True),

@@ -34,14 +34,14 @@ from ..measure.traces import MemorySnapshot, Traces, profile_steps, write_timeli
 from ..measure.trackers import HostMemory, SavedTensors, Timeline, TorchAllocator, unavailable
 from ..plan.cells import Cell
 from ..results.rows import Row, Status
-from ..workload import distributed, methods, models, quantization
+from ..workload import distributed, methods, models, optimizers, quantization
 from ..workload.compiler import Compiled
 from ..workload.data import Dataset, load
 from ..workload.methods import method as method_of
 from ..workload.precision import TORCH as DTYPES
 from ..workload.precision import Precision
 from ..workload.tasks import Task
-from .train import EpochRecord, Fit, fit, make_optimizer, micro_batch
+from .train import EpochRecord, Fit, fit, micro_batch
 
 
 def execute(
@@ -160,7 +160,9 @@ def measure(
             with ExitStack() as stack:
                 for t in trackers:
                     stack.enter_context(t)
-                optimizer = make_optimizer([q for q in trained.parameters() if q.requires_grad], cell.lr)
+                optimizer = optimizers.make(
+                    cell.optimizer, [q for q in trained.parameters() if q.requires_grad], cell.lr
+                )
                 if cell.compile == "on":  # compiled by a step of its own, so no measured step holds it
                     trained, compiled = torch.compile(trained), Compiled()
                     measured["compile_s"] = compiled.first_step(
@@ -364,12 +366,7 @@ def probe_step(
         out["torch_allocated_after_first_backward_bytes"] = torch.cuda.memory_allocated(device)
     amp.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
-    out["optimizer_state_bytes"] = sum(
-        distributed.local(t).nbytes
-        for st in optimizer.state.values()
-        for t in st.values()
-        if torch.is_tensor(t)
-    )
+    out["optimizer_state_bytes"] = optimizers.held_bytes(optimizer, distributed.local)
     if device.type == "cuda":  # grads freed, optimizer state allocated
         out["torch_allocated_after_first_step_bytes"] = torch.cuda.memory_allocated(device)
     return out

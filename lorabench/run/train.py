@@ -26,6 +26,7 @@ import torch
 import torch.distributed
 from torch import Tensor, nn
 
+from ..workload import optimizers
 from ..workload.data import Dataset
 from ..workload.precision import Precision
 from ..workload.tasks import Task
@@ -62,19 +63,6 @@ def micro_batch(index: int, rank: int = 0, world: int = 1, batch_size: int = 1) 
     slice of every batch_size x world rows, so the ranks together read each global batch once."""
     lo = (index * world + rank) * batch_size
     return slice(lo, lo + batch_size)
-
-
-def make_optimizer(params: list[nn.Parameter], lr: float) -> tuple[torch.optim.Optimizer, str]:
-    """Adam with the fused kernel where torch has one for these tensors.
-
-    On the CPU the default foreach Adam allocates temporaries the size of every parameter on each
-    step; on the 21M-parameter MLP the page faults cost more than the arithmetic (~20 s vs ~10 s
-    an epoch at batch 32 on 2 cores). fused=True updates in place.
-    """
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True), "adam(fused)"
-    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
-        return torch.optim.Adam(params, lr=lr, foreach=True), "adam(foreach)"
 
 
 @torch.no_grad()
@@ -168,7 +156,7 @@ def fit(
     is the cell's precision: autocast around each forward, its backward and step (fp32: neither)."""
     amp = amp or Precision("fp32", device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, impl = optimizer or make_optimizer(params, lr)
+    optimizer, impl = optimizer or optimizers.make(optimizers.DEFAULT, params, lr)
     n = next(iter(data.train.values())).shape[0]
     per_step = batch_size * grad_accum * world
     steps = n // per_step  # the ragged tail is dropped so every step has the same shape

@@ -2,8 +2,8 @@ import torch
 
 from lorabench.plan.cells import Cell
 from lorabench.run.experiment import probe_step
-from lorabench.run.train import evaluate, fit, make_optimizer
-from lorabench.workload import data, models
+from lorabench.run.train import evaluate, fit
+from lorabench.workload import data, models, optimizers
 from lorabench.workload.methods import METHODS
 from lorabench.workload.tasks import TASKS
 
@@ -50,7 +50,7 @@ def test_state_breakdown_is_4_4_8_bytes_per_trainable_fp32_parameter():
     adapted = apply(bundle, cell)
     p = adapted.params
     ds = synthetic("image-classification", samples=32, eval_samples=16, seq_len=1, seed=0)
-    optimizer, _ = make_optimizer([q for q in adapted.module.parameters() if q.requires_grad], 1e-3)
+    optimizer, _ = optimizers.make("adam", [q for q in adapted.module.parameters() if q.requires_grad], 1e-3)
     b = probe_step(adapted.module, bundle.task, ds, optimizer, cell, CPU)
     assert sum(q.nbytes for q in adapted.module.parameters()) == 4 * p.total
     assert b["grads_bytes"] == 4 * p.trainable
@@ -135,7 +135,7 @@ def test_saved_activations_of_the_mlp_equal_the_closed_form_and_reparam_keeps_th
         )
         bundle = models.build("cifar-mlp")
         module = apply(bundle, cell).module
-        optimizer, _ = make_optimizer([q for q in module.parameters() if q.requires_grad], 1e-3)
+        optimizer, _ = optimizers.make("adam", [q for q in module.parameters() if q.requires_grad], 1e-3)
         saved[method] = probe_step(module, bundle.task, ds, optimizer, cell, CPU)["activations_saved_bytes"]
     assert saved["full"] == 16 * (4096 + 2048 + 10) * 4 + 4
     # PEFT's side path adds only the r-wide outputs of A (and their inputs, already counted)

@@ -65,7 +65,7 @@ def test_prediction_for_full_fp32_is_16_bytes_per_parameter_plus_activations():
     assert (p.weights_bytes, p.grads_bytes, p.optimizer_bytes) == (
         4 * 20_998_154,
         4 * 20_998_154,
-        8 * 20_998_154,
+        8 * 20_998_154 + 6 * 4,  # and Adam's `step`: a float32 scalar tensor per parameter tensor (6)
     )
     assert p.activations_bytes == 8 * (4096 + 2048 + 10) * 4  # each layer's output, per sample, fp32
 

@@ -146,6 +146,7 @@ def test_key_is_stable_and_covers_every_field():
             "grad_checkpointing": "on",
             "precision": "bf16-mixed",
             "compile": "on",
+            "optimizer": "sgd",
             "alpha": 4.0,
             "dropout": 0.1,
             "targets": ("query",),

@@ -6,6 +6,8 @@ from conftest import files_under
 
 BAD = [
     (["run", "--models", "gpt-17"], "unknown model 'gpt-17'; choose from"),
+    (["run", "--optimizer", "adam,lion"], "unknown optimizer 'lion'; choose from adafactor, adam, adamw"),
+    (["run", "--optimizer", "sgd", "--lr", "0"], "lr must be a number > 0, got 0.0"),
     (
         ["run", "--methods", "qlora"],
         "unknown method 'qlora'; choose from adalora, boft, dora, full, ia3, loha, lokr, "

@@ -284,3 +284,29 @@ def test_a_matrix_along_any_axis_renders_a_titled_section_per_value_and_a_long_t
     long = text[text.index("## Every cell") :]
     header = long.splitlines()[2]
     assert f"| {word} " in header and "| seq len " in header, header
+
+
+def test_with_savers_on_both_sides_the_headline_names_them_and_sets_lora_against_the_leanest_full(rows):
+    """The `fair` preset: full fine-tuning and LoRA each with and without the memory savers; each
+    table's headline names full's savers, and one more line per model compares the leanest of each."""
+    from lorabench.plan.presets import SAVERS
+
+    cifar = [r for r in rows if r.cell.model == "cifar-mlp"]
+    lean = [
+        r.replace(
+            cell=dataclasses.replace(r.cell, **SAVERS),
+            metrics={
+                **r.metrics,
+                "state_bytes": r.metrics["state_bytes"] * (0.4 if r.cell.is_baseline else 0.9),
+            },
+        )
+        for r in cifar
+    ]
+    text = report.render(cifar + lean)
+    top = text[: text.index("result rows:")]
+    assert "than full fine-tuning (ckpt bf16-mixed adamw-8bit)" in top
+    fair = [line for line in top.splitlines() if "savers on both sides" in line]
+    assert len(fair) == 1 and "(full ckpt bf16-mixed adamw-8bit)" in fair[0], fair
+    assert "lora r=2 ckpt bf16-mixed adamw-8bit needs" in fair[0]
+    assert len([line for line in text.splitlines() if line.startswith("## cifar-mlp (")]) == 2
+    assert "savers on both sides" not in report.render(cifar)  # full one way only: no such line
