@@ -14,6 +14,7 @@ Two runs on different hardware or software are not a regression test: a change o
 model, the GPU driver or the torch version is refused (exit 2) unless
 `--allow-environment-change` is given, and the comparison then says so first.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,18 +22,27 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..errors import InputError
-from .rows import METRICS, Row, is_number
 from ..measure.stats import Summary
+from .rows import METRICS, Row, is_number
 
 # figure -> (kind, +1 when higher is worse / -1 when lower is worse)
 GATED: dict[str, tuple[str, int]] = {m.key: (m.gate, m.worse) for m in METRICS if m.gate}
 EXACT = tuple(m.key for m in METRICS if m.exact)
 # kind -> (default limit, its unit, what a regression is)
-THRESHOLDS = {"time": (10.0, "%", "slower"), "memory": (5.0, "%", "larger"), "quality": (1.0, "points", "accuracy lower")}
+THRESHOLDS = {
+    "time": (10.0, "%", "slower"),
+    "memory": (5.0, "%", "larger"),
+    "quality": (1.0, "points", "accuracy lower"),
+}
 DEFAULT_THRESHOLDS = {kind: default for kind, (default, _, _) in THRESHOLDS.items()}
 # environment key -> what it is: a change of any of them makes every figure incomparable
-ENVIRONMENT = {"device": "device", "gpu_name": "GPU model", "cpu": "CPU model", "gpu_driver": "GPU driver",
-               "torch": "torch version"}
+ENVIRONMENT = {
+    "device": "device",
+    "gpu_name": "GPU model",
+    "cpu": "CPU model",
+    "gpu_driver": "GPU driver",
+    "torch": "torch version",
+}
 
 
 class EnvironmentChanged(InputError):
@@ -44,11 +54,11 @@ class Change:
     model: str
     label: str
     figure: str
-    kind: str            # time | memory | quality | exact
+    kind: str  # time | memory | quality | exact
     base: float
     new: float
-    change: float        # % of base for time and memory; points for quality; absolute for exact
-    threshold: float     # what the change had to exceed to count (spread included)
+    change: float  # % of base for time and memory; points for quality; absolute for exact
+    threshold: float  # what the change had to exceed to count (spread included)
     regression: bool
 
 
@@ -57,7 +67,7 @@ class Comparison:
     changes: list[Change] = field(default_factory=list)
     only_in_base: list[str] = field(default_factory=list)
     only_in_new: list[str] = field(default_factory=list)
-    environment_changes: list[str] = field(default_factory=list)   # allowed by the caller, said first
+    environment_changes: list[str] = field(default_factory=list)  # allowed by the caller, said first
 
     @property
     def regressions(self) -> list[Change]:
@@ -81,8 +91,10 @@ def _values(rows: list[Row], figure: str) -> list[float]:
 
 def environment_changes(base_rows: list[Row], new_rows: list[Row]) -> list[str]:
     """'GPU model: A -> B' for each ENVIRONMENT fact that differs between the runs."""
+
     def seen(rows, key):
         return ", ".join(sorted({str(r.environment[key]) for r in rows if key in r.environment}))
+
     out = []
     for key, what in ENVIRONMENT.items():
         b, n = seen(base_rows, key), seen(new_rows, key)
@@ -91,16 +103,22 @@ def environment_changes(base_rows: list[Row], new_rows: list[Row]) -> list[str]:
     return out
 
 
-def compare(base_rows: list[Row], new_rows: list[Row], thresholds: dict[str, float] | None = None,
-            allow_environment_change: bool = False) -> Comparison:
+def compare(
+    base_rows: list[Row],
+    new_rows: list[Row],
+    thresholds: dict[str, float] | None = None,
+    allow_environment_change: bool = False,
+) -> Comparison:
     th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     for kind, value in th.items():
         if not value >= 0:
             raise InputError(f"--{kind}-threshold must be >= 0, got {value:g}")
     changed = environment_changes(base_rows, new_rows)
     if changed and not allow_environment_change:
-        raise EnvironmentChanged(f"the runs differ in {'; '.join(changed)}: a change of hardware or software is not a "
-                                 "regression (--allow-environment-change compares them anyway)")
+        raise EnvironmentChanged(
+            f"the runs differ in {'; '.join(changed)}: a change of hardware or software is not a "
+            "regression (--allow-environment-change compares them anyway)"
+        )
     base, new = _variants(base_rows), _variants(new_rows)
     result = Comparison(environment_changes=changed)
     describe = lambda rows: f"{rows[0].cell.model} {rows[0].label}"
@@ -115,16 +133,19 @@ def compare(base_rows: list[Row], new_rows: list[Row], thresholds: dict[str, flo
                 continue
             b, n = Summary.of(bv), Summary.of(nv)
             if kind == "quality":
-                change = (n.median - b.median) * 100          # points
+                change = (n.median - b.median) * 100  # points
                 noise = 2 * math.hypot(b.stdev, n.stdev) * 100
             else:
                 change = (n.median - b.median) / b.median * 100 if b.median else 0.0
                 noise = 2 * math.hypot(b.stdev_pct, n.stdev_pct)
             limit = max(th[kind], noise)
-            result.changes.append(Change(model, label, figure, kind, b.median, n.median, change, limit,
-                                         change * worse > limit))
+            result.changes.append(
+                Change(model, label, figure, kind, b.median, n.median, change, limit, change * worse > limit)
+            )
         for figure in EXACT:
             bv, nv = _values(b_rows, figure), _values(n_rows, figure)
             if bv and nv and bv[0] != nv[0]:
-                result.changes.append(Change(model, label, figure, "exact", bv[0], nv[0], nv[0] - bv[0], 0.0, True))
+                result.changes.append(
+                    Change(model, label, figure, "exact", bv[0], nv[0], nv[0] - bv[0], 0.0, True)
+                )
     return result

@@ -12,6 +12,7 @@ even by SIGKILL, so a dead run's lock never needs breaking by hand and no pid is
 say whether a lock is live. The holder's pid sits beside it in `.owner`, to name it in a refusal,
 and an `.owner` left by a killed run tells the next one it took over.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,8 @@ from typing import Any, Iterator
 
 from filelock import FileLock, Timeout
 
-from ..plan.cells import Cell, CellError
 from ..errors import InputError
+from ..plan.cells import Cell, CellError
 from .rows import Row, final_rows
 
 
@@ -64,12 +65,17 @@ def _line(row: Row) -> str:
 
 
 class RunDir:
-    RESULTS, PLAN, ENVIRONMENT, CALIBRATION = "results.jsonl", "plan.json", "environment.json", "calibration.json"
+    RESULTS, PLAN, ENVIRONMENT, CALIBRATION = (
+        "results.jsonl",
+        "plan.json",
+        "environment.json",
+        "calibration.json",
+    )
     LOCK, OWNER = ".lock", ".owner"
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.took_over: str | None = None   # set by lock(): the dead owner whose lock was left
+        self.took_over: str | None = None  # set by lock(): the dead owner whose lock was left
 
     def __str__(self) -> str:
         return str(self.path)
@@ -140,9 +146,11 @@ class RunDir:
                 continue
             try:
                 rows.append(Row.from_json(json.loads(line)))
-            except (ValueError, KeyError, TypeError):   # JSONDecodeError, CellError, a bad status
+            except (ValueError, KeyError, TypeError):  # JSONDecodeError, CellError, a bad status
                 last = i == len(lines) or (i == len(lines) - 1 and lines[-1] == "")
-                what = "truncated last line (the run was killed while writing it)" if last else "unreadable line"
+                what = (
+                    "truncated last line (the run was killed while writing it)" if last else "unreadable line"
+                )
                 warnings.append(f"{self.results_path}:{i}: {what}; ignored")
         return rows, warnings
 
@@ -181,11 +189,12 @@ class RunDir:
             lock.acquire()
         except Timeout:
             owner = _read(owner_path) or "another process"
-            raise RunDirLocked(f"{self.path} is in use by {owner} (lock {self.path / self.LOCK}); "
-                               "wait for it to finish") from None
+            raise RunDirLocked(
+                f"{self.path} is in use by {owner} (lock {self.path / self.LOCK}); wait for it to finish"
+            ) from None
         try:
             stale = _read(owner_path)
-            self.took_over = stale   # its holder is gone: the kernel released its flock
+            self.took_over = stale  # its holder is gone: the kernel released its flock
             owner_path.write_text(f"process {os.getpid()} on {socket.gethostname()}\n", encoding="utf-8")
             yield self
         finally:
@@ -220,30 +229,50 @@ class RunDir:
             try:
                 plans.append(json.loads((s.path / cls.PLAN).read_text(encoding="utf-8")))
             except (OSError, ValueError):
-                raise RunDirError(f"{s.path}: no readable {cls.PLAN}; pass run directories made by "
-                                  "`lorabench run --shard`") from None
+                raise RunDirError(
+                    f"{s.path}: no readable {cls.PLAN}; pass run directories made by `lorabench run --shard`"
+                ) from None
             rows.append(s.final_rows())
         for s, p in zip(shards[1:], plans[1:]):
-            for key, what in (("matrix_id", "ran a different matrix than"), ("lorabench_commit", "was made by")):
+            for key, what in (
+                ("matrix_id", "ran a different matrix than"),
+                ("lorabench_commit", "was made by"),
+            ):
                 if p.get(key) != plans[0].get(key):
-                    hint = ("merge only shards of one matrix" if key == "matrix_id"
-                            else "merge only shards of one code version")
-                    raise RunDirError(f"{s.path} {what} {shards[0].path} ({p.get(key)} vs {plans[0].get(key)}); {hint}")
+                    hint = (
+                        "merge only shards of one matrix"
+                        if key == "matrix_id"
+                        else "merge only shards of one code version"
+                    )
+                    raise RunDirError(
+                        f"{s.path} {what} {shards[0].path} ({p.get(key)} vs {plans[0].get(key)}); {hint}"
+                    )
         owner: dict[str, Path] = {}
         for s, (shard_rows, _) in zip(shards, rows):
             for r in shard_rows:
                 if r.key in owner:
-                    raise RunDirError(f"cell {r.cell.model} {r.label} is in both {owner[r.key]} and {s.path}; "
-                                      "were the shards of one --shard K/N split?")
+                    raise RunDirError(
+                        f"cell {r.cell.model} {r.label} is in both {owner[r.key]} and {s.path}; "
+                        "were the shards of one --shard K/N split?"
+                    )
                 owner[r.key] = s.path
         matrix = plans[0]["matrix"]
         order = {Cell.from_dict(c).key(): i for i, c in enumerate(matrix)}
-        merged = sorted((r for shard_rows, _ in rows for r in shard_rows), key=lambda r: order.get(r.key, len(order)))
+        merged = sorted(
+            (r for shard_rows, _ in rows for r in shard_rows), key=lambda r: order.get(r.key, len(order))
+        )
         out.mkdir(parents=True, exist_ok=True)
         run = cls(out)
         run.rewrite(merged)
-        run.write_plan({**plans[0], "run_id": out.name, "shard": None, "cells": matrix,
-                        "merged_from": [str(d) for d in dirs]})
+        run.write_plan(
+            {
+                **plans[0],
+                "run_id": out.name,
+                "shard": None,
+                "cells": matrix,
+                "merged_from": [str(d) for d in dirs],
+            }
+        )
         env = next((s.path / cls.ENVIRONMENT for s in shards if (s.path / cls.ENVIRONMENT).exists()), None)
         if env is not None:
             (out / cls.ENVIRONMENT).write_text(env.read_text(encoding="utf-8"), encoding="utf-8")
