@@ -232,8 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
         "figure, and flag regressions past the thresholds (and past twice the measured "
         "spread where repeats exist).",
     )
-    cmp_.add_argument("base", type=Path, metavar="BASE_RUN")
-    cmp_.add_argument("new", type=Path, metavar="NEW_RUN")
+    cmp_.add_argument(
+        "runs",
+        type=Path,
+        nargs="+",
+        metavar="RUN",
+        help="BASE_RUN NEW_RUN; with --history, the new run alone",
+    )
+    cmp_.add_argument(
+        "--history",
+        type=Path,
+        metavar="HISTORY",
+        help="judge the run against the median of the last --window comparable nights of this "
+        "history (lorabench history add) instead of one base run",
+    )
+    cmp_.add_argument(
+        "--window",
+        type=int,
+        default=7,
+        metavar="K",
+        help="nights of the history a run is judged against (default 7)",
+    )
     for kind, (default, unit, worse) in THRESHOLDS.items():
         cmp_.add_argument(
             f"--{kind}-threshold",
@@ -280,6 +299,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mrg.add_argument(
         "--report-dir", type=Path, default=Path("report"), help="report directory (default: report)"
+    )
+    hst = sub.add_parser(
+        "history",
+        help="keep every nightly run and draw each figure over time",
+        description="A history is a folder (history.jsonl): every run added with its commit, date and "
+        "environment. `lorabench compare --history` gates a run against a window of its nights.",
+    )
+    hsub = hst.add_subparsers(dest="history_command", metavar="ACTION", parser_class=_Parser, required=True)
+    hadd = hsub.add_parser("add", help="append a run to a history (created when absent)")
+    hadd.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    hadd.add_argument("--to", type=Path, required=True, metavar="HISTORY", help="the history folder")
+    hadd.add_argument(
+        "--github-benchmark",
+        type=Path,
+        metavar="DIR",
+        help="also write the run's gated figures as github-action-benchmark JSON: "
+        "DIR/smaller-is-better.json (customSmallerIsBetter) and DIR/bigger-is-better.json",
+    )
+    hrep = hsub.add_parser("report", help="a markdown page of every gated figure over the nights")
+    hrep.add_argument("history", type=Path, metavar="HISTORY")
+    hrep.add_argument(
+        "-o", "--output", type=Path, help="the page (default: HISTORY/index.md); its pictures go beside it"
+    )
+    hrep.add_argument(
+        "--window", type=int, default=7, metavar="K", help="nights each night is judged against (default 7)"
     )
     return parser
 
@@ -476,15 +520,66 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .results.compare import THRESHOLDS, compare
 
     limits = {kind: getattr(args, f"{kind}_threshold") for kind in THRESHOLDS}
-    result = compare(
-        _load_rows([args.base])[0], _load_rows([args.new])[0], limits, args.allow_environment_change
-    )
-    text = comparison_report(result, args.base.name, args.new.name)
+    if args.history is not None:
+        if len(args.runs) != 1:
+            raise UsageError("with --history give one run (the night to judge), not a base run as well")
+        if args.window < 1:
+            raise UsageError(f"--window must be a whole number >= 1, got {args.window}")
+        from .render.trends import window_report
+        from .results.history import tonight
+
+        _load_rows(args.runs)  # refuses what is not a run directory, warns on damaged lines
+        series = tonight(args.history, args.runs[0], args.window, limits)
+        text, failed = (
+            window_report(series, args.runs[0].name, args.window),
+            any(s.points[-1].flagged for s in series),
+        )
+    else:
+        if len(args.runs) != 2:
+            raise UsageError("give BASE_RUN NEW_RUN (or --history HISTORY RUN)")
+        base, new = args.runs
+        result = compare(_load_rows([base])[0], _load_rows([new])[0], limits, args.allow_environment_change)
+        text, failed = comparison_report(result, base.name, new.name), bool(result.regressions)
     print(text)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text, encoding="utf-8")
-    return EXIT_FAILED_CELLS if (args.fail_on_regression and result.regressions) else EXIT_OK
+    return EXIT_FAILED_CELLS if (args.fail_on_regression and failed) else EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    import json
+
+    from .results import history
+
+    if args.history_command == "add":
+        _load_rows([args.run_dir])
+        night = history.add(args.run_dir, args.to)
+        print(f"{night.name}: {len(night.cells)} cells added to {args.to}")
+        if args.github_benchmark is not None:
+            args.github_benchmark.mkdir(parents=True, exist_ok=True)
+            smaller, bigger = history.github_benchmark(night)
+            for name, entries in (("smaller-is-better.json", smaller), ("bigger-is-better.json", bigger)):
+                (args.github_benchmark / name).write_text(json.dumps(entries, indent=1), encoding="utf-8")
+        return EXIT_OK
+    from .render.trends import history_page
+
+    if args.window < 1:
+        raise UsageError(f"--window must be a whole number >= 1, got {args.window}")
+    nights = history.load(args.history)
+    if not nights:
+        raise UsageError(
+            f"{args.history}: no history there (lorabench history add RUN_DIR --to {args.history})"
+        )
+    out = args.output or args.history / "index.md"
+    if out.is_dir():
+        raise UsageError(f"--output {out} is a directory; give a file name")
+    series = history.series_of(nights, args.window)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page = history_page(series, out.parent / out.stem, f"{out.stem}/")
+    out.write_text(page, encoding="utf-8")
+    print(out)
+    return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -513,6 +608,7 @@ COMMANDS = {
     "merge": cmd_merge,
     "compare": cmd_compare,
     "check": cmd_check,
+    "history": cmd_history,
 }
 
 

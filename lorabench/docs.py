@@ -63,6 +63,16 @@ def cli_page() -> str:
         ]
         for name, sub in commands.items():
             out += ["", f"## lorabench {name}", "", "```", sub.format_help().rstrip(), "```"]
+            actions = [a for a in sub._actions if isinstance(a.choices, dict)]  # its own subcommands
+            for action_name, action in actions[0].choices.items() if actions else ():
+                out += [
+                    "",
+                    f"### lorabench {name} {action_name}",
+                    "",
+                    "```",
+                    action.format_help().rstrip(),
+                    "```",
+                ]
     finally:
         if saved is None:
             del os.environ["COLUMNS"]

@@ -74,7 +74,7 @@ class Comparison:
         return [c for c in self.changes if c.regression]
 
 
-def _variants(rows: list[Row]) -> dict[str, list[Row]]:
+def by_variant(rows: list[Row]) -> dict[str, list[Row]]:
     out: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
         if r.ok:
@@ -82,7 +82,7 @@ def _variants(rows: list[Row]) -> dict[str, list[Row]]:
     return out
 
 
-def _values(rows: list[Row], figure: str) -> list[float]:
+def repeat_values(rows: list[Row], figure: str) -> list[float]:
     """Every repeat's value, or none when a repeat could not measure it: a median of the others
     would stand in for a figure that is missing."""
     values = [r.metrics.get(figure) for r in rows]
@@ -119,7 +119,7 @@ def compare(
             f"the runs differ in {'; '.join(changed)}: a change of hardware or software is not a "
             "regression (--allow-environment-change compares them anyway)"
         )
-    base, new = _variants(base_rows), _variants(new_rows)
+    base, new = by_variant(base_rows), by_variant(new_rows)
     result = Comparison(environment_changes=changed)
     describe = lambda rows: f"{rows[0].cell.model} {rows[0].label}"
     result.only_in_base = sorted(describe(base[k]) for k in base.keys() - new.keys())
@@ -128,7 +128,7 @@ def compare(
         b_rows, n_rows = base[key], new[key]
         model, label = b_rows[0].cell.model, b_rows[0].label
         for figure, (kind, worse) in GATED.items():
-            bv, nv = _values(b_rows, figure), _values(n_rows, figure)
+            bv, nv = repeat_values(b_rows, figure), repeat_values(n_rows, figure)
             if not bv or not nv:
                 continue
             b, n = Summary.of(bv), Summary.of(nv)
@@ -143,7 +143,7 @@ def compare(
                 Change(model, label, figure, kind, b.median, n.median, change, limit, change * worse > limit)
             )
         for figure in EXACT:
-            bv, nv = _values(b_rows, figure), _values(n_rows, figure)
+            bv, nv = repeat_values(b_rows, figure), repeat_values(n_rows, figure)
             if bv and nv and bv[0] != nv[0]:
                 result.changes.append(
                     Change(model, label, figure, "exact", bv[0], nv[0], nv[0] - bv[0], 0.0, True)

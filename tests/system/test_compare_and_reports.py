@@ -133,7 +133,9 @@ def test_workflows_pass_actionlint_and_have_their_triggers():
     labels = [entry["labels"] for entry in job["strategy"]["matrix"]["include"]]
     assert labels == [["self-hosted", "linux", "cuda"], ["self-hosted", "linux", "rocm"]]
     runs = " ".join(step.get("run", "") for step in job["steps"])
-    assert "--preset ci" in runs and "--fail-on-regression" in runs and "GITHUB_STEP_SUMMARY" in runs
+    assert "--preset ci" in runs and "nightly-history nightly" in runs and "GITHUB_STEP_SUMMARY" in runs
+    script = (ROOT / ".github" / "scripts" / "nightly-history").read_text()
+    assert "compare --history" in script and "--fail-on-regression" in script
     assert any(step.get("uses", "").startswith("actions/upload-artifact") for step in job["steps"])
     assert "pull_request" in ci[True]
     ci_runs = [step.get("run", "") for step in ci["jobs"]["test"]["steps"]]
@@ -192,3 +194,49 @@ def test_the_nightly_checks_first_and_keeps_one_baseline_per_accelerator():
     summary = next(r for r in runs if "GITHUB_STEP_SUMMARY" in r)
     assert "report/*.md" not in summary  # not the committed CPU reference report
     assert "grep -v '^!\\['" in summary  # picture links cannot render there: headlines and tables stand alone
+
+
+@pytest.mark.parametrize(
+    "uploaded",
+    [["nightly"], ["nightly", "nightly-report", "compare.md"], ["nightly", "report", "compare.md"]],
+)
+def test_the_nightly_history_step_keeps_and_gates_a_night_whatever_the_artifact_layout(tmp_path, uploaded):
+    """.github/scripts/nightly-history on a run found where the baseline lookup finds one: a first
+    night is kept (nothing to judge it against), the same night again is refused (exit 2), and the
+    trend page and github-action-benchmark JSON are written."""
+    import json
+    import os
+    import sys
+
+    night = tmp_path / "workspace"
+    run_id = "20261121-031700-bbbbbb"
+    reference = ROOT / "results" / "20261123-211355-558bee"
+    shutil.copytree(reference, night / "nightly" / run_id)
+    (night / "nightly-report").mkdir()
+    (night / "report").mkdir()
+    (night / "compare.md").write_text("ok\n")
+    upload_and_download([night / p for p in uploaded], tmp_path / "downloaded")
+    script = ROOT / ".github" / "scripts" / "nightly-history"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    hist, out = tmp_path / "history" / "cuda", tmp_path / "out"
+    first = subprocess.run(
+        [str(script), str(tmp_path / "downloaded"), str(hist), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr
+    assert "No regression among" in (out / "window.md").read_text()
+    assert (hist / "history.jsonl").read_text().count(run_id) == 1 and (hist / "index.md").is_file()
+    assert json.loads((out / "github-benchmark" / "smaller-is-better.json").read_text())
+    again = subprocess.run(
+        [str(script), str(tmp_path / "downloaded"), str(hist), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert again.returncode == 2 and "is already in" in again.stderr
