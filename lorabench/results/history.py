@@ -292,7 +292,9 @@ def tonight(
     the history yet; where it is, it is judged where it stands)."""
     nights = load(history)
     night = night_of(run_dir)
-    nights = [n for n in nights if n.run_id != night.run_id] + [night]
+    at = next((i for i, n in enumerate(nights) if n.run_id == night.run_id), None)
+    # a night already kept is judged against the nights before it, not those after
+    nights = nights[: at + 1] if at is not None else [*nights, night]
     return [s for s in series_of(nights, k, limits) if s.points[-1].night.run_id == night.run_id]
 
 

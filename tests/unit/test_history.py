@@ -90,6 +90,10 @@ def test_tonight_against_the_window_and_the_cli_gate(nights, tmp_path, cli):
     assert "first bad 20261109-031700-000009" in out
     code, out, _ = cli("compare", "--history", str(h), str(nights[STEP_NIGHT - 2]), "--fail-on-regression")
     assert code == 0 and "No regression among" in out  # night 8 is judged where it stands
+    for run in nights[STEP_NIGHT - 1 :]:
+        cli("history", "add", str(run), "--to", str(h))
+    code, out, _ = cli("compare", "--history", str(h), str(nights[STEP_NIGHT - 1]), "--fail-on-regression")
+    assert code == 1 and "first bad 20261109-031700-000009" in out  # against nights 2-8, not 10-12
 
 
 def test_a_run_is_added_once_and_another_format_is_refused(nights, tmp_path, cli):
