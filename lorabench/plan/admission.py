@@ -123,6 +123,7 @@ class Plan:
         device = cells[0].device if cells else "cpu"
         free, what = environment.free_memory_bytes(device)
         skipped = fit_gate(cells, surveys, free, what, force)
+        skipped.update({c.key(): s.unbuildable for c, s in zip(cells, surveys) if s.unbuildable})
         # a precision this device cannot run, a quantisation bitsandbytes cannot serve: skipped, with why
         asked = {
             axis: sorted({getattr(c, axis) for c in cells} - {everywhere})

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import forksafe
+from ..errors import first_line
 from ..measure import flops
 from ..measure.predictions import DTYPE_BYTES, Prediction, per_rank, predict
+from ..measure.trackers import unavailable
 from ..workload import data, distributed, models, optimizers, precision, quantization
 from ..workload.methods import MethodError, ParamCount
 from ..workload.methods import method as method_of
@@ -35,6 +37,14 @@ class Survey:
     task: str
     prediction: Prediction
     gemms: frozenset[tuple[int, int, int]] = frozenset()  # (M, K, N) of the model's Linear products
+    unbuildable: str | None = None  # why PEFT cannot build this method on this model: a skipped cell
+
+
+def _unbuildable(cell: Cell, bundle, why: str) -> Survey:
+    """What is known of a cell PEFT cannot build: its base model's size, nothing trained, no prediction."""
+    total = sum(p.numel() for p in bundle.module.parameters())
+    nothing = Prediction(0, 0, 0, 0, unavailable(why), 0)
+    return Survey(ParamCount(total, 0, 0, 0), bundle.task.name, nothing, frozenset(), why)
 
 
 def survey(cell: Cell) -> Survey:
@@ -46,7 +56,16 @@ def survey(cell: Cell) -> Survey:
         forksafe.no_cuda_extensions()  # this is the parent: BOFT would build one and initialise CUDA
     with torch.device(method.survey_device):
         bundle = models.build(cell.model, "random", cell.task)
-        adapted = method.apply(bundle, cell.adapter)
+        try:
+            adapted = method.apply(bundle, cell.adapter)
+        except MethodError:
+            raise  # what the user asked for is wrong: refused, exit 2
+        except Exception as e:
+            if not method.uses_peft:
+                raise
+            # PEFT's own limit (LoHa on GPT-2's Conv1D, ...): this pair is skipped, the rest runs
+            why = f"PEFT cannot build {cell.method} on {cell.model}: {type(e).__name__}: {first_line(e)}"
+            return _unbuildable(cell, bundle, why)
     task = bundle.task
     count = lambda: flops.count(
         adapted.module,

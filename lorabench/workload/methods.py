@@ -92,8 +92,11 @@ def match_targets(module: nn.Module, targets: tuple[str, ...] | str) -> list[str
     return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
 
 
-def _resolve(bundle: Bundle, adapter: Adapter) -> list[str]:
-    targets = adapter.targets if adapter.targets is not None else bundle.lora_targets
+def _resolve(bundle: Bundle, adapter: Adapter, targets=None) -> list[str]:
+    """The Linear modules `targets` (default: the adapter's, else the model's) match; refuses none,
+    and a rank above a target's smaller dimension."""
+    if targets is None:
+        targets = adapter.targets if adapter.targets is not None else bundle.lora_targets
     matched = match_targets(bundle.module, targets)
     if not matched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names(bundle.module)})
@@ -227,12 +230,32 @@ class PeftMethod(_LoRA):
     def description(self) -> str:
         return self.title
 
+    def peft_default(self, bundle: Bundle, adapter: Adapter) -> list[str] | str | None:
+        """The targets PEFT itself chooses for this method on this architecture (`XConfig(
+        task_type=...)` with no target_modules: its TRANSFORMERS_MODELS_TO_X_TARGET_MODULES_MAPPING),
+        or None where it has none (the MLP, an architecture PEFT does not list)."""
+        import peft.utils.constants
+        from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+        model_type = getattr(getattr(bundle.module, "config", None), "model_type", None)
+        kind = self._config(adapter, None).peft_type
+        # most tuners name their mapping as an attribute; IA3 reads its constant directly
+        mapping = getattr(PEFT_TYPE_TO_TUNER_MAPPING.get(kind), "target_module_mapping", None) or getattr(
+            peft.utils.constants, f"TRANSFORMERS_MODELS_TO_{kind.value}_TARGET_MODULES_MAPPING", {}
+        )
+        return mapping.get(model_type) if model_type else None
+
     def apply(self, bundle: Bundle, adapter: Adapter) -> Adapted:
         from peft import TaskType, get_peft_model
 
-        matched = _resolve(bundle, adapter)
-        targets = adapter.targets if adapter.targets is not None else bundle.lora_targets
-        config = self._config(adapter, targets if isinstance(targets, str) else list(targets))
+        # --targets wins; else the method's own defaults as PEFT has them; else the model's (LoRA's)
+        own = self.peft_default(bundle, adapter) if adapter.targets is None else None
+        targets = adapter.targets if adapter.targets is not None else (own or bundle.lora_targets)
+        matched = _resolve(bundle, adapter, targets)
+        # with PEFT's own targets, PEFT fills in the rest of its defaults too (IA3's feed-forward modules)
+        config = self._config(
+            adapter, None if own else (targets if isinstance(targets, str) else list(targets))
+        )
         task_type = bundle.task.peft_task_type
         config.task_type = (
             getattr(TaskType, task_type) if task_type else None
@@ -302,7 +325,7 @@ PEFT_METHODS = [
     PeftMethod(
         "ia3",
         "IA3: a learned scale per output feature of each target; no rank",
-        lambda a, t: _peft("IA3Config")(target_modules=t, feedforward_modules=[]),
+        lambda a, t: _peft("IA3Config")(target_modules=t, feedforward_modules=None if t is None else []),
         ranked=False,
     ),
     PeftMethod(

@@ -108,7 +108,9 @@ def test_every_peft_method_counts_what_peft_counts_split_into_adapters_and_full(
 def test_dora_adds_one_magnitude_per_output_feature_of_each_adapted_linear():
     # BERT-Tiny r=8 on query, value of 2 layers: LoRA's 4 x 8 x (128 + 128), plus 4 x 128 magnitudes, plus the head
     assert build("bert-tiny", "dora").params.trainable == 4 * 8 * 256 + 4 * 128 + 258 == 8_962
-    assert build("bert-tiny", "ia3").params.adapter == 4 * 128  # IA3: a scale per output feature
+    # IA3 on PEFT's own BERT defaults: a scale per output feature of key, value and attention.output.dense,
+    # and per input feature of the feed-forward output.dense (intermediate 512), in each of 2 layers
+    assert build("bert-tiny", "ia3").params.adapter == 2 * (3 * 128 + 512) == 1_792
 
 
 def test_adalora_spreads_its_rank_schedule_over_the_cells_steps():

@@ -1,0 +1,72 @@
+"""Models people bring, made at test time from tiny configurations: a PEFT method PEFT cannot build
+on one of them is a skipped cell with PEFT's reason, and every PEFT method runs on its own defaults."""
+
+import pytest
+
+from lorabench.plan import admission, presets
+from lorabench.plan.cells import Cell
+from lorabench.plan.survey import survey
+
+
+def tiny(tmp_path, kind: str) -> str:
+    import transformers
+
+    configs = {
+        "gpt2": lambda: transformers.GPT2Config(
+            n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=128
+        ),
+        "roberta": lambda: transformers.RobertaConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            num_attention_heads=2,
+            intermediate_size=128,
+            vocab_size=1000,
+            max_position_embeddings=130,
+        ),
+        "bert": lambda: transformers.BertConfig(
+            num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=1000
+        ),
+    }
+    heads = {
+        "gpt2": "GPT2LMHeadModel",
+        "roberta": "RobertaForSequenceClassification",
+        "bert": "BertForSequenceClassification",
+    }
+    path = tmp_path / kind
+    config = configs[kind]()
+    config.architectures = [heads[kind]]  # what a saved model's config.json says: its task
+    config.save_pretrained(path)
+    return f"hf:{path}"
+
+
+def test_a_pair_peft_cannot_build_is_skipped_with_its_reason_and_the_rest_runs(tmp_path):
+    gpt2 = tiny(tmp_path, "gpt2")
+    cells = presets.expand(["quick"], [gpt2], ["lora", "loha"], [8], {"device": "cpu"})
+    plan = admission.Plan.of(cells)
+    loha = next(c for c in cells if c.method == "loha")
+    assert set(plan.skipped) == {loha.key()}
+    assert plan.skipped[loha.key()].startswith(f"PEFT cannot build loha on {gpt2}: TypeError: ")
+    assert "Conv1D" in plan.skipped[loha.key()]
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "gpt2"])
+def test_ia3_trains_what_peft_own_defaults_train(tmp_path, kind):
+    """IA3 on PEFT's own targets and feed-forward modules for the architecture (not LoRA's), the
+    classification head trained in full as PEFT's SEQ_CLS does; RoBERTa's head no longer breaks it."""
+    import transformers
+    from peft import IA3Config, TaskType, get_peft_model
+
+    model = tiny(tmp_path, kind)
+    ours = survey(Cell(model=model, method="ia3", device="cpu")).params
+    auto = (
+        transformers.AutoModelForCausalLM
+        if kind == "gpt2"
+        else transformers.AutoModelForSequenceClassification
+    )
+    config = transformers.AutoConfig.from_pretrained(model[3:])
+    if kind != "gpt2":
+        config.num_labels = 2
+    task = TaskType.CAUSAL_LM if kind == "gpt2" else TaskType.SEQ_CLS
+    theirs = get_peft_model(auto.from_config(config), IA3Config(task_type=task))
+    trainable = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert ours.trainable == trainable > 0
