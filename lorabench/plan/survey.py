@@ -40,7 +40,7 @@ class Survey:
     unbuildable: str | None = None  # why PEFT cannot build this method on this model: a skipped cell
 
 
-def _unbuildable(cell: Cell, bundle, why: str) -> Survey:
+def _unbuildable(bundle, why: str) -> Survey:
     """What is known of a cell PEFT cannot build: its base model's size, nothing trained, no prediction."""
     total = sum(p.numel() for p in bundle.module.parameters())
     nothing = Prediction(0, 0, 0, 0, unavailable(why), 0)
@@ -65,7 +65,7 @@ def survey(cell: Cell) -> Survey:
                 raise
             # PEFT's own limit (LoHa on GPT-2's Conv1D, ...): this pair is skipped, the rest runs
             why = f"PEFT cannot build {cell.method} on {cell.model}: {type(e).__name__}: {first_line(e)}"
-            return _unbuildable(cell, bundle, why)
+            return _unbuildable(bundle, why)
     task = bundle.task
     count = lambda: flops.count(
         adapted.module,

@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import InputError
 from .compare import DEFAULT_THRESHOLDS, ENVIRONMENT, GATED, by_variant, repeat_values
 from .rows import BY_KEY
-from .rundir import RunDir
+from .rundir import RunDir, RunDirError
 
 FORMAT = 1  # of history.jsonl; a reader refuses any other
 FILE = "history.jsonl"
@@ -116,7 +116,7 @@ def night_of(run_dir: Path) -> Night:
         raise HistoryError(f"{run_dir}: no cell finished ok; a night without figures is not kept")
     try:
         commit = run.plan().get("lorabench_commit")
-    except Exception:  # noqa: BLE001 (a run without its plan still has figures)
+    except RunDirError:  # a run without its plan (merged, copied) still has figures
         commit = None
     env = next((r.environment for r in ok if r.environment), {})
     cells = {}

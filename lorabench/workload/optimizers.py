@@ -144,13 +144,12 @@ def held_bytes(optimizer: torch.optim.Optimizer, local: Callable[[torch.Tensor],
     seen: set[int] = set()
     total = 0
     for st in optimizer.state.values():
-        for t in st.values():
-            if torch.is_tensor(t):
-                t = local(t)
-                key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
-                if key not in seen or t.numel() == 0:
-                    seen.add(key)
-                    total += t.nbytes
+        for t in (local(v) for v in st.values() if torch.is_tensor(v)):
+            where = t.untyped_storage().data_ptr()
+            if where and where in seen:  # 0: an empty tensor, which holds nothing
+                continue
+            seen.add(where)
+            total += t.nbytes
     return total
 
 
