@@ -49,10 +49,11 @@ def count(
     seq_len: int,
     vocab_size: int | None,
     num_labels: int | None,
+    device: str = "meta",
 ) -> StepFlops | Unavailable:
-    """Count one training step of `module` (built on the meta device) on a batch of the task's
-    shape. A model whose forward reads its data (`.item()` on a tensor) cannot run on meta: the
-    figure is then unavailable, with the reason, rather than guessed."""
+    """Count one training step of `module` (built on `device`: the meta device, or the CPU for a
+    real step) on a batch of the task's shape. A model whose forward reads its data (`.item()` on a
+    tensor) cannot run on meta: the figure is then unavailable, with the reason, rather than guessed."""
     from torch.utils.flop_counter import FlopCounterMode
 
     ds = task.build_data(
@@ -63,7 +64,7 @@ def count(
         vocab_size=vocab_size,
         num_labels=num_labels,
     )
-    batch = {k: v.to("meta") for k, v in ds.train.items()}
+    batch = {k: v.to(device) for k, v in ds.train.items()}
     if "attention_mask" in batch:
         # an all-ones mask lets transformers skip the mask (a data-dependent test meta cannot make);
         # attention's FLOPs depend on shapes only, so the count is the same
@@ -76,7 +77,7 @@ def count(
             loss.backward()
     except Exception as e:  # noqa: BLE001 (any model code may fail on meta; say why, do not guess)
         return Unavailable(
-            f"FLOPs could not be counted on the meta device ({type(e).__name__}: {first_line(e)})"
+            f"FLOPs could not be counted on the {device} device ({type(e).__name__}: {first_line(e)})"
         )
     finally:
         module.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ from .. import forksafe
 from ..errors import first_line
 from ..measure import flops
 from ..measure.predictions import DTYPE_BYTES, Prediction, per_rank, predict
-from ..measure.trackers import unavailable
+from ..measure.trackers import Unavailable, unavailable
 from ..workload import data, distributed, models, optimizers, precision, quantization
 from ..workload.methods import MethodError, ParamCount
 from ..workload.methods import method as method_of
@@ -45,6 +45,34 @@ def _unbuildable(bundle, why: str) -> Survey:
     total = sum(p.numel() for p in bundle.module.parameters())
     nothing = Prediction(0, 0, 0, 0, unavailable(why), 0)
     return Survey(ParamCount(total, 0, 0, 0), bundle.task.name, nothing, frozenset(), why)
+
+
+# A model the meta device cannot run (DeBERTa-v2 reads a tensor's value in its forward) is counted on
+# one real CPU step of one sample in this process, when its weights and gradients fit in this much.
+REAL_COUNT_MAX_BYTES = 2**30
+
+
+def _count_for_real(cell: Cell, total_params: int, why: Unavailable, checkpointed: bool):
+    """The step's FLOPs from a real CPU step of one sample, times the samples of a step: matrix
+    products scale exactly with the batch (the sequence length stays, attention's cost with it)."""
+    need = 2 * 4 * total_params  # fp32 weights and gradients
+    if need > REAL_COUNT_MAX_BYTES:
+        return unavailable(f"{why.reason}; too large for a real step here ({need / 2**30:.1f} GiB)")
+    torch.manual_seed(0)
+    bundle = models.build(cell.model, "random", cell.task)  # on the CPU: real tensors
+    adapted = method_of(cell.method).apply(bundle, cell.adapter)
+    if checkpointed:
+        models.checkpoint(adapted.module)
+    return flops.count(
+        adapted.module,
+        bundle.task,
+        batch_size=1,
+        grad_accum=cell.batch_size * cell.grad_accum,
+        seq_len=cell.seq_len,
+        vocab_size=bundle.vocab_size,
+        num_labels=bundle.num_labels,
+        device="cpu",
+    )
 
 
 def survey(cell: Cell) -> Survey:
@@ -77,10 +105,14 @@ def survey(cell: Cell) -> Survey:
         num_labels=bundle.num_labels,
     )
     counted = count()  # the model's FLOPs: what MFU divides (PaLM, appendix B)
+    if isinstance(counted, Unavailable):
+        counted = _count_for_real(cell, adapted.params.total, counted, checkpointed=False)
     hardware = None
     if cell.grad_checkpointing == "on":  # the device also runs the recomputed forward: what HFU divides
         models.checkpoint(adapted.module)
         hardware = count()
+        if isinstance(hardware, Unavailable):
+            hardware = _count_for_real(cell, adapted.params.total, hardware, checkpointed=True)
     pred = predict(
         adapted.module,
         adapted.params,

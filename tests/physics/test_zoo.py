@@ -23,6 +23,9 @@ def tiny(tmp_path, kind: str) -> str:
             vocab_size=1000,
             max_position_embeddings=130,
         ),
+        "deberta": lambda: transformers.DebertaV2Config(
+            num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=1000
+        ),
         "bert": lambda: transformers.BertConfig(
             num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, vocab_size=1000
         ),
@@ -31,6 +34,7 @@ def tiny(tmp_path, kind: str) -> str:
         "gpt2": "GPT2LMHeadModel",
         "roberta": "RobertaForSequenceClassification",
         "bert": "BertForSequenceClassification",
+        "deberta": "DebertaV2ForSequenceClassification",
     }
     path = tmp_path / kind
     config = configs[kind]()
@@ -70,3 +74,30 @@ def test_ia3_trains_what_peft_own_defaults_train(tmp_path, kind):
     theirs = get_peft_model(auto.from_config(config), IA3Config(task_type=task))
     trainable = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     assert ours.trainable == trainable > 0
+
+
+def test_flops_of_a_model_the_meta_device_cannot_run_come_from_a_real_step_and_match_it(tmp_path):
+    """DeBERTa-v2 reads a tensor's value in its forward, which the meta device cannot: its FLOPs
+    come from one real CPU step of one sample, scaled by the batch; an independent FlopCounterMode
+    count of one real step of the whole batch agrees within 1 %."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lorabench.workload import models
+
+    model = tiny(tmp_path, "deberta")
+    for method, rank in (("full", None), ("lora", 8)):
+        counted = survey(
+            Cell(model=model, method=method, rank=rank, batch_size=4, seq_len=32)
+        ).prediction.flops
+        torch.manual_seed(0)
+        bundle = models.build(model)
+        from lorabench.workload.methods import method as method_of
+
+        module = method_of(method).apply(bundle, Cell(model=model, method=method, rank=rank).adapter).module
+        ds = bundle.task.build_data(
+            samples=4, eval_samples=1, seq_len=32, seed=1, vocab_size=1000, num_labels=2
+        )
+        with FlopCounterMode(display=False) as real:
+            bundle.task.loss(module.train(), dict(ds.train))[0].backward()
+        assert counted.forward + counted.backward == pytest.approx(real.get_total_flops(), rel=0.01), method
