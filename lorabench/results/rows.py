@@ -350,6 +350,15 @@ METRICS: tuple[Metric, ...] = (
         "bytes",
     ),
     Metric(
+        "predicted_over_measured",
+        "x",
+        "predicted / measured peak (x; measured: the allocator's peak on a GPU, weights + host RSS above "
+        "them on the CPU): how far to trust the next prediction",
+        "num",
+        inputs=("predicted_total_bytes",),
+        derive=lambda m, c: _prediction_error(m),
+    ),
+    Metric(
         "check_merged_vs_adapter_max_abs_diff",
         "output units",
         "check: merged vs adapter outputs, max abs diff",
@@ -700,6 +709,20 @@ def split(measured: dict[str, Any]) -> tuple[dict[str, float | int | None], dict
         else:  # NaN, infinity, None: not a measurement; say so rather than write a non-JSON number
             metrics[key], missing[key] = None, f"not a finite number ({value!r})"
     return metrics, missing, info
+
+
+def _prediction_error(m: dict[str, Any]) -> float | None:
+    """Predicted total over the measured peak it predicts: the allocator's peak on a GPU; on the CPU
+    the weights plus the host RSS peak above the baseline (the interpreter and libraries left out)."""
+    if not is_number(m.get("predicted_total_bytes")):
+        return None
+    if is_number(m.get("torch_peak_allocated_bytes")):
+        measured = m["torch_peak_allocated_bytes"]
+    elif _all(m, "weights_bytes", "host_peak_above_baseline_bytes"):
+        measured = m["weights_bytes"] + m["host_peak_above_baseline_bytes"]
+    else:
+        return None
+    return m["predicted_total_bytes"] / measured if measured > 0 else None
 
 
 def derive(cell: Cell, metrics: dict[str, Any], missing: dict[str, str], info: dict[str, str]) -> None:

@@ -146,3 +146,12 @@ def test_schema_1_rows_convert_on_read():
     df = pd.json_normalize([x.to_json() for x in rows]).filter(like="metrics.")
     assert all(v is None or is_number(v) for v in df.to_numpy().ravel() if not pd.isna(v))
     df.astype(float)  # every metric column converts: no string inside a number's place
+
+
+def test_every_row_says_how_far_its_prediction_was_from_the_measured_peak():
+    cpu = {"predicted_total_bytes": 300, "weights_bytes": 100, "host_peak_above_baseline_bytes": 200}
+    assert Row.make(CELL, Status.OK, cpu).metrics["predicted_over_measured"] == 1.0
+    gpu = {**cpu, "torch_peak_allocated_bytes": 600}  # the allocator's peak wins where there is one
+    assert Row.make(CELL, Status.OK, gpu).metrics["predicted_over_measured"] == 0.5
+    none = Row.make(CELL, Status.OK, {"weights_bytes": 100, "host_peak_above_baseline_bytes": 200})
+    assert "predicted_over_measured" not in none.metrics
