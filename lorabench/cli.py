@@ -50,6 +50,34 @@ def _argtype(parse):
     return convert
 
 
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "kib": 2**10,
+    "kb": 10**3,
+    "m": 2**20,
+    "mib": 2**20,
+    "mb": 10**6,
+    "g": 2**30,
+    "gib": 2**30,
+    "gb": 10**9,
+    "t": 2**40,
+    "tib": 2**40,
+    "tb": 10**12,
+}
+
+
+def _size(value: str) -> int:
+    """A memory size: 24GiB, 80GB (decimal), 16G (binary), 512MiB; bytes without a unit."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 24GiB, 80GB or 512MiB, got {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 def _ranks(value: str) -> list[int]:
     from .plan.cells import csv_list
 
@@ -180,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="per CUDA cell, the allocator's history over the "
         "first step: RUN_DIR/snapshots/<cell-key>.pickle (pytorch.org/memory_viz)",
+    )
+    o.add_argument(
+        "--fit-memory",
+        type=_size,
+        metavar="SIZE",
+        help="gate the cells against this much device memory instead of what is free here (24GiB, 80GB): "
+        "with --dry-run, whether each cell would fit a GPU you do not have, from the model's configuration alone",
     )
     o.add_argument(
         "--force",
@@ -367,7 +402,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         data.download_cifar10(path)
     if not args.dry_run:
         worker.start_workers(options.start_method, cells)  # its imports overlap with the model builds below
-    the_plan = admission.Plan.of(cells, args.shard, args.force, options.start_method)
+    the_plan = admission.Plan.of(cells, args.shard, args.force, options.start_method, args.fit_memory)
     cells = the_plan.cells
     if the_plan.fit_note:
         print(f"lorabench: {the_plan.fit_note}", file=sys.stderr)
@@ -377,6 +412,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             if cells
             else "(this shard has no cells)"
         )
+        skipped = [
+            f"- {c.model} {c.label}: {the_plan.skipped[c.key()]}"
+            for c in cells
+            if c.key() in the_plan.skipped
+        ]
+        if skipped:
+            print("\nSkipped (they would be recorded so, with why):\n" + "\n".join(skipped))
         where = f", shard {args.shard} of a {len(the_plan.matrix)}-cell matrix" if args.shard else ""
         print(f"\n{len(cells)} cells on {device}{where}; dry run: nothing trained, nothing written.")
         return EXIT_OK

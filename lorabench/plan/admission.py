@@ -108,9 +108,11 @@ class Plan:
         shard_spec: str | None = None,
         force: bool = False,
         start_method: str = "forkserver",
+        fit_memory: int | None = None,
     ) -> "Plan":
-        """Survey every cell, keep shard K/N of them, gate those predicted not to fit, and skip those
-        whose precision or quantisation the device cannot run (asked in a child: `probe`)."""
+        """Survey every cell, keep shard K/N of them, gate those predicted not to fit (in free memory,
+        or in `fit_memory` bytes), and skip those whose precision, quantisation or optimizer the
+        device cannot run (asked in a child: `probe`)."""
         k_n = parse_shard(shard_spec) if shard_spec else None
         surveys = survey_all(cells)
         matrix = cells
@@ -121,7 +123,10 @@ class Plan:
             surveys = [s for c, s in zip(cells, surveys) if c.key() in chosen]
             cells = [c for c in cells if c.key() in chosen]
         device = cells[0].device if cells else "cpu"
-        free, what = environment.free_memory_bytes(device)
+        if fit_memory is not None:  # a device the user does not have: its capacity, as they said it
+            free, what = fit_memory, "--fit-memory"
+        else:
+            free, what = environment.free_memory_bytes(device)
         skipped = fit_gate(cells, surveys, free, what, force)
         skipped.update({c.key(): s.unbuildable for c, s in zip(cells, surveys) if s.unbuildable})
         # a precision this device cannot run, a quantisation bitsandbytes cannot serve: skipped, with why

@@ -284,3 +284,29 @@ def test_the_slurm_example_is_a_command_line_lorabench_accepts():
     ]
     args = build_parser().parse_args(["run", *argv])
     assert args.preset == ["scale"] and args.shard == "2/4" and str(args.out) == "shards/2"
+
+
+def test_fit_memory_answers_whether_each_cell_fits_a_device_you_do_not_have(cli, capsys):
+    code, out, _ = cli(
+        "run",
+        "--dry-run",
+        "--models",
+        "bert-base",
+        "--methods",
+        "full,lora",
+        "--ranks",
+        "8",
+        "--fit-memory",
+        "2GiB",
+    )
+    assert code == 0 and "nothing written" in out
+    assert "- bert-base full: predicted to need 3.00 GiB; --fit-memory: 2.00 GiB" in out
+    assert "bert-base lora r=8:" not in out  # it fits
+    with pytest.raises(SystemExit) as exit_:  # argparse's own errors exit from inside parse_args
+        cli("run", "--dry-run", "--fit-memory", "24 furlongs")
+    err = capsys.readouterr().err
+    assert (
+        exit_.value.code == 2
+        and "expected a size such as 24GiB" in err
+        and len(err.strip().splitlines()) == 1
+    )
