@@ -568,10 +568,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.window < 1:
             raise UsageError(f"--window must be a whole number >= 1, got {args.window}")
         from .render.trends import window_report
-        from .results.history import tonight
+        from .results.history import night_of, tonight
 
-        _load_rows(args.runs)  # refuses what is not a run directory, warns on damaged lines
-        series = tonight(args.history, args.runs[0], args.window, limits)
+        night = night_of(args.runs[0], _load_rows(args.runs)[0])
+        series = tonight(args.history, night, args.window, limits)
         text, failed = (
             window_report(series, args.runs[0].name, args.window),
             any(s.points[-1].flagged for s in series),
@@ -595,8 +595,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     from .results import history
 
     if args.history_command == "add":
-        _load_rows([args.run_dir])
-        night = history.add(args.run_dir, args.to)
+        night = history.add(history.night_of(args.run_dir, _load_rows([args.run_dir])[0]), args.to)
         print(f"{night.name}: {len(night.cells)} cells added to {args.to}")
         if args.github_benchmark is not None:
             args.github_benchmark.mkdir(parents=True, exist_ok=True)

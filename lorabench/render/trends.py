@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..results.compare import GATED
+from ..results.compare import GATED, change_of
 from ..results.history import Series
 from ..results.rows import BY_KEY
 from .tables import fmt, markdown
@@ -24,12 +24,11 @@ SCALES = {"bytes": (2**-20, "MiB"), "s": (1e3, "ms"), "fraction": (100, "%")}
 
 
 def _change(s: Series) -> str:
-    p = s.points[-1]
-    if p.median is None:
+    p, kind = s.points[-1], GATED[s.figure][0]
+    if p.median is None or (not p.median and kind != "quality"):
         return ""
-    if GATED[s.figure][0] == "quality":
-        return f"{(p.value - p.median) * 100:+.2f} pt"
-    return f"{(p.value - p.median) / p.median * 100:+.1f}%" if p.median else ""
+    change = change_of(kind, p.median, p.value)
+    return f"{change:+.2f} pt" if kind == "quality" else f"{change:+.1f}%"
 
 
 def _band(s: Series) -> str:

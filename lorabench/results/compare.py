@@ -89,6 +89,14 @@ def repeat_values(rows: list[Row], figure: str) -> list[float]:
     return values if all(is_number(v) for v in values) else []
 
 
+def change_of(kind: str, base: float, new: float) -> float:
+    """How far `new` is from `base`: points for quality (accuracy), % of base for time and memory
+    (0 where base is 0)."""
+    if kind == "quality":
+        return (new - base) * 100
+    return (new - base) / base * 100 if base else 0.0
+
+
 def environment_changes(base_rows: list[Row], new_rows: list[Row]) -> list[str]:
     """'GPU model: A -> B' for each ENVIRONMENT fact that differs between the runs."""
 
@@ -132,11 +140,10 @@ def compare(
             if not bv or not nv:
                 continue
             b, n = Summary.of(bv), Summary.of(nv)
+            change = change_of(kind, b.median, n.median)
             if kind == "quality":
-                change = (n.median - b.median) * 100  # points
-                noise = 2 * math.hypot(b.stdev, n.stdev) * 100
+                noise = 2 * math.hypot(b.stdev, n.stdev) * 100  # points
             else:
-                change = (n.median - b.median) / b.median * 100 if b.median else 0.0
                 noise = 2 * math.hypot(b.stdev_pct, n.stdev_pct)
             limit = max(th[kind], noise)
             result.changes.append(

@@ -21,6 +21,7 @@ and first bad nights around a flag name the range of commits to bisect.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .compare import DEFAULT_THRESHOLDS, ENVIRONMENT, GATED, by_variant, repeat_values
-from .rows import BY_KEY
+from .compare import DEFAULT_THRESHOLDS, ENVIRONMENT, GATED, by_variant, change_of, repeat_values
+from .rows import BY_KEY, Row
 from .rundir import RunDir, RunDirError
 
 FORMAT = 1  # of history.jsonl; a reader refuses any other
@@ -92,14 +93,7 @@ class Night:
     cells: dict[str, dict[str, Any]]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "date": self.date,
-            "commit": self.commit,
-            "accelerator": self.accelerator,
-            "environment": self.environment,
-            "cells": self.cells,
-        }
+        return dataclasses.asdict(self)
 
     @property
     def name(self) -> str:
@@ -107,10 +101,10 @@ class Night:
         return f"{self.run_id} ({self.date}, commit {(self.commit or 'unknown')[:12]})"
 
 
-def night_of(run_dir: Path) -> Night:
-    """The history's record of a run directory."""
+def night_of(run_dir: Path, rows: list[Row]) -> Night:
+    """The history's record of a run directory, from its final rows (`RunDir.load`: a retried cell's
+    last row only), read once by the caller."""
     run = RunDir(Path(run_dir))
-    rows, _ = run.rows()
     ok = [r for r in rows if r.ok]
     if not ok:
         raise HistoryError(f"{run_dir}: no cell finished ok; a night without figures is not kept")
@@ -166,9 +160,8 @@ def load(history: Path) -> list[Night]:
     return sorted(nights, key=lambda x: (x.date, x.run_id))
 
 
-def add(run_dir: Path, history: Path) -> Night:
-    """Append the run to the history (created when absent); a run already there is refused."""
-    night = night_of(run_dir)
+def add(night: Night, history: Path) -> Night:
+    """Append the night to the history (created when absent); a run already there is refused."""
     have = load(history)
     if any(n.run_id == night.run_id for n in have):
         raise HistoryError(f"run {night.run_id} is already in {history}: a night is added once")
@@ -238,8 +231,7 @@ def last_night_only(series: list[tuple[Night, float]], figure: str, limit: float
     limit = DEFAULT_THRESHOLDS[kind] if limit is None else limit
     out = [False]
     for (_, before), (_, value) in zip(series, series[1:]):
-        change = (value - before) * 100 if kind == "quality" else (value - before) / before * 100
-        out.append(change * worse > limit)
+        out.append(change_of(kind, before, value) * worse > limit)
     return out
 
 
@@ -286,12 +278,11 @@ def series_of(nights: list[Night], k: int = WINDOW, limits: dict[str, float] | N
 
 
 def tonight(
-    history: Path, run_dir: Path, k: int = WINDOW, limits: dict[str, float] | None = None
+    history: Path, night: Night, k: int = WINDOW, limits: dict[str, float] | None = None
 ) -> list[Series]:
-    """The series of the history with the run judged as their newest night (the run need not be in
-    the history yet; where it is, it is judged where it stands)."""
+    """The series of the history with the night judged as their newest (it need not be in the
+    history yet; where it is, it is judged where it stands)."""
     nights = load(history)
-    night = night_of(run_dir)
     at = next((i for i, n in enumerate(nights) if n.run_id == night.run_id), None)
     # a night already kept is judged against the nights before it, not those after
     nights = nights[: at + 1] if at is not None else [*nights, night]

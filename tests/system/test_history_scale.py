@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from lorabench.results import history
+from lorabench.results.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 REFERENCE = Path(__file__).resolve().parents[2] / "results" / "20261123-211355-558bee"
@@ -13,7 +14,7 @@ REFERENCE = Path(__file__).resolve().parents[2] / "results" / "20261123-211355-5
 
 def test_a_year_of_nightlies_renders_in_seconds(tmp_path):
     """365 nights x 30 cells, judged and drawn (the pictures too): the note quotes the time."""
-    base = history.night_of(REFERENCE)
+    base = history.night_of(REFERENCE, RunDir.load([REFERENCE])[0])
     cells = {
         f"{k}-{i}": {**c, "label": f"{c['label']} #{i}"} for i in range(5) for k, c in base.cells.items()
     }

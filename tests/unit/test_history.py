@@ -43,6 +43,11 @@ def make_nights(
     return out
 
 
+def kept(run: Path, h: Path) -> None:
+    """`lorabench history add RUN --to H`, in-process."""
+    history.add(history.night_of(run, RunDir.load([run])[0]), h)
+
+
 @pytest.fixture(scope="module")
 def nights(tmp_path_factory):
     return make_nights(tmp_path_factory.mktemp("nights"))
@@ -52,7 +57,7 @@ def nights(tmp_path_factory):
 def filled(nights, tmp_path):
     h = tmp_path / "history"
     for run in nights:
-        history.add(run, h)
+        kept(run, h)
     return h
 
 
@@ -112,7 +117,7 @@ def test_a_changed_environment_starts_a_new_series_rather_than_gating(tmp_path):
     runs = make_nights(tmp_path / "n", n=10, step_cell="none", torch_from=8)
     h = tmp_path / "h"
     for run in runs:
-        history.add(run, h)
+        kept(run, h)
     series = history.series_of(history.load(h))
     assert all(len(s.points) == 3 and s.points[0].median is None for s in series)  # nights 8-10 only
     assert not any(s.flagged for s in series)
