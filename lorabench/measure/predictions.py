@@ -1,9 +1,14 @@
-"""Predictions made before a cell runs: memory by closed form, and training FLOPs per step as
-counted by `flops` on the meta device.
+"""Predictions made before a cell runs: the peak memory of a simulated step (`simulation`), the
+closed form beside it as a cross-check, and training FLOPs per step.
 
-    lorabench run --dry-run --preset seed-bert      # prints each cell's predicted need
+    lorabench run --dry-run --preset seed-bert      # prints each cell's predicted peak
 
-Memory: weights at the training dtype for every parameter; a gradient and Adam's two moments
+The peak is what one training step on fake tensors holds at its fullest, with what holds it; a cell
+fake tensors cannot run (a quantised base, a model that reads a value) is predicted by the closed
+form alone, and says why.
+
+Closed form: weights at the training dtype for every parameter; a gradient and Adam's two moments
+
 for every trainable one (fp32: 4 + 4 + 8 bytes; a frozen parameter costs its 4 alone); plus the
 activations autograd saves for backward (which `trackers.SavedTensors` measures; a frozen Linear
 keeps no input, so LoRA saves less than full fine-tuning, not the same). A causal LM's loss
@@ -22,6 +27,7 @@ from ..workload.methods import Method, ParamCount
 from ..workload.optimizers import OPTIMIZERS
 from ..workload.tasks import Task
 from .flops import StepFlops
+from .simulation import KINDS, Simulated
 from .trackers import Unavailable
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -40,6 +46,8 @@ class Prediction:
     )
     # what the device runs: the model's FLOPs plus gradient checkpointing's recomputed forward (None: the same)
     hardware_flops: StepFlops | Unavailable | None = None
+    # the simulated step's peak and what held it, or why the step could not be simulated
+    simulated: Simulated | Unavailable | None = None
 
     @property
     def flops_per_step(self) -> float | None:
@@ -55,9 +63,29 @@ class Prediction:
             + (self.comm_bytes or 0)
         )
 
-    def to_metrics(self) -> dict[str, float | int]:
+    @property
+    def peak_bytes(self) -> int:
+        """The predicted peak: the simulated step's (with a rank's communication buffers), or the
+        closed form's total where the step could not be simulated."""
+        if isinstance(self.simulated, Simulated):
+            return self.simulated.peak_bytes + (self.comm_bytes or 0)
+        return self.total_bytes
+
+    @property
+    def peak_by(self) -> str:
+        """How the peak was predicted: what a report and a dry run say beside it."""
+        if isinstance(self.simulated, Simulated):
+            return "simulated step"
+        why = f": {self.simulated.reason}" if isinstance(self.simulated, Unavailable) else ""
+        return f"closed form{why}"
+
+    def to_metrics(self) -> dict[str, float | int | str]:
         hardware = self.flops if self.hardware_flops is None else self.hardware_flops
+        at_peak = self.simulated.at_peak if isinstance(self.simulated, Simulated) else {}
         return {
+            "predicted_peak_bytes": self.peak_bytes,
+            "predicted_peak_by": self.peak_by,
+            **{f"predicted_peak_{kind}_bytes": at_peak[kind] for kind in KINDS if kind in at_peak},
             **({"predicted_comm_bytes": self.comm_bytes} if self.comm_bytes is not None else {}),
             "predicted_weights_bytes": self.weights_bytes,
             "predicted_grads_bytes": self.grads_bytes,
@@ -154,7 +182,8 @@ def per_rank(
     gathered units: the root's parameters stay gathered through forward and backward, and a block
     is gathered while the previous one still is (FSDP2 prefetches one ahead), so twice the largest.
     Activations are the rank's micro-batch's, as in one process. FLOPs and tokens are the whole
-    step's: every rank's micro-batch."""
+    step's: every rank's micro-batch. The simulated peak (one process's step) is changed the same
+    way: its weights, gradients and optimizer state sharded for FSDP2, the buffers added for both."""
 
     def every_rank(f):
         return (
@@ -169,6 +198,11 @@ def per_rank(
     if strategy == "ddp":
         return replace(pred, comm_bytes=pred.grads_bytes, **common)
     shard = lambda n: -(-n // nproc)  # ceiling
+    sim = pred.simulated
+    if isinstance(sim, Simulated):  # what is sharded of the simulated peak: the parameters and their state
+        sharded = ("weights_frozen", "weights_trainable", "gradients", "optimizer")
+        at_peak = {k: shard(v) if k in sharded else v for k, v in sim.at_peak.items()}
+        common["simulated"] = replace(sim, peak_bytes=sum(at_peak.values()), at_peak=at_peak)
     return replace(
         pred,
         weights_bytes=shard(pred.weights_bytes),

@@ -72,13 +72,13 @@ def fit_gate(
         return {}
     gib = 2**30
     need = {
-        c.key(): s.prediction.total_bytes * (c.nproc if c.device == "cpu" else 1)
+        c.key(): s.prediction.peak_bytes * (c.nproc if c.device == "cpu" else 1)
         for c, s in zip(cells, surveys)
     }
     skipped = {
-        c.key(): f"predicted to need {need[c.key()] / gib:.2f} GiB; {what}: {free / gib:.2f} GiB "
-        "(--force runs it anyway)"
-        for c in cells
+        c.key(): f"predicted to need {need[c.key()] / gib:.2f} GiB ({s.prediction.peak_by}); {what}: "
+        f"{free / gib:.2f} GiB (--force runs it anyway)"
+        for c, s in zip(cells, surveys)
         if need[c.key()] > free
     }
     if cells and len(skipped) == len(cells):

@@ -28,6 +28,8 @@ from ..workload.optimizers import OPTIMIZERS
 from ..workload.precision import OF_DTYPE, PRECISIONS
 from ..workload.quantization import KINDS as QUANTIZE_KINDS
 from ..workload.tasks import TASKS
+from ..workload.zoo import ARCHITECTURES
+from ..workload.zoo import NAMES as ZOO
 
 DEVICES = ("cpu", "cuda")
 STRATEGIES = ("ddp", "fsdp2")  # how a cell of several processes shares the model (see `distributed`)
@@ -245,9 +247,10 @@ class Cell:
             raise CellError(f"targets must be module names (strings), got {self.targets!r}")
         if not all(isinstance(t, str) for t in self.modules_to_save):
             raise CellError(f"modules_to_save must be module names (strings), got {self.modules_to_save!r}")
-        if self.model not in MODELS and not is_byo(self.model):
+        if self.model not in MODELS and self.model not in ZOO and not is_byo(self.model):
             raise CellError(
-                f"unknown model {self.model!r}; choose from {choices(MODELS)} or hf:<dir or hub id>"
+                f"unknown model {self.model!r}; choose from {choices(MODELS)}, tiny-<arch> or medium-<arch> "
+                f"(arch: {choices(ARCHITECTURES)}) or hf:<dir or hub id>"
             )
         try:
             method = method_of(self.method)

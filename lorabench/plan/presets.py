@@ -20,6 +20,7 @@ import torch
 from ..measure import environment
 from ..workload.methods import METHODS, MethodError
 from ..workload.methods import method as method_of
+from ..workload.zoo import ARCHITECTURES
 from .cells import ADAPTER_FIELDS, CELL_FIELDS, MATRIX_FIELDS, Cell, CellError, choices
 from .config import load_config
 
@@ -190,6 +191,17 @@ PRESETS: dict[str, tuple[Matrix, ...]] = {
     "fair": (
         Matrix(("cifar-mlp", "bert-tiny"), ("full", "lora"), (8,), QUICK),
         Matrix(("cifar-mlp", "bert-tiny"), ("full", "lora"), (8,), {**QUICK, **SAVERS}),
+    ),
+    # The architectures people bring, tiny, through full fine-tuning and every PEFT method: each cell
+    # ok, or skipped with PEFT's reason where PEFT cannot build that pair; predicted peaks beside the
+    # measured ones. (lora-reparam, lorabench's own, adapts nn.Linear only: not GPT-2's Conv1D.)
+    "zoo": (
+        Matrix(
+            tuple(f"tiny-{arch}" for arch in ARCHITECTURES),
+            ("full", *(name for name, m in METHODS.items() if m.uses_peft)),
+            (8,),
+            {**QUICK, "samples": 128, "eval_samples": 64, "seq_len": 64},
+        ),
     ),
     "ranks": (
         Matrix(("bert-tiny", "bert-base"), ("full", "lora"), RANKS, QUICK),

@@ -3,8 +3,9 @@
     lorabench run --dry-run --preset quick      # every cell surveyed: counts, prediction, GFLOP/step
 
 Every cell is built on torch's meta device (exact parameter counts, the closed-form memory
-prediction and the counted FLOPs of a step, in milliseconds), which refuses an unbuildable cell
-before anything is written. Whether the device runs a cell's precision and quantisation is asked
+prediction, in milliseconds), which refuses an unbuildable cell before anything is written, and
+runs one simulated training step on fake tensors (`simulation`: its peak memory, what holds it, and
+the step's FLOPs; a second or so for a medium model). Whether the device runs a cell's precision and quantisation is asked
 in a child (`probe`): this is the parent of the run, which never initialises CUDA.
 """
 
@@ -17,13 +18,14 @@ import torch
 
 from .. import forksafe
 from ..errors import first_line
-from ..measure import flops
+from ..measure import flops, simulation
 from ..measure.predictions import DTYPE_BYTES, Prediction, per_rank, predict
 from ..measure.trackers import Unavailable, unavailable
 from ..workload import data, distributed, models, optimizers, precision, quantization
 from ..workload.methods import MethodError, ParamCount
 from ..workload.methods import method as method_of
-from ..workload.tasks import task_of_data
+from ..workload.precision import TORCH
+from ..workload.tasks import Task, task_of_data
 from .cells import SURVEYED_FIELDS, Cell, CellError
 
 
@@ -75,9 +77,56 @@ def _count_for_real(cell: Cell, total_params: int, why: Unavailable, checkpointe
     )
 
 
-def survey(cell: Cell) -> Survey:
+def _simulate(cell: Cell, task: Task) -> simulation.Simulated | Unavailable:
+    """The cell's training step on fake tensors (`simulation`): built as `experiment` builds it
+    (the weights' dtype, the method, checkpointing), on the meta device, then given fake storage."""
+    if cell.quantize != "none":
+        return unavailable("a quantised base is not simulated: bitsandbytes runs no fake tensors")
+    method = method_of(cell.method)
+    dtype = TORCH[cell.dtype]
+    made = {}
+
+    def build():
+        with torch.device(method.survey_device):
+            bundle = models.build(cell.model, "random", cell.task)
+            bundle.module.to(dtype)
+            made["bundle"] = bundle
+            module = method.apply(bundle, cell.adapter).module.to(dtype)
+        if cell.grad_checkpointing == "on":
+            models.checkpoint(module)
+        return module
+
+    def train():
+        b = made["bundle"]
+        n = cell.batch_size * cell.grad_accum * 2  # two steps' worth, as resident as a run's data
+        ds = b.task.build_data(
+            samples=n,
+            eval_samples=1,
+            seq_len=cell.seq_len,
+            seed=0,
+            vocab_size=b.vocab_size,
+            num_labels=b.num_labels,
+        )
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in ds.train.items()}
+
+    cast = cell.compute_dtype if cell.compute_dtype != cell.dtype else None
+    return simulation.simulate(
+        build,
+        task,
+        train,
+        batch_size=cell.batch_size,
+        grad_accum=cell.grad_accum,
+        optimizer=cell.optimizer,
+        lr=cell.lr,
+        autocast_dtype=TORCH[cast] if cast else None,
+        block=simulation.GPU_BLOCK_BYTES if cell.device != "cpu" else 1,
+    )
+
+
+def survey(cell: Cell, simulate: bool = True) -> Survey:
     """Build the cell's model and method on the meta device: exact counts, the closed-form memory
-    prediction and the counted FLOPs of one step; no memory, milliseconds. Raises ModelError /
+    prediction and the counted FLOPs of one step; then simulate its step (`simulate=False`: counts
+    and the closed form only, as `lorabench list` needs). Raises ModelError /
     MethodError for a cell that cannot be built."""
     method = method_of(cell.method)
     if method.uses_peft:
@@ -104,13 +153,22 @@ def survey(cell: Cell) -> Survey:
         vocab_size=bundle.vocab_size,
         num_labels=bundle.num_labels,
     )
-    counted = count()  # the model's FLOPs: what MFU divides (PaLM, appendix B)
+    simulated = _simulate(cell, task) if simulate else None
+    stepped = simulated.flops if isinstance(simulated, simulation.Simulated) else None
+    checkpointed = cell.grad_checkpointing == "on"
+    # the model's FLOPs, what MFU divides (PaLM, appendix B): as the simulated step ran them on the
+    # CPU's kernels, else counted on the meta device, else on one real CPU step of one sample
+    counted = (None if checkpointed else stepped) or count()
     if isinstance(counted, Unavailable):
         counted = _count_for_real(cell, adapted.params.total, counted, checkpointed=False)
     hardware = None
-    if cell.grad_checkpointing == "on":  # the device also runs the recomputed forward: what HFU divides
-        models.checkpoint(adapted.module)
-        hardware = count()
+    if (
+        checkpointed
+    ):  # the device also runs the recomputed forward, as the simulated step did: what HFU divides
+        hardware = stepped
+        if hardware is None:
+            models.checkpoint(adapted.module)
+            hardware = count()
         if isinstance(hardware, Unavailable):
             hardware = _count_for_real(cell, adapted.params.total, hardware, checkpointed=True)
     pred = predict(
@@ -127,7 +185,7 @@ def survey(cell: Cell) -> Survey:
         checkpointing=cell.grad_checkpointing == "on",
         optimizer=cell.optimizer,
     )
-    pred = dataclasses.replace(pred, hardware_flops=hardware)
+    pred = dataclasses.replace(pred, hardware_flops=hardware, simulated=simulated)
     if cell.quantize != "none":  # the frozen Linears in bits, with their scales
         pred = dataclasses.replace(
             pred,
@@ -149,7 +207,7 @@ def survey(cell: Cell) -> Survey:
     return Survey(adapted.params, task.name, pred, frozenset(flops.gemm_shapes(adapted.module, rows)))
 
 
-def survey_all(cells: list[Cell]) -> list[Survey]:
+def survey_all(cells: list[Cell], simulate: bool = True) -> list[Survey]:
     """Every cell's survey (cells of one shape share one build); an unbuildable cell, data of the
     wrong kind, or pretrained weights that cannot be had raise PlanError."""
     surveys: dict[tuple, Survey] = {}
@@ -158,7 +216,7 @@ def survey_all(cells: list[Cell]) -> list[Survey]:
     for cell in cells:
         if shape(cell) not in surveys:
             try:
-                surveys[shape(cell)] = survey(cell)
+                surveys[shape(cell)] = survey(cell, simulate)
             except (models.ModelError, MethodError) as e:
                 raise PlanError(str(e)) from None
         task = surveys[shape(cell)].task

@@ -23,8 +23,14 @@ def registries() -> str:
 
     out = ["models:"]
     for name, builder in MODELS.items():
-        total = survey(Cell(model=name, method=BASELINE)).params.total
+        total = survey(Cell(model=name, method=BASELINE), simulate=False).params.total
         out.append(f"  {name:14s} {total:>15,} parameters  {(builder.__doc__ or '').strip().splitlines()[0]}")
+    from ..workload.zoo import ARCHITECTURES, SIZES
+
+    out.append(
+        f"  {'<size>-<arch>':14s} the zoo, configurations made in code (random weights): size {', '.join(SIZES)}; "
+        f"arch {', '.join(ARCHITECTURES)}"
+    )
     out += ["  hf:<dir|id>    any transformers model for sequence classification or causal LM", "methods:"]
     out += [f"  {name:14s} {m.description}" for name, m in METHODS.items()]
     out.append(

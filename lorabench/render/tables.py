@@ -220,6 +220,23 @@ def prediction_table(variants: list[Variant]) -> str:
         peak_parts = [m.get(k) for _, _, k in PREDICTION_ROWS if k != "activations_saved_bytes"]
         total = sum(peak_parts) if all(is_number(x) for x in peak_parts) else None
         cols[f"{name} measured"] = [fmt(x, "bytes") for x in meas] + [fmt(total, "bytes")]
+        if is_number(m.get("predicted_peak_bytes")):  # the simulated step's peak, at the framework level
+            framework = next(
+                (
+                    m[k]
+                    for k in ("torch_peak_allocated_bytes", "host_tensors_peak_bytes")
+                    if is_number(m.get(k))
+                ),
+                None,
+            )
+            cols[f"{name} predicted"].append(fmt(m["predicted_peak_bytes"], "bytes"))
+            cols[f"{name} measured"].append(fmt(framework, "bytes"))
+    if any(is_number(v.metrics.get("predicted_peak_bytes")) for v in ok):
+        cols["memory (MiB)"].append(
+            "peak (simulated step; measured: allocator on a GPU, live tensors on the CPU)"
+        )
+        for c in cols.values():  # a variant from before the simulated step has no such row
+            c.extend([""] * (len(cols["memory (MiB)"]) - len(c)))
     return markdown(pd.DataFrame(cols), [c for c in cols if c != "memory (MiB)"])
 
 
@@ -248,6 +265,30 @@ def epochs_table(variants: list[Variant]) -> str:
     return markdown(df.fillna(""), [c for c in df.columns if c != "epoch"])
 
 
+# The simulated peak's parts, as the plan table abbreviates them.
+PEAK_PARTS = {
+    "weights_frozen": "frozen",
+    "weights_trainable": "trainable",
+    "gradients": "grads",
+    "optimizer": "optimizer",
+    "activations": "activations",
+    "temporaries": "temporaries",
+}
+
+
+def peak_parts(pred) -> str:
+    """'frozen 16.8 + trainable 0.1 + ...' (MiB) of a simulated peak; how it was predicted otherwise."""
+    sim = pred.simulated
+    if sim is None or not hasattr(sim, "at_peak"):
+        return pred.peak_by
+    parts = [
+        f"{short} {fmt(sim.at_peak[k], 'bytes')}" for k, short in PEAK_PARTS.items() if sim.at_peak.get(k)
+    ]
+    if pred.comm_bytes:
+        parts.append(f"buffers {fmt(pred.comm_bytes, 'bytes')}")
+    return " + ".join(parts)
+
+
 def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
     """The dry-run plan: every cell with its exact parameter counts and predicted need."""
     counts = [s.params for s in surveys]
@@ -261,7 +302,8 @@ def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
             "trained in full": [fmt(p.full_trained, "count") for p in counts],
             "total": [fmt(p.total, "count") for p in counts],
             "trainable %": [f"{p.trainable_pct:.3f}%" for p in counts],
-            "predicted memory (MiB)": [fmt(s.prediction.total_bytes, "bytes") for s in surveys],
+            "predicted peak (MiB)": [fmt(s.prediction.peak_bytes, "bytes") for s in surveys],
+            "what holds the peak (MiB)": [peak_parts(s.prediction) for s in surveys],
             "GFLOP/step": [
                 f"{s.prediction.flops_per_step / 1e9:,.2f}"
                 if s.prediction.flops_per_step is not None
@@ -290,7 +332,7 @@ def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
             "trained in full",
             "total",
             "trainable %",
-            "predicted memory (MiB)",
+            "predicted peak (MiB)",
             "GFLOP/step",
             "seq len",
             "batch",

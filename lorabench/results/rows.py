@@ -350,13 +350,51 @@ METRICS: tuple[Metric, ...] = (
         "bytes",
     ),
     Metric(
+        "predicted_peak_bytes",
+        _B,
+        "predicted peak: a simulated step on fake tensors (MiB, per device; the closed form where it cannot be "
+        "simulated: `predicted_peak_by` says which)",
+        "bytes",
+    ),
+    *(
+        Metric(
+            f"predicted_peak_{kind}_bytes", _B, f"predicted peak, of which {what} (MiB)", "bytes", shown=False
+        )
+        for kind, what in (
+            ("weights_frozen", "frozen weights"),
+            ("weights_trainable", "trainable weights"),
+            ("gradients", "gradients"),
+            ("optimizer", "optimizer state"),
+            ("activations", "what the forward made that is live (activations)"),
+            ("temporaries", "what the backward and the optimizer step made, less gradients and state"),
+        )
+    ),
+    Metric(
+        "host_tensors_peak_bytes",
+        _B,
+        "CPU: torch tensors live at the peak of one training step after the timed region, counted by a dispatch "
+        "mode (framework level; weights and optimizer state included, the data set not) (MiB)",
+        "bytes",
+        fold="max",
+    ),
+    Metric(
         "predicted_over_measured",
         "x",
-        "predicted / measured peak (x; measured: the allocator's peak on a GPU, weights + host RSS above "
-        "them on the CPU): how far to trust the next prediction",
+        "predicted / measured peak (x; measured at the framework level: the allocator's peak on a GPU, the live "
+        "tensors' peak on the CPU): how far to trust the next prediction",
         "num",
         inputs=("predicted_total_bytes",),
         derive=lambda m, c: _prediction_error(m),
+    ),
+    Metric(
+        "predicted_over_host_peak",
+        "x",
+        "predicted peak / host RSS peak (x; weights + RSS above them, the CPU's device level: the C library's "
+        "heap keeps freed memory, so this sits below 1)",
+        "num",
+        inputs=("predicted_total_bytes", "host_peak_above_baseline_bytes"),
+        derive=lambda m, c: _over(_predicted(m), _host_peak(m)),
+        shown=False,
     ),
     Metric(
         "check_merged_vs_adapter_max_abs_diff",
@@ -580,6 +618,7 @@ INFO = (
     "profile_trace",
     "memory_snapshot",
     "timeline",
+    "predicted_peak_by",
 )
 
 
@@ -711,18 +750,35 @@ def split(measured: dict[str, Any]) -> tuple[dict[str, float | int | None], dict
     return metrics, missing, info
 
 
+def _predicted(m: dict[str, Any]) -> float | None:
+    """The predicted peak: the simulated one, or the closed form's total in rows made before it."""
+    for key in ("predicted_peak_bytes", "predicted_total_bytes"):
+        if is_number(m.get(key)):
+            return m[key]
+    return None
+
+
+def _host_peak(m: dict[str, Any]) -> float | None:
+    """Weights plus the host RSS peak above the baseline (the interpreter and libraries left out)."""
+    return (
+        m["weights_bytes"] + m["host_peak_above_baseline_bytes"]
+        if _all(m, "weights_bytes", "host_peak_above_baseline_bytes")
+        else None
+    )
+
+
+def _over(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
 def _prediction_error(m: dict[str, Any]) -> float | None:
-    """Predicted total over the measured peak it predicts: the allocator's peak on a GPU; on the CPU
-    the weights plus the host RSS peak above the baseline (the interpreter and libraries left out)."""
-    if not is_number(m.get("predicted_total_bytes")):
-        return None
-    if is_number(m.get("torch_peak_allocated_bytes")):
-        measured = m["torch_peak_allocated_bytes"]
-    elif _all(m, "weights_bytes", "host_peak_above_baseline_bytes"):
-        measured = m["weights_bytes"] + m["host_peak_above_baseline_bytes"]
-    else:
-        return None
-    return m["predicted_total_bytes"] / measured if measured > 0 else None
+    """Predicted peak over the measured peak it predicts, at the framework level: the allocator's
+    peak on a GPU, the live tensors' on the CPU; in rows made before the CPU had that figure, the
+    weights plus the host RSS peak above the baseline."""
+    for key in ("torch_peak_allocated_bytes", "host_tensors_peak_bytes"):
+        if is_number(m.get(key)):
+            return _over(_predicted(m), m[key])
+    return _over(_predicted(m), _host_peak(m))
 
 
 def derive(cell: Cell, metrics: dict[str, Any], missing: dict[str, str], info: dict[str, str]) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import forksafe
 from ..errors import first_line
-from ..measure import environment
+from ..measure import environment, simulation
 from ..measure.drivers import driver_trackers
 from ..measure.stats import Summary
 from ..measure.traces import MemorySnapshot, Traces, profile_steps, write_timeline
@@ -215,6 +215,8 @@ def measure(
             measured.update(compiled.result())
         if snapshot.note:
             measured["memory_snapshot"] = snapshot.note
+        if device.type == "cpu" and group is None:  # the framework-level peak the CPU has no allocator for
+            measured["host_tensors_peak_bytes"] = tensor_peak(trained, task, ds, optimizer[0], cell, amp)
         trace = profile_steps(
             traces,
             lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False, amp),
@@ -370,6 +372,25 @@ def probe_step(
     if device.type == "cuda":  # grads freed, optimizer state allocated
         out["torch_allocated_after_first_step_bytes"] = torch.cuda.memory_allocated(device)
     return out
+
+
+def tensor_peak(
+    model: nn.Module, task: Task, data: Dataset, optimizer: torch.optim.Optimizer, cell: Cell, amp: Precision
+) -> int:
+    """Bytes of the torch tensors live at the peak of one more training step, as the simulated step
+    counts them (`simulation.LiveTensors` on real tensors): the CPU's framework-level peak, beside
+    host RSS, whose C library heap keeps what was freed. After the timed region: the dispatch mode
+    costs Python time per operator. Weights and the optimizer's state count; the data set does not."""
+    batches = [
+        {k: v[micro_batch(m, batch_size=cell.batch_size)] for k, v in data.train.items()}
+        for m in range(min(cell.grad_accum, 2))
+    ]
+    live = simulation.LiveTensors()
+    model.train()
+    simulation.step(
+        model, task, batches, optimizer, live, grad_accum=cell.grad_accum, autocast_dtype=amp.cast
+    )
+    return live.peak
 
 
 def release(model: nn.Module, device: torch.device) -> None:

@@ -18,6 +18,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import InputError, first_line
+from . import zoo
 from .tasks import TASKS, Task
 
 
@@ -70,7 +71,7 @@ def published(hub_id: str) -> Callable[[Callable[[str], Bundle]], Callable[[str]
 
 def hub_id(name: str) -> str | None:
     """Where `name`'s published weights live: its builder's, or the hf: model's own source."""
-    return name[3:] if is_byo(name) else getattr(MODELS[name], "hub_id", None)
+    return name[3:] if is_byo(name) else getattr(MODELS.get(name), "hub_id", None)
 
 
 def _bert(hub_id: str, weights: str, **shape) -> Bundle:
@@ -162,6 +163,20 @@ def build_byo(source: str, weights: str = "random", task: str | None = None) -> 
         config = transformers.AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a configuration from {source!r}: {first_line(e)}") from None
+    return _from_config(config, source, weights, task)
+
+
+def build_zoo(name: str, weights: str = "random", task: str | None = None) -> Bundle:
+    """A zoo model (`zoo.NAMES`): its configuration made in code, random weights."""
+    if weights == "pretrained":
+        raise ModelError(_UNPUBLISHED.format(name=name))
+    return _from_config(zoo.config(*zoo.NAMES[name]), None, weights, task)
+
+
+def _from_config(config, source: str | None, weights: str, task: str | None) -> Bundle:
+    """The model of a transformers configuration for its task (from `source`'s weights when pretrained)."""
+    import transformers
+
     the_task = TASKS[task or _infer_task(config)]
     auto = getattr(transformers, the_task.hf_auto_class)
     if the_task.classifier and not getattr(config, "num_labels", None):
@@ -184,9 +199,12 @@ def build_byo(source: str, weights: str = "random", task: str | None = None) -> 
 def build(name: str, weights: str = "random", task: str | None = None) -> Bundle:
     if is_byo(name):
         return build_byo(name[3:], weights, task)
+    if name in zoo.NAMES:
+        return build_zoo(name, weights, task)
     if name not in MODELS:
         raise ModelError(
-            f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))} or hf:<dir or hub id>"
+            f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}, a zoo model (tiny-<arch>, "
+            f"medium-<arch>; arch one of {', '.join(zoo.ARCHITECTURES)}) or hf:<dir or hub id>"
         )
     return MODELS[name](weights)
 
@@ -194,7 +212,7 @@ def build(name: str, weights: str = "random", task: str | None = None) -> Bundle
 def uses_transformers(name: str) -> bool:
     """Whether building `name` imports transformers (worth preloading in the fork server): every
     model with published weights on the Hub, and every hf: model."""
-    return hub_id(name) is not None
+    return hub_id(name) is not None or name in zoo.NAMES
 
 
 def checkpoint(module: nn.Module) -> None:

@@ -300,7 +300,7 @@ def test_fit_memory_answers_whether_each_cell_fits_a_device_you_do_not_have(cli,
         "2GiB",
     )
     assert code == 0 and "nothing written" in out
-    assert "- bert-base full: predicted to need 3.00 GiB; --fit-memory: 2.00 GiB" in out
+    assert "- bert-base full: predicted to need 2.75 GiB (simulated step); --fit-memory: 2.00 GiB" in out
     assert "bert-base lora r=8:" not in out  # it fits
     with pytest.raises(SystemExit) as exit_:  # argparse's own errors exit from inside parse_args
         cli("run", "--dry-run", "--fit-memory", "24 furlongs")

@@ -182,7 +182,7 @@ def test_the_fit_gate_counts_every_rank_of_a_cpu_cell_against_the_one_host_memor
 
     one, two = Cell(model="cifar-mlp", method="full"), Cell(model="cifar-mlp", method="full", nproc=2)
     s1, s2 = survey(one), survey(two)
-    free = s1.prediction.total_bytes + 1  # room for one replica, not for two
-    assert s2.prediction.total_bytes == s1.prediction.total_bytes + s1.prediction.grads_bytes  # DDP's buckets
+    free = s1.prediction.peak_bytes + 1  # room for one replica, not for two
+    assert s2.prediction.peak_bytes == s1.prediction.peak_bytes + s1.prediction.grads_bytes  # DDP's buckets
     skipped = fit_gate([one, two], [s1, s2], free, "host memory available", force=False)
     assert list(skipped) == [two.key()] and "predicted to need" in skipped[two.key()]

@@ -1,0 +1,236 @@
+"""One training step simulated on fake tensors: the peak memory a cell needs, what holds it at
+the peak, and the step's FLOPs, before anything is allocated.
+
+    lorabench run --dry-run --models hf:./my-llama --methods full,lora --fit-memory 24GiB
+
+The cell's own model, method, precision, checkpointing and optimizer run two training steps
+(the second is the steady state: the optimizer's state exists from the first) under torch's
+`FakeTensorMode`, which runs every operator's shape logic and allocates nothing. `LiveTensors`, a
+dispatch mode on the same principle as torch's `MemTracker`, sees every tensor the step creates
+and when the last reference to its storage goes, so the peak is that of the live storages, each
+counted once (tied weights, views), and its breakdown is what was live at that moment:
+weights (frozen, trainable), gradients, optimizer state, activations (what the forward created)
+and temporaries (what the backward and the optimizer step created that is not a gradient or
+state). The data set is resident before the step, as in a run, and left out (the measured peak
+leaves it out too).
+
+What it cannot see: a GPU's CUDA context and allocator fragmentation (the allocator's rounding to
+512-byte blocks is applied for a GPU cell), kernels that differ by device (the step runs the CPU's
+kernels: attention and autocast choose as they do on the CPU), and a host's libraries paging in.
+A model whose forward reads a value (`.item()`), or a method fake tensors cannot run, gives
+`Unavailable` with the reason; the closed form then stands in (`predictions`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ..errors import first_line
+from ..workload.optimizers import OPTIMIZERS
+from ..workload.tasks import Task
+from .flops import StepFlops
+from .trackers import Unavailable
+
+# What holds memory at the peak, in the order a report lists it.
+KINDS = ("weights_frozen", "weights_trainable", "gradients", "optimizer", "activations", "temporaries")
+# The CUDA caching allocator hands out blocks in multiples of 512 bytes (c10/cuda/CUDACachingAllocator.cpp).
+GPU_BLOCK_BYTES = 512
+
+
+@dataclass(frozen=True)
+class Simulated:
+    peak_bytes: int
+    at_peak: dict[str, int]  # bytes of each of KINDS live at the peak; they sum to peak_bytes
+    flops: StepFlops  # of one optimizer step, every micro-batch, counted on the simulated step
+    seconds: float = field(default=0.0, compare=False)  # what the simulation cost
+
+
+class LiveTensors(TorchDispatchMode):
+    """Bytes of the live storages, by kind, and their peak. Every tensor an operator returns is
+    counted once per storage (a view adds nothing), under the kind of the phase that made it,
+    until its storage is freed (a weak reference's callback). `tag` moves a storage to another
+    kind: a gradient once autograd has accumulated it, the optimizer's state once it exists."""
+
+    def __init__(self, block: int = 1):
+        super().__init__()
+        self.block = block
+        self.phase = "activations"
+        self.kind: dict[int, str] = {}
+        self.size: dict[int, int] = {}
+        self.refs: dict[int, weakref.ref] = {}
+        self.totals = dict.fromkeys(KINDS, 0)
+        self.now = self.peak = 0
+        self.at_peak = dict(self.totals)
+
+    def tag(self, t: Tensor, kind: str) -> None:
+        storage = t.untyped_storage()
+        key = id(storage)
+        if key not in self.kind:
+            n = -(-storage.nbytes() // self.block) * self.block
+            self.kind[key], self.size[key] = kind, n
+            self.refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
+            self.totals[kind] += n
+            self.now += n
+            if self.now > self.peak:
+                self.peak, self.at_peak = self.now, dict(self.totals)
+        elif self.kind[key] != kind:
+            self.totals[self.kind[key]] -= self.size[key]
+            self.totals[kind] += self.size[key]
+            self.kind[key] = kind
+
+    def _free(self, key: int) -> None:
+        kind, n = self.kind.pop(key), self.size.pop(key)
+        del self.refs[key]
+        self.totals[kind] -= n
+        self.now -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and t.device.type != "meta":
+                key = id(t.untyped_storage())
+                if key not in self.kind:
+                    self.tag(t, self.phase)
+        return out
+
+
+def _fake_storage(module: nn.Module) -> nn.Module:
+    """`module` with every parameter and buffer replaced by an uninitialised one of the same shape
+    and dtype on the CPU (fake, under the fake mode): a tensor shared by two modules (tied weights)
+    stays shared. Done by hand: `to_empty` swaps tensors in place, which fails while anything else
+    holds a reference to them."""
+    new: dict[int, Tensor] = {}
+    for m in module.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                if id(t) not in new:
+                    empty = torch.empty_like(t, device="cpu")
+                    new[id(t)] = (
+                        nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+                    )
+                table[name] = new[id(t)]
+    return module
+
+
+def step(
+    module: nn.Module,
+    task: Task,
+    batches: list[dict[str, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    live: LiveTensors,
+    *,
+    grad_accum: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> StepFlops:
+    """One optimizer step over `batches` (its micro-batches, each loss divided by `grad_accum`, as
+    `train.fit` steps) inside `live`, which sees the gradients once accumulated and the optimizer's
+    state once it exists; the FLOPs of the last micro-batch, times `grad_accum`. Tensors that exist
+    before the step are tagged first (weights, buffers, the optimizer's state: a second step's)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    with live:
+        for p in module.parameters():
+            live.tag(p, "weights_trainable" if p.requires_grad else "weights_frozen")
+        for b in module.buffers():
+            live.tag(b, "weights_frozen")
+        _tag_state(optimizer, live)
+        hooks = [
+            p.register_post_accumulate_grad_hook(lambda p: live.tag(p.grad, "gradients")) for p in trainable
+        ]
+        try:
+            for batch in batches:
+                live.phase = "activations"
+                cast = (
+                    torch.autocast("cpu", dtype=autocast_dtype)
+                    if autocast_dtype
+                    else contextlib.nullcontext()
+                )
+                with FlopCounterMode(display=False) as fwd, cast:
+                    loss = task.loss(module, batch)[0]
+                live.phase = "temporaries"
+                with FlopCounterMode(display=False) as bwd:
+                    (loss / grad_accum).backward()
+                del loss
+            optimizer.step()
+            _tag_state(optimizer, live)
+            optimizer.zero_grad(set_to_none=True)
+        finally:
+            for h in hooks:
+                h.remove()
+    return StepFlops(float(fwd.get_total_flops() * grad_accum), float(bwd.get_total_flops() * grad_accum))
+
+
+def _tag_state(optimizer: torch.optim.Optimizer, live: LiveTensors) -> None:
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, Tensor):
+                live.tag(v, "optimizer")
+
+
+def simulate(
+    build,
+    task: Task,
+    data,
+    *,
+    batch_size: int,
+    grad_accum: int,
+    optimizer: str,
+    lr: float,
+    autocast_dtype: torch.dtype | None = None,
+    block: int = 1,
+) -> Simulated | Unavailable:
+    """Two training steps of the model `build()` returns (built on the meta device, adapted, cast
+    and checkpointed as the cell does it) on micro-batches of `data()`'s training split (made under
+    the fake mode). Each step runs min(grad_accum, 2) micro-batches: from the second one the
+    gradients of the first are held, and more change nothing. `block`: the allocator's rounding
+    (GPU_BLOCK_BYTES on a GPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t0 = time.perf_counter()
+    spec = OPTIMIZERS[optimizer]
+    try:
+        # built on the meta device outside the fake mode (converting a fake parameter, as PEFT's
+        # `.to` of its adapters does, is what fake tensors refuse), then given fake storage
+        built = build()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            module = _fake_storage(built)
+            train = data()
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            live = LiveTensors(block)
+            if spec.bitsandbytes:
+                # bitsandbytes runs no fake tensors (and is kept out of this process): its state, by
+                # its closed form, held from the first step on, and a stateless step
+                state = spec.state_bytes([p.shape for p in trainable], trainable[0].element_size())
+                with live:
+                    held = torch.empty(state, dtype=torch.uint8)
+                live.tag(held, "optimizer")
+                opt = torch.optim.SGD(trainable, lr=lr)
+            else:
+                opt, _ = spec.build(trainable, lr)
+            n = next(iter(train.values())).shape[0]
+            micro = min(grad_accum, 2)
+            module.train()
+            for k in range(2):
+                starts = [((k * micro + m) * batch_size) % max(n - batch_size + 1, 1) for m in range(micro)]
+                batches = [{key: v[lo : lo + batch_size] for key, v in train.items()} for lo in starts]
+                flops = step(
+                    module, task, batches, opt, live, grad_accum=grad_accum, autocast_dtype=autocast_dtype
+                )
+    except Exception as e:  # noqa: BLE001 (any model or method may do what fake tensors cannot)
+        return Unavailable(
+            f"the step could not be simulated on fake tensors ({type(e).__name__}: {first_line(e)})"
+        )
+    return Simulated(
+        peak_bytes=live.peak, at_peak=live.at_peak, flops=flops, seconds=time.perf_counter() - t0
+    )
