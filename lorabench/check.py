@@ -176,7 +176,8 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> floa
 
 def allocator_vs_driver(device: torch.device) -> Check:
     """1 GiB allocated: the allocator must count it, and the driver's view of this process must sit
-    between the allocator's reserved bytes and those plus the CUDA context (read before)."""
+    between the allocator's reserved bytes and those plus the CUDA context (read before). When it
+    does, the context is recorded for fit checks (`measure.contexts`)."""
     from .measure.drivers import driver_trackers
 
     trackers, _, _, missing = driver_trackers(device, 0.005)
@@ -204,6 +205,13 @@ def allocator_vs_driver(device: torch.device) -> Check:
         del buf
     driver = sampler.process_peak
     ok = allocated == 2**30 and reserved <= driver <= reserved + context + 64 * MiB
+    if ok and context > 0:  # what a fit check adds to a GPU cell's predicted peak (`contexts`)
+        from .measure import contexts
+
+        runtime = "HIP" if torch.version.hip else "CUDA"
+        contexts.record(
+            torch.cuda.get_device_name(device), "cuda", context, f"{torch.__version__} ({runtime})"
+        )
     return Check(
         "allocator vs driver: 1 GiB",
         f"allocated +{allocated / MiB:,.0f} MiB; reserved {reserved / MiB:,.0f} "

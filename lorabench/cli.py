@@ -394,6 +394,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ranks=args.ranks,
         repeat=args.repeat,
         settings=_given(args, Cell),
+        planning=args.dry_run and args.fit_memory is not None,  # a GPU you do not have, planned for
     )
     device = cells[0].device if cells else "cpu"
     options = _options(args, device)

@@ -155,13 +155,14 @@ def _amdsmi_free() -> tuple[int, str]:
         amdsmi.amdsmi_shut_down()
 
 
-def resolve_device(requested: str) -> str:
+def resolve_device(requested: str, planning: bool = False) -> str:
     """`auto` -> cuda when torch sees a GPU (a ROCm build counts: HIP answers as cuda), else cpu;
-    InputError for cuda where torch sees none."""
+    InputError for cuda where torch sees none, unless `planning` a device this machine does not
+    have (a dry run against --fit-memory: nothing runs on it)."""
     from ..errors import InputError
 
     has_gpu = torch.cuda.is_available()
-    if requested == "cuda" and not has_gpu:
+    if requested == "cuda" and not has_gpu and not planning:
         build = (
             f"CUDA {torch.version.cuda}"
             if torch.version.cuda

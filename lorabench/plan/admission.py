@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import child
-from ..measure import environment
+from ..measure import contexts, environment
 from .cells import Cell, CellError
 from .survey import PROBE_TIMEOUT_S, RUNS_ANYWHERE, PlanError, Survey, probe, survey_all
 
@@ -62,21 +62,41 @@ def predicted_cost(cell: Cell, s: Survey) -> float:
     return per_step * steps * (cell.epochs + cell.warmup_epochs + cell.pretrain_epochs)
 
 
+def runtime_context(device: str) -> tuple[int, str | None]:
+    """(bytes, what the fit check says of them) of the GPU runtime context a cell on `device` adds
+    beyond its tensors: the largest `lorabench check` recorded for a GPU (`contexts`), or 0 and a
+    note that none was measured. The CPU has none."""
+    if device == "cpu":
+        return 0, None
+    found = contexts.largest("cuda")
+    if found is None:
+        return 0, (
+            "the GPU runtime context is not in the predicted needs: no `lorabench check --device cuda` "
+            f"has measured one on this machine ({contexts.path()})"
+        )
+    name, n = found
+    return n, f"each GPU cell's need includes the runtime context measured on {name}: {n / 2**20:,.0f} MiB"
+
+
 def fit_gate(
-    cells: list[Cell], surveys: list[Survey], free: int | None, what: str, force: bool
+    cells: list[Cell], surveys: list[Survey], free: int | None, what: str, force: bool, context: int = 0
 ) -> dict[str, str]:
     """{cell key: why it is skipped} for cells predicted to need more than `free` bytes (`what`
-    says what was read). A prediction is per device: the ranks of a CPU cell all draw on the one
-    host memory. When no cell fits, the whole plan is refused (PlanError)."""
+    says what was read): the predicted peak, plus a GPU cell's runtime `context`. A prediction is
+    per device: the ranks of a CPU cell all draw on the one host memory. When no cell fits, the
+    whole plan is refused (PlanError)."""
     if free is None or force:
         return {}
     gib = 2**30
     need = {
         c.key(): s.prediction.peak_bytes * (c.nproc if c.device == "cpu" else 1)
+        + (context if c.device != "cpu" else 0)
         for c, s in zip(cells, surveys)
     }
     skipped = {
-        c.key(): f"predicted to need {need[c.key()] / gib:.2f} GiB ({s.prediction.peak_by}); {what}: "
+        c.key(): f"predicted to need {need[c.key()] / gib:.2f} GiB ({s.prediction.peak_by}"
+        + (f" + the runtime context, {context / 2**20:,.0f} MiB" if context and c.device != "cpu" else "")
+        + f"); {what}: "
         f"{free / gib:.2f} GiB (--force runs it anyway)"
         for c, s in zip(cells, surveys)
         if need[c.key()] > free
@@ -99,7 +119,7 @@ class Plan:
     surveys: list[Survey]
     skipped: dict[str, str] = field(default_factory=dict)
     shard: str | None = None
-    fit_note: str | None = None  # why no fit check could be made, when none was
+    fit_note: str | None = None  # why no fit check could be made, or what a GPU's check added
 
     @classmethod
     def of(
@@ -127,7 +147,8 @@ class Plan:
             free, what = fit_memory, "--fit-memory"
         else:
             free, what = environment.free_memory_bytes(device)
-        skipped = fit_gate(cells, surveys, free, what, force)
+        context, context_note = runtime_context(device)
+        skipped = fit_gate(cells, surveys, free, what, force, context)
         skipped.update({c.key(): s.unbuildable for c, s in zip(cells, surveys) if s.unbuildable})
         # a precision this device cannot run, a quantisation bitsandbytes cannot serve: skipped, with why
         asked = {
@@ -157,7 +178,7 @@ class Plan:
             surveys,
             skipped,
             shard_spec,
-            None if free is not None else f"no fit check before running: {what}",
+            context_note if free is not None else f"no fit check before running: {what}",
         )
 
     def known(self) -> dict[str, dict[str, Any]]:

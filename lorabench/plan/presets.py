@@ -276,12 +276,14 @@ def request(
     ranks=None,
     repeat=None,
     settings: dict[str, Any] | None = None,
+    planning: bool = False,
 ) -> list[Cell]:
     """The cells a user asked for: a TOML config, overridden by what was given on the command line
-    (None: not given), the device resolved ("auto": a GPU when torch sees one)."""
+    (None: not given), the device resolved ("auto": a GPU when torch sees one; `planning`: a GPU
+    this machine does not have may be named, and as many of them as asked)."""
     cfg = load_config(config) if config else {}
     merged = {**cfg.get("settings", {}), **(settings or {})}
-    merged["device"] = environment.resolve_device(merged.get("device") or "auto")
+    merged["device"] = environment.resolve_device(merged.get("device") or "auto", planning)
     cells = expand(
         presets or cfg.get("preset") or ["quick"],
         models or cfg.get("models"),
@@ -290,7 +292,7 @@ def request(
         merged,
         repeat if repeat is not None else cfg.get("repeat", 1),
     )
-    return within_host(cells, asked="nproc" in merged)
+    return cells if planning else within_host(cells, asked="nproc" in merged)
 
 
 def within_host(cells: list[Cell], asked: bool) -> list[Cell]:

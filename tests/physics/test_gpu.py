@@ -110,6 +110,43 @@ def test_lorabench_check_passes_on_this_gpu():
     assert not failed, failed
 
 
+def test_lorabench_check_records_the_runtime_context_a_fit_check_adds(tmp_path, monkeypatch):
+    from lorabench.check import allocator_vs_driver
+    from lorabench.measure import contexts
+    from lorabench.plan.admission import runtime_context
+
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path))
+    assert runtime_context("cuda")[0] == 0
+    assert allocator_vs_driver(torch.device("cuda")).ok
+    name, context = contexts.largest("cuda")
+    assert name == torch.cuda.get_device_name(0) and 50 * 2**20 < context < 4 * 2**30
+    assert runtime_context("cuda")[0] == context and runtime_context("cpu")[0] == 0
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_the_simulated_peak_is_within_ten_percent_of_the_allocators(model, tmp_path):
+    """The simulated step runs the CPU's kernels; the allocator's peak on the GPU is what it predicts."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "lorabench", "run", "--device", "cuda", "--models", model, "--methods", "full,lora",
+         "--ranks", "8", "--samples", "64", "--eval-samples", "16", "--batch-size", "16", "--seq-len", "128",
+         "--epochs", "1", "--warmup-epochs", "0", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    (results,) = tmp_path.glob("*/results.jsonl")
+    for line in results.read_text().splitlines():
+        row = json.loads(line)
+        assert row["info"]["predicted_peak_by"] == "simulated step"
+        assert 0.9 <= row["metrics"]["predicted_over_measured"] <= 1.1, (
+            row["cell"]["method"],
+            row["metrics"],
+        )
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for a cell of two processes")
 def test_a_cell_of_two_gpus_reports_each_ranks_allocator_and_driver_view(tmp_path):
     """nccl, one GPU per rank, as a user runs it (a subprocess: the ranks fork from a process that

@@ -310,3 +310,56 @@ def test_fit_memory_answers_whether_each_cell_fits_a_device_you_do_not_have(cli,
         and "expected a size such as 24GiB" in err
         and len(err.strip().splitlines()) == 1
     )
+
+
+def test_fit_memory_plans_for_a_gpu_this_machine_lacks_with_the_runtime_context_check_measured(
+    cli, tmp_path, monkeypatch
+):
+    """No GPU here: a dry run against --fit-memory on cuda still plans (nothing runs on it); the GPU
+    runtime context is added once `lorabench check` has recorded one, and said missing before."""
+    import torch
+
+    from lorabench.measure import contexts
+
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+    asked = (
+        "run",
+        "--dry-run",
+        "--device",
+        "cuda",
+        "--models",
+        "tiny-llama",
+        "--methods",
+        "full,lora",
+        "--ranks",
+        "8",
+    )
+    code, out, err = cli(*asked, "--fit-memory", "48MiB")
+    # predicted peaks: full 46.4 MiB, LoRA 38.6 MiB
+    assert code == 0 and "tiny-llama lora r=8:" not in out and "tiny-llama full:" not in out
+    assert "the GPU runtime context is not in the predicted needs" in err
+    contexts.record("NVIDIA H200", "cuda", 500 * 2**20, torch.__version__)
+    code, out, err = cli(*asked, "--fit-memory", "542MiB")
+    assert code == 0 and "runtime context measured on NVIDIA H200: 500 MiB" in err
+    assert (
+        "- tiny-llama full: predicted to need 0.53 GiB (simulated step + the runtime context, 500 MiB); "
+        "--fit-memory: 0.53 GiB" in out
+    )
+    assert "tiny-llama lora r=8:" not in out  # 538.6 MiB: it fits
+    if not torch.cuda.is_available():  # without --fit-memory, a GPU this machine lacks is refused as before
+        code, _, err = cli(*asked)
+        assert code == 2 and "torch sees no GPU here" in err
+
+
+def test_runtime_contexts_keep_the_newest_per_device_and_the_largest_per_kind(tmp_path, monkeypatch):
+    from lorabench.measure import contexts
+
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path))
+    assert contexts.largest("cuda") is None
+    contexts.path().write_text("{not json")  # a damaged file is no record, not a crash
+    assert contexts.known() == {} and contexts.largest("cuda") is None
+    contexts.record("NVIDIA A100-SXM4-80GB", "cuda", 600 * 2**20, "2.14")
+    contexts.record("NVIDIA H200", "cuda", 500 * 2**20, "2.14")
+    contexts.record("NVIDIA A100-SXM4-80GB", "cuda", 450 * 2**20, "2.15")  # measured again: replaced
+    assert contexts.largest("cuda") == ("NVIDIA H200", 500 * 2**20)
+    assert contexts.known()["NVIDIA A100-SXM4-80GB"]["torch"] == "2.15"
