@@ -191,7 +191,7 @@ def simulate(
     block: int = 1,
 ) -> Simulated | Unavailable:
     """Two training steps of the model `build()` returns (built on the meta device, adapted, cast
-    and checkpointed as the cell does it) on micro-batches of `data()`'s training split (made under
+    and checkpointed as the cell does it, in the mode it trains in) on micro-batches of `data()`'s training split (made under
     the fake mode). Each step runs min(grad_accum, 2) micro-batches: from the second one the
     gradients of the first are held, and more change nothing. `block`: the allocator's rounding
     (GPU_BLOCK_BYTES on a GPU)."""
@@ -220,7 +220,6 @@ def simulate(
                 opt, _ = spec.build(trainable, lr)
             n = next(iter(train.values())).shape[0]
             micro = min(grad_accum, 2)
-            module.train()
             for k in range(2):
                 starts = [((k * micro + m) * batch_size) % max(n - batch_size + 1, 1) for m in range(micro)]
                 batches = [{key: v[lo : lo + batch_size] for key, v in train.items()} for lo in starts]

@@ -77,6 +77,19 @@ def _count_for_real(cell: Cell, total_params: int, why: Unavailable, checkpointe
     )
 
 
+def _decided_module_dropout(module) -> None:
+    """PEFT's LoHa and LoKr layers draw `torch.rand(1) > module_dropout` in each training forward,
+    a value fake tensors cannot decide; at module_dropout 0 (lorabench's) the draw always passes,
+    which is what those layers do in eval mode: so they, and only they, step in eval mode."""
+    try:
+        from peft.tuners.lycoris_utils import LycorisLayer
+    except ImportError:
+        return
+    for layer in module.modules():
+        if isinstance(layer, LycorisLayer) and not any(getattr(layer, "module_dropout", {}).values()):
+            layer.training = False
+
+
 def _simulate(cell: Cell, task: Task) -> simulation.Simulated | Unavailable:
     """The cell's training step on fake tensors (`simulation`): built as `experiment` builds it
     (the weights' dtype, the method, checkpointing), on the meta device, then given fake storage."""
@@ -94,6 +107,8 @@ def _simulate(cell: Cell, task: Task) -> simulation.Simulated | Unavailable:
             module = method.apply(bundle, cell.adapter).module.to(dtype)
         if cell.grad_checkpointing == "on":
             models.checkpoint(module)
+        module.train()
+        _decided_module_dropout(module)
         return module
 
     def train():
