@@ -42,12 +42,7 @@ def test_every_method_on_every_architecture_is_surveyed_or_skipped_with_peft_rea
             continue
         p = s.prediction
         assert p.flops_per_step and p.flops_per_step > 0, cell.label
-        if cell.method in ("full", "lora", "ia3", "dora", "rslora"):
-            assert p.peak_by == "simulated step", (cell.label, p.peak_by)
-        else:  # a method whose forward reads a value (LoHa's .item()) falls back, and says so
-            assert p.peak_by == "simulated step" or p.peak_by.startswith(
-                "closed form: the step could not be simulated"
-            )
+        assert p.peak_by == "simulated step", (cell.label, p.peak_by)
         if cell.method in ("lora", "ia3"):
             theirs = peft_own(cell.model, cell.method)
             assert s.params.trainable == theirs if theirs is not None else s.params.trainable > 0, cell.label
