@@ -11,12 +11,14 @@ and when the last reference to its storage goes, so the peak is that of the live
 counted once (tied weights, views), and its breakdown is what was live at that moment:
 weights (frozen, trainable), gradients, optimizer state, activations (what the forward created)
 and temporaries (what the backward and the optimizer step created that is not a gradient or
-state). The data set is resident before the step, as in a run, and left out (the measured peak
-leaves it out too).
+state). The data set is resident before the step, as in a run, and left out (so is it from the
+CPU's measured peaks; a GPU's allocator peak counts it, a run's synthetic set being kilobytes).
 
-What it cannot see: a GPU's CUDA context and allocator fragmentation (the allocator's rounding to
-512-byte blocks is applied for a GPU cell), kernels that differ by device (the step runs the CPU's
-kernels: attention and autocast choose as they do on the CPU), and a host's libraries paging in.
+What it cannot see: a GPU's runtime context (a fit check adds the one `lorabench check` measured:
+`contexts`) and allocator fragmentation (the allocator's rounding to 512-byte blocks is applied
+for a GPU cell), kernels that differ by device (the step runs the CPU's kernels: attention and
+autocast choose as they do on the CPU), a host's C library keeping freed heap (host RSS sits above
+this peak: `predicted_over_host_peak`), and a host's libraries paging in.
 A model whose forward reads a value (`.item()`), or a method fake tensors cannot run, gives
 `Unavailable` with the reason; the closed form then stands in (`predictions`).
 """

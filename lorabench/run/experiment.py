@@ -31,7 +31,7 @@ from ..measure import environment, simulation
 from ..measure.drivers import driver_trackers
 from ..measure.stats import Summary
 from ..measure.traces import MemorySnapshot, Traces, profile_steps, write_timeline
-from ..measure.trackers import HostMemory, SavedTensors, Timeline, TorchAllocator, unavailable
+from ..measure.trackers import HostMemory, SavedTensors, Timeline, TorchAllocator, Unavailable, unavailable
 from ..plan.cells import Cell
 from ..results.rows import Row, Status
 from ..workload import distributed, methods, models, optimizers, quantization
@@ -216,7 +216,8 @@ def measure(
         if snapshot.note:
             measured["memory_snapshot"] = snapshot.note
         if device.type == "cpu" and group is None:  # the framework-level peak the CPU has no allocator for
-            measured["host_tensors_peak_bytes"] = tensor_peak(trained, task, ds, optimizer[0], cell, amp)
+            # on the uncompiled model (the same parameters): a dispatch mode under dynamo would recompile
+            measured["host_tensors_peak_bytes"] = tensor_peak(model, task, ds, optimizer[0], cell, amp)
         trace = profile_steps(
             traces,
             lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False, amp),
@@ -376,7 +377,7 @@ def probe_step(
 
 def tensor_peak(
     model: nn.Module, task: Task, data: Dataset, optimizer: torch.optim.Optimizer, cell: Cell, amp: Precision
-) -> int:
+) -> int | Unavailable:
     """Bytes of the torch tensors live at the peak of one more training step, as the simulated step
     counts them (`simulation.LiveTensors` on real tensors): the CPU's framework-level peak, beside
     host RSS, whose C library heap keeps what was freed. After the timed region: the dispatch mode
