@@ -29,7 +29,7 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, str], dict]] = {
             "ffn": "n_inner",
             "positions": "n_positions",
         },
-        {},
+        {"bos_token_id": 1, "eos_token_id": 1},  # its own 50,256 lies outside the zoo's vocabularies
     ),
     "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}, {}),
     "phi": ("PhiConfig", "PhiForCausalLM", {}, {}),
@@ -75,9 +75,6 @@ def config(arch: str, size: str):
         kwargs["embedding_size"] = shape["hidden"]
     cfg = getattr(transformers, config_class)(**kwargs, **extra)
     cfg.architectures = [model_class]
-    for token in ("bos_token_id", "eos_token_id", "pad_token_id"):  # inside the small vocabulary
-        if isinstance(getattr(cfg, token, None), int) and getattr(cfg, token) >= shape["vocab"]:
-            setattr(cfg, token, 0 if token == "pad_token_id" else 1)
     return cfg
 
 

@@ -101,3 +101,21 @@ def test_flops_of_a_model_the_meta_device_cannot_run_come_from_a_real_step_and_m
         with FlopCounterMode(display=False) as real:
             bundle.task.loss(module.train(), dict(ds.train))[0].backward()
         assert counted.forward + counted.backward == pytest.approx(real.get_total_flops(), rel=0.01), method
+
+
+def test_every_zoo_architecture_builds_at_both_sizes_for_its_task_with_no_download():
+    import torch
+
+    from lorabench.workload import models, zoo
+
+    for name, (arch, size) in zoo.NAMES.items():
+        with torch.device("meta"):
+            bundle = models.build(name)
+        config = zoo.config(arch, size)
+        assert bundle.vocab_size == zoo.SIZES[size]["vocab"], name
+        causal = config.architectures[0].endswith(("CausalLM", "LMHeadModel"))
+        assert bundle.task.name == ("causal-lm" if causal else "sequence-classification"), name
+        for token in ("bos_token_id", "eos_token_id", "pad_token_id"):  # inside the vocabulary
+            assert getattr(config, token, None) is None or getattr(config, token) < bundle.vocab_size, name
+    with pytest.raises(models.ModelError, match="has no published weights"):
+        models.build("tiny-llama", "pretrained")
