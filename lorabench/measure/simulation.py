@@ -56,8 +56,8 @@ class Simulated:
 
 
 class LiveTensors(TorchDispatchMode):
-    """Bytes of the live storages, by kind, and their peak. Every tensor an operator returns is
-    counted once per storage (a view adds nothing), under the kind of the phase that made it,
+    """Bytes of the live storages, by kind, and their peak. Every tensor an operator allocates is
+    counted once per storage (a view or an in-place result adds nothing), under the kind of the phase that made it,
     until its storage is freed (a weak reference's callback). `tag` moves a storage to another
     kind: a gradient once autograd has accumulated it, the optimizer's state once it exists."""
 
@@ -96,6 +96,10 @@ class LiveTensors(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            # a view or an in-place op allocates nothing: counting its storage would count a tensor
+            # made before the step (a batch sliced from the data set is the whole set's storage)
+            return out
         for t in tree_leaves(out):
             if isinstance(t, Tensor) and t.device.type != "meta":
                 key = id(t.untyped_storage())
