@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..errors import first_line
+from ..workload.distributed import local
 from ..workload.optimizers import OPTIMIZERS
 from ..workload.tasks import Task
 from .flops import StepFlops
@@ -73,7 +74,7 @@ class LiveTensors(TorchDispatchMode):
         self.at_peak = dict(self.totals)
 
     def tag(self, t: Tensor, kind: str) -> None:
-        storage = t.untyped_storage()
+        storage = local(t).untyped_storage()  # an FSDP2 shard: this rank's part
         key = id(storage)
         if key not in self.kind:
             n = -(-storage.nbytes() // self.block) * self.block
@@ -87,6 +88,10 @@ class LiveTensors(TorchDispatchMode):
             self.totals[self.kind[key]] -= self.size[key]
             self.totals[kind] += self.size[key]
             self.kind[key] = kind
+
+    def restart_peak(self) -> None:
+        """Forget the peak so far: the next one is measured from what is live now."""
+        self.peak, self.at_peak = self.now, dict(self.totals)
 
     def _free(self, key: int) -> None:
         kind, n = self.kind.pop(key), self.size.pop(key)
@@ -102,7 +107,7 @@ class LiveTensors(TorchDispatchMode):
             return out
         for t in tree_leaves(out):
             if isinstance(t, Tensor) and t.device.type != "meta":
-                key = id(t.untyped_storage())
+                key = id(local(t).untyped_storage())
                 if key not in self.kind:
                     self.tag(t, self.phase)
         return out
@@ -229,6 +234,7 @@ def simulate(
             for k in range(2):
                 starts = [((k * micro + m) * batch_size) % max(n - batch_size + 1, 1) for m in range(micro)]
                 batches = [{key: v[lo : lo + batch_size] for key, v in train.items()} for lo in starts]
+                live.restart_peak()  # the second step's, the steady state: the first makes one-off state
                 flops = step(
                     module, task, batches, opt, live, grad_accum=grad_accum, autocast_dtype=autocast_dtype
                 )

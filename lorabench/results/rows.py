@@ -373,7 +373,8 @@ METRICS: tuple[Metric, ...] = (
         "host_tensors_peak_bytes",
         _B,
         "CPU: torch tensors live at the peak of one training step after the timed region, counted by a dispatch "
-        "mode (framework level; weights and optimizer state included, the data set not) (MiB)",
+        "mode (framework level; weights and optimizer state included, the data set not; one process or an FSDP2 "
+        "rank's shards, max over ranks) (MiB)",
         "bytes",
         fold="max",
     ),

@@ -215,8 +215,9 @@ def measure(
             measured.update(compiled.result())
         if snapshot.note:
             measured["memory_snapshot"] = snapshot.note
-        if device.type == "cpu" and group is None:  # the framework-level peak the CPU has no allocator for
-            # on the uncompiled model (the same parameters): a dispatch mode under dynamo would recompile
+        if device.type == "cpu" and (group is None or group.strategy == "fsdp2"):
+            # the framework-level peak the CPU has no allocator for; on the uncompiled model (the same
+            # parameters, sharded in place by FSDP2): a dispatch mode under dynamo would recompile
             measured["host_tensors_peak_bytes"] = tensor_peak(model, task, ds, optimizer[0], cell, amp)
         trace = profile_steps(
             traces,
