@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..measure.stats import Summary
 from ..plan.cells import AXES, NAMED_FIELDS, TABLE_FIELDS, Cell
-from ..results.rows import BY_KEY, METRICS, Row, Status, is_number
+from ..results.rows import BY_KEY, METRICS, Row, Status, framework_peak, is_number
 
 MiB = 2**20
 
@@ -221,16 +221,8 @@ def prediction_table(variants: list[Variant]) -> str:
         total = sum(peak_parts) if all(is_number(x) for x in peak_parts) else None
         cols[f"{name} measured"] = [fmt(x, "bytes") for x in meas] + [fmt(total, "bytes")]
         if is_number(m.get("predicted_peak_bytes")):  # the simulated step's peak, at the framework level
-            framework = next(
-                (
-                    m[k]
-                    for k in ("torch_peak_allocated_bytes", "host_tensors_peak_bytes")
-                    if is_number(m.get(k))
-                ),
-                None,
-            )
             cols[f"{name} predicted"].append(fmt(m["predicted_peak_bytes"], "bytes"))
-            cols[f"{name} measured"].append(fmt(framework, "bytes"))
+            cols[f"{name} measured"].append(fmt(framework_peak(m), "bytes"))
     if any(is_number(v.metrics.get("predicted_peak_bytes")) for v in ok):
         cols["memory (MiB)"].append(
             "peak (simulated step; measured: allocator on a GPU, live tensors on the CPU)"

@@ -776,10 +776,15 @@ def _prediction_error(m: dict[str, Any]) -> float | None:
     """Predicted peak over the measured peak it predicts, at the framework level: the allocator's
     peak on a GPU, the live tensors' on the CPU; in rows made before the CPU had that figure, the
     weights plus the host RSS peak above the baseline."""
-    for key in ("torch_peak_allocated_bytes", "host_tensors_peak_bytes"):
-        if is_number(m.get(key)):
-            return _over(_predicted(m), m[key])
-    return _over(_predicted(m), _host_peak(m))
+    framework = framework_peak(m)
+    return _over(_predicted(m), framework if framework is not None else _host_peak(m))
+
+
+def framework_peak(m: dict[str, Any]) -> float | None:
+    """The measured peak at the framework level: the allocator's on a GPU, the live tensors' on the CPU."""
+    return next(
+        (m[k] for k in ("torch_peak_allocated_bytes", "host_tensors_peak_bytes") if is_number(m.get(k))), None
+    )
 
 
 def derive(cell: Cell, metrics: dict[str, Any], missing: dict[str, str], info: dict[str, str]) -> None:

@@ -155,3 +155,7 @@ def test_every_row_says_how_far_its_prediction_was_from_the_measured_peak():
     assert Row.make(CELL, Status.OK, gpu).metrics["predicted_over_measured"] == 0.5
     none = Row.make(CELL, Status.OK, {"weights_bytes": 100, "host_peak_above_baseline_bytes": 200})
     assert "predicted_over_measured" not in none.metrics
+    # a row of the simulated step: its peak over the framework level (the CPU's live tensors), RSS beside it
+    sim = {**cpu, "predicted_peak_bytes": 240, "host_tensors_peak_bytes": 200}
+    made = Row.make(CELL, Status.OK, sim).metrics
+    assert made["predicted_over_measured"] == 1.2 and made["predicted_over_host_peak"] == 0.8
