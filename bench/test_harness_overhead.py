@@ -34,14 +34,7 @@ def setup_case(model: str):
     torch.manual_seed(0)
     bundle = models.build(model)
     module = METHODS["full"].apply(bundle, Cell(model=model, method="full").adapter).module
-    ds = bundle.task.build_data(
-        samples=SAMPLES,
-        eval_samples=BATCH,
-        seq_len=SEQ,
-        seed=0,
-        vocab_size=bundle.vocab_size,
-        num_labels=bundle.num_labels,
-    )
+    ds = bundle.synthetic(SAMPLES, SEQ, eval_samples=BATCH)
     return module, bundle.task, ds
 
 

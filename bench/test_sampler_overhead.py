@@ -80,14 +80,7 @@ def test_sampling_costs_under_2_percent(model, device, benchmark):
     torch.manual_seed(0)
     bundle = models.build(model)
     module = METHODS["full"].apply(bundle, Cell(model=model, method="full").adapter).module.to(dev)
-    ds = bundle.task.build_data(
-        samples=32,
-        eval_samples=8,
-        seq_len=64,
-        seed=0,
-        vocab_size=bundle.vocab_size,
-        num_labels=bundle.num_labels,
-    ).to(dev, torch.float32)
+    ds = bundle.synthetic(32, 64, eval_samples=8).to(dev, torch.float32)
     optimizer = optimizers.make("adam", [p for p in module.parameters() if p.requires_grad], 1e-4)[0]
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 

@@ -41,14 +41,7 @@ def test_training_step(benchmark, model, method, rank):
     bundle = models.build(model)
     adapted = METHODS[method].apply(bundle, cell.adapter)
     module = adapted.module.to(DEVICE).train()
-    ds = bundle.task.build_data(
-        samples=cell.batch_size,
-        eval_samples=1,
-        seq_len=cell.seq_len,
-        seed=0,
-        vocab_size=bundle.vocab_size,
-        num_labels=bundle.num_labels,
-    ).to(DEVICE, torch.float32)
+    ds = bundle.synthetic(cell.batch_size, cell.seq_len).to(DEVICE, torch.float32)
     batch = ds.train
     optimizer, impl = optimizers.make("adam", [p for p in module.parameters() if p.requires_grad], cell.lr)
 

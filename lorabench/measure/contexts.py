@@ -16,6 +16,8 @@ import json
 import os
 from pathlib import Path
 
+from ..files import write_json
+
 FILE = "contexts.json"
 
 
@@ -36,13 +38,12 @@ def known() -> dict[str, dict]:
 
 
 def record(device_name: str, kind: str, context_bytes: int, torch_version: str) -> None:
-    """Keep the context measured on `device_name` ("cuda" or "rocm" `kind`), replacing an older one."""
+    """Keep the context measured on `device_name`, replacing an older one. `kind` is torch's device
+    type ("cuda", which ROCm's HIP answers to as well)."""
     data = known()
     data[device_name] = {"kind": kind, "bytes": int(context_bytes), "torch": torch_version}
     path().parent.mkdir(parents=True, exist_ok=True)
-    tmp = path().with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp.replace(path())  # a reader never sees half a file
+    write_json(path(), data)
 
 
 def largest(kind: str) -> tuple[str, int] | None:

@@ -26,9 +26,8 @@ A model whose forward reads a value (`.item()`), or a method fake tensors cannot
 from __future__ import annotations
 
 import contextlib
-import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +36,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..errors import first_line
 from ..workload.distributed import local
-from ..workload.optimizers import OPTIMIZERS
+from ..workload.optimizers import OPTIMIZERS, state_tensors
 from ..workload.tasks import Task
 from .flops import StepFlops
 from .trackers import Unavailable
@@ -53,13 +52,12 @@ class Simulated:
     peak_bytes: int
     at_peak: dict[str, int]  # bytes of each of KINDS live at the peak; they sum to peak_bytes
     flops: StepFlops  # of one optimizer step, every micro-batch, counted on the simulated step
-    seconds: float = field(default=0.0, compare=False)  # what the simulation cost
 
 
 class LiveTensors(TorchDispatchMode):
     """Bytes of the live storages, by kind, and their peak. Every tensor an operator allocates is
-    counted once per storage (a view or an in-place result adds nothing), under the kind of the phase that made it,
-    until its storage is freed (a weak reference's callback). `tag` moves a storage to another
+    counted once per storage (a view or an in-place result adds nothing), under the kind of the
+    phase that made it, until its storage is freed (a weak reference's callback). `tag` moves a storage to another
     kind: a gradient once autograd has accumulated it, the optimizer's state once it exists."""
 
     def __init__(self, block: int = 1):
@@ -155,7 +153,8 @@ def step(
             live.tag(p, "weights_trainable" if p.requires_grad else "weights_frozen")
         for b in module.buffers():
             live.tag(b, "weights_frozen")
-        _tag_state(optimizer, live)
+        for v in state_tensors(optimizer):
+            live.tag(v, "optimizer")
         hooks = [
             p.register_post_accumulate_grad_hook(lambda p: live.tag(p.grad, "gradients")) for p in trainable
         ]
@@ -174,19 +173,13 @@ def step(
                     (loss / grad_accum).backward()
                 del loss
             optimizer.step()
-            _tag_state(optimizer, live)
+            for v in state_tensors(optimizer):  # made by the first step
+                live.tag(v, "optimizer")
             optimizer.zero_grad(set_to_none=True)
         finally:
             for h in hooks:
                 h.remove()
     return StepFlops(float(fwd.get_total_flops() * grad_accum), float(bwd.get_total_flops() * grad_accum))
-
-
-def _tag_state(optimizer: torch.optim.Optimizer, live: LiveTensors) -> None:
-    for state in optimizer.state.values():
-        for v in state.values():
-            if isinstance(v, Tensor):
-                live.tag(v, "optimizer")
 
 
 def simulate(
@@ -208,7 +201,6 @@ def simulate(
     (GPU_BLOCK_BYTES on a GPU)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    t0 = time.perf_counter()
     spec = OPTIMIZERS[optimizer]
     try:
         # built on the meta device outside the fake mode (converting a fake parameter, as PEFT's
@@ -242,6 +234,4 @@ def simulate(
         return Unavailable(
             f"the step could not be simulated on fake tensors ({type(e).__name__}: {first_line(e)})"
         )
-    return Simulated(
-        peak_bytes=live.peak, at_peak=live.at_peak, flops=flops, seconds=time.perf_counter() - t0
-    )
+    return Simulated(peak_bytes=live.peak, at_peak=live.at_peak, flops=flops)

@@ -116,14 +116,7 @@ def _simulate(cell: Cell, task: Task) -> simulation.Simulated | Unavailable:
         b = made["bundle"]
         # two steps' micro-batches, in place before the step: not counted, as a run's data set is not
         n = cell.batch_size * cell.grad_accum * 2
-        ds = b.task.build_data(
-            samples=n,
-            eval_samples=1,
-            seq_len=cell.seq_len,
-            seed=0,
-            vocab_size=b.vocab_size,
-            num_labels=b.num_labels,
-        )
+        ds = b.synthetic(n, cell.seq_len)
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in ds.train.items()}
 
     cast = cell.compute_dtype if cell.compute_dtype != cell.dtype else None

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 from filelock import FileLock, Timeout
 
 from ..errors import InputError
+from ..files import write_json
 from ..plan.cells import Cell, CellError
 from .rows import Row, final_rows
 
@@ -51,13 +52,6 @@ def writable_dir(path: Path, flag: str) -> None:
 def new_run_id() -> str:
     """Sortable by time (UTC, to the second), unique by a random suffix."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write atomically: a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _line(row: Row) -> str:

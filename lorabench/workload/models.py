@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import InputError, first_line
 from . import zoo
+from .data import Dataset
 from .tasks import TASKS, Task
 
 
@@ -36,6 +37,17 @@ class Bundle:
     vocab_size: int | None = None  # token models: ids are drawn below this
     num_labels: int | None = None  # classifiers
     tokenizer_source: str | None = None  # where a tokenizer for real text data can be loaded
+
+    def synthetic(self, samples: int, seq_len: int, eval_samples: int = 1, seed: int = 0) -> Dataset:
+        """The task's synthetic data set for this model: its vocabulary, its labels."""
+        return self.task.build_data(
+            samples=samples,
+            eval_samples=eval_samples,
+            seq_len=seq_len,
+            seed=seed,
+            vocab_size=self.vocab_size,
+            num_labels=self.num_labels,
+        )
 
 
 def build_cifar_mlp(weights: str = "random") -> Bundle:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -138,18 +138,23 @@ def make(name: str, params: list[nn.Parameter], lr: float) -> tuple[torch.optim.
     return OPTIMIZERS[name].build(params, lr)
 
 
+def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    """Every tensor of the optimizer's state (moments, step counts, quantisation maps)."""
+    for st in optimizer.state.values():
+        yield from (v for v in st.values() if torch.is_tensor(v))
+
+
 def held_bytes(optimizer: torch.optim.Optimizer, local: Callable[[torch.Tensor], torch.Tensor]) -> int:
     """Bytes of state the optimizer holds (`local`: a rank's shard of a sharded tensor), each storage
     counted once: bitsandbytes may share a quantisation map between parameters."""
     seen: set[int] = set()
     total = 0
-    for st in optimizer.state.values():
-        for t in (local(v) for v in st.values() if torch.is_tensor(v)):
-            where = t.untyped_storage().data_ptr()
-            if where and where in seen:  # 0: an empty tensor, which holds nothing
-                continue
-            seen.add(where)
-            total += t.nbytes
+    for t in map(local, state_tensors(optimizer)):
+        where = t.untyped_storage().data_ptr()
+        if where and where in seen:  # 0: an empty tensor, which holds nothing
+            continue
+        seen.add(where)
+        total += t.nbytes
     return total
 
 

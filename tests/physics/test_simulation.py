@@ -18,14 +18,7 @@ def real_peak(cell: Cell) -> tuple[int, float]:
     torch.manual_seed(0)
     bundle = models.build(cell.model, "random", cell.task)
     module = method_of(cell.method).apply(bundle, cell.adapter).module
-    ds = bundle.task.build_data(
-        samples=cell.batch_size,
-        eval_samples=1,
-        seq_len=cell.seq_len,
-        seed=0,
-        vocab_size=bundle.vocab_size,
-        num_labels=bundle.num_labels,
-    )
+    ds = bundle.synthetic(cell.batch_size, cell.seq_len)
     opt, _ = optimizers.make(cell.optimizer, [p for p in module.parameters() if p.requires_grad], 1e-3)
     batch = dict(ds.train)
     module.train()
@@ -72,9 +65,7 @@ def test_live_tensors_agree_with_torch_memtracker_on_the_same_fake_step():
         bundle = models.build(cell.model, "random", cell.task)
     with FakeTensorMode(allow_non_fake_inputs=True):
         module = simulation._fake_storage(bundle.module)
-        ds = bundle.task.build_data(
-            samples=4, eval_samples=1, seq_len=32, seed=0, vocab_size=bundle.vocab_size, num_labels=None
-        )
+        ds = bundle.synthetic(4, 32)
         opt, _ = optimizers.make("adam", list(module.parameters()), 1e-3)
         tracker = MemTracker()
         tracker.track_external(module, opt)

@@ -132,14 +132,7 @@ def test_activation_prediction_matches_what_autograd_saves(model, method, tolera
     )
     bundle = models.build(model)
     module = METHODS[method].apply(bundle, cell.adapter).module
-    ds = bundle.task.build_data(
-        samples=16,
-        eval_samples=8,
-        seq_len=64,
-        seed=0,
-        vocab_size=bundle.vocab_size,
-        num_labels=bundle.num_labels,
-    )
+    ds = bundle.synthetic(16, 64, eval_samples=8)
     exclude = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *ds.train.values())}
     with SavedTensors(exclude) as saved:
         bundle.task.loss(module, ds.train)

@@ -95,9 +95,7 @@ def test_flops_of_a_model_the_meta_device_cannot_run_come_from_a_real_step_and_m
         from lorabench.workload.methods import method as method_of
 
         module = method_of(method).apply(bundle, Cell(model=model, method=method, rank=rank).adapter).module
-        ds = bundle.task.build_data(
-            samples=4, eval_samples=1, seq_len=32, seed=1, vocab_size=1000, num_labels=2
-        )
+        ds = bundle.synthetic(4, 32, seed=1)
         with FlopCounterMode(display=False) as real:
             bundle.task.loss(module.train(), dict(ds.train))[0].backward()
         assert counted.forward + counted.backward == pytest.approx(real.get_total_flops(), rel=0.01), method

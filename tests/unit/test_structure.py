@@ -22,6 +22,7 @@ ROOT = {
     "errors": "foundation",
     "forksafe": "foundation",
     "child": "foundation",
+    "files": "foundation",
     "__init__": "foundation",
     "cli": "entry",
     "check": "entry",
