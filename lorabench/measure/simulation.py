@@ -17,8 +17,9 @@ CPU's measured peaks; a GPU's allocator peak counts it, a run's synthetic set be
 What it cannot see: a GPU's runtime context (a fit check adds the one `lorabench check` measured:
 `contexts`) and allocator fragmentation (the allocator's rounding to 512-byte blocks is applied
 for a GPU cell), kernels that differ by device (the step runs the CPU's kernels: attention and
-autocast choose as they do on the CPU), a host's C library keeping freed heap (host RSS sits above
-this peak: `predicted_over_host_peak`), and a host's libraries paging in.
+autocast choose as they do on the CPU), a host's C library keeping freed heap (the timed region's
+host RSS sits above this peak: `predicted_over_host_peak`; with the heap handed back, `heap`, it does
+not: `predicted_over_host_step_peak`), and a host's libraries paging in.
 A model whose forward reads a value (`.item()`), or a method fake tensors cannot run, gives
 `Unavailable` with the reason; the closed form then stands in (`predictions`).
 """
@@ -69,6 +70,7 @@ class LiveTensors(TorchDispatchMode):
         self.refs: dict[int, weakref.ref] = {}
         self.totals = dict.fromkeys(KINDS, 0)
         self.now = self.peak = 0
+        self.start = 0  # bytes live when the step began (`step`: weights, buffers, the optimizer's state)
         self.at_peak = dict(self.totals)
 
     def tag(self, t: Tensor, kind: str) -> None:
@@ -155,6 +157,7 @@ def step(
             live.tag(b, "weights_frozen")
         for v in state_tensors(optimizer):
             live.tag(v, "optimizer")
+        live.start = live.now
         hooks = [
             p.register_post_accumulate_grad_hook(lambda p: live.tag(p.grad, "gradients")) for p in trainable
         ]

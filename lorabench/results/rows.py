@@ -379,6 +379,15 @@ METRICS: tuple[Metric, ...] = (
         fold="max",
     ),
     Metric(
+        "host_rss_step_peak_bytes",
+        _B,
+        "CPU: host RSS at the peak of that step, the C library's freed heap handed back after every operator "
+        "(malloc_trim): the tensors it started with (weights, optimizer state) plus the kernel's RSS high-water mark "
+        "above its start (device level without the heap's retention; max over ranks) (MiB)",
+        "bytes",
+        fold="max",
+    ),
+    Metric(
         "predicted_over_measured",
         "x",
         "predicted / measured peak (x; measured at the framework level: the allocator's peak on a GPU, the live "
@@ -395,6 +404,16 @@ METRICS: tuple[Metric, ...] = (
         "num",
         inputs=("predicted_total_bytes", "host_peak_above_baseline_bytes"),
         derive=lambda m, c: _over(_predicted(m), _host_peak(m)),
+        shown=False,
+    ),
+    Metric(
+        "predicted_over_host_step_peak",
+        "x",
+        "predicted peak / host RSS peak of one step with the freed heap handed back (x; the CPU's device level, "
+        "weights and optimizer state included)",
+        "num",
+        inputs=("predicted_total_bytes", "host_rss_step_peak_bytes"),
+        derive=lambda m, c: _over(_predicted(m), m.get("host_rss_step_peak_bytes")),
         shown=False,
     ),
     Metric(

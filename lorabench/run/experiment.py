@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import forksafe
 from ..errors import first_line
-from ..measure import environment, simulation
+from ..measure import environment, heap, simulation
 from ..measure.drivers import driver_trackers
 from ..measure.stats import Summary
 from ..measure.traces import MemorySnapshot, Traces, profile_steps, write_timeline
@@ -215,10 +215,6 @@ def measure(
             measured.update(compiled.result())
         if snapshot.note:
             measured["memory_snapshot"] = snapshot.note
-        if device.type == "cpu" and (group is None or group.strategy == "fsdp2"):
-            # the framework-level peak the CPU has no allocator for; on the uncompiled model (the same
-            # parameters, sharded in place by FSDP2): a dispatch mode under dynamo would recompile
-            measured["host_tensors_peak_bytes"] = tensor_peak(model, task, ds, optimizer[0], cell, amp)
         trace = profile_steps(
             traces,
             lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False, amp),
@@ -227,6 +223,12 @@ def measure(
         )  # after the timed region, the trackers stopped
         if trace:
             measured["profile_trace"] = trace
+        if device.type == "cpu" and (group is None or group.strategy == "fsdp2"):
+            # the framework-level peak the CPU has no allocator for, and host RSS without the C
+            # library's retention; after the trace, whose timing the trimmed heap's page faults
+            # would disturb. On the uncompiled model (the same parameters, sharded in place by FSDP2): a
+            # dispatch mode under dynamo would recompile
+            measured.update(step_peaks(model, task, ds, optimizer[0], cell, amp))
         held = distributed.held(trained)
         measured["weights_bytes"] = quantization.held_bytes(held)  # a quantised weight's scales included
         measured["trainable_weights_bytes"] = sum(q.nbytes for q in held if q.requires_grad)
@@ -376,23 +378,30 @@ def probe_step(
     return out
 
 
-def tensor_peak(
+def step_peaks(
     model: nn.Module, task: Task, data: Dataset, optimizer: torch.optim.Optimizer, cell: Cell, amp: Precision
-) -> int | Unavailable:
-    """Bytes of the torch tensors live at the peak of one more training step, as the simulated step
-    counts them (`simulation.LiveTensors` on real tensors): the CPU's framework-level peak, beside
-    host RSS, whose C library heap keeps what was freed. After the timed region: the dispatch mode
-    costs Python time per operator. Weights and the optimizer's state count; the data set does not."""
+) -> dict[str, int | Unavailable]:
+    """The peaks of one more training step, after the timed region (both cost time per operator):
+    `host_tensors_peak_bytes`, the bytes of the torch tensors live at its peak as the simulated step
+    counts them (`simulation.LiveTensors` on real tensors), the CPU's framework-level peak; and
+    `host_rss_step_peak_bytes`, the tensors it started with plus the rise of host RSS over it with the
+    C library's freed heap handed back after every operator (`heap.ReturnedHeap`). Weights and the
+    optimizer's state count; the data set does not."""
     batches = [
         {k: v[micro_batch(m, batch_size=cell.batch_size)] for k, v in data.train.items()}
         for m in range(min(cell.grad_accum, 2))
     ]
-    live = simulation.LiveTensors()
+    live, returned = simulation.LiveTensors(), heap.ReturnedHeap()
     model.train()
-    simulation.step(
-        model, task, batches, optimizer, live, grad_accum=cell.grad_accum, autocast_dtype=amp.cast
-    )
-    return live.peak
+    with returned:
+        simulation.step(
+            model, task, batches, optimizer, live, grad_accum=cell.grad_accum, autocast_dtype=amp.cast
+        )
+    rise = returned.rise_bytes
+    return {
+        "host_tensors_peak_bytes": live.peak,
+        "host_rss_step_peak_bytes": rise if isinstance(rise, Unavailable) else live.start + rise,
+    }
 
 
 def release(model: nn.Module, device: torch.device) -> None:

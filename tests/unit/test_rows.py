@@ -159,3 +159,7 @@ def test_every_row_says_how_far_its_prediction_was_from_the_measured_peak():
     sim = {**cpu, "predicted_peak_bytes": 240, "host_tensors_peak_bytes": 200}
     made = Row.make(CELL, Status.OK, sim).metrics
     assert made["predicted_over_measured"] == 1.2 and made["predicted_over_host_peak"] == 0.8
+    # and over host RSS of one step with the freed heap handed back, where the row has it
+    assert "predicted_over_host_step_peak" not in made
+    step = Row.make(CELL, Status.OK, {**sim, "host_rss_step_peak_bytes": 250}).metrics
+    assert step["predicted_over_host_step_peak"] == 0.96 and step["predicted_over_measured"] == 1.2
