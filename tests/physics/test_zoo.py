@@ -117,3 +117,34 @@ def test_every_zoo_architecture_builds_at_both_sizes_for_its_task_with_no_downlo
             assert getattr(config, token, None) is None or getattr(config, token) < bundle.vocab_size, name
     with pytest.raises(models.ModelError, match="has no published weights"):
         models.build("tiny-llama", "pretrained")
+
+
+@pytest.mark.parametrize("model", ["tiny-roberta", "tiny-electra"])
+def test_every_peft_method_merges_on_a_classification_head_made_of_layers(model):
+    """RoBERTa's and ELECTRA's heads are two layers, trained in full as a saved module: PEFT's
+    generic unload fails on them after merging (it reads the head's `.weight`), which made every
+    such cell but LoRA's an error after training. The merged model must give the trained adapter's
+    outputs, and the adapter switched off the base's."""
+    import torch
+
+    from lorabench.workload import models
+    from lorabench.workload.methods import METHODS
+
+    for name, method in METHODS.items():
+        if not getattr(method, "uses_peft", False):
+            continue
+        torch.manual_seed(0)
+        bundle = models.build(model)
+        batch = dict(bundle.synthetic(4, 16).train)
+        forward = lambda m: bundle.task.loss(m, batch)[1].float()  # noqa: E731 (the run's probe forward)
+        base_out = forward(bundle.module.eval())
+        cell = Cell(model=model, method=name, rank=None if name == "ia3" else 4)
+        adapted = method.apply(bundle, cell.adapter)
+        with torch.no_grad():  # as if trained: every trainable tensor moved off its initial value
+            for p in adapted.module.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+        checks = method.checks(adapted, forward, base_out)
+        assert checks["check_merged_vs_adapter_max_abs_diff"] < 1e-4, name
+        assert checks["check_adapter_off_vs_base_max_abs_diff"] < 1e-5, name
+        assert checks["check_adapter_on_vs_base_max_abs_diff"] > 1e-3, name
