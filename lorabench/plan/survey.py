@@ -136,7 +136,7 @@ def _simulate(cell: Cell, task: Task) -> simulation.Simulated | Unavailable:
 def survey(cell: Cell, simulate: bool = True) -> Survey:
     """Build the cell's model and method on the meta device: exact counts, the closed-form memory
     prediction and the counted FLOPs of one step; then simulate its step (`simulate=False`: counts
-    and the closed form only, as `lorabench list` needs). Raises ModelError / MethodError for a
+    and the closed form only, no FLOPs, as `lorabench list` needs). Raises ModelError / MethodError for a
     cell that cannot be built."""
     method = method_of(cell.method)
     if method.uses_peft:
@@ -168,11 +168,15 @@ def survey(cell: Cell, simulate: bool = True) -> Survey:
     checkpointed = cell.grad_checkpointing == "on"
     # the model's FLOPs, what MFU divides (PaLM, appendix B): as the simulated step ran them on the
     # CPU's kernels, else counted on the meta device, else on one real CPU step of one sample
-    counted = (None if checkpointed else stepped) or count()
-    if isinstance(counted, Unavailable):
+    counted = (
+        ((None if checkpointed else stepped) or count())
+        if simulate
+        else unavailable("not counted: the survey was asked for counts and the closed form only")
+    )
+    if simulate and isinstance(counted, Unavailable):
         counted = _count_for_real(cell, adapted.params.total, counted, checkpointed=False)
     hardware = None
-    if checkpointed:
+    if checkpointed and simulate:
         # the device also runs the recomputed forward, as the simulated step did: what HFU divides
         hardware = stepped
         if hardware is None:
