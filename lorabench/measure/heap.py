@@ -59,12 +59,13 @@ class ReturnedHeap(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self._trim = _malloc_trim()
-        self._rss = SelfRss()
+        self._rss: SelfRss | None = None
         self.start_bytes = 0
         self.rise_bytes: int | Unavailable = Unavailable("the block has not run")
 
     def __enter__(self):
         mode = super().__enter__()
+        self._rss = SelfRss()
         torch.empty(0)  # torch's first Python dispatch imports ~900 modules (~150 MiB): not the step's
         if not isinstance(self._trim, Unavailable):
             gc.collect()  # garbage freed inside the block would lower its rise

@@ -23,7 +23,7 @@ from ..measure import flops, simulation
 from ..measure.predictions import DTYPE_BYTES, Prediction, per_rank, predict
 from ..measure.trackers import Unavailable, unavailable
 from ..workload import data, distributed, models, optimizers, precision, quantization
-from ..workload.methods import MethodError, ParamCount
+from ..workload.methods import Adapted, MethodError, ParamCount
 from ..workload.methods import method as method_of
 from ..workload.precision import TORCH
 from ..workload.tasks import Task, task_of_data
@@ -133,6 +133,38 @@ def _simulate(cell: Cell, task: Task) -> simulation.Simulated | Unavailable:
     )
 
 
+def _step_flops(
+    cell: Cell, adapted: Adapted, bundle: models.Bundle, simulated: simulation.Simulated | Unavailable | None
+) -> tuple[flops.StepFlops | Unavailable, flops.StepFlops | Unavailable | None]:
+    """(model FLOPs, hardware FLOPs or None) of one step. The model's, what MFU divides (PaLM,
+    appendix B): as the simulated step ran them on the CPU's kernels, else counted on the meta
+    device, else on one real CPU step of one sample. With checkpointing, the hardware's too: the
+    device also runs the recomputed forward, as the simulated step did (what HFU divides)."""
+    count = lambda: flops.count(
+        adapted.module,
+        bundle.task,
+        batch_size=cell.batch_size,
+        grad_accum=cell.grad_accum,
+        seq_len=cell.seq_len,
+        vocab_size=bundle.vocab_size,
+        num_labels=bundle.num_labels,
+    )
+    stepped = simulated.flops if isinstance(simulated, simulation.Simulated) else None
+    checkpointed = cell.grad_checkpointing == "on"
+    counted = (None if checkpointed else stepped) or count()
+    if isinstance(counted, Unavailable):
+        counted = _count_for_real(cell, adapted.params.total, counted, checkpointed=False)
+    if not checkpointed:
+        return counted, None
+    hardware = stepped
+    if hardware is None:
+        models.checkpoint(adapted.module)
+        hardware = count()
+    if isinstance(hardware, Unavailable):
+        hardware = _count_for_real(cell, adapted.params.total, hardware, checkpointed=True)
+    return counted, hardware
+
+
 def survey(cell: Cell, simulate: bool = True) -> Survey:
     """Build the cell's model and method on the meta device: exact counts, the closed-form memory
     prediction and the counted FLOPs of one step; then simulate its step (`simulate=False`: counts
@@ -154,36 +186,12 @@ def survey(cell: Cell, simulate: bool = True) -> Survey:
             why = f"PEFT cannot build {cell.method} on {cell.model}: {type(e).__name__}: {first_line(e)}"
             return _unbuildable(bundle, why)
     task = bundle.task
-    count = lambda: flops.count(
-        adapted.module,
-        task,
-        batch_size=cell.batch_size,
-        grad_accum=cell.grad_accum,
-        seq_len=cell.seq_len,
-        vocab_size=bundle.vocab_size,
-        num_labels=bundle.num_labels,
-    )
     simulated = _simulate(cell, task) if simulate else None
-    stepped = simulated.flops if isinstance(simulated, simulation.Simulated) else None
-    checkpointed = cell.grad_checkpointing == "on"
-    # the model's FLOPs, what MFU divides (PaLM, appendix B): as the simulated step ran them on the
-    # CPU's kernels, else counted on the meta device, else on one real CPU step of one sample
-    counted = (
-        ((None if checkpointed else stepped) or count())
+    counted, hardware = (
+        _step_flops(cell, adapted, bundle, simulated)
         if simulate
-        else unavailable("not counted: the survey was asked for counts and the closed form only")
+        else (unavailable("not counted: the survey was asked for counts and the closed form only"), None)
     )
-    if simulate and isinstance(counted, Unavailable):
-        counted = _count_for_real(cell, adapted.params.total, counted, checkpointed=False)
-    hardware = None
-    if checkpointed and simulate:
-        # the device also runs the recomputed forward, as the simulated step did: what HFU divides
-        hardware = stepped
-        if hardware is None:
-            models.checkpoint(adapted.module)
-            hardware = count()
-        if isinstance(hardware, Unavailable):
-            hardware = _count_for_real(cell, adapted.params.total, hardware, checkpointed=True)
     pred = predict(
         adapted.module,
         adapted.params,
