@@ -5,7 +5,8 @@
 Each check measures something whose answer is known (a buffer of a known size, a sleep of a
 known length, a model whose FLOPs and saved activations have a closed form) with the very
 trackers, clocks and counters a cell uses, and says whether the reading agrees. On the CPU: the
-host-memory sampler against the kernel's own high-water mark, the clock against a sleep,
+host-memory sampler against the kernel's own high-water mark, host RSS with the freed heap handed
+back against a known allocation, the clock against a sleep,
 FlopCounterMode and the saved-tensor hooks against closed forms, and the matmul ceiling against
 a timed training step (model FLOPs utilisation can only be trusted if it cannot pass 100 %). On a
 GPU, in addition: the allocator against the driver's view of a known allocation, CUDA events
@@ -84,6 +85,32 @@ def host_rss() -> Check:
         f"MiB vs getrusage {mark / MiB:,.0f} MiB (before: {mark_before / MiB:,.0f} MiB)",
         f"+{size / MiB:,.0f} MiB within 10 %; a new mark, = getrusage within 5 %",
         ok,
+    )
+
+
+def returned_heap() -> Check:
+    """Host RSS with the freed heap handed back (`measure.heap`, a cell's `host_rss_step_peak_bytes`):
+    after 96 MiB of 64 KiB tensors are freed (heap chunks glibc keeps resident, below a live one), a
+    block that holds 64 MiB at once must rise by those 64 MiB, though glibc may carve them from the
+    kept heap, where RSS alone would not rise."""
+    from .measure import heap
+    from .measure.trackers import Unavailable
+
+    chunks = [torch.ones(16 * 1024) for _ in range(96 * 16)]  # 64 KiB each, below the mmap threshold
+    keep = torch.ones(16 * 1024)  # above them: the heap's top is not free, so nothing is trimmed on free
+    del chunks
+    returned = heap.ReturnedHeap()
+    with returned:
+        x = torch.ones(32 * MiB // 4)
+        y = x * 2  # 64 MiB held at once
+        del x, y
+    del keep
+    rise = returned.rise_bytes
+    return Check(
+        "host RSS, freed heap handed back: 64 MiB held after 96 MiB freed",
+        rise.reason if isinstance(rise, Unavailable) else f"+{rise / MiB:,.1f} MiB",
+        "+64 MiB within 10 %",
+        not isinstance(rise, Unavailable) and abs(rise - 64 * MiB) <= 0.1 * 64 * MiB,
     )
 
 
@@ -326,6 +353,7 @@ def run_checks(device: str, progress: Callable[[str], None] = lambda name: None)
     dev = torch.device(device)
     todo: list[tuple[str, Callable[[], Check]]] = [
         ("host RSS sampler", host_rss),
+        ("host RSS, heap handed back", returned_heap),
         ("clock", clock),
         ("FLOPs", flops_closed_form),
         ("saved activations", saved_tensors),

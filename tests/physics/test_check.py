@@ -21,6 +21,21 @@ def test_the_host_rss_check_sets_a_new_mark_and_fails_a_sampler_that_misses_the_
     assert not check.host_rss().ok
 
 
+def test_the_returned_heap_check_fails_where_the_freed_heap_is_not_handed_back(monkeypatch):
+    from lorabench.measure import heap
+
+    ok = check.returned_heap()
+    assert ok.ok, ok
+    # a C library whose trim does nothing: the 64 MiB come partly from the heap glibc kept resident
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: lambda pad: 0)
+    kept = check.returned_heap()
+    assert not kept.ok and float(kept.measured.strip("+ MiB")) < 0.9 * 64, kept
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: heap.Unavailable("the C library has no malloc_trim"))
+    assert check.returned_heap() == check.Check(
+        ok.name, "the C library has no malloc_trim", ok.expected, False
+    )
+
+
 def test_the_matmul_ceiling_check_fails_a_ceiling_too_high_as_well_as_too_low(monkeypatch):
     assert check.matmul_ceiling(torch.device("cpu")).ok
     for wrong in (1.0, 1e18):  # 1 FLOP/s: every step beats it; 1 EFLOP/s: a clock read before the work ended

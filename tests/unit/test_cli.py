@@ -218,6 +218,7 @@ def test_check_proves_the_cpu_stack_and_prints_its_table(tmp_path):
     assert "| check " in lines[2] and "| verdict" in lines[2]
     for name in (
         "host RSS sampler",
+        "host RSS, freed heap handed back",
         "clock",
         "FlopCounterMode vs closed form",
         "saved activations",
@@ -236,7 +237,7 @@ def test_check_reports_a_failing_check_with_exit_1(monkeypatch, capsys):
     monkeypatch.setattr(check, "host_rss", lambda: check.Check("host", "x", "x", True))
     code = cli.main(["check", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert code == 1 and "1 of 5 checks FAILED" in out and "| FAIL" in out
+    assert code == 1 and "1 of 6 checks FAILED" in out and "| FAIL" in out
 
 
 def test_a_model_fsdp2_cannot_wrap_is_refused_before_anything_runs(cli, in_tmp, monkeypatch):
