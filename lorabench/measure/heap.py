@@ -1,4 +1,4 @@
-"""Host RSS as a training step needs it: the C library's freed heap handed back after every operator.
+"""Host RSS as a training step needs it: the C library's freed heap handed back around every operator.
 
     lorabench run --models medium-llama --methods full,lora --device cpu   # host_rss_step_peak_bytes
 
@@ -6,8 +6,8 @@ glibc keeps what a process frees for reuse: a freed chunk stays resident until t
 heap is free above the trim threshold, and a large chunk carved from that kept heap is not
 mmapped, so it is not returned either when it is freed. A training process's RSS therefore stays
 near its highest point long after its tensors are gone: on the medium zoo models it sat 10-60 %
-above the live tensors' peak. `ReturnedHeap`, a dispatch mode, calls `malloc_trim(0)` after every
-operator (glibc >= 2.8 hands back the free pages of every arena, not only the heap's top), and
+above the live tensors' peak. `ReturnedHeap`, a dispatch mode, calls `malloc_trim(0)` before and
+after every operator (glibc >= 2.8 hands back the free pages of every arena, not only the heap's top), and
 reads the kernel's high-water mark of this process's RSS over the block (VmHWM, reset at entry
 through /proc/self/clear_refs, Linux >= 4.0). Its rise over the block is what the step needed
 above what it started with: its tensors, and what torch and its libraries allocate beside them,
@@ -44,6 +44,13 @@ def _malloc_trim():
         return Unavailable(f"the C library has no malloc_trim (not glibc): {first_line(e)}")
 
 
+def hand_back() -> None:
+    """Hand the free pages of the C library's heap back to the kernel now (nothing where it cannot)."""
+    trim = _malloc_trim()
+    if not isinstance(trim, Unavailable):
+        trim(0)
+
+
 def _high_water_bytes() -> int:
     with open(STATUS) as f:
         for line in f:
@@ -53,7 +60,7 @@ def _high_water_bytes() -> int:
 
 
 class ReturnedHeap(TorchDispatchMode):
-    """The rise of this process's RSS over the block, freed heap handed back after every operator:
+    """The rise of this process's RSS over the block, freed heap handed back around every operator:
     `rise_bytes` once the block has exited (an `Unavailable` where it cannot be measured)."""
 
     def __init__(self):
@@ -91,7 +98,12 @@ class ReturnedHeap(TorchDispatchMode):
             super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        trim = not isinstance(self._trim, Unavailable)
+        if trim:
+            # what Python freed since the last operator (a `del`, autograd dropping a saved tensor) is
+            # handed back before this one allocates: else glibc may give it fresh pages beside them
+            self._trim(0)
         out = func(*args, **(kwargs or {}))
-        if not isinstance(self._trim, Unavailable):
+        if trim:
             self._trim(0)  # what the operator freed leaves RSS now, as an allocator that returns it would
         return out

@@ -381,7 +381,7 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "host_rss_step_peak_bytes",
         _B,
-        "CPU: host RSS at the peak of that step, the C library's freed heap handed back after every operator "
+        "CPU: host RSS at the peak of that step, the C library's freed heap handed back around every operator "
         "(malloc_trim): the tensors it started with (weights, optimizer state) plus the kernel's RSS high-water mark "
         "above its start (device level without the heap's retention; max over ranks) (MiB)",
         "bytes",

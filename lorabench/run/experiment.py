@@ -385,7 +385,7 @@ def step_peaks(
     per operator): `host_tensors_peak_bytes`, the bytes of the torch tensors live at its peak as the simulated step
     counts them (`simulation.LiveTensors` on real tensors), the CPU's framework-level peak; and
     `host_rss_step_peak_bytes`, the tensors it started with plus the rise of host RSS over it with the
-    C library's freed heap handed back after every operator (`heap.ReturnedHeap`). Weights and the
+    C library's freed heap handed back around every operator (`heap.ReturnedHeap`). Weights and the
     optimizer's state count; the data set does not."""
     batches = [
         {k: v[micro_batch(m, batch_size=cell.batch_size)] for k, v in data.train.items()}

@@ -4,8 +4,9 @@ what its tensors held at once, and no more; where it cannot be measured, it says
 import pytest
 import torch
 
+from lorabench.check import freed_below_a_live_one
 from lorabench.measure import heap
-from lorabench.measure.trackers import SelfRss, Unavailable
+from lorabench.measure.trackers import Unavailable
 
 MiB = 2**20
 
@@ -23,28 +24,28 @@ def test_the_rise_is_what_the_operators_held_at_once_not_an_earlier_high_water_m
     assert returned.rise_bytes == pytest.approx(64 * MiB, rel=0.10)
 
 
-def small_chunks_freed_below_a_live_one() -> tuple[int, int]:
-    """(RSS rise while 96 MiB of 64 KiB tensors live, RSS rise after they are freed), each a glibc
-    heap chunk below the mmap threshold, with one kept above them so the heap's top is not free."""
-    rss = SelfRss()
-    start = rss()
-    chunks = [torch.ones(64 * 1024 // 4) for _ in range(96 * 16)]
-    keep = torch.ones(64 * 1024 // 4)
-    held = rss() - start
-    del chunks
-    torch.zeros(1)  # one more operator: inside ReturnedHeap, the trim after it
-    after = rss() - start
-    rss.close()
-    del keep
-    return held, after
+def test_what_python_frees_between_operators_is_handed_back_before_the_next_one_allocates():
+    # a free block on the heap that x, y and z are carved from: without a trim before `y + 1`, x's
+    # freed pages stay resident while z faults in pages of its own, and the rise reads 96 MiB
+    freed = freed_below_a_live_one(160)
+    returned = heap.ReturnedHeap()
+    with returned:
+        x = torch.ones(32 * MiB // 4)
+        y = x * 2
+        del x  # freed by Python, not inside an operator
+        z = y + 1
+        del y, z
+    del freed
+    assert returned.rise_bytes == pytest.approx(64 * MiB, rel=0.10)
 
 
 def test_the_c_library_keeps_freed_heap_and_the_mode_hands_it_back():
-    held, kept = small_chunks_freed_below_a_live_one()
-    assert held > 90 * MiB and kept > 0.9 * held  # glibc keeps it: why the timed region's RSS sits high
+    freed = freed_below_a_live_one(96)
+    # glibc keeps it: why the timed region's RSS sits high
+    assert freed.written_bytes > 80 * MiB and freed.kept_bytes > 0.9 * freed.written_bytes, freed
     with heap.ReturnedHeap():
-        held, kept = small_chunks_freed_below_a_live_one()
-    assert held > 90 * MiB and kept < 8 * MiB
+        freed = freed_below_a_live_one(96)
+    assert freed.written_bytes > 80 * MiB and freed.kept_bytes < 8 * MiB, freed
 
 
 def test_without_malloc_trim_or_the_high_water_reset_the_rise_is_unavailable_with_why(monkeypatch):
