@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorabench.cli import main
+from lorabench.measure.heap import hand_back
 
 # The smallest real training settings: every cell trains a few steps on the CPU.
 TINY = [
@@ -26,6 +27,14 @@ TINY = [
     "--progress",
     "off",
 ]
+
+
+@pytest.fixture(autouse=True)
+def heap_handed_back():
+    """Every test starts with the C library's free heap handed back to the kernel: a test that
+    reads RSS rising by an allocation would read less where glibc carves it from pages an earlier
+    test freed and glibc kept resident (CI read +0 MiB for a 64 MiB tensor after test_heap)."""
+    hand_back()
 
 
 @pytest.fixture
