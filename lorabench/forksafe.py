@@ -1,6 +1,6 @@
 """Fork safety on a GPU host: no process that runs a cell or a rank is forked after CUDA was queried.
 
-    python -m pytest tests/physics/test_forksafe.py     # the invariants, checked on the CPU
+    python -m pytest tests/system/test_processes.py     # the invariants, checked on the CPU
 
 torch marks a process as a "bad fork" when its parent had asked the CUDA runtime anything (even
 `torch.cuda.is_available()` without NVML, or `device_count()`): every CUDA call in it then raises

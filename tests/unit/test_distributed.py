@@ -1,6 +1,6 @@
 """Cells of several processes, without starting any: FSDP2's units, predictions per rank, folding
 the ranks' figures into a row, naming the rank that ended a cell, the scaling table. The processes
-themselves run in tests/system/test_distributed.py."""
+themselves run in tests/system/test_distributed_runs.py."""
 
 import pytest
 import torch

@@ -185,3 +185,10 @@ def test_the_code_is_as_the_formatter_leaves_it_and_the_linter_passes():
             [sys.executable, "-m", "ruff", *args, "."], cwd=root, capture_output=True, text=True
         )
         assert out.returncode == 0, f"ruff {' '.join(args)}:\n{out.stdout}{out.stderr}"
+
+
+def test_every_test_file_has_a_name_of_its_own_so_one_pytest_collects_every_tier():
+    # the tiers have no __init__.py: two files of one name make `python -m pytest tests` stop at
+    # collection ("import file mismatch")
+    names = [p.name for p in (PACKAGE.parent / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
