@@ -69,16 +69,26 @@ def _layer(kind: str, linear: nn.Linear) -> nn.Module:
         q = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False
         )
-        q.weight = bnb.nn.Int8Params(linear.weight.data.float(), requires_grad=False, has_fp16_weights=False)
+        q.weight = _int8(bnb, linear.weight.data)
     if has_bias:
         q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
     return q
 
 
+def _int8(bnb, weight: torch.Tensor):
+    """LLM.int8's weight, quantised here, on the device `weight` is on: one byte per weight and an
+    fp32 scale per output row. Not left to `Int8Params.to`, which quantises only on a move from
+    the CPU (bitsandbytes 0.50, nn/modules.py): a weight already on the GPU would stay fp32 until
+    the first forward, and the cell's weights and checkpoint figures would be 4x too large."""
+    codes, scales, _ = bnb.functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
+    return bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
+
+
 def quantize(module: nn.Module, kind: str, device: torch.device) -> int:
-    """Replace `targets(module)` by bitsandbytes layers, quantised as they move to `device`, and
-    prepare the model for training adapters on them (PEFT's prepare_model_for_kbit_training: the
-    base frozen, norms in fp32, inputs that require grad). Returns how many layers were replaced."""
+    """Replace `targets(module)` by bitsandbytes layers (nf4 quantised as it moves to `device`, int8
+    where its weight already is) and prepare the model for training adapters on them (PEFT's
+    prepare_model_for_kbit_training: the base frozen, norms in fp32, inputs that require grad).
+    Returns how many layers were replaced."""
     names = targets(module)
     for name in names:
         parent, _, leaf = name.rpartition(".")

@@ -76,3 +76,32 @@ def test_a_quantised_lora_cell_trains_and_holds_what_was_predicted(kind):
             m["check_adapter_off_vs_base_max_abs_diff"] == 0.0
         )  # the quantised base is untouched by training
         assert m["params_trainable"] == {"cifar-mlp": 122_960, "bert-tiny": 8_450}[model]
+
+
+def test_an_int8_weight_is_quantised_wherever_it_sits_not_only_on_a_move_from_the_cpu():
+    """bitsandbytes' Int8Params quantises in `.to()` only when the weight moves from the CPU: a model
+    already on a GPU kept fp32 weights (4x the bytes). The meta device is the other device this
+    machine has; the weight must come out int8 with its per-row scales all the same."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    with torch.device("meta"):
+        linear = torch.nn.Linear(256, 128)
+    q = quantization._layer("int8", linear)
+    assert q.weight.dtype == torch.int8 and q.weight.device.type == "meta"
+    assert q.weight.SCB.shape == (128,) and q.weight.SCB.dtype == torch.float32
+    assert quantization.held_bytes([q.weight]) == 256 * 128 + 128 * 4
+    moved = q.to("meta")  # a quantised weight stays quantised as it moves on
+    assert moved.weight.dtype == torch.int8
+
+
+def test_an_int8_layer_quantised_in_place_computes_what_the_fp32_one_does():
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    q = quantization._layer("int8", linear).to("cpu")
+    x = torch.randn(8, 64)
+    assert q.weight.dtype == torch.int8
+    torch.testing.assert_close(q(x).float(), linear(x), atol=0.05, rtol=0.05)
