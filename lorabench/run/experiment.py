@@ -41,6 +41,7 @@ from ..workload.methods import method as method_of
 from ..workload.precision import TORCH as DTYPES
 from ..workload.precision import Precision
 from ..workload.tasks import Task
+from .oom import is_oom
 from .train import EpochRecord, Fit, fit, micro_batch
 
 
@@ -247,7 +248,7 @@ def measure(
                 "traceback": [],
             }
     except Exception as e:  # the row records the failure; the matrix goes on
-        status = Status.OOM if _is_oom(e) else Status.ERROR
+        status = Status.OOM if is_oom(e) else Status.ERROR
         error = {
             "type": type(e).__name__,
             "message": str(e).strip().splitlines()[0] if str(e).strip() else "",
@@ -452,10 +453,3 @@ def fit_metrics(f: Fit) -> dict[str, Any]:
         "final_eval_loss": last.eval_loss,
         "final_eval_accuracy": last.eval_accuracy,
     }
-
-
-def _is_oom(e: BaseException) -> bool:
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    # torch's CPU allocator raises a plain RuntimeError when malloc fails
-    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
