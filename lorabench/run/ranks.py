@@ -194,12 +194,19 @@ def fold(results: list[RankResult]) -> Folded:
         entry = {
             "rank": x.rank,
             "status": x.payload["status"] if x.payload else "crashed",
-            "device": facts.get("gpu_uuid"),
+            "device": device_key(facts),
             "cuda_bad_fork": facts.get("cuda_bad_fork"),
         }
         entry.update({k: m[k] if is_number(m.get(k)) else None for k in kept})
         out.per_rank.append(entry)
     return out
+
+
+def device_key(facts: dict[str, Any]) -> str | None:
+    """Which physical device a rank used: its PCI address, else its UUID. On ROCm torch's UUID comes
+    from HIP's unique id, which devices without one report alike (all zeros), so two GPUs could be
+    counted as one; no two devices share a PCI address."""
+    return facts.get("gpu_pci_bus_id") or facts.get("gpu_uuid")
 
 
 def _over_devices(key: str, results: list[RankResult], values: dict[int, Any], payloads: dict[int, dict]):
@@ -218,10 +225,7 @@ def _over_devices(key: str, results: list[RankResult], values: dict[int, Any], p
             return unavailable(f"rank {x.rank} of {len(results)}: {why}")
     per_device: dict[Any, float] = {}
     for r, v in values.items():
-        device = payloads[r].get("env_facts", {}).get("gpu_uuid") or (
-            "rank",
-            r,
-        )  # unknown: a device of its own
+        device = device_key(payloads[r].get("env_facts", {})) or ("rank", r)  # unknown: a device of its own
         per_device[device] = max(
             per_device.get(device, v), v
         )  # two readings of one counter: the same interval

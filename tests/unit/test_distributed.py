@@ -122,6 +122,21 @@ def test_energy_is_summed_over_the_devices_each_once_and_the_driver_views_kept_p
     assert shared.measured["energy_j_per_epoch"] == 101.0  # one device's counter, read twice: counted once
 
 
+def test_devices_are_told_apart_by_pci_address_where_rocm_repeats_a_uuid():
+    """HIP fills torch's UUID from the device's unique id; devices without one report the same
+    (zeros): keyed by UUID, two GPUs' energy was counted as one device's."""
+    zeros = "00000000-0000-0000-0000-000000000000"
+    gpu = lambda pci: {"gpu_uuid": zeros, "gpu_pci_bus_id": pci, "cuda_bad_fork": False}
+    two = ranks.fold(
+        [
+            result(0, facts=gpu("00000000:C1:00"), energy_j_per_epoch=100.0),
+            result(1, facts=gpu("00000000:C2:00"), energy_j_per_epoch=150.0),
+        ]
+    )
+    assert two.measured["energy_j_per_epoch"] == 250.0
+    assert [e["device"] for e in two.per_rank] == ["00000000:C1:00", "00000000:C2:00"]
+
+
 def test_energy_is_unavailable_unless_every_rank_read_its_device():
     from lorabench.measure.trackers import Unavailable
 
