@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -199,23 +199,40 @@ def calibrate(device: str, gemms: dict[str, list], start_method: str = "forkserv
     )
 
 
-def devices(device: str, count: int) -> list[str]:
-    """The ids of the `count` GPUs cells are pinned to (of those already visible to this process);
-    none on the CPU."""
+def visible(environ: Mapping[str, str], rocm: bool) -> tuple[list[str] | None, str]:
+    """(the ids of the GPUs this process may use, as the variable `pin` sets in a cell reads them;
+    None: every GPU) and that variable, composed with what this process inherited as torch parses
+    it (torch.cuda._parse_visible_devices). On ROCm, ROCR_VISIBLE_DEVICES narrows the devices first
+    and HIP_VISIBLE_DEVICES numbers what is left; HIP_VISIBLE_DEVICES, else CUDA_VISIBLE_DEVICES,
+    picks among them; with ROCR_VISIBLE_DEVICES alone, its devices are 0..n-1 to HIP. A cell is
+    pinned by HIP_VISIBLE_DEVICES, which overrides CUDA_VISIBLE_DEVICES there: it must name the
+    inherited choice, or `CUDA_VISIBLE_DEVICES=2,3` would put cells on GPUs 0 and 1."""
+    entries = lambda var: [e.strip() for e in environ[var].split(",") if e.strip()]
+    if not rocm:
+        var = "CUDA_VISIBLE_DEVICES"
+        return (entries(var) if var in environ else None), var
+    var = "HIP_VISIBLE_DEVICES"
+    if var in environ:
+        return entries(var), var
+    if "ROCR_VISIBLE_DEVICES" in environ:
+        return [str(i) for i in range(len(entries("ROCR_VISIBLE_DEVICES")))], var
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return entries("CUDA_VISIBLE_DEVICES"), var
+    return None, var
+
+
+def devices(device: str, count: int, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The ids of the `count` GPUs cells are pinned to, of those already visible to this process
+    (`visible`); none on the CPU."""
     if device != "cuda":
         return []
-    inherited = os.environ.get(_visible_var())
-    ids = [i.strip() for i in inherited.split(",")] if inherited else [str(i) for i in range(count)]
-    return ids[:count]
-
-
-def _visible_var() -> str:
-    return "HIP_VISIBLE_DEVICES" if torch.version.hip else "CUDA_VISIBLE_DEVICES"
+    ids, _ = visible(environ, bool(torch.version.hip))
+    return (ids if ids is not None else [str(i) for i in range(count)])[:count]
 
 
 def pin(ids: list[str]) -> dict[str, str]:
-    """Environment that shows a cell only its GPUs, by the variable of the platform."""
-    return {_visible_var(): ",".join(ids)} if ids else {}
+    """Environment that shows a cell only its GPUs, by the variable that wins on this platform."""
+    return {visible({}, bool(torch.version.hip))[1]: ",".join(ids)} if ids else {}
 
 
 def run_cells(

@@ -183,22 +183,6 @@ def test_dry_run_of_a_shard_shows_only_its_cells(cli):
     assert sum(counts) == 6 and all(c >= 1 for c in counts)
 
 
-def test_cells_are_pinned_to_the_gpus_they_take(monkeypatch):
-    from lorabench.run import runner
-
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(runner.torch.version, "hip", None)
-    assert runner.devices("cuda", 2) == ["0", "1"]
-    assert runner.pin(["0"]) == {"CUDA_VISIBLE_DEVICES": "0"}
-    assert runner.pin(["2", "3"]) == {"CUDA_VISIBLE_DEVICES": "2,3"}  # a cell of two processes: one GPU each
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa,GPU-bbb,GPU-ccc")  # UUIDs are passed through as given
-    assert runner.devices("cuda", 2) == ["GPU-aaa", "GPU-bbb"]
-    monkeypatch.setattr(runner.torch.version, "hip", "6.2")
-    monkeypatch.delenv("HIP_VISIBLE_DEVICES", raising=False)
-    assert runner.pin(runner.devices("cuda", 2)[1:]) == {"HIP_VISIBLE_DEVICES": "1"}
-    assert runner.devices("cpu", 1) == [] and runner.pin([]) == {}
-
-
 def test_check_reports_a_failing_check_with_exit_1(monkeypatch, capsys):
     from lorabench import check, cli
 
