@@ -85,6 +85,11 @@ class Prediction:
         return {
             "predicted_peak_bytes": self.peak_bytes,
             "predicted_peak_by": self.peak_by,
+            **(
+                {"predicted_attention": self.simulated.attention}
+                if isinstance(self.simulated, Simulated)
+                else {}
+            ),
             **{f"predicted_peak_{kind}_bytes": at_peak[kind] for kind in KINDS if kind in at_peak},
             **({"predicted_comm_bytes": self.comm_bytes} if self.comm_bytes is not None else {}),
             "predicted_weights_bytes": self.weights_bytes,

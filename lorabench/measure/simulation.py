@@ -14,12 +14,13 @@ and temporaries (what the backward and the optimizer step created that is not a 
 state). The data set is resident before the step, as in a run, and left out (so is it from the
 CPU's measured peaks; a GPU's allocator peak counts it, a run's synthetic set being kilobytes).
 
-What it cannot see: a GPU's runtime context (a fit check adds the one `lorabench check` measured:
-`contexts`) and allocator fragmentation (the allocator's rounding to 512-byte blocks is applied
-for a GPU cell), kernels that differ by device (the step runs the CPU's kernels: attention and
-autocast choose as they do on the CPU), a host's C library keeping freed heap (the timed region's
-host RSS sits above this peak: `predicted_over_host_peak`; with the heap handed back, `heap`, it does
-not: `predicted_over_host_step_peak`), and a host's libraries paging in.
+What it cannot see: a GPU's runtime context (a fit check adds the one recorded for the cell's kind:
+`calibration`) and allocator fragmentation (the allocator's rounding to 512-byte blocks is applied
+for a GPU cell), kernels that differ by device other than attention (the step runs the CPU's
+kernels, autocast included; attention, whose kernel decides what is kept for backward, a GPU cell
+runs as a GPU would: `GpuAttention`), a host's C library keeping freed heap (the timed region's
+host RSS sits above this peak: `predicted_over_host_peak`; with the heap handed back, `heap`, it
+does not: `predicted_over_host_step_peak`), and a host's libraries paging in.
 A model whose forward reads a value (`.item()`), or a method fake tensors cannot run, gives
 `Unavailable` with the reason; the closed form then stands in (`predictions`).
 """
@@ -31,7 +32,9 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -53,6 +56,66 @@ class Simulated:
     peak_bytes: int
     at_peak: dict[str, int]  # bytes of each of KINDS live at the peak; they sum to peak_bytes
     flops: StepFlops  # of one optimizer step, every micro-batch, counted on the simulated step
+    attention: str = "the CPU's kernels"  # which attention kernels the step ran, as the device would
+
+
+class GpuAttention(TorchFunctionMode):
+    """Attention as a CUDA or ROCm device runs it, on the CPU's fake tensors. What a kernel keeps
+    for backward decides the peak: the CPU's fused kernel refuses dropout and falls back to the math
+    path, which keeps the (batch, heads, seq, seq) probabilities and dropout mask; the GPU's flash
+    and memory-efficient kernels handle dropout and masks and keep the output and one log-sum-exp
+    per row. Each call runs the kernel torch 2.14's sdp_utils would pick on a GPU (priority flash,
+    memory-efficient, math), through that kernel's own op, whose shapes fake tensors compute."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    @staticmethod
+    def kernel(q: Tensor, k: Tensor, v: Tensor, attn_mask, enable_gqa: bool) -> str:
+        """flash, efficient or math, by the rules that decide between them on a GPU: flash takes
+        half precision without an arbitrary mask (causal only), grouped heads included; the
+        memory-efficient kernel any float dtype and a mask, but not grouped heads; head sizes above
+        256, or key and value head sizes that differ, only math."""
+        if q.dim() != 4 or q.shape[-1] > 256 or q.shape[-1] != v.shape[-1]:
+            return "math"
+        if q.dtype in (torch.float16, torch.bfloat16) and attn_mask is None:
+            return "flash"
+        if not (enable_gqa and k.shape[1] != q.shape[1]):
+            return "efficient"
+        return "math"
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k, v, mask, dropout, causal, scale, gqa = _sdpa_args(*args, **kwargs)
+        kernel = self.kernel(q, k, v, mask, gqa)
+        self.calls[kernel] = self.calls.get(kernel, 0) + 1
+        if kernel == "flash":
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout, causal, scale=scale)[
+                0
+            ]
+        if kernel == "efficient":
+            bias = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if mask is not None else None
+            return torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, bias, True, dropout, causal, scale=scale
+            )[0]
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            q, k, v, mask, dropout, causal, None, scale=scale, enable_gqa=gqa
+        )[0]
+
+    def said(self) -> str:
+        """Which kernels ran, for the prediction's row."""
+        ran = ", ".join(f"{name} x{n}" for name, n in sorted(self.calls.items()))
+        return f"as a GPU runs it: {ran} per step" if ran else "no scaled_dot_product_attention call"
+
+
+def _sdpa_args(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """F.scaled_dot_product_attention's arguments, by name."""
+    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 
 
 class LiveTensors(TorchDispatchMode):
@@ -196,12 +259,13 @@ def simulate(
     lr: float,
     autocast_dtype: torch.dtype | None = None,
     block: int = 1,
+    gpu: bool = False,
 ) -> Simulated | Unavailable:
     """Two training steps of the model `build()` returns (built on the meta device, adapted, cast
     and checkpointed as the cell does it, in the mode it trains in) on micro-batches of `data()`'s training split (made under
     the fake mode). Each step runs min(grad_accum, 2) micro-batches: from the second one the
     gradients of the first are held, and more change nothing. `block`: the allocator's rounding
-    (GPU_BLOCK_BYTES on a GPU)."""
+    (GPU_BLOCK_BYTES on a GPU); `gpu`: attention as a GPU runs it (`GpuAttention`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     spec = OPTIMIZERS[optimizer]
@@ -226,15 +290,20 @@ def simulate(
                 opt, _ = spec.build(trainable, lr)
             n = next(iter(train.values())).shape[0]
             micro = min(grad_accum, 2)
+            attention = GpuAttention() if gpu else contextlib.nullcontext()
             for k in range(2):
                 starts = [((k * micro + m) * batch_size) % max(n - batch_size + 1, 1) for m in range(micro)]
                 batches = [{key: v[lo : lo + batch_size] for key, v in train.items()} for lo in starts]
                 live.restart_peak()  # the second step's, the steady state: the first makes one-off state
-                flops = step(
-                    module, task, batches, opt, live, grad_accum=grad_accum, autocast_dtype=autocast_dtype
-                )
+                if gpu:
+                    attention.calls.clear()  # the kernels of the step measured
+                with attention:
+                    flops = step(
+                        module, task, batches, opt, live, grad_accum=grad_accum, autocast_dtype=autocast_dtype
+                    )
     except Exception as e:  # noqa: BLE001 (any model or method may do what fake tensors cannot)
         return Unavailable(
             f"the step could not be simulated on fake tensors ({type(e).__name__}: {first_line(e)})"
         )
-    return Simulated(peak_bytes=live.peak, at_peak=live.at_peak, flops=flops)
+    said = attention.said() if gpu else "the CPU's kernels"
+    return Simulated(peak_bytes=live.peak, at_peak=live.at_peak, flops=flops, attention=said)

@@ -130,6 +130,7 @@ def _simulate(cell: Cell, task: Task) -> simulation.Simulated | Unavailable:
         lr=cell.lr,
         autocast_dtype=TORCH[cast] if cast else None,
         block=simulation.GPU_BLOCK_BYTES if cell.device != "cpu" else 1,
+        gpu=cell.device != "cpu",
     )
 
 
