@@ -14,6 +14,7 @@ They keep the real modules' call signatures, return types, units and exceptions:
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -30,6 +31,10 @@ class FakeGPU:
     v2: bool = True  # the driver has nvmlDeviceGetMemoryInfo_v2
     processes: dict[int, int | None] = field(default_factory=dict)  # pid -> usedGpuMemory
     energy_mj: int | None = 1_000_000  # None: counter not supported
+    # The counter moves in steps (NVML's on A100/H100 about every 100 ms): with a power draw set, it
+    # reads energy_mj plus what `power_w` added up to the last update, `energy_update_s` apart.
+    power_w: float | None = None
+    energy_update_s: float = 0.1
     mig: list["FakeGPU"] = field(default_factory=list)  # instances: the GPU is in MIG mode
     mig_capable: bool = False  # MIG mode can be read (A100, H100); off
 
@@ -42,9 +47,20 @@ class FakeNVML:
     nvmlMemory_v2 = pynvml.nvmlMemory_v2
     NVML_DEVICE_MIG_ENABLE = pynvml.NVML_DEVICE_MIG_ENABLE
 
-    def __init__(self, gpus: list[FakeGPU], init_error: int | None = None, process_error: int | None = None):
+    def __init__(
+        self,
+        gpus: list[FakeGPU],
+        init_error: int | None = None,
+        process_error: int | None = None,
+        process_list_s: float = 0.0,
+    ):
         self.gpus, self.init_error, self.process_error = gpus, init_error, process_error
+        self.process_list_s = (
+            process_list_s  # what listing the processes costs (it walks the driver's tables)
+        )
+        self.process_lists = 0  # calls made
         self.initialised = 0
+        self.t0 = time.perf_counter()
 
     def _all(self):
         for g in self.gpus:
@@ -62,6 +78,12 @@ class FakeNVML:
     def nvmlSystemGetDriverVersion(self) -> str:
         return "550.54.15"
 
+    def nvmlSystemGetCudaDriverVersion_v2(self) -> int:
+        return 12040  # the newest CUDA the driver runs, as 1000 * major + 10 * minor
+
+    def nvmlDeviceGetName(self, handle: FakeGPU) -> str:
+        return "NVIDIA H100 80GB HBM3"
+
     def nvmlDeviceGetCount(self) -> int:
         return len(self.gpus)
 
@@ -75,6 +97,10 @@ class FakeNVML:
             if g.uuid == uuid:
                 return g
         raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+
+    def nvmlDeviceGetUUID(self, handle: FakeGPU) -> str:
+        """pynvml >= 11.5 returns str (its convertStrBytes wrapper), with the GPU- or MIG- prefix."""
+        return handle.uuid
 
     def nvmlDeviceGetHandleByPciBusId(self, bus: str):
         for g in self.gpus:
@@ -118,6 +144,9 @@ class FakeNVML:
         )
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeGPU):
+        self.process_lists += 1
+        if self.process_list_s:
+            time.sleep(self.process_list_s)
         if self.process_error is not None:
             raise pynvml.NVMLError(self.process_error)
         return [
@@ -130,7 +159,10 @@ class FakeNVML:
     def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeGPU) -> int:
         if handle.energy_mj is None:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
-        return handle.energy_mj
+        if handle.power_w is None:
+            return handle.energy_mj
+        updates = (time.perf_counter() - self.t0) // handle.energy_update_s
+        return handle.energy_mj + int(handle.power_w * 1000 * updates * handle.energy_update_s)
 
 
 class AmdSmiException(Exception):
@@ -175,9 +207,15 @@ class FakeAmdsmi:
             process_error,
             energy_key,
         )
+        self.process_lists = 0  # calls made (the documentation asks for at least a second between them)
 
     def amdsmi_init(self, flag=None):
         pass
+
+    lib_version = {"major": 6, "minor": 4, "release": 1, "build": "6.4.1.60401-83"}  # libamd_smi's
+
+    def amdsmi_get_lib_version(self) -> dict:
+        return dict(self.lib_version)
 
     def amdsmi_shut_down(self):
         pass
@@ -201,6 +239,7 @@ class FakeAmdsmi:
         return {"vram_total": handle.vram_total_mb, "vram_used": handle.vram_used_mb}
 
     def amdsmi_get_gpu_process_list(self, handle: FakeAMD):
+        self.process_lists += 1
         if self.process_error is not None:
             raise AmdSmiLibraryException(self.process_error)
         infos = [

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .trackers import ProcessTree, Sampler, unavailable
+from .trackers import ProcessTree, Sampler, Unavailable, unavailable
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,8 @@ def device_identity(index: int = 0) -> dict[str, str]:
 
 
 def identity_of(props) -> dict[str, str]:
-    """{"uuid", "pci_bus_id"} of torch's device properties (`torch.cuda.get_device_properties`)."""
-    ident: dict[str, str] = {}
+    """{"uuid", "pci_bus_id", "name"} of torch's device properties (`torch.cuda.get_device_properties`)."""
+    ident: dict[str, str] = {"name": props.name} if getattr(props, "name", None) else {}
     uuid = bare_uuid(getattr(props, "uuid", "") or "")
     if uuid:
         ident["uuid"] = uuid
@@ -194,73 +197,156 @@ def nvml_used(nvml, handle) -> tuple[int, str, bool]:
         return used, f"NVML memory info v1: used, driver-reserved memory included (no v2: {why})", False
 
 
-class NvmlMemory(Sampler):
-    """NVML's view of GPU memory, sampled: this process tree's memory from the compute-process list
-    (CUDA context included) and the whole device's used memory (other processes included).
-    `before_bytes` is the device's used memory read when the tracker was built, before the cell
-    loaded anything: others' load, plus this process's CUDA context if it already had one.
-    `source` says which NVML reading `used` is (v2 leaves out driver-reserved memory)."""
+# A driver query may take at most this share of one core: a sampler shares the cores with the
+# training it measures (bench/test_sampler_overhead.py gates the whole sampler at 2 % of a step).
+DUTY = 0.01
 
-    series_name = "nvml_device_used_bytes"  # the driver view of the whole device, every sample
-    KEYS = ("nvml_process_peak_bytes", "nvml_device_used_peak_bytes", "nvml_device_used_before_bytes")
 
-    def __init__(self, nvml, handle, interval_s: float = 0.01):
+class Cadence:
+    """How often one driver query runs: every `floor_s` at most, and no more often than its own cost
+    allows (the median of its last calls / DUTY). A device-memory query costs tens of microseconds
+    and runs every sample; a process list walks the driver's tables (and on ROCm sysfs and /proc)
+    and may cost milliseconds, so it runs less often."""
+
+    KEEP = 5  # calls whose cost is remembered
+
+    def __init__(self, floor_s: float):
+        self.floor_s = floor_s
+        self.costs: list[float] = []
+        self._next = float("-inf")
+
+    @property
+    def cost_s(self) -> float | None:
+        return sorted(self.costs)[len(self.costs) // 2] if self.costs else None
+
+    @property
+    def period_s(self) -> float:
+        return max(self.floor_s, (self.cost_s or 0.0) / DUTY)
+
+    def due(self, now: float) -> bool:
+        return now >= self._next
+
+    def call(self, fn):
+        """fn(), its cost kept and the next call set one period on."""
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            now = time.perf_counter()
+            self.costs = (self.costs + [now - t0])[-self.KEEP :]
+            self._next = now + self.period_s
+
+
+class DriverMemory(Sampler):
+    """A driver's view of GPU memory, sampled: the whole device's memory in use (every process) and
+    this process tree's, from the driver's process list (runtime context included). NVML and amdsmi
+    differ only in their calls and key prefix (`NvmlMemory`, `AmdsmiMemory`).
+
+    `before_bytes` is the device's memory in use before the cell loaded anything: others' load,
+    read before this process created its runtime context where the caller could (`before`:
+    `before_is_others`), else when the tracker was built. Each query keeps its own `Cadence`."""
+
+    LIB, PREFIX, DEVICE = "", "", ""
+    PROCESS_FLOOR_S: float | None = None  # None: the sampler's own interval
+
+    def __init__(self, handle, interval_s: float = 0.01, before: int | None = None):
         super().__init__(interval_s)
-        self.nvml, self.handle = nvml, handle
-        self.before_bytes, self.source, self.v2 = nvml_used(nvml, handle)
+        self.handle = handle
+        self.memory = Cadence(interval_s)
+        self.processes = Cadence(self.PROCESS_FLOOR_S or interval_s)
+        self.before_is_others = before is not None
+        self.before_bytes = before if before is not None else self.memory.call(self._device_used)
         self.process_peak = self.device_peak = 0
         self.process_seen = False
-        self.process_reading_missing = False
-        self.process_error: str | None = None  # the per-process query failed (NoPermission, an old driver)
+        self.process_reading_missing = False  # listed, but the driver gave no figure for it
+        self.process_error: str | None = None  # the per-process query failed (no permission, an old driver)
         self._pids = ProcessTree().pids
 
+    @property
+    def KEYS(self) -> tuple[str, ...]:  # noqa: N802 (the Tracker interface's name)
+        return keys(self.PREFIX, self.DEVICE)
+
+    def _device_used(self) -> int:
+        raise NotImplementedError
+
+    def _process_bytes(self, pids: set[int]) -> int | None:
+        """Bytes of `pids` on the device; None when none of them is listed."""
+        raise NotImplementedError
+
     def _sample(self) -> None:
-        info = (
-            self.nvml.nvmlDeviceGetMemoryInfo(self.handle, version=self.nvml.nvmlMemory_v2)
-            if self.v2
-            else self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
-        )
-        self.device_peak = max(self.device_peak, int(info.used))
-        self._record(int(info.used))
-        if self.process_error:
+        now = time.perf_counter()
+        if self.edge or self.memory.due(now):
+            used = self.memory.call(self._device_used)
+            self.device_peak = max(self.device_peak, used)
+            self._record(used)
+        if self.process_error or not (self.edge or self.processes.due(now)):
             return
         try:
-            listed = self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
-        except self.nvml.NVMLError as e:  # the device figure goes on; this one says why it is missing
-            self.process_error = f"{type(e).__name__}: {e}"
+            mine = self.processes.call(lambda: self._process_bytes(self._pids()))
+        except self.ERRORS as e:  # the device figure goes on; this one says why it is missing
+            self.process_error = f"{type(e).__name__}: {' '.join(str(e).split())}"
             return
-        pids = self._pids()
-        mine = [p for p in listed if p.pid in pids]
-        if mine:
+        if mine is not None:
             self.process_seen = True
-            used = [p.usedGpuMemory for p in mine]
-            if any(
-                u is None for u in used
-            ):  # NVML_VALUE_NOT_AVAILABLE (e.g. under WDDM or MIG without rights)
-                self.process_reading_missing = True
-            self.process_peak = max(self.process_peak, sum(u or 0 for u in used))
+            self.process_peak = max(self.process_peak, mine)
 
     def result(self) -> dict[str, Any]:
+        process_key, peak_key, before_key = self.KEYS
         if self.error:  # a peak of the readings before it failed could miss the real one
-            reason = unavailable(f"NVML: a reading failed after {len(self.series)}: {self.error}")
-            return {
-                "nvml_process_peak_bytes": reason,
-                "nvml_device_used_peak_bytes": reason,
-                "nvml_device_used_before_bytes": self.before_bytes,
-            }
+            reason = unavailable(f"{self.LIB}: a reading failed after {len(self.series)}: {self.error}")
+            return {process_key: reason, peak_key: reason, before_key: self.before_bytes}
         if self.process_error:
-            process = unavailable(f"NVML could not list the device's processes ({self.process_error})")
+            process = unavailable(f"{self.LIB} could not list the device's processes ({self.process_error})")
         elif not self.process_seen:
-            process = unavailable("process not visible to NVML (a container without the host PID namespace?)")
+            process = unavailable(
+                f"process not visible to {self.LIB} (a container without the host PID namespace?)"
+            )
         elif self.process_reading_missing:
-            process = unavailable("NVML reports no per-process memory on this device")
+            process = unavailable(f"{self.LIB} reports no per-process memory on this device")
         else:
             process = self.process_peak
-        return {
-            "nvml_process_peak_bytes": process,
-            "nvml_device_used_peak_bytes": self.device_peak,
-            "nvml_device_used_before_bytes": self.before_bytes,
-        }
+        return {process_key: process, peak_key: self.device_peak, before_key: self.before_bytes}
+
+    def cadence(self) -> str:
+        """What each query cost and how often it ran, for `lorabench check`."""
+        ms = lambda s: f"{s * 1e3:.3f} ms" if s is not None else "never run"
+        return (
+            f"device memory {ms(self.memory.cost_s)} every {self.memory.period_s * 1e3:.0f} ms; "
+            f"process list {ms(self.processes.cost_s)} every {self.processes.period_s * 1e3:.0f} ms"
+        )
+
+
+def keys(prefix: str, device: str) -> tuple[str, str, str]:
+    """The figures a driver's memory sampler gives: this process tree's peak, the device's peak in
+    use, the device's use before the cell."""
+    return f"{prefix}_process_peak_bytes", f"{prefix}_{device}_peak_bytes", f"{prefix}_{device}_before_bytes"
+
+
+class NvmlMemory(DriverMemory):
+    """NVML: `used` from the memory info (v2 where the driver has it, `source` says which) and this
+    process tree from the compute-process list."""
+
+    LIB, PREFIX, DEVICE = "NVML", "nvml", "device_used"
+    series_name = "nvml_device_used_bytes"  # the driver view of the whole device, every sample
+
+    def __init__(self, nvml, handle, interval_s: float = 0.01, before: int | None = None):
+        self.nvml, self.ERRORS = nvml, nvml.NVMLError
+        _, self.source, self.v2 = nvml_used(nvml, handle)
+        super().__init__(handle, interval_s, before)
+
+    def _device_used(self) -> int:
+        if self.v2:
+            return int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle, version=self.nvml.nvmlMemory_v2).used)
+        return int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+
+    def _process_bytes(self, pids: set[int]) -> int | None:
+        mine = [p for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle) if p.pid in pids]
+        if not mine:
+            return None
+        used = [p.usedGpuMemory for p in mine]
+        if any(u is None for u in used):  # NVML_VALUE_NOT_AVAILABLE (e.g. under WDDM or MIG without rights)
+            self.process_reading_missing = True
+        return sum(u or 0 for u in used)
 
 
 def amdsmi_handle(amdsmi, identity: dict[str, str] | None):
@@ -278,100 +364,85 @@ def amdsmi_handle(amdsmi, identity: dict[str, str] | None):
     )
 
 
-def _amd_process_vram(amdsmi, handle, pids: set[int]) -> int | None:
-    """VRAM of `pids` on the device, across amdsmi versions (dicts, or handles to look up)."""
-    total, seen = 0, False
-    for proc in amdsmi.amdsmi_get_gpu_process_list(handle):
-        info = proc if isinstance(proc, dict) else amdsmi.amdsmi_get_gpu_process_info(handle, proc)
-        if info.get("pid") in pids:
-            seen = True
-            usage = info.get("memory_usage") or {}
-            total += int(usage.get("vram_mem", info.get("mem", 0)) or 0)
-    return total if seen else None
+class AmdsmiMemory(DriverMemory):
+    """amdsmi on ROCm: the device's VRAM in use (not its capacity) and this process tree's VRAM from
+    the process list, which walks sysfs and /proc and which amdsmi's documentation asks to call at
+    most once a second."""
 
-
-class AmdsmiMemory(Sampler):
-    """amdsmi's view of GPU memory on ROCm: the device's VRAM in use (not its capacity) and this
-    process tree's VRAM from the process list."""
-
+    LIB, PREFIX, DEVICE = "amdsmi", "amdsmi", "device_vram_used"
+    PROCESS_FLOOR_S = 1.0
     series_name = "amdsmi_device_vram_used_bytes"
-    KEYS = (
-        "amdsmi_process_peak_bytes",
-        "amdsmi_device_vram_used_peak_bytes",
-        "amdsmi_device_vram_used_before_bytes",
-    )
-
     MB = 2**20  # amdsmi_get_gpu_vram_usage reports MB
 
-    def __init__(self, amdsmi, handle, interval_s: float = 0.01):
-        super().__init__(interval_s)
-        self.amdsmi, self.handle = amdsmi, handle
-        self._pids = ProcessTree().pids
-        self.before_bytes = self._device_used()
-        self.process_peak = self.device_peak = 0
-        self.process_seen = False
-        self.process_error: str | None = (
-            None  # the process list failed (no permission): the device figure goes on
-        )
+    def __init__(self, amdsmi, handle, interval_s: float = 0.01, before: int | None = None):
+        self.amdsmi, self.ERRORS = amdsmi, amdsmi.AmdSmiException
+        super().__init__(handle, interval_s, before)
 
     def _device_used(self) -> int:
         return int(self.amdsmi.amdsmi_get_gpu_vram_usage(self.handle)["vram_used"]) * self.MB
 
-    def _sample(self) -> None:
-        used = self._device_used()
-        self.device_peak = max(self.device_peak, used)
-        self._record(used)
-        if self.process_error:
-            return
-        try:
-            mine = _amd_process_vram(self.amdsmi, self.handle, self._pids())
-        except self.amdsmi.AmdSmiException as e:
-            self.process_error = f"{type(e).__name__}: {' '.join(str(e).split())}"
-            return
-        if mine is not None:
-            self.process_seen = True
-            self.process_peak = max(self.process_peak, mine)
-
-    def result(self) -> dict[str, Any]:
-        if self.error:  # a peak of the readings before it failed could miss the real one
-            reason = unavailable(f"amdsmi: a reading failed after {len(self.series)}: {self.error}")
-            return {
-                "amdsmi_process_peak_bytes": reason,
-                "amdsmi_device_vram_used_peak_bytes": reason,
-                "amdsmi_device_vram_used_before_bytes": self.before_bytes,
-            }
-        process = (
-            self.process_peak
-            if self.process_seen
-            else unavailable(
-                "process not visible to amdsmi"
-                + (
-                    f": it could not list the device's processes ({self.process_error})"
-                    if self.process_error
-                    else ""
-                )
+    def _process_bytes(self, pids: set[int]) -> int | None:
+        """VRAM of `pids`, across amdsmi versions (dicts, or handles to look up)."""
+        total, seen = 0, False
+        for proc in self.amdsmi.amdsmi_get_gpu_process_list(self.handle):
+            info = (
+                proc if isinstance(proc, dict) else self.amdsmi.amdsmi_get_gpu_process_info(self.handle, proc)
             )
-        )
-        return {
-            "amdsmi_process_peak_bytes": process,
-            "amdsmi_device_vram_used_peak_bytes": self.device_peak,
-            "amdsmi_device_vram_used_before_bytes": self.before_bytes,
-        }
+            if info.get("pid") in pids:
+                seen = True
+                usage = info.get("memory_usage") or {}
+                total += int(usage.get("vram_mem", info.get("mem", 0)) or 0)
+        return total if seen else None
+
+
+def runtime_context(measured: dict[str, Any], before_is_others: bool) -> int | Unavailable:
+    """The runtime context a GPU cell had: the driver's view of its process less the allocator's
+    reserved peak; where the driver lists no process of ours (a container), the device's peak in
+    use less others' load before the cell and the reserved peak (others assumed steady)."""
+    reserved = measured.get("torch_peak_reserved_bytes")
+    if not isinstance(reserved, int):
+        return unavailable("the allocator's reserved peak is missing")
+    for prefix, device in (("nvml", "device_used"), ("amdsmi", "device_vram_used")):
+        process_key, peak_key, before_key = keys(prefix, device)
+        if isinstance(measured.get(process_key), int):
+            return measured[process_key] - reserved
+        if isinstance(measured.get(peak_key), int) and isinstance(measured.get(before_key), int):
+            if not before_is_others:
+                return unavailable(
+                    "the driver lists no process of ours, and the device's use before the cell was read "
+                    "after this process's context existed"
+                )
+            return measured[peak_key] - measured[before_key] - reserved
+    return unavailable("no driver view of the device")
+
+
+# ---- energy ------------------------------------------------------------------------------------
+
+# An interval shorter than this many of the counter's update periods is mostly rounding: the
+# counter moves in steps, so its difference is off by up to one period's energy (10 % here).
+MIN_PERIODS = 10
+# NVML's counter on A100 and H100 moves about every 100 ms (published measurements of NVML's
+# energy and power readings, SC'24); used where `lorabench check` has not measured this device.
+ASSUMED_UPDATE_S = 0.1
 
 
 class EnergyMeter:
     """Energy over marked intervals (the timed epochs), from a cumulative counter in joules.
 
-    `read` returns the counter in J or raises; the first failure makes the figure unavailable."""
+    `read` returns the counter in J or raises; the first failure makes the figure unavailable.
+    An interval shorter than MIN_PERIODS of the counter's update period (`update_s`, measured by
+    `lorabench check` or assumed: `update_from` says which) makes it unavailable too, with why."""
 
-    def __init__(self, read, source: str):
+    def __init__(self, read, source: str, update_s: float = ASSUMED_UPDATE_S, update_from: str = "assumed"):
         self.read, self.source = read, source
+        self.update_s, self.update_from = update_s, update_from
         self.joules, self.intervals, self._start = 0.0, 0, None
+        self.shortest_s = float("inf")
         self.error: str | None = None
 
     def begin(self) -> None:
         try:
-            self._start = self.read()
+            self._start, self._t0 = self.read(), time.perf_counter()
         except Exception as e:
             self.error = self.error or f"{type(e).__name__}: {e}"
 
@@ -381,6 +452,7 @@ class EnergyMeter:
         try:
             self.joules += self.read() - self._start
             self.intervals += 1
+            self.shortest_s = min(self.shortest_s, time.perf_counter() - self._t0)
         except Exception as e:
             self.error = self.error or f"{type(e).__name__}: {e}"
         self._start = None
@@ -389,6 +461,16 @@ class EnergyMeter:
         if self.error or not self.intervals:
             why = self.error or "no timed epoch"
             return {"energy_j_per_epoch": unavailable(f"{self.source}: {why}")}
+        if self.shortest_s < MIN_PERIODS * self.update_s:
+            return {
+                "energy_j_per_epoch": unavailable(
+                    f"{self.source}: a timed epoch of {self.shortest_s * 1e3:,.0f} ms is shorter than "
+                    f"{MIN_PERIODS} of the counter's update periods ({self.update_s * 1e3:,.0f} ms, "
+                    f"{self.update_from}): the counter moves in steps"
+                )
+            }
+        if self.joules <= 0:
+            return {"energy_j_per_epoch": unavailable(f"{self.source}: the counter did not advance")}
         # the counters are the device's, not the process's: another process's work is in them too
         return {
             "energy_j_per_epoch": self.joules / self.intervals,
@@ -396,20 +478,38 @@ class EnergyMeter:
         }
 
 
-def nvml_energy(nvml, handle) -> EnergyMeter:
+def update_period(read, seconds: float = 1.0, poll_s: float = 0.0005) -> float | Unavailable:
+    """Seconds between the steps of a cumulative counter: `read` polled every `poll_s` for
+    `seconds`, the median gap between the times its value changed (the device should be busy, so
+    that every update moves it)."""
+    changes, last = [], read()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        value = read()
+        if value != last:
+            changes.append(time.perf_counter())
+            last = value
+        time.sleep(poll_s)
+    gaps = sorted(b - a for a, b in zip(changes, changes[1:]))
+    if len(gaps) < 2:
+        return unavailable(f"the counter moved {len(changes)} times in {seconds:g} s")
+    return gaps[len(gaps) // 2]
+
+
+def nvml_energy(nvml, handle, **update) -> EnergyMeter:
     # nvmlDeviceGetTotalEnergyConsumption: millijoules since the driver loaded (Volta and newer)
     return EnergyMeter(
-        lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1e3, "NVML total energy counter"
+        lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1e3, "NVML total energy counter", **update
     )
 
 
-def amdsmi_energy(amdsmi, handle) -> EnergyMeter:
+def amdsmi_energy(amdsmi, handle, **update) -> EnergyMeter:
     def read() -> float:
         e = amdsmi.amdsmi_get_energy_count(handle)
         counter = e.get("energy_accumulator", e.get("power"))  # the key was renamed across amdsmi versions
         return float(counter) * float(e["counter_resolution"]) / 1e6  # resolution is in microjoules
 
-    return EnergyMeter(read, "amdsmi energy counter")
+    return EnergyMeter(read, "amdsmi energy counter", **update)
 
 
 def unavailable_energy(reason: str) -> EnergyMeter:
@@ -420,6 +520,72 @@ def unavailable_energy(reason: str) -> EnergyMeter:
     return meter
 
 
+def _update_of(device_name: str) -> dict[str, Any]:
+    """The energy counter's update period for `device_name`: measured by `lorabench check`, else assumed."""
+    from . import calibration
+
+    measured = calibration.energy_update_s(device_name)
+    if measured:
+        return {"update_s": measured, "update_from": f"measured by lorabench check on {device_name}"}
+    return {
+        "update_s": ASSUMED_UPDATE_S,
+        "update_from": "assumed as published for A100/H100; `lorabench check` measures it",
+    }
+
+
+# ---- the libraries ------------------------------------------------------------------------------
+
+
+def import_amdsmi():
+    """amdsmi, the binding ROCm ships ($ROCM_PATH/share/amd_smi, /opt/rocm by default) ahead of one
+    installed from the registry: the binding calls the host's libamd_smi.so, and one made for
+    another ROCm release can fail on it, taking the whole AMD driver view with it."""
+    shipped = Path(os.environ.get("ROCM_PATH") or "/opt/rocm", "share", "amd_smi")
+    if (shipped / "amdsmi" / "__init__.py").is_file() and str(shipped) not in sys.path:
+        sys.path.insert(0, str(shipped))
+    import amdsmi
+
+    return amdsmi
+
+
+def amdsmi_versions(amdsmi) -> dict[str, str]:
+    """Which amdsmi binding this process imported, its version, the library's (`libamd_smi`), and
+    whether their releases (major.minor) agree."""
+    from importlib import metadata
+
+    where = str(Path(getattr(amdsmi, "__file__", "?")).parent)
+    try:
+        binding = metadata.version("amdsmi")
+    except metadata.PackageNotFoundError:
+        binding = "unknown (no package metadata: the binding ROCm ships)"
+    try:
+        v = amdsmi.amdsmi_get_lib_version()
+        library = f"{v['major']}.{v['minor']}.{v['release']}"
+    except Exception as e:  # noqa: BLE001 (an old binding without the call, or a library that fails)
+        library = f"unknown ({type(e).__name__}: {e})"
+    release = lambda text: ".".join(text.split(".")[:2])
+    same = binding[0].isdigit() and library[0].isdigit() and release(binding) == release(library)
+    return {
+        "binding": where,
+        "binding_version": binding,
+        "library_version": library,
+        "match": "yes" if same else "unknown" if not binding[0].isdigit() else "no",
+    }
+
+
+def _nvml_used_by_uuid(nvml) -> dict[str, int]:
+    """Every NVML device's memory in use, by bare UUID: read before this process creates a CUDA
+    context (torch's device identity needs one), so the cell's device's reading is others' load."""
+    out = {}
+    for handle in nvml_devices(nvml):
+        try:
+            uuid = nvml.nvmlDeviceGetUUID(handle)
+            out[bare_uuid(uuid.decode() if isinstance(uuid, bytes) else uuid)] = nvml_used(nvml, handle)[0]
+        except nvml.NVMLError:
+            continue
+    return out
+
+
 def driver_trackers(device, interval_s: float) -> tuple[list, "EnergyMeter", dict[str, str], dict[str, Any]]:
     """(samplers, energy meter, facts for the row's environment, figures known unavailable already)
     for a GPU cell: NVML on CUDA builds, amdsmi on ROCm builds, each matched to torch's device by
@@ -428,20 +594,29 @@ def driver_trackers(device, interval_s: float) -> tuple[list, "EnergyMeter", dic
 
     if device.type != "cuda":
         return [], unavailable_energy("no energy counter is read on the CPU"), {}, {}
-    ident = device_identity(device.index or 0)
-    facts = {
-        f"gpu_{key}": value for key, value in ident.items()
-    }  # which device it was: gpu_uuid, gpu_pci_bus_id
     rocm = bool(torch.version.hip)
+    before: dict[str, int] = {}
+    fresh = not torch.cuda.is_initialized()  # no context of ours yet: what the driver reads is others'
+    if fresh and not rocm:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            before = _nvml_used_by_uuid(pynvml)
+        except Exception:  # noqa: BLE001 (the tracker below says why the library is unavailable)
+            before = {}
+    ident = device_identity(device.index or 0)
+    # which device it was: gpu_uuid, gpu_pci_bus_id (its name is in the environment already)
+    facts = {f"gpu_{key}": value for key, value in ident.items() if key != "name"}
+    update = _update_of(ident.get("name", ""))
     try:
         if rocm:
-            import amdsmi
-
+            amdsmi = import_amdsmi()
             amdsmi.amdsmi_init()
             handle = amdsmi_handle(amdsmi, ident)
             return (
                 [AmdsmiMemory(amdsmi, handle, interval_s)],
-                amdsmi_energy(amdsmi, handle),
+                amdsmi_energy(amdsmi, handle, **update),
                 {**facts, "gpu_driver_view": "amdsmi", "gpu_driver": _amd_driver_version(amdsmi, handle)},
                 {},
             )
@@ -449,10 +624,10 @@ def driver_trackers(device, interval_s: float) -> tuple[list, "EnergyMeter", dic
 
         pynvml.nvmlInit()
         handle = nvml_handle(pynvml, device.index or 0, ident)
-        sampler = NvmlMemory(pynvml, handle, interval_s)
+        sampler = NvmlMemory(pynvml, handle, interval_s, before.get(bare_uuid(ident.get("uuid", ""))))
         return (
             [sampler],
-            nvml_energy(pynvml, handle),
+            nvml_energy(pynvml, handle, **update),
             {
                 **facts,
                 "gpu_driver_view": "NVML",
@@ -464,12 +639,12 @@ def driver_trackers(device, interval_s: float) -> tuple[list, "EnergyMeter", dic
     except Exception as e:  # ImportError, a driver error, permissions, an unmappable device
         lib = "amdsmi" if rocm else "NVML"
         reason = unavailable(f"{lib}: {type(e).__name__}: {e}")
-        keys = (AmdsmiMemory if rocm else NvmlMemory).KEYS  # every figure the sampler would have given
+        missing = keys("amdsmi", "device_vram_used") if rocm else keys("nvml", "device_used")
         return (
             [],
             unavailable_energy(f"{lib} unavailable: {type(e).__name__}: {e}"),
             facts,
-            {k: reason for k in keys},
+            {k: reason for k in missing},
         )
 
 

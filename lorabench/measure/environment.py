@@ -19,6 +19,43 @@ import torch
 from ..forksafe import in_bad_fork
 
 VISIBLE_DEVICE_VARS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+# Set (to 1) where a GPU must be present, as on the nightly's GPU runners: the GPU tests then fail
+# instead of skipping when torch sees none (a torch build the runner's driver cannot run, say).
+REQUIRE_GPU = "LORABENCH_REQUIRE_GPU"
+
+
+def gpu_required() -> bool:
+    return os.environ.get(REQUIRE_GPU, "") not in ("", "0")
+
+
+def no_gpu_reason() -> str:
+    """Why torch sees no GPU here, as far as this process can tell without initialising CUDA: the
+    torch build, and what the driver (NVML) sees, which names a build the driver cannot run."""
+    build = (
+        f"CUDA {torch.version.cuda}"
+        if torch.version.cuda
+        else (f"ROCm {torch.version.hip}" if torch.version.hip else "CPU-only")
+    )
+    why = f"torch sees no GPU here (torch {torch.__version__}, {build} build)"
+    if torch.version.hip or not torch.version.cuda:
+        return why
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            count, driver = pynvml.nvmlDeviceGetCount(), pynvml.nvmlSystemGetDriverVersion()
+            supports = pynvml.nvmlSystemGetCudaDriverVersion_v2()  # e.g. 12040: CUDA 12.4
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 (no driver here: nothing more to say)
+        return why
+    if count:
+        why += (
+            f"; the driver sees {count} GPU(s) (driver {driver}, CUDA {supports // 1000}.{supports % 1000 // 10}): "
+            "install the torch build for that CUDA (https://pytorch.org/get-started/locally/)"
+        )
+    return why
 
 
 def installed_version() -> str:
@@ -163,13 +200,5 @@ def resolve_device(requested: str, planning: bool = False) -> str:
 
     has_gpu = torch.cuda.is_available()
     if requested == "cuda" and not has_gpu and not planning:
-        build = (
-            f"CUDA {torch.version.cuda}"
-            if torch.version.cuda
-            else (f"ROCm {torch.version.hip}" if torch.version.hip else "CPU-only")
-        )
-        raise InputError(
-            f"--device cuda: torch sees no GPU here (torch {torch.__version__}, {build} build); "
-            "use --device cpu or auto"
-        )
+        raise InputError(f"--device cuda: {no_gpu_reason()}; use --device cpu or auto")
     return ("cuda" if has_gpu else "cpu") if requested == "auto" else requested

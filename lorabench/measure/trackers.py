@@ -67,6 +67,7 @@ class Sampler(Tracker):
     reading of `series_name` is kept with its time (perf_counter), for the cell's timeline."""
 
     series_name = "bytes"
+    edge = False  # True for the readings at start and stop, which every query of a sampler takes
 
     def __init__(self, interval_s: float):
         self.interval_s = interval_s
@@ -92,7 +93,9 @@ class Sampler(Tracker):
         self.series.append((time.perf_counter(), value))
 
     def start(self) -> None:
+        self.edge = True
         self._safe_sample()
+        self.edge = False
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name=type(self).__name__, daemon=True)
         self._thread.start()
@@ -103,6 +106,7 @@ class Sampler(Tracker):
             if self._thread is not None:
                 self._thread.join()
         finally:
+            self.edge = True
             self._safe_sample()
 
 

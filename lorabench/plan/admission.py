@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import child
-from ..measure import contexts, environment
+from ..measure import calibration, environment
+from ..workload import models
 from .cells import Cell, CellError
 from .survey import PROBE_TIMEOUT_S, RUNS_ANYWHERE, PlanError, Survey, probe, survey_all
 
@@ -62,40 +63,54 @@ def predicted_cost(cell: Cell, s: Survey) -> float:
     return per_step * steps * (cell.epochs + cell.warmup_epochs + cell.pretrain_epochs)
 
 
-def runtime_context(device: str) -> tuple[int, str | None]:
-    """(bytes, what the fit check says of them) of the GPU runtime context a cell on `device` adds
-    beyond its tensors: the largest `lorabench check` recorded for a GPU (`contexts`), or 0 and a
-    note that none was measured. The CPU has none."""
-    if device == "cpu":
+def context_kind(cell: Cell) -> str:
+    """The kind of cell a GPU runtime context is recorded and looked up under (`calibration`): what
+    loads kernel modules and buffers beyond an fp32 MLP's (attention, another dtype, compiled
+    kernels, a quantised base, NCCL)."""
+    parts = ["transformer" if models.uses_transformers(cell.model) else "mlp", cell.compute_dtype]
+    parts += ["compiled"] if cell.compile == "on" else []
+    parts += [cell.quantize] if cell.quantize != "none" else []
+    parts += [f"{cell.strategy} x{cell.nproc}"] if cell.nproc > 1 else []
+    return ", ".join(parts)
+
+
+def runtime_context(cell: Cell) -> tuple[int, str | None]:
+    """(bytes, where they come from) of the GPU runtime context a cell adds beyond its tensors: the
+    largest recorded for its kind, else the largest recorded at all (`calibration.context`), or 0
+    and a note that none was measured. The CPU has none."""
+    if cell.device == "cpu":
         return 0, None
-    found = contexts.largest("cuda")
+    found = calibration.context(context_kind(cell))
     if found is None:
         return 0, (
             "the GPU runtime context is not in the predicted needs: no `lorabench check --device cuda` "
-            f"has measured one on this machine ({contexts.path()})"
+            f"or GPU cell has measured one on this machine ({calibration.path()})"
         )
-    name, n = found
-    return n, f"each GPU cell's need includes the runtime context measured on {name}: {n / 2**20:,.0f} MiB"
+    name, kind, n = found
+    return (
+        n,
+        f"a GPU cell's need includes the runtime context measured on {name}: {n / 2**20:,.0f} MiB ({kind})",
+    )
 
 
 def fit_gate(
-    cells: list[Cell], surveys: list[Survey], free: int | None, what: str, force: bool, context: int = 0
+    cells: list[Cell], surveys: list[Survey], free: int | None, what: str, force: bool
 ) -> dict[str, str]:
     """{cell key: why it is skipped} for cells predicted to need more than `free` bytes (`what`
-    says what was read): the predicted peak, plus a GPU cell's runtime `context`. A prediction is
-    per device: the ranks of a CPU cell all draw on the one host memory. When no cell fits, the
-    whole plan is refused (PlanError)."""
+    says what was read): the predicted peak, plus a GPU cell's runtime context (`runtime_context`).
+    A prediction is per device: the ranks of a CPU cell all draw on the one host memory. When no
+    cell fits, the whole plan is refused (PlanError)."""
     if free is None or force:
         return {}
     gib = 2**30
+    context = {c.key(): runtime_context(c)[0] for c in cells}
     need = {
-        c.key(): s.prediction.peak_bytes * (c.nproc if c.device == "cpu" else 1)
-        + (context if c.device != "cpu" else 0)
+        c.key(): s.prediction.peak_bytes * (c.nproc if c.device == "cpu" else 1) + context[c.key()]
         for c, s in zip(cells, surveys)
     }
     skipped = {
         c.key(): f"predicted to need {need[c.key()] / gib:.2f} GiB ({s.prediction.peak_by}"
-        + (f" + the runtime context, {context / 2**20:,.0f} MiB" if context and c.device != "cpu" else "")
+        + (f" + the runtime context, {context[c.key()] / 2**20:,.0f} MiB" if context[c.key()] else "")
         + f"); {what}: "
         f"{free / gib:.2f} GiB (--force runs it anyway)"
         for c, s in zip(cells, surveys)
@@ -147,8 +162,8 @@ class Plan:
             free, what = fit_memory, "--fit-memory"
         else:
             free, what = environment.free_memory_bytes(device)
-        context, context_note = runtime_context(device)
-        skipped = fit_gate(cells, surveys, free, what, force, context)
+        notes = sorted({note for note in (runtime_context(c)[1] for c in cells) if note})
+        skipped = fit_gate(cells, surveys, free, what, force)
         skipped.update({c.key(): s.unbuildable for c, s in zip(cells, surveys) if s.unbuildable})
         # a precision this device cannot run, a quantisation bitsandbytes cannot serve: skipped, with why
         asked = {
@@ -178,7 +193,7 @@ class Plan:
             surveys,
             skipped,
             shard_spec,
-            context_note if free is not None else f"no fit check before running: {what}",
+            "; ".join(notes) or None if free is not None else f"no fit check before running: {what}",
         )
 
     def known(self) -> dict[str, dict[str, Any]]:

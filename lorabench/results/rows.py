@@ -212,6 +212,13 @@ METRICS: tuple[Metric, ...] = (
         per_rank=True,
     ),
     Metric(
+        "gpu_context_bytes",
+        _B,
+        "GPU runtime context (MiB, driver view less torch reserved, max over ranks)",
+        "bytes",
+        fold="max",
+    ),
+    Metric(
         "host_peak_rss_bytes",
         _B,
         "peak host RSS of the cell process (MiB, max over ranks)",
@@ -639,6 +646,7 @@ INFO = (
     "memory_snapshot",
     "timeline",
     "predicted_peak_by",
+    "predicted_attention",
 )
 
 

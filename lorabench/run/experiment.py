@@ -28,7 +28,7 @@ from torch import nn
 from .. import forksafe
 from ..errors import first_line
 from ..measure import environment, heap, simulation
-from ..measure.drivers import driver_trackers
+from ..measure.drivers import driver_trackers, runtime_context
 from ..measure.stats import Summary
 from ..measure.traces import MemorySnapshot, Traces, profile_steps, write_timeline
 from ..measure.trackers import HostMemory, SavedTensors, Timeline, TorchAllocator, Unavailable, unavailable
@@ -211,6 +211,12 @@ def measure(
                     t.result() if t.started else t.unavailable_result(f"{type(t).__name__} did not start")
                 )
             measured.update(energy.result())
+            if device.type == "cuda":  # what the driver saw beyond the allocator: kept per kind of cell
+                measured["gpu_context_bytes"] = (
+                    runtime_context(measured, drivers[0].before_is_others)
+                    if drivers
+                    else unavailable("no driver view of the device")
+                )
         mark("after training: trace, checks")
         if compiled:
             measured.update(compiled.result())

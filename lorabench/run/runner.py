@@ -24,7 +24,9 @@ import torch
 
 from .. import child
 from ..child import EXIT_GRACE_S, ChildFailed, end_process
+from ..measure import calibration
 from ..measure.trackers import unavailable
+from ..plan.admission import context_kind
 from ..plan.cells import Cell
 from ..results.rows import Row, Status
 from ..results.rundir import RunDir
@@ -235,6 +237,16 @@ def pin(ids: list[str]) -> dict[str, str]:
     return {visible({}, bool(torch.version.hip))[1]: ",".join(ids)} if ids else {}
 
 
+def keep_context(row: Row) -> None:
+    """The runtime context a GPU cell had, kept under its kind for later fit checks (`calibration`)."""
+    context, name = row.metrics.get("gpu_context_bytes"), row.environment.get("gpu_name")
+    if row.ok and isinstance(context, int) and context > 0 and name:
+        runtime = "HIP" if row.environment.get("hip_runtime") else "CUDA"
+        calibration.record_context(
+            name, context_kind(row.cell), context, f"{row.environment.get('torch')} ({runtime})"
+        )
+
+
 def run_cells(
     run: RunDir,
     cells: list[Cell],
@@ -301,6 +313,7 @@ def run_cells(
                 free += running.pop(cp)
                 run.append(row.replace(run_id=run.run_id, wall_s=time.monotonic() - cp.started))
                 run.write_environment(row.environment)
+                keep_context(row)
                 bar.cell_done()
     finally:
         for cp in running:  # interrupted: leave no orphan behind

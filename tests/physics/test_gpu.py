@@ -1,9 +1,12 @@
 """Checks that need a real GPU. Skipped here, with the reason; run them wherever one is attached
-(`python -m pytest tests/physics/test_gpu.py`) and commit that run's results and report."""
+(`python -m pytest tests/physics/test_gpu.py`, or `lorabench proof`) and commit that run's results.
+Where a GPU must be present (LORABENCH_REQUIRE_GPU=1, as the nightly sets on its GPU runners) they
+fail instead of skipping when torch sees none."""
 
 import pytest
 import torch
 
+from lorabench.measure.environment import REQUIRE_GPU, gpu_required, no_gpu_reason
 from lorabench.measure.trackers import TorchAllocator
 from lorabench.plan.cells import Cell
 from lorabench.run.experiment import execute
@@ -11,10 +14,17 @@ from lorabench.run.experiment import execute
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU; none is visible to torch"
+        not torch.cuda.is_available() and not gpu_required(),
+        reason="needs a CUDA or ROCm GPU; none is visible to torch",
     ),
 ]
 MiB = 2**20
+
+
+@pytest.fixture(autouse=True)
+def _a_gpu_when_required():
+    if not torch.cuda.is_available():
+        pytest.fail(f"{REQUIRE_GPU} is set and {no_gpu_reason()}")
 
 
 def test_allocator_peak_rises_by_an_allocated_tensor_within_10_percent():
@@ -72,30 +82,32 @@ def test_the_driver_sees_the_context_on_top_of_the_allocators_pool(gpu_row):
     assert gpu_row.environment["cuda_bad_fork"] is False and gpu_row.environment["gpu_uuid"]
 
 
-def test_pretraining_leaves_no_cached_blocks_in_the_lora_cells_peaks(gpu_row):
+def test_pretraining_leaves_no_cached_blocks_in_the_lora_cells_peaks():
     """Seed 002 pretrains the MLP in full before adapting it: its gradients, Adam state and cached
-    blocks must be gone before the trackers start, so the LoRA cell's reserved peak sits well
-    below full fine-tuning's (which holds 16 bytes per parameter)."""
-    lora = execute(
-        Cell(
-            model="cifar-mlp",
-            method="lora-reparam",
-            rank=1,
-            device="cuda",
-            samples=256,
-            eval_samples=64,
-            batch_size=32,
-            epochs=1,
-            warmup_epochs=1,
-            pretrain_epochs=1,
-        )
+    blocks must be gone before the trackers start. The bound comes from the cell's own prediction
+    (reparametrised LoRA builds a full-size W + BA and its gradient: 0.55 of full fine-tuning's
+    peak, not below half): the reserved peak within 10 % of it plus 64 MiB (cuBLAS's workspace, 32 MiB
+    on Hopper, and the allocator's rounding), where pretraining's 12 bytes per parameter left behind
+    (252 MiB) would not fit."""
+    from lorabench.plan.survey import survey
+
+    cell = Cell(
+        model="cifar-mlp",
+        method="lora-reparam",
+        rank=1,
+        device="cuda",
+        samples=256,
+        eval_samples=64,
+        batch_size=32,
+        epochs=1,
+        warmup_epochs=1,
+        pretrain_epochs=1,
     )
+    predicted = survey(cell).prediction.peak_bytes
+    lora = execute(cell)
     assert lora.ok, lora.error
-    full = gpu_row.metrics["torch_peak_reserved_bytes"]
-    assert lora.metrics["torch_peak_reserved_bytes"] < 0.5 * full, (
-        lora.metrics["torch_peak_reserved_bytes"],
-        full,
-    )
+    reserved = lora.metrics["torch_peak_reserved_bytes"]
+    assert reserved <= 1.1 * predicted + 64 * MiB, (reserved / MiB, predicted / MiB)
 
 
 def test_gpu_arch_is_a_compute_capability_or_a_gfx_target(gpu_row):
@@ -112,15 +124,16 @@ def test_lorabench_check_passes_on_this_gpu():
 
 def test_lorabench_check_records_the_runtime_context_a_fit_check_adds(tmp_path, monkeypatch):
     from lorabench.check import allocator_vs_driver
-    from lorabench.measure import contexts
+    from lorabench.measure import calibration
     from lorabench.plan.admission import runtime_context
 
     monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path))
-    assert runtime_context("cuda")[0] == 0
+    gpu_cell, cpu_cell = Cell(model="cifar-mlp", method="full", device="cuda"), Cell(model="cifar-mlp")
+    assert runtime_context(gpu_cell)[0] == 0
     assert allocator_vs_driver(torch.device("cuda")).ok
-    name, context = contexts.largest("cuda")
+    name, kind, context = calibration.context(calibration.CHECK)
     assert name == torch.cuda.get_device_name(0) and 50 * 2**20 < context < 4 * 2**30
-    assert runtime_context("cuda")[0] == context and runtime_context("cpu")[0] == 0
+    assert runtime_context(gpu_cell)[0] == context and runtime_context(cpu_cell)[0] == 0
 
 
 @pytest.mark.parametrize("model", ["medium-gpt2", "medium-llama"])

@@ -275,7 +275,7 @@ def test_fit_memory_plans_for_a_gpu_this_machine_lacks_with_the_runtime_context_
     runtime context is added once `lorabench check` has recorded one, and said missing before."""
     import torch
 
-    from lorabench.measure import contexts
+    from lorabench.measure import calibration
 
     monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
     asked = (
@@ -294,7 +294,7 @@ def test_fit_memory_plans_for_a_gpu_this_machine_lacks_with_the_runtime_context_
     # predicted peaks: full 46.4 MiB, LoRA 38.6 MiB
     assert code == 0 and "tiny-llama lora r=8:" not in out and "tiny-llama full:" not in out
     assert "the GPU runtime context is not in the predicted needs" in err
-    contexts.record("NVIDIA H200", "cuda", 500 * 2**20, torch.__version__)
+    calibration.record_context("NVIDIA H200", calibration.CHECK, 500 * 2**20, torch.__version__)
     code, out, err = cli(*asked, "--fit-memory", "542MiB")
     assert code == 0 and "runtime context measured on NVIDIA H200: 500 MiB" in err
     assert (
@@ -307,15 +307,21 @@ def test_fit_memory_plans_for_a_gpu_this_machine_lacks_with_the_runtime_context_
         assert code == 2 and "torch sees no GPU here" in err
 
 
-def test_runtime_contexts_keep_the_newest_per_device_and_the_largest_per_kind(tmp_path, monkeypatch):
-    from lorabench.measure import contexts
+def test_runtime_contexts_keep_the_newest_per_device_and_kind_and_the_largest_across_devices(
+    tmp_path, monkeypatch
+):
+    from lorabench.measure import calibration
 
     monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path))
-    assert contexts.largest("cuda") is None
-    contexts.path().write_text("{not json")  # a damaged file is no record, not a crash
-    assert contexts.known() == {} and contexts.largest("cuda") is None
-    contexts.record("NVIDIA A100-SXM4-80GB", "cuda", 600 * 2**20, "2.14")
-    contexts.record("NVIDIA H200", "cuda", 500 * 2**20, "2.14")
-    contexts.record("NVIDIA A100-SXM4-80GB", "cuda", 450 * 2**20, "2.15")  # measured again: replaced
-    assert contexts.largest("cuda") == ("NVIDIA H200", 500 * 2**20)
-    assert contexts.known()["NVIDIA A100-SXM4-80GB"]["torch"] == "2.15"
+    assert calibration.context(calibration.CHECK) is None
+    calibration.path().write_text("{not json")  # a damaged file is no record, not a crash
+    assert calibration.known() == {} and calibration.context(calibration.CHECK) is None
+    calibration.record_context("NVIDIA A100-SXM4-80GB", calibration.CHECK, 600 * 2**20, "2.14")
+    calibration.record_context("NVIDIA H200", calibration.CHECK, 500 * 2**20, "2.14")
+    calibration.record_context("NVIDIA A100-SXM4-80GB", calibration.CHECK, 450 * 2**20, "2.15")  # replaced
+    assert calibration.context(calibration.CHECK) == ("NVIDIA H200", calibration.CHECK, 500 * 2**20)
+    assert calibration.known()["NVIDIA A100-SXM4-80GB"]["torch"] == "2.15"
+    calibration.record_energy_update("NVIDIA H200", 0.1, "2.15")  # another fact: the contexts stay
+    assert calibration.known()["NVIDIA H200"]["contexts"] == {calibration.CHECK: 500 * 2**20}
+    assert calibration.energy_update_s("NVIDIA H200") == 0.1 and calibration.energy_update_s("L4") is None
+    assert calibration.context("transformer, bfloat16", kind="rocm") is None
