@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from lorabench.measure.drivers import driver_trackers
+from lorabench.measure.environment import gpu_required
 from lorabench.plan.cells import Cell
 from lorabench.workload import models, optimizers
 from lorabench.workload.methods import METHODS
@@ -36,7 +37,9 @@ DEVICES = [
     "cpu",
     pytest.param(
         "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU for the driver sampler"),
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available() and not gpu_required(), reason="needs a GPU for the driver sampler"
+        ),
     ),
 ]
 

@@ -188,7 +188,9 @@ def test_the_nightly_finds_its_baseline_whatever_the_artifact_layout(tmp_path, u
 def test_the_nightly_checks_first_and_keeps_one_baseline_per_accelerator():
     job = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-nightly.yml").read_text())["jobs"]["gpu"]
     runs = [step.get("run", "") for step in job["steps"]]
-    assert runs[2] == "lorabench check"  # after checkout and install, before anything is measured
+    assert (
+        runs[2] == "lorabench check --device cuda"
+    )  # after checkout and install, before anything is measured
     baseline = next(s for s in job["steps"] if s.get("with", {}).get("name", "").startswith("baseline-"))
     assert baseline["if"] == "success()" and baseline["with"]["name"] == "baseline-${{ matrix.accelerator }}"
     summary = next(r for r in runs if "GITHUB_STEP_SUMMARY" in r)

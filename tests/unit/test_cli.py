@@ -325,3 +325,23 @@ def test_runtime_contexts_keep_the_newest_per_device_and_kind_and_the_largest_ac
     assert calibration.known()["NVIDIA H200"]["contexts"] == {calibration.CHECK: 500 * 2**20}
     assert calibration.energy_update_s("NVIDIA H200") == 0.1 and calibration.energy_update_s("L4") is None
     assert calibration.context("transformer, bfloat16", kind="rocm") is None
+
+
+def test_no_gpu_says_what_the_driver_sees_when_torch_cannot_use_it(monkeypatch):
+    """A registry torch built for a newer CUDA than the runner's driver: torch sees no GPU, NVML does.
+    The refusal names both, so the fix (another torch build) is in the message."""
+    import sys
+
+    import torch
+    from fakes import FakeGPU, FakeNVML
+
+    from lorabench.measure import environment
+
+    if torch.cuda.is_available() or not torch.version.cuda:
+        pytest.skip("needs a CUDA build of torch that sees no GPU")
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([FakeGPU()]))
+    assert environment.no_gpu_reason() == (
+        f"torch sees no GPU here (torch {torch.__version__}, CUDA {torch.version.cuda} build); the driver sees "
+        "1 GPU(s) (driver 550.54.15, CUDA 12.4): install the torch build for that CUDA "
+        "(https://pytorch.org/get-started/locally/)"
+    )
