@@ -1,4 +1,5 @@
-"""The command line: `lorabench run | report | compare | check | list | merge`. It parses, validates and prints.
+"""The command line: `lorabench run | report | compare | check | proof | list | merge | history`. It
+parses, validates and prints.
 
     lorabench --help
 
@@ -319,6 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: the GPU checks too when torch sees a GPU (default)",
     )
 
+    prf = sub.add_parser(
+        "proof",
+        help="everything a first GPU must show, in one command (about 6 minutes on one H100)",
+        description="Run `lorabench check --device cuda`, the driver's view of this process, the quantised "
+        "weights' bytes, tests/physics/test_gpu.py with the GPU required, bert-base LoRA at seed 003's shape "
+        "and the quick preset; write OUT/proof.json and OUT/proof.md (docs/proof.md), the runs under OUT/runs. "
+        "Exit 1 when a step failed.",
+    )
+    prf.add_argument("out", type=Path, metavar="OUT", help="the folder the proof is written to (created)")
+    prf.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="every step on the CPU (bert-tiny for bert-base): proves the command, not a device",
+    )
+
     lst = sub.add_parser("list", help="list models, methods and presets", description="List the registries.")
     lst.add_argument("--metrics", action="store_true", help="print the table of figures a result row holds")
 
@@ -636,6 +652,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if all(c.ok for c in results) else EXIT_FAILED_CELLS
 
 
+def cmd_proof(args: argparse.Namespace) -> int:
+    from . import proof
+    from .measure import environment
+    from .results.rundir import writable_dir
+
+    if not args.dry_run:
+        environment.resolve_device("cuda")  # one line and exit 2 where torch sees no GPU
+    writable_dir(args.out, "OUT")
+    done = proof.prove(
+        args.out, args.dry_run, lambda name: print(f"lorabench proof: {name} ...", file=sys.stderr)
+    )
+    for step in done.steps:
+        print(f"{step.name:18s} {step.status:8s} {step.seconds:6.1f} s")
+    print(f"Proof: {args.out / 'proof.md'} and {args.out / 'proof.json'}")
+    return EXIT_OK if all(s.status != "failed" for s in done.steps) else EXIT_FAILED_CELLS
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .render import listings
 
@@ -651,6 +684,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "check": cmd_check,
     "history": cmd_history,
+    "proof": cmd_proof,
 }
 
 

@@ -26,6 +26,7 @@ ROOT = {
     "__init__": "foundation",
     "cli": "entry",
     "check": "entry",
+    "proof": "entry",
     "__main__": "entry",
     "docs": "entry",
 }
