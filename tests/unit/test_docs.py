@@ -47,3 +47,50 @@ def test_the_readme_example_is_the_committed_report_which_the_current_code_rende
     example = readme[readme.index("## Example output") : readme.index("## Where to go next")]
     table = [line for line in example.splitlines() if line.startswith("|")]
     assert len(table) > 10 and all(line in report for line in table)
+
+
+TOPS = ("lorabench/", "tests/", "bench/", "docs/", ".github/", ".ci/", "results/", "report/", "examples/")
+
+
+def references(md: Path) -> list[tuple[str, Path]]:
+    """(what the page names, where it must be) of every link and every path or module a page names
+    in backticks (placeholders such as <run-id> left out)."""
+    import re
+
+    text, out = md.read_text(), []
+    for m in re.finditer(r"\]\(([^)\s]+)\)", text):
+        target = m.group(1).split("#")[0]
+        if target and not target.startswith(("http://", "https://", "mailto:")):
+            out.append((target, md.parent / target))
+    for m in re.finditer(r"`([^`\s]+)`", text):
+        name = m.group(1).rstrip(".,:;")
+        if name.startswith(TOPS) and not any(c in name for c in "<>*{}$"):
+            out.append((name, ROOT / name.split(":")[0]))
+        elif re.fullmatch(r"lorabench(\.[a-z_]+)+", name):  # a module, or an attribute of one
+            parts = name.split(".")
+            found = [
+                p
+                for i in range(len(parts), 1, -1)
+                for p in (
+                    ROOT.joinpath(*parts[:i]).with_suffix(".py"),
+                    ROOT.joinpath(*parts[:i], "__init__.py"),
+                )
+                if p.exists()
+            ]
+            out.append((name, found[0] if found else ROOT.joinpath(*parts)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "page", ["README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]
+)
+def test_every_reference_in_the_docs_resolves_inside_the_repository(page):
+    """A link or a named file must be in the repository a user clones: nothing outside it (the
+    README once linked ../shared/), nothing moved or removed since the page was written."""
+    md = ROOT / page
+    missing = [name for name, where in references(md) if not where.exists()]
+    assert not missing, f"{page} names what the repository does not hold: {missing}"
+    for name, where in references(md):
+        assert ROOT in where.resolve().parents or where.resolve() == ROOT, (
+            f"{page}: {name} lies outside the repository"
+        )
