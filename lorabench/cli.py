@@ -518,9 +518,9 @@ def _execute(args: argparse.Namespace, run, the_plan, options) -> int:
     )
     print(report.summary(rows, args.headline_by))
     failed = sum(not r.ok for r in rows)
+    print(f"{n} cells in {time.perf_counter() - t0:.1f} s; the run has {len(rows)} rows, {failed} not ok.")
     print(
-        f"{n} cells in {time.perf_counter() - t0:.1f} s; the run has {len(rows)} rows, "
-        f"{failed} not ok. Results: {run.results_path}  Report: {report_path}"
+        f"Results: {run.results_path}\nReport:  {report_path} (every figure; definitions in docs/metrics.md)"
     )
     return EXIT_FAILED_CELLS if (args.strict and failed) else EXIT_OK
 

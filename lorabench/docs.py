@@ -1,5 +1,5 @@
 """The reference pages under docs/, generated from their single sources: every figure a row holds
-(`rows.METRICS`) and every command and flag (the argument parser).
+(`metrics.METRICS`) and every command and flag (the argument parser).
 
     python -m lorabench.docs          # rewrites docs/metrics.md and docs/cli.md
 

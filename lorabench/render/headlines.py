@@ -8,7 +8,7 @@ can find each in the table below it.
 
 from __future__ import annotations
 
-from ..results.rows import BY_KEY, is_number
+from ..results.metrics import BY_KEY, is_number
 from .tables import Variant, column_name, delta, fmt
 
 QUALITY_POINTS = 1.0  # "equal quality" for the time criterion: final accuracy within this many points of full

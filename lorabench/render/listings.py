@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..plan.cells import Cell
-from ..results.rows import METRICS
+from ..results.metrics import METRICS
 from .tables import markdown
 
 
@@ -79,14 +79,15 @@ def check_table(checks, device: str, seconds: float) -> str:
 
 
 def metrics_table() -> str:
-    """Every figure a row can hold (rows.METRICS): the README's table of figures is this."""
+    """Every figure a row can hold (metrics.METRICS): the README's table of figures is this."""
     gate = {"time": "gated: time", "memory": "gated: memory", "quality": "gated: accuracy points"}
     df = pd.DataFrame(
         {
             "key": [f"`{m.key}`" for m in METRICS],
             "unit": [m.unit for m in METRICS],
-            "what it is (report row)": [
-                m.label.strip() + ("" if m.shown else " (row only)") + (" (derived)" if m.derive else "")
+            "label": [m.label.strip() for m in METRICS],
+            "what it is": [
+                m.definition + (" *Row only.*" if not m.shown else "") + (" *Derived.*" if m.derive else "")
                 for m in METRICS
             ],
             "compare": [

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from ..plan.cells import Cell
-from ..results.rows import is_number
+from ..results.metrics import is_number
 from .tables import Variant, column_name, group_key, memory_key
 
 MiB = 2**20

@@ -2,7 +2,7 @@
 
     lorabench report results/<run-id>       # writes report/<run-id>.md and prints it
 
-A report has one section per model: the comparison table (one row per figure of `rows.METRICS`
+A report has one section per model: the comparison table (one row per figure of `metrics.METRICS`
 that was measured), a rank sweep with its plot, quality per epoch, and predicted vs measured
 memory; then failed cells, figures not available with their reasons, and the environment.
 `tables` builds each table; this module lays them out. `comparison` renders `compare`,
@@ -24,6 +24,7 @@ from .headlines import against_leanest_full, headline
 from .plots import axis_picture, memory_picture, plot_name, timeline_picture
 from .tables import (
     Variant,
+    answers_table,
     comparison_table,
     epochs_table,
     groups,
@@ -107,7 +108,7 @@ RANDOM_WEIGHTS_NOTE = (
 )
 
 READING_NOTES = """\
-How to read these figures:
+How to read these figures (every row's definition: docs/metrics.md, or `lorabench list --metrics`):
 - **Delta** is the reduction relative to full fine-tuning, as in the published tables: 99% fewer
   trainable parameters, 20% less time. For accuracy it is the difference in points, for loss the difference.
 - **peak torch allocated / reserved** (GPU only) come from torch's caching allocator, peaks reset after the
@@ -295,19 +296,32 @@ def render(
     return "\n".join(out)
 
 
+WIDTH = 120  # the terminal's lines are at most this long
+
+
 def summary(rows: list[Row], headline_by: str = "memory") -> str:
-    """The comparison tables, each followed by its headline, for the end of `lorabench run`."""
+    """What `lorabench run` prints at its end: per model, the answers (trainable share, memory and
+    time saved, quality, the prediction's error) and its headline, in lines of at most WIDTH
+    columns; every other figure is in the report."""
+    import textwrap
+
     out = []
     sections = groups(rows)
     for cell, variants in sections:
         title = _group_title(cell, [c for c, _ in sections if c.model == cell.model])
-        out += [f"{title}  ({cell.device}, {cell.weights} weights)", ""]
+        out += [f"{title} ({cell.device}, {cell.weights} weights)"]
         if any(v.ok for v in variants):
-            out += [comparison_table(variants), ""]
+            out += [answers_table(variants)]
         line = headline(variants, headline_by)
-        if line:
-            out += [line, ""]
-    failures = _failures(rows)
-    if failures:
-        out += ["Cells that did not finish:", "", failures, ""]
+        out += textwrap.wrap(line, WIDTH) if line else []
+        out += [""]
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        out += ["Cells that did not finish:"]
+        for r in bad:
+            why = f"{(r.error or {}).get('type', '')}: {(r.error or {}).get('message', '')}"
+            out += textwrap.wrap(
+                f"- {r.cell.model} {r.label}: {r.status.value}, {why}", WIDTH, subsequent_indent="  "
+            )
+        out += [""]
     return "\n".join(out)

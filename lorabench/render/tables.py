@@ -2,7 +2,7 @@
 
     lorabench report results/<run-id>       # report.py lays these tables out on the page
 
-Every figure is formatted here by its metric's kind (rows.METRICS), and every table is a pandas
+Every figure is formatted here by its metric's kind (metrics.METRICS), and every table is a pandas
 DataFrame rendered as GitHub-flavoured markdown. Delta columns follow the seed tables: the
 reduction relative to full fine-tuning (positive: LoRA needs less).
 """
@@ -18,7 +18,8 @@ import pandas as pd
 
 from ..measure.stats import Summary
 from ..plan.cells import AXES, NAMED_FIELDS, TABLE_FIELDS, Cell
-from ..results.rows import BY_KEY, METRICS, Row, Status, framework_peak, is_number
+from ..results.metrics import BY_KEY, METRICS, framework_peak, is_number
+from ..results.rows import Row, Status
 
 MiB = 2**20
 
@@ -191,6 +192,41 @@ def comparison_table(variants: list[Variant]) -> str:
             columns[dname] = [delta(full.metrics.get(m.key), v.metrics.get(m.key), m.fmt) for m in present]
             numeric_cols.append(dname)
     return markdown(pd.DataFrame(columns), numeric_cols)
+
+
+def _ratio(value: Any) -> str:
+    """A ratio to three significant digits: 1.00, 0.987, 12.3."""
+    return f"{value:#.3g}" if is_number(value) else ""
+
+
+def answers_table(variants: list[Variant]) -> str:
+    """The terminal's table: per variant, the answers (trainable share, peak memory, epoch time,
+    quality, each with its saving against full fine-tuning) and how far the memory prediction was
+    from the measurement. Memory is the framework level: the allocator's on a GPU, the live
+    tensors' on the CPU."""
+    ok = [v for v in variants if v.ok]
+    full = next((v for v in ok if v.cell.is_baseline), None)
+    order = ([full] if full else []) + [v for v in ok if v is not full]
+    peak = {id(v): framework_peak(v.metrics) for v in order}
+    cols: dict[str, list[str]] = {
+        "method": [column_name(v) for v in order],
+        "trainable": [fmt(v.metrics.get("params_trainable_pct"), "pct") for v in order],
+        "peak MiB": [fmt(peak[id(v)], "bytes") for v in order],
+        "saved": [
+            delta(peak[id(full)], peak[id(v)], "bytes") if full and v is not full else "" for v in order
+        ],
+        "epoch s": [fmt(v.metrics.get("epoch_s"), "time") for v in order],
+        "saved ": [
+            delta(full.metrics.get("epoch_s"), v.metrics.get("epoch_s"), "time")
+            if full and v is not full
+            else ""
+            for v in order
+        ],
+        "accuracy": [fmt(v.metrics.get("final_eval_accuracy"), "acc") for v in order],
+        "predicted/measured": [_ratio(v.metrics.get("predicted_over_measured")) for v in order],
+    }
+    numeric = [c for c in cols if c != "method"]
+    return markdown(pd.DataFrame(cols), numeric)
 
 
 # (row, predicted figure, measured figure); the measured total sums every row but the saved

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..results.compare import GATED, change_of
 from ..results.history import Series
-from ..results.rows import BY_KEY
+from ..results.metrics import BY_KEY
 from .tables import fmt, markdown
 
 LATEST = 7  # nights in the page's table

@@ -8,7 +8,7 @@ memory 5 %, accuracy 1 point by default) and, where either run has repeats, also
 the combined measured spread, so noise alone does not fail a build. Counts and tensor sizes that
 are exact by construction (parameters, weights, gradients, optimizer state, saved activations,
 checkpoints) are called out when they change at all. Which figure is gated, in which direction,
-and which is exact is declared once, in `rows.METRICS`.
+and which is exact is declared once, in `metrics.METRICS`.
 
 Two runs on different hardware or software are not a regression test: a change of the device
 model, the GPU driver or the torch version is refused (exit 2) unless
@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from ..errors import InputError
 from ..measure.stats import Summary
-from .rows import METRICS, Row, is_number
+from .metrics import METRICS, is_number
+from .rows import Row
 
 # figure -> (kind, +1 when higher is worse / -1 when lower is worse)
 GATED: dict[str, tuple[str, int]] = {m.key: (m.gate, m.worse) for m in METRICS if m.gate}

@@ -32,7 +32,8 @@ from typing import Any
 
 from ..errors import InputError
 from .compare import DEFAULT_THRESHOLDS, ENVIRONMENT, GATED, by_variant, change_of, repeat_values
-from .rows import BY_KEY, Row
+from .metrics import BY_KEY
+from .rows import Row
 from .rundir import RunDir, RunDirError
 
 FORMAT = 1  # of history.jsonl; a reader refuses any other

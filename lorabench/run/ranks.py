@@ -9,7 +9,7 @@ TORCHELASTIC_USE_AGENT_STORE), so a rank joins with `init_process_group` over en
 under torchrun (which is how a cell spans nodes: `main`, and the README). The agent itself never
 touches a device: a process forked from one that had queried CUDA could not use it
 (`forksafe`). Every rank runs the protocol of `experiment` on its shard of each global batch and
-sends its figures back; the agent folds them as each metric's `fold` says (rows.METRICS). A rank
+sends its figures back; the agent folds them as each metric's `fold` says (metrics.METRICS). A rank
 that dies or raises ends the cell, naming the rank; the others get a few seconds to report what
 they measured, then are killed, so a cell never hangs on a dead peer.
 """
@@ -32,7 +32,8 @@ import torch.distributed as dist
 from ..measure import environment
 from ..measure.traces import Traces
 from ..plan.cells import Cell
-from ..results.rows import Row, Status, is_number
+from ..results.metrics import is_number
+from ..results.rows import Row, Status
 from ..workload.distributed import Group
 from .experiment import measure
 from .train import EpochRecord
@@ -167,11 +168,11 @@ class Folded:
 
 
 def fold(results: list[RankResult]) -> Folded:
-    """One row's figures from every rank's, as each metric's `fold` says (rows.METRICS): the
+    """One row's figures from every rank's, as each metric's `fold` says (metrics.METRICS): the
     leader's, the max over the ranks that measured it, or the sum over the devices they used; the
     `sum_of` companions where every rank reported; and one entry per rank (its `per_rank`
     figures, its device and whether it started clean of CUDA)."""
-    from ..results.rows import METRICS
+    from ..results.metrics import METRICS
 
     payloads = {x.rank: x.payload for x in results if x.payload is not None}
     measured = {r: p["measured"] for r, p in payloads.items()}

@@ -7,7 +7,8 @@ import torch
 
 from lorabench.plan.cells import Cell
 from lorabench.plan.survey import survey
-from lorabench.results.rows import METRICS, Row, Status
+from lorabench.results.metrics import METRICS
+from lorabench.results.rows import Row, Status
 from lorabench.run import ranks
 from lorabench.run.ranks import RankResult
 from lorabench.workload import distributed, methods, models

@@ -9,7 +9,8 @@ import pytest
 from lorabench.plan.cells import AXES
 from lorabench.render import headlines, report, tables
 from lorabench.results.compare import compare
-from lorabench.results.rows import METRICS, Row, Status
+from lorabench.results.metrics import METRICS
+from lorabench.results.rows import Row, Status
 from lorabench.results.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,14 +110,32 @@ def test_the_memory_breakdown_adds_up_to_the_measured_peak(rows):
     assert parts["predicted_trainable"] == m["predicted_grads_bytes"]
 
 
-def test_the_summary_has_a_comparison_per_model_in_the_metrics_order(rows):
+def test_the_summary_answers_per_model_in_lines_a_terminal_holds(rows):
+    """The terminal leads with the answers (trainable share, memory and time saved, quality, the
+    prediction's error) per model, in lines of at most 120 columns; the full table is the report's."""
     text = report.summary(rows)
-    assert text.count("| Comparison") == 2
-    first = text[text.index("| Comparison") :].split("\n\n")[0].splitlines()
-    labels = [line.split("|")[1].strip() for line in first[2:]]  # after the header and its rule
-    order = [m.label.strip() for m in METRICS if m.shown]
-    assert labels == [x for x in order if x in labels] and "trainable parameters" == labels[0]
-    assert "unavailable" not in text  # the CPU's missing allocator figures have no row at all
+    assert max(len(line) for line in text.splitlines()) <= 120
+    assert text.count("| method ") == 2 and "| Comparison" not in text
+    header = next(line for line in text.splitlines() if line.startswith("| method "))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "method",
+        "trainable",
+        "peak MiB",
+        "saved",
+        "epoch s",
+        "saved",
+        "accuracy",
+        "predicted/measured",
+    ]
+    assert "cifar-mlp on cpu (random weights): lora r=2" in text.replace("\n", " ")
+
+
+def test_no_metric_label_passes_sixty_characters_and_each_has_a_definition():
+    long = [m.key for m in METRICS if len(m.label) > 60]
+    assert not long, f"labels over 60 characters (a name and a unit; the rest is the definition): {long}"
+    assert all(m.definition.endswith((".", ")", "*")) for m in METRICS), [
+        m.key for m in METRICS if not m.definition
+    ]
 
 
 def test_repeats_fold_into_medians_with_their_spread_and_a_plot(rows, tmp_path):

@@ -9,7 +9,8 @@ import pytest
 from lorabench.measure.trackers import Unavailable
 from lorabench.plan.cells import Cell
 from lorabench.render import tables
-from lorabench.results.rows import BY_KEY, METRICS, Row, Status, is_number
+from lorabench.results.metrics import BY_KEY, METRICS, is_number
+from lorabench.results.rows import Row, Status
 
 ROOT = Path(__file__).resolve().parents[2]
 # two rows of the first committed reference run (20261122-075125-2e42e4), written with schema 1
@@ -40,7 +41,7 @@ def test_measurements_split_into_numbers_reasons_and_info():
 
 
 def test_an_undeclared_metric_is_refused():
-    with pytest.raises(KeyError, match="not declared in lorabench.results.rows.METRICS"):
+    with pytest.raises(KeyError, match="not declared in lorabench.results.metrics.METRICS"):
         Row.make(CELL, Status.OK, {"epoch_seconds": 1.0})
 
 
