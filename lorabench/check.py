@@ -335,6 +335,11 @@ def driver_sees(sampler, idle: dict, loaded: dict, reserved_idle: int, reserved:
             context,
         )
     why = getattr(loaded[process_key], "reason", "no process reading")
+    if not (isinstance(loaded[peak_key], int) and isinstance(idle[peak_key], int)):
+        failed = next(r for r in (idle[peak_key], loaded[peak_key]) if not isinstance(r, int))
+        return DriverView(
+            False, f"{lib}: no device reading ({getattr(failed, 'reason', failed)})", "a reading", None
+        )
     rise, grew = loaded[peak_key] - idle[peak_key], reserved - reserved_idle
     context = idle[peak_key] - idle[before_key] - reserved_idle if before_is_others else None
     return DriverView(
@@ -379,15 +384,24 @@ def energy_update(device: torch.device) -> Check:
 
 
 def amdsmi_binding() -> Check:
-    """Which amdsmi binding was imported, and whether its release is the host library's."""
+    """Which amdsmi binding was imported, whether its release is the host's ROCm's, and whether it
+    can read the devices at all (what a mismatch breaks)."""
     from .measure.drivers import amdsmi_versions, import_amdsmi
 
-    v = amdsmi_versions(import_amdsmi())
+    amdsmi = import_amdsmi()
+    v = amdsmi_versions(amdsmi)
+    try:
+        amdsmi.amdsmi_init()
+        amdsmi.amdsmi_get_gpu_vram_usage(amdsmi.amdsmi_get_processor_handles()[0])
+        works = "reads the device"
+    except Exception as e:  # noqa: BLE001 (the verdict carries the binding's error)
+        works = f"cannot read the device: {type(e).__name__}: {e}"
     return Check(
-        "amdsmi binding vs libamd_smi",
-        f"binding {v['binding_version']} ({v['binding']}); library {v['library_version']}; match: {v['match']}",
-        "the same release (or the binding ROCm ships)",
-        v["match"] != "no",
+        "amdsmi binding vs ROCm",
+        f"binding {v['binding_version']} ({v['binding']}); ROCm {v['rocm_version']}, libamd_smi "
+        f"{v['library_version']}; match: {v['match']}; {works}",
+        "the binding of the host's ROCm release, reading the device",
+        v["match"] != "no" and works == "reads the device",
     )
 
 

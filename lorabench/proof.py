@@ -114,7 +114,12 @@ def driver_step(p: Proof) -> Step:
     figures = {**facts, "process_listed": isinstance(seen, int), "cadence": trackers[0].cadence()}
     if isinstance(seen, int):
         figures["process_bytes"] = seen
-    return Step("driver", "ok", figures=figures, detail=getattr(seen, "reason", f"{seen / MiB:,.0f} MiB"))
+    return Step(
+        "driver",
+        "ok",
+        figures=figures,
+        detail=f"{seen / MiB:,.0f} MiB" if isinstance(seen, int) else seen.reason,
+    )
 
 
 def quantised_step(p: Proof) -> Step:
@@ -303,6 +308,8 @@ def prove(out: Path, dry: bool, progress: Callable[[str], None] = lambda name: N
     for name, fn in STEPS.items():
         progress(name)
         proof.run(name, fn)
+        if proof.device == "cuda":  # what this process cached must not sit in the next steps' processes' way
+            torch.cuda.empty_cache()
         data = proof.to_json()
         (out / "proof.json").write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
         (out / "proof.md").write_text(proof_markdown(data), encoding="utf-8")

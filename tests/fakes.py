@@ -145,8 +145,7 @@ class FakeNVML:
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeGPU):
         self.process_lists += 1
-        if self.process_list_s:
-            time.sleep(self.process_list_s)
+        busy(self.process_list_s)
         if self.process_error is not None:
             raise pynvml.NVMLError(self.process_error)
         return [
@@ -217,6 +216,11 @@ class FakeAmdsmi:
     def amdsmi_get_lib_version(self) -> dict:
         return dict(self.lib_version)
 
+    rocm_version = "6.4.1"  # the host's ROCm release, from librocm-core
+
+    def amdsmi_get_rocm_version(self) -> tuple[bool, str]:
+        return True, self.rocm_version
+
     def amdsmi_shut_down(self):
         pass
 
@@ -265,6 +269,13 @@ class FakeAmdsmi:
         if handle.energy is None:
             raise AmdSmiLibraryException(AMDSMI_STATUS_NOT_SUPPORTED)
         return {self.energy_key: handle.energy, "counter_resolution": handle.resolution_uj, "timestamp": 0}
+
+
+def busy(seconds: float) -> None:
+    """Spend `seconds` of this thread's CPU time, as a driver call walking its tables does."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
 
 
 def me() -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,14 +226,15 @@ class Cadence:
         return now >= self._next
 
     def call(self, fn):
-        """fn(), its cost kept and the next call set one period on."""
-        t0 = time.perf_counter()
+        """fn(), its cost kept and the next call set one period on. The cost is this thread's CPU
+        time: a driver call releases the GIL, and the wait to get it back from the training thread
+        is not the call's cost (counted in wall time it would slow the device readings needlessly)."""
+        t0 = time.thread_time()
         try:
             return fn()
         finally:
-            now = time.perf_counter()
-            self.costs = (self.costs + [now - t0])[-self.KEEP :]
-            self._next = now + self.period_s
+            self.costs = (self.costs + [time.thread_time() - t0])[-self.KEEP :]
+            self._next = time.perf_counter() + self.period_s
 
 
 class DriverMemory(Sampler):
@@ -537,39 +537,56 @@ def _update_of(device_name: str) -> dict[str, Any]:
 
 
 def import_amdsmi():
-    """amdsmi, the binding ROCm ships ($ROCM_PATH/share/amd_smi, /opt/rocm by default) ahead of one
-    installed from the registry: the binding calls the host's libamd_smi.so, and one made for
-    another ROCm release can fail on it, taking the whole AMD driver view with it."""
-    shipped = Path(os.environ.get("ROCM_PATH") or "/opt/rocm", "share", "amd_smi")
-    if (shipped / "amdsmi" / "__init__.py").is_file() and str(shipped) not in sys.path:
-        sys.path.insert(0, str(shipped))
+    """amdsmi, as this process has it: the binding ROCm ships where there is one (lorabench puts it
+    first on the path before torch imports amdsmi: `lorabench._prefer_the_amdsmi_rocm_ships`)."""
     import amdsmi
 
     return amdsmi
 
 
-def amdsmi_versions(amdsmi) -> dict[str, str]:
-    """Which amdsmi binding this process imported, its version, the library's (`libamd_smi`), and
-    whether their releases (major.minor) agree."""
+def _distribution_of(module, name: str = "amdsmi") -> str | None:
+    """The version of the installed distribution `name` the module was imported from, or None (the
+    binding ROCm ships has no package metadata)."""
     from importlib import metadata
 
-    where = str(Path(getattr(amdsmi, "__file__", "?")).parent)
+    where = Path(getattr(module, "__file__", "")).resolve().parent.parent
+    for dist in metadata.distributions():
+        if (dist.metadata["Name"] or "").lower() == name and Path(dist.locate_file("")).resolve() == where:
+            return dist.version
+    return None
+
+
+def amdsmi_versions(amdsmi) -> dict[str, str]:
+    """Which amdsmi binding this process imported, its release, the host's ROCm release and its
+    library's version, and whether the binding's release is ROCm's (a binding ROCm ships is):
+    amdsmi's releases on the registry are numbered as ROCm's (7.0.2 for ROCm 7.0.2), its library
+    (`amdsmi_get_lib_version`) has a numbering of its own."""
+    where = Path(getattr(amdsmi, "__file__", "?")).parent
+    shipped = where.parent.name == "amd_smi" and where.parent.parent.name == "share"
+    binding = _distribution_of(amdsmi)
     try:
-        binding = metadata.version("amdsmi")
-    except metadata.PackageNotFoundError:
-        binding = "unknown (no package metadata: the binding ROCm ships)"
+        found, rocm = amdsmi.amdsmi_get_rocm_version()
+        rocm = str(rocm) if found else None
+    except Exception:  # noqa: BLE001 (an old binding without the call)
+        rocm = None
     try:
         v = amdsmi.amdsmi_get_lib_version()
-        library = f"{v['major']}.{v['minor']}.{v['release']}"
+        library = v.get("build") or f"{v['major']}.{v['minor']}.{v['release']}"
     except Exception as e:  # noqa: BLE001 (an old binding without the call, or a library that fails)
         library = f"unknown ({type(e).__name__}: {e})"
-    release = lambda text: ".".join(text.split(".")[:2])
-    same = binding[0].isdigit() and library[0].isdigit() and release(binding) == release(library)
+    release = lambda text: ".".join(str(text).split(".")[:2])
+    if shipped:
+        match = "yes"
+    elif binding and rocm:
+        match = "yes" if release(binding) == release(rocm) else "no"
+    else:
+        match = "unknown"
     return {
-        "binding": where,
-        "binding_version": binding,
+        "binding": str(where),
+        "binding_version": "shipped with ROCm" if shipped else binding or "unknown",
+        "rocm_version": rocm or "unknown",
         "library_version": library,
-        "match": "yes" if same else "unknown" if not binding[0].isdigit() else "no",
+        "match": match,
     }
 
 

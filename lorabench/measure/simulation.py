@@ -74,14 +74,17 @@ class GpuAttention(TorchFunctionMode):
     @staticmethod
     def kernel(q: Tensor, k: Tensor, v: Tensor, attn_mask, enable_gqa: bool) -> str:
         """flash, efficient or math, by the rules that decide between them on a GPU: flash takes
-        half precision without an arbitrary mask (causal only), grouped heads included; the
-        memory-efficient kernel any float dtype and a mask, but not grouped heads; head sizes above
-        256, or key and value head sizes that differ, only math."""
-        if q.dim() != 4 or q.shape[-1] > 256 or q.shape[-1] != v.shape[-1]:
+        half precision without an arbitrary mask (causal only), head sizes up to 256, grouped heads
+        included; the memory-efficient kernel any float dtype and a mask, head sizes in whole
+        16-byte steps, but not grouped heads; what neither takes, math. (Flash needs sm80 or newer
+        and some ROCm targets lack it: there the memory-efficient kernel runs, keeping as little.)"""
+        if q.dim() != 4:
             return "math"
-        if q.dtype in (torch.float16, torch.bfloat16) and attn_mask is None:
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        if half and attn_mask is None and q.shape[-1] <= 256 and q.shape[-1] == v.shape[-1]:
             return "flash"
-        if not (enable_gqa and k.shape[1] != q.shape[1]):
+        align = 8 if half else 4  # the memory-efficient kernel's head sizes, in elements
+        if not (enable_gqa and k.shape[1] != q.shape[1]) and q.shape[-1] % align == v.shape[-1] % align == 0:
             return "efficient"
         return "math"
 
@@ -97,9 +100,8 @@ class GpuAttention(TorchFunctionMode):
                 0
             ]
         if kernel == "efficient":
-            bias = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if mask is not None else None
             return torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, k, v, bias, True, dropout, causal, scale=scale
+                q, k, v, _bias(mask, q, k), True, dropout, causal, scale=scale
             )[0]
         return torch.ops.aten._scaled_dot_product_attention_math(
             q, k, v, mask, dropout, causal, None, scale=scale, enable_gqa=gqa
@@ -109,6 +111,21 @@ class GpuAttention(TorchFunctionMode):
         """Which kernels ran, for the prediction's row."""
         ran = ", ".join(f"{name} x{n}" for name, n in sorted(self.calls.items()))
         return f"as a GPU runs it: {ran} per step" if ran else "no scaled_dot_product_attention call"
+
+
+def _bias(mask: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
+    """The mask as the memory-efficient kernel takes it, made as torch's SDPA makes it per call (so
+    each layer's backward keeps its own): a boolean mask becomes a float one in the query's dtype
+    (convert_boolean_attn_mask), its last dimension padded to a multiple of 16 where it is not one
+    (preprocess_mask), then expanded to (batch, heads, queries, keys), a view."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+    keys = mask.shape[-1]
+    if keys % 16:
+        mask = F.pad(mask, (0, 16 - keys % 16))[..., :keys]
+    return mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
 def _sdpa_args(

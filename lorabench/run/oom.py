@@ -24,6 +24,7 @@ MESSAGES = (
     "out of memory",  # torch's CUDA/HIP OOM text, the runtimes' own, NCCL's "Cuda failure 'out of memory'"
     "_status_alloc_failed",  # cuBLAS, hipBLAS, cuDNN, cuSPARSE, cuSOLVER status names
     "rocblas_status_memory_error",
+    "miopenstatusallocfailed",  # MIOpen (ROCm's cuDNN)
     "hiperroroutofmemory",
     "cudaerrormemoryallocation",
     "can't allocate memory",  # torch's CPU allocator

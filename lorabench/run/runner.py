@@ -203,24 +203,24 @@ def calibrate(device: str, gemms: dict[str, list], start_method: str = "forkserv
 
 def visible(environ: Mapping[str, str], rocm: bool) -> tuple[list[str] | None, str]:
     """(the ids of the GPUs this process may use, as the variable `pin` sets in a cell reads them;
-    None: every GPU) and that variable, composed with what this process inherited as torch parses
-    it (torch.cuda._parse_visible_devices). On ROCm, ROCR_VISIBLE_DEVICES narrows the devices first
-    and HIP_VISIBLE_DEVICES numbers what is left; HIP_VISIBLE_DEVICES, else CUDA_VISIBLE_DEVICES,
-    picks among them; with ROCR_VISIBLE_DEVICES alone, its devices are 0..n-1 to HIP. A cell is
-    pinned by HIP_VISIBLE_DEVICES, which overrides CUDA_VISIBLE_DEVICES there: it must name the
-    inherited choice, or `CUDA_VISIBLE_DEVICES=2,3` would put cells on GPUs 0 and 1."""
+    None: every GPU) and that variable, composed with what this process inherited as the runtime
+    reads it. On ROCm, ROCR_VISIBLE_DEVICES narrows the devices first and HIP numbers what is left;
+    HIP_VISIBLE_DEVICES, else CUDA_VISIBLE_DEVICES, picks among them (HIP honours either); with
+    ROCR_VISIBLE_DEVICES alone its devices are 0..n-1 to HIP. A cell is pinned by
+    HIP_VISIBLE_DEVICES, which overrides CUDA_VISIBLE_DEVICES there: it must name the inherited
+    choice, or `CUDA_VISIBLE_DEVICES=2,3` would put cells on GPUs 0 and 1. (torch's own parser,
+    torch.cuda._parse_visible_devices, ignores CUDA_VISIBLE_DEVICES when ROCR_VISIBLE_DEVICES is set;
+    HIP does not, and HIP decides where a kernel runs.)"""
     entries = lambda var: [e.strip() for e in environ[var].split(",") if e.strip()]
     if not rocm:
         var = "CUDA_VISIBLE_DEVICES"
         return (entries(var) if var in environ else None), var
-    var = "HIP_VISIBLE_DEVICES"
-    if var in environ:
-        return entries(var), var
+    for var in ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+        if var in environ:
+            return entries(var), "HIP_VISIBLE_DEVICES"
     if "ROCR_VISIBLE_DEVICES" in environ:
-        return [str(i) for i in range(len(entries("ROCR_VISIBLE_DEVICES")))], var
-    if "CUDA_VISIBLE_DEVICES" in environ:
-        return entries("CUDA_VISIBLE_DEVICES"), var
-    return None, var
+        return [str(i) for i in range(len(entries("ROCR_VISIBLE_DEVICES")))], "HIP_VISIBLE_DEVICES"
+    return None, "HIP_VISIBLE_DEVICES"
 
 
 def devices(device: str, count: int, environ: Mapping[str, str] = os.environ) -> list[str]:

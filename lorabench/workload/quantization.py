@@ -49,7 +49,11 @@ def targets(module: nn.Module) -> list[str]:
     return names[:-1]
 
 
-def _layer(kind: str, linear: nn.Linear) -> nn.Module:
+def _layer(kind: str, linear: nn.Linear, device: torch.device | str) -> nn.Module:
+    """`linear` as a bitsandbytes layer on `device`, quantised there: nf4 as its weight moves from
+    the CPU, int8 where its weight is moved first. An int8 layer must not move once quantised:
+    `Module.to` keeps the parameter object and swaps its data, so the scales and codes bitsandbytes
+    keeps beside it (CB, SCB) would stay on the old device."""
     bnb = _bnb()
     has_bias = linear.bias is not None
     if kind == "nf4":
@@ -69,10 +73,10 @@ def _layer(kind: str, linear: nn.Linear) -> nn.Module:
         q = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False
         )
-        q.weight = _int8(bnb, linear.weight.data)
+        q.weight = _int8(bnb, linear.weight.data.to(device))
     if has_bias:
-        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    return q
+        q.bias = nn.Parameter(linear.bias.data.to(device, copy=True), requires_grad=False)
+    return q.to(device)
 
 
 def _int8(bnb, weight: torch.Tensor):
@@ -85,15 +89,14 @@ def _int8(bnb, weight: torch.Tensor):
 
 
 def quantize(module: nn.Module, kind: str, device: torch.device) -> int:
-    """Replace `targets(module)` by bitsandbytes layers (nf4 quantised as it moves to `device`, int8
-    where its weight already is) and prepare the model for training adapters on them (PEFT's
+    """Replace `targets(module)` by bitsandbytes layers quantised on `device` (`_layer`) and prepare the model for training adapters on them (PEFT's
     prepare_model_for_kbit_training: the base frozen, norms in fp32, inputs that require grad).
     Returns how many layers were replaced."""
     names = targets(module)
     for name in names:
         parent, _, leaf = name.rpartition(".")
         owner = module.get_submodule(parent) if parent else module
-        setattr(owner, leaf, _layer(kind, getattr(owner, leaf)).to(device))
+        setattr(owner, leaf, _layer(kind, getattr(owner, leaf), device))
     module.requires_grad_(False)
     # what PEFT reads to wrap bitsandbytes layers with its own k-bit LoRA layers (merging included)
     module.is_loaded_in_4bit, module.is_loaded_in_8bit = kind == "nf4", kind == "int8"
@@ -140,7 +143,7 @@ def unsupported(kind: str, device: str) -> str | None:
     if kind == "none":
         return None
     try:
-        q = _layer(kind, nn.Linear(64, 64)).to(device)
+        q = _layer(kind, nn.Linear(64, 64), device)
         x = torch.randn(4, 64, device=device, requires_grad=True)
         q(x).float().sum().backward()
     except Exception as e:  # not installed, no kernel for this device, a driver problem

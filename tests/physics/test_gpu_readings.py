@@ -229,53 +229,83 @@ def test_each_gpu_cell_records_its_context_by_kind_and_the_fit_check_adds_that_k
 
 # ---- which amdsmi binding --------------------------------------------------------------------------
 
+BINDING = """
+SHIPPED = {shipped}
+def amdsmi_init(flags=None): pass
+def amdsmi_get_processor_handles(): return ["gpu0"]
+def amdsmi_get_gpu_vram_usage(handle): return {{"vram_total": 196592, "vram_used": 512}}
+def amdsmi_get_rocm_version(): return True, "6.4.1"
+def amdsmi_get_lib_version(): return {{"major": 25, "minor": 3, "release": 0, "build": "25.3.0.60401"}}
+"""
+
 
 @pytest.fixture
-def rocm(tmp_path, monkeypatch):
-    """A ROCm install whose share/amd_smi holds the binding it ships, with package metadata of `version`."""
+def binding(tmp_path, monkeypatch):
+    """binding(where, version): an amdsmi package with the calls a check makes, in ROCm's share/amd_smi
+    (where="rocm") or a site folder with package metadata of `version` (where="registry")."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "amdsmi", raising=False)
 
-    def install(version: str | None) -> None:
-        shipped = tmp_path / "rocm" / "share" / "amd_smi"
-        (shipped / "amdsmi").mkdir(parents=True)
-        (shipped / "amdsmi" / "__init__.py").write_text(
-            "SHIPPED = True\n"
-            "def amdsmi_get_lib_version():\n"
-            "    return {'major': 6, 'minor': 4, 'release': 1, 'build': '6.4.1.60401-83'}\n"
-        )
+    def install(where: str, version: str | None = None):
+        root = tmp_path / ("rocm/share/amd_smi" if where == "rocm" else "site")
+        (root / "amdsmi").mkdir(parents=True)
+        (root / "amdsmi" / "__init__.py").write_text(BINDING.format(shipped=where == "rocm"))
         if version:
-            meta = shipped / f"amdsmi-{version}.dist-info"
+            meta = root / f"amdsmi-{version}.dist-info"
             meta.mkdir()
             (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: amdsmi\nVersion: {version}\n")
-        monkeypatch.setenv("ROCM_PATH", str(tmp_path / "rocm"))
-        monkeypatch.delitem(sys.modules, "amdsmi", raising=False)
-        monkeypatch.setattr(sys, "path", list(sys.path))
+        if where == "rocm":
+            monkeypatch.setenv("ROCM_PATH", str(tmp_path / "rocm"))
+        else:
+            sys.path.insert(0, str(root))
+        return root
 
     return install
 
 
-def test_the_binding_rocm_ships_is_imported_before_the_registrys(rocm):
-    rocm("6.4.1")
+def test_the_binding_rocm_ships_goes_first_before_torch_imports_amdsmi(binding):
+    """A ROCm build of torch imports amdsmi as it is imported: lorabench's own import, which comes
+    first, puts ROCm's binding ahead of the registry's, which then stays unused."""
+    import lorabench
+
+    binding("registry", "7.0.2")
+    binding("rocm")
+    lorabench._prefer_the_amdsmi_rocm_ships()
     amdsmi = drivers.import_amdsmi()
     assert amdsmi.SHIPPED
     assert drivers.amdsmi_versions(amdsmi) == {
         "binding": str(drivers.Path(amdsmi.__file__).parent),
-        "binding_version": "6.4.1",
-        "library_version": "6.4.1",
+        "binding_version": "shipped with ROCm",
+        "rocm_version": "6.4.1",
+        "library_version": "25.3.0.60401",
         "match": "yes",
     }
+    assert check.amdsmi_binding().ok
 
 
-def test_check_says_when_the_binding_is_not_the_librarys_release(rocm):
-    rocm("6.2.0")  # a binding of ROCm 6.2 on a host library of 6.4
+def test_check_says_when_the_registrys_binding_is_not_the_hosts_rocm_release(binding):
+    binding("registry", "6.2.0")  # made for ROCm 6.2, on a host with ROCm 6.4
     result = check.amdsmi_binding()
+    assert not result.ok
     assert (
-        not result.ok and "binding 6.2.0" in result.measured and "library 6.4.1; match: no" in result.measured
+        "binding 6.2.0" in result.measured
+        and "ROCm 6.4.1" in result.measured
+        and "match: no" in result.measured
     )
 
 
-def test_a_binding_without_metadata_is_not_called_a_mismatch(monkeypatch):
-    monkeypatch.setitem(sys.modules, "amdsmi", FakeAmdsmi([FakeAMD()]))
-    monkeypatch.setenv("ROCM_PATH", "/nonexistent")
-    v = drivers.amdsmi_versions(drivers.import_amdsmi())
-    assert v["library_version"] == "6.4.1" and v["match"] in ("unknown", "no", "yes")
-    assert check.amdsmi_binding().ok == (v["match"] != "no")
+def test_a_registry_binding_of_the_hosts_release_passes(binding):
+    binding("registry", "6.4.1")
+    assert drivers.amdsmi_versions(drivers.import_amdsmi())["match"] == "yes" and check.amdsmi_binding().ok
+
+
+def test_a_binding_that_cannot_read_the_device_fails_the_check(monkeypatch):
+    from fakes import AMDSMI_STATUS_NO_PERM, AmdSmiLibraryException
+
+    fake = FakeAmdsmi([FakeAMD()])
+    fake.amdsmi_get_gpu_vram_usage = lambda h: (_ for _ in ()).throw(
+        AmdSmiLibraryException(AMDSMI_STATUS_NO_PERM)
+    )
+    monkeypatch.setitem(sys.modules, "amdsmi", fake)
+    result = check.amdsmi_binding()
+    assert not result.ok and "cannot read the device: AmdSmiLibraryException" in result.measured

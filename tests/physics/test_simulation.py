@@ -132,7 +132,8 @@ def test_a_gpu_cells_attention_keeps_what_the_gpus_fused_kernel_keeps(monkeypatc
         (torch.float32, False, 8, 64, "efficient"),  # flash is half precision only
         (torch.float32, False, 2, 64, "math"),  # grouped heads in fp32: neither fused kernel
         (torch.bfloat16, False, 2, 64, "flash"),  # flash takes grouped heads
-        (torch.float16, False, 8, 512, "math"),  # a head larger than the fused kernels take
+        (torch.float16, False, 8, 512, "efficient"),  # a head larger than flash takes
+        (torch.float32, True, 8, 66, "math"),  # a head the memory-efficient kernel cannot align
     ],
 )
 def test_the_gpu_attention_kernel_is_chosen_as_torch_chooses_it(dtype, mask, kv_heads, head_dim, kernel):
@@ -151,3 +152,16 @@ def test_reparametrised_lora_needs_more_than_half_of_full_fine_tunings_peak_on_a
     full = survey(Cell(method="full", **kw)).prediction.peak_bytes
     reparam = survey(Cell(method="lora-reparam", rank=1, pretrain_epochs=1, **kw)).prediction.peak_bytes
     assert 0.5 < reparam / full < 0.6
+
+
+def test_the_memory_efficient_kernels_mask_is_a_float_copy_per_call_padded_to_sixteen():
+    """torch's SDPA turns a boolean mask into a float one in the query's dtype on every call and pads
+    its last dimension to a multiple of 16 for the memory-efficient kernel, which keeps it for
+    backward: each layer holds its own (batch, 1, queries, keys rounded up) copy."""
+    q = torch.empty(2, 8, 30, 64)
+    mask = torch.ones(2, 1, 30, 30, dtype=torch.bool)
+    bias = simulation._bias(mask, q, q)
+    assert bias.shape == (2, 8, 30, 30) and bias.dtype == torch.float32
+    assert bias.untyped_storage().nbytes() == 2 * 1 * 30 * 32 * 4
+    float_mask = torch.zeros(2, 1, 30, 32)
+    assert simulation._bias(float_mask, q, torch.empty(2, 8, 32, 64)).data_ptr() == float_mask.data_ptr()

@@ -33,10 +33,11 @@ def run_step(job, name: str) -> subprocess.CompletedProcess:
 def test_the_job_requires_a_gpu_and_installs_the_torch_its_driver_runs(job):
     assert job["env"]["LORABENCH_REQUIRE_GPU"] == "1"
     install = step(job, "Install")
-    assert "inputs.torch_index" in install["env"]["TORCH_INDEX"]
+    assert "inputs.cuda_torch_index" in install["env"]["TORCH_INDEX"]
+    assert "inputs.rocm_torch_index" in install["env"]["TORCH_INDEX"]
     assert '--index-url "$TORCH_INDEX" torch torchvision' in install["run"]
     on = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-nightly.yml").read_text())[True]
-    assert "torch_index" in on["workflow_dispatch"]["inputs"]
+    assert set(on["workflow_dispatch"]["inputs"]) == {"cuda_torch_index", "rocm_torch_index"}
 
 
 def test_the_check_step_fails_where_torch_sees_no_gpu(job):

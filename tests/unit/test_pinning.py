@@ -45,8 +45,9 @@ def test_rocm_hip_visible_devices_number_what_rocr_left(platform):
     platform(True, ROCR_VISIBLE_DEVICES="4,5")  # ROCR alone: its devices are 0 and 1 to HIP
     assert runner.devices("cuda", 2) == ["0", "1"]
     assert runner.pin(["1"]) == {"HIP_VISIBLE_DEVICES": "1"}  # the second of ROCR's: physical 5
-    platform(True, ROCR_VISIBLE_DEVICES="4,5", CUDA_VISIBLE_DEVICES="1")  # torch ignores CUDA's here
-    assert runner.devices("cuda", 2) == ["0", "1"]
+    # HIP honours CUDA_VISIBLE_DEVICES inside what ROCR left (torch's own parser ignores it here)
+    platform(True, ROCR_VISIBLE_DEVICES="0,1,2,3", CUDA_VISIBLE_DEVICES="2,3")
+    assert runner.devices("cuda", 2) == ["2", "3"]
 
 
 def test_rocm_without_any_variable_numbers_every_gpu(platform):

@@ -87,12 +87,23 @@ def test_an_int8_weight_is_quantised_wherever_it_sits_not_only_on_a_move_from_th
 
     with torch.device("meta"):
         linear = torch.nn.Linear(256, 128)
-    q = quantization._layer("int8", linear)
+    q = quantization._layer("int8", linear, "meta")
     assert q.weight.dtype == torch.int8 and q.weight.device.type == "meta"
     assert q.weight.SCB.shape == (128,) and q.weight.SCB.dtype == torch.float32
+    assert q.weight.CB is q.weight.data or q.weight.CB.data_ptr() == q.weight.data.data_ptr()
     assert quantization.held_bytes([q.weight]) == 256 * 128 + 128 * 4
-    moved = q.to("meta")  # a quantised weight stays quantised as it moves on
-    assert moved.weight.dtype == torch.int8
+
+
+def test_an_int8_layer_is_quantised_on_the_device_it_will_live_on():
+    """Quantised on the CPU and then moved, a layer keeps the parameter object (`Module.to` swaps its
+    data) and with it the codes and scales bitsandbytes keeps beside it, on the CPU: the GPU's first
+    forward then reads CPU tensors. Built for `device`, everything it holds is there."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    q = quantization._layer("int8", torch.nn.Linear(64, 32), "meta")
+    held = [q.weight, q.weight.CB, q.weight.SCB, q.bias]
+    assert {t.device.type for t in held} == {"meta"}
 
 
 def test_an_int8_layer_quantised_in_place_computes_what_the_fp32_one_does():
@@ -101,7 +112,7 @@ def test_an_int8_layer_quantised_in_place_computes_what_the_fp32_one_does():
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
-    q = quantization._layer("int8", linear).to("cpu")
+    q = quantization._layer("int8", linear, "cpu")
     x = torch.randn(8, 64)
     assert q.weight.dtype == torch.int8
     torch.testing.assert_close(q(x).float(), linear(x), atol=0.05, rtol=0.05)
