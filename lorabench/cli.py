@@ -415,7 +415,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     device = cells[0].device if cells else "cpu"
     options = _options(args, device)
     writable_dir(args.out, "--out")
-    for path in sorted({c.data for c in cells if c.data != "synthetic"} if args.download else ()):
+    for path in sorted({c.data for c in cells if not c.synthetic_data} if args.download else ()):
         data.download_cifar10(path)
     if not args.dry_run:
         worker.start_workers(options.start_method, cells)  # its imports overlap with the model builds below

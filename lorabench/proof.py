@@ -45,9 +45,14 @@ class Step:
 @dataclass
 class Proof:
     out: Path
-    device: str  # what the steps ran on: cuda, or cpu in a dry run
-    dry: bool
+    dry: bool  # every step on the CPU
+
     steps: list[Step] = field(default_factory=list)
+
+    @property
+    def device(self) -> str:
+        """What the steps run on: cuda, or cpu in a dry run."""
+        return "cpu" if self.dry else "cuda"
 
     def lorabench(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
         """The command line as a user runs it, in a fresh process (its own CUDA context)."""
@@ -77,7 +82,7 @@ class Proof:
             "device": self.device,
             "dry_run": self.dry,
             "ok": all(s.status != "failed" for s in self.steps),
-            "environment": environment.capture(self.device, gpu=self.device == "cuda"),
+            "environment": environment.capture(self.device, gpu=not self.dry),
             "steps": [asdict(s) for s in self.steps],
         }
 
@@ -97,7 +102,7 @@ def check_step(p: Proof) -> Step:
 def driver_step(p: Proof) -> Step:
     """Does the driver list this process, with its memory? Inside a container it lists host PIDs
     only: the cells then report the process figure unavailable and the device's use instead."""
-    if p.device != "cuda":
+    if p.dry:
         return Step("driver", "skipped", detail="dry run: no device")
     from .measure.drivers import driver_trackers
 
@@ -154,7 +159,7 @@ def gpu_tests_step(p: Proof) -> Step:
     if not tests.exists():
         return Step("gpu tests", "skipped", detail=f"{tests} is not here: run the proof from a checkout")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    if p.device == "cuda":
+    if not p.dry:
         env["LORABENCH_REQUIRE_GPU"] = "1"
     else:
         env.pop("LORABENCH_REQUIRE_GPU", None)
@@ -304,11 +309,11 @@ def prove(out: Path, dry: bool, progress: Callable[[str], None] = lambda name: N
     from .render.proofs import proof_markdown
 
     out.mkdir(parents=True, exist_ok=True)
-    proof = Proof(out, "cpu" if dry else "cuda", dry)
+    proof = Proof(out, dry)
     for name, fn in STEPS.items():
         progress(name)
         proof.run(name, fn)
-        if proof.device == "cuda":  # what this process cached must not sit in the next steps' processes' way
+        if not proof.dry:  # what this process cached must not sit in the next steps' processes' way
             torch.cuda.empty_cache()
         data = proof.to_json()
         (out / "proof.json").write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")

@@ -18,7 +18,7 @@ from .. import child
 from ..measure import calibration, environment
 from ..workload import models
 from .cells import Cell, CellError
-from .survey import PROBE_TIMEOUT_S, RUNS_ANYWHERE, PlanError, Survey, probe, survey_all
+from .survey import PROBE_TIMEOUT_S, PlanError, Survey, probe, survey_all, to_probe
 
 
 def shard(cells: list[Cell], costs: list[float], k: int, n: int) -> list[Cell]:
@@ -68,8 +68,8 @@ def context_kind(cell: Cell) -> str:
     loads kernel modules and buffers beyond an fp32 MLP's (attention, another dtype, compiled
     kernels, a quantised base, NCCL)."""
     parts = ["transformer" if models.uses_transformers(cell.model) else "mlp", cell.compute_dtype]
-    parts += ["compiled"] if cell.compile == "on" else []
-    parts += [cell.quantize] if cell.quantize != "none" else []
+    parts += ["compiled"] if cell.compiled else []
+    parts += [cell.quantize] if cell.quantized else []
     parts += [f"{cell.strategy} x{cell.nproc}"] if cell.nproc > 1 else []
     return ", ".join(parts)
 
@@ -78,7 +78,7 @@ def runtime_context(cell: Cell) -> tuple[int, str | None]:
     """(bytes, where they come from) of the GPU runtime context a cell adds beyond its tensors: the
     largest recorded for its kind, else the largest recorded at all (`calibration.context`), or 0
     and a note that none was measured. The CPU has none."""
-    if cell.device == "cpu":
+    if not cell.on_gpu:
         return 0, None
     found = calibration.context(context_kind(cell))
     if found is None:
@@ -105,7 +105,7 @@ def fit_gate(
     gib = 2**30
     context = {c.key(): runtime_context(c)[0] for c in cells}
     need = {
-        c.key(): s.prediction.peak_bytes * (c.nproc if c.device == "cpu" else 1) + context[c.key()]
+        c.key(): s.prediction.peak_bytes * (1 if c.on_gpu else c.nproc) + context[c.key()]
         for c, s in zip(cells, surveys)
     }
     skipped = {
@@ -166,11 +166,7 @@ class Plan:
         skipped = fit_gate(cells, surveys, free, what, force)
         skipped.update({c.key(): s.unbuildable for c, s in zip(cells, surveys) if s.unbuildable})
         # a precision this device cannot run, a quantisation bitsandbytes cannot serve: skipped, with why
-        asked = {
-            axis: sorted({getattr(c, axis) for c in cells} - {everywhere})
-            for axis, everywhere in RUNS_ANYWHERE.items()
-        }
-        asked = {axis: values for axis, values in asked.items() if values}
+        asked = to_probe(cells)
         if asked:
             try:
                 answers = child.call(

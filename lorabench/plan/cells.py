@@ -21,21 +21,26 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from ..errors import InputError
-from ..workload.methods import BASELINE, METHODS, Adapter, MethodError
+from ..workload import data, precision
+from ..workload.checkpointing import CHECKPOINTING
+from ..workload.compiler import COMPILE
+from ..workload.distributed import DEFAULT_STRATEGY, STRATEGIES
+from ..workload.methods import BASELINE, Adapter, MethodError
 from ..workload.methods import method as method_of
-from ..workload.models import MODELS, is_byo
+from ..workload.models import MODELS, WEIGHTS, is_byo
 from ..workload.optimizers import OPTIMIZERS
-from ..workload.precision import OF_DTYPE, PRECISIONS
-from ..workload.quantization import KINDS as QUANTIZE_KINDS
+from ..workload.precision import PRECISIONS
+from ..workload.quantization import QUANTIZATIONS
+from ..workload.settings import Choice, unknown
+from ..workload.spec import Spec
 from ..workload.tasks import TASKS
 from ..workload.zoo import ARCHITECTURES
 from ..workload.zoo import NAMES as ZOO
 
-DEVICES = ("cpu", "cuda")
-STRATEGIES = ("ddp", "fsdp2")  # how a cell of several processes shares the model (see `distributed`)
-DTYPES = ("float32", "bfloat16", "float16")
-WEIGHTS = ("random", "pretrained")
-ONOFF = ("off", "on")
+DEVICES: dict[str, Choice] = {
+    "cpu": Choice("the host's cores"),
+    "cuda": Choice("a CUDA or ROCm GPU (HIP answers to cuda)", on=True),
+}
 
 
 class CellError(InputError):
@@ -155,7 +160,7 @@ class Cell:
         "float32",
         "the older spelling of --precision: float32 = fp32, bfloat16 = bf16, float16 = fp16 "
         "(the dtype weights and Adam's state are kept in)",
-        choices=DTYPES,
+        choices=tuple(precision.TORCH),
     )
     precision: str = setting(
         "fp32",
@@ -166,7 +171,7 @@ class Cell:
     )
     seed: int = setting(0, "seed of weights, data and order", parse=int)
     weights: str = setting(
-        "random", "random (from the configuration, default) or pretrained", choices=WEIGHTS
+        "random", "random (from the configuration, default) or pretrained", choices=tuple(WEIGHTS)
     )
     data: str = setting(
         "synthetic",
@@ -253,26 +258,13 @@ class Cell:
                 f"(arch: {choices(ARCHITECTURES)}) or hf:<dir or hub id>"
             )
         try:
-            method = method_of(self.method)
+            why = method_of(self.method).conflict(self)
         except MethodError as e:
-            raise CellError(str(e)) from None
-        if not method.ranked and self.rank is not None:
-            raise CellError(
-                f"a rank was given to {method.title}; ranks apply to the methods that take one "
-                f"({', '.join(n for n, m in METHODS.items() if m.ranked)})"
-            )
-        if method.ranked and self.rank is None:
-            raise CellError(f"method {self.method!r} needs a rank (a whole number >= 1)")
+            why = str(e)
+        if why:
+            raise CellError(why)
         if self.rank is not None:
             _positive_int("rank", self.rank)
-        if not method.adapts:
-            if self.targets is not None or self.modules_to_save:
-                raise CellError("targets and modules_to_save apply to the adapter methods only")
-        else:
-            if self.alpha is not None and not self.alpha > 0:
-                raise CellError(f"alpha must be > 0, got {self.alpha}")
-            if not 0.0 <= self.dropout < 1.0:
-                raise CellError(f"dropout must be in [0, 1), got {self.dropout}")
         for name in ("batch_size", "grad_accum", "seq_len", "epochs", "samples", "eval_samples", "nproc"):
             _positive_int(name, getattr(self, name))
         _nonnegative_int("warmup_epochs", self.warmup_epochs)
@@ -291,54 +283,24 @@ class Cell:
             )
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise CellError(f"lr must be a number > 0, got {self.lr!r}")
-        if self.device not in DEVICES:
-            raise CellError(f"unknown device {self.device!r}; choose from {choices(DEVICES)}")
-        if self.dtype not in DTYPES:
-            raise CellError(f"unknown dtype {self.dtype!r}; choose from {choices(DTYPES)}")
-        if self.precision not in PRECISIONS:
-            raise CellError(f"unknown precision {self.precision!r}; choose from {choices(PRECISIONS)}")
-        # one cell, one spelling: --dtype bfloat16 is --precision bf16, and the dtype follows a precision
-        if self.precision == "fp32" and self.dtype != "float32":
-            object.__setattr__(self, "precision", OF_DTYPE[self.dtype])
-        elif PRECISIONS[self.precision][0] != self.dtype:
-            if self.dtype != "float32":
-                raise CellError(
-                    f"--dtype {self.dtype} and --precision {self.precision} disagree; give --precision only"
-                )
-            object.__setattr__(self, "dtype", PRECISIONS[self.precision][0])
-        if self.weights not in WEIGHTS:
-            raise CellError(f"unknown weights {self.weights!r}; choose from {choices(WEIGHTS)}")
-        if self.quantize not in QUANTIZE_KINDS:
-            raise CellError(
-                f"unknown quantization {self.quantize!r}; choose from {', '.join(QUANTIZE_KINDS)}"
-            )
-        if self.quantize != "none" and not method.adapts:
-            raise CellError(
-                f"--quantize {self.quantize} freezes the base in bits: it needs an adapter method, not "
-                f"{method.title}"
-            )
-        if self.quantize != "none" and self.nproc > 1:
-            raise CellError("--quantize runs in one process; give --nproc 1")
-        if self.optimizer not in OPTIMIZERS:
-            raise CellError(f"unknown optimizer {self.optimizer!r}; choose from {choices(OPTIMIZERS)}")
-        if OPTIMIZERS[self.optimizer].bitsandbytes and self.strategy == "fsdp2":
-            raise CellError(
-                f"--optimizer {self.optimizer} (bitsandbytes) cannot step FSDP2's sharded tensors; use ddp"
-            )
-        if self.compile not in ONOFF:
-            raise CellError(f"compile must be one of {', '.join(ONOFF)}, got {self.compile!r}")
-        if self.grad_checkpointing not in ONOFF:
-            raise CellError(
-                f"grad_checkpointing must be one of {', '.join(ONOFF)}, got {self.grad_checkpointing!r}"
-            )
-        if self.strategy is not None and self.strategy not in STRATEGIES:
-            raise CellError(f"unknown strategy {self.strategy!r}; choose from {choices(STRATEGIES)}")
-        if self.nproc == 1 and self.strategy is not None:
-            raise CellError(
-                f"--strategy {self.strategy} applies to cells of several processes; give --nproc 2 or more"
-            )
+        for name, (what, registry) in REGISTRIES.items():
+            value = getattr(self, name)
+            why = None if value is None else unknown(what, value, registry)
+            if why:
+                raise CellError(why)
+        try:  # one cell, one spelling: --dtype bfloat16 is --precision bf16, and the dtype follows a precision
+            p, d = precision.resolve(self.precision, self.dtype)
+        except ValueError as e:
+            raise CellError(str(e)) from None
+        object.__setattr__(self, "precision", p)
+        object.__setattr__(self, "dtype", d)
         if self.nproc > 1 and self.strategy is None:  # one spelling per cell, so equal cells hash equal
-            object.__setattr__(self, "strategy", STRATEGIES[0])
+            object.__setattr__(self, "strategy", DEFAULT_STRATEGY)
+        for name, (_, registry) in REGISTRIES.items():  # each value says what it asks of the rest
+            value = getattr(self, name)
+            why = None if value is None else registry[value].conflict(self)
+            if why:
+                raise CellError(why)
 
     @property
     def scale(self) -> float | None:
@@ -367,7 +329,52 @@ class Cell:
     @property
     def compute_dtype(self) -> str:
         """The dtype of the step's matrix products: autocast's, or the weights'."""
-        return PRECISIONS[self.precision][1] or self.dtype
+        return PRECISIONS[self.precision].compute
+
+    # What the settings' values mean, asked of their registries (never compared as spellings).
+    @property
+    def on_gpu(self) -> bool:
+        return DEVICES[self.device].on
+
+    @property
+    def checkpointed(self) -> bool:
+        return CHECKPOINTING[self.grad_checkpointing].on
+
+    @property
+    def compiled(self) -> bool:
+        return COMPILE[self.compile].on
+
+    @property
+    def quantized(self) -> bool:
+        return QUANTIZATIONS[self.quantize].bits is not None
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the weights are published ones (else built from the configuration)."""
+        return WEIGHTS[self.weights].published
+
+    @property
+    def synthetic_data(self) -> bool:
+        return data.is_synthetic(self.data)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the cell's processes each hold a shard of the model (FSDP2)."""
+        return self.strategy is not None and STRATEGIES[self.strategy].shards
+
+    @property
+    def spec(self) -> Spec:
+        """What the cell trains (`workload.spec`): what the survey, the simulation and the run build."""
+        return Spec(
+            model=self.model,
+            method=self.method,
+            adapter=self.adapter,
+            weights=self.weights,
+            task=self.task,
+            dtype=self.dtype,
+            quantize=self.quantize,
+            checkpointing=self.checkpointed,
+        )
 
     @property
     def method_label(self) -> str:
@@ -438,6 +445,18 @@ def _nonnegative_int(name: str, value: Any) -> None:
         raise CellError(f"{name} must be a whole number >= 0, got {value!r}")
 
 
+# The settings whose values are registry entries: (how a message names the field, its registry).
+REGISTRIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "device": ("device", DEVICES),
+    "dtype": ("dtype", precision.DTYPES),
+    "precision": ("precision", PRECISIONS),
+    "weights": ("weights", WEIGHTS),
+    "quantize": ("quantization", QUANTIZATIONS),
+    "optimizer": ("optimizer", OPTIMIZERS),
+    "compile": ("compile", COMPILE),
+    "grad_checkpointing": ("grad_checkpointing", CHECKPOINTING),
+    "strategy": ("strategy", STRATEGIES),
+}
 CELL_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
 SETTINGS = tuple(f for f in dataclasses.fields(Cell) if cli_flags(f))  # what flags and [settings] may set
 

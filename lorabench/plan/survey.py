@@ -22,7 +22,8 @@ from ..errors import first_line
 from ..measure import flops, simulation
 from ..measure.predictions import DTYPE_BYTES, Prediction, per_rank, predict
 from ..measure.trackers import Unavailable, unavailable
-from ..workload import data, distributed, models, optimizers, precision, quantization
+from ..workload import data, distributed, models, optimizers, precision, quantization, spec
+from ..workload.checkpointing import checkpoint
 from ..workload.methods import Adapted, MethodError, ParamCount
 from ..workload.methods import method as method_of
 from ..workload.precision import TORCH
@@ -62,10 +63,7 @@ def _count_for_real(cell: Cell, total_params: int, why: Unavailable, checkpointe
     if need > REAL_COUNT_MAX_BYTES:
         return unavailable(f"{why.reason}; too large for a real step here ({need / 2**30:.1f} GiB)")
     torch.manual_seed(0)
-    bundle = models.build(cell.model, "random", cell.task)  # on the CPU: real tensors
-    adapted = method_of(cell.method).apply(bundle, cell.adapter)
-    if checkpointed:
-        models.checkpoint(adapted.module)
+    bundle, adapted = spec.build(dataclasses.replace(cell.spec, checkpointing=checkpointed), "cpu", "random")
     return flops.count(
         adapted.module,
         bundle.task,
@@ -94,23 +92,16 @@ def _decided_module_dropout(module) -> None:
 def _simulate(cell: Cell, task: Task) -> simulation.Simulated | Unavailable:
     """The cell's training step on fake tensors (`simulation`): built as `experiment` builds it
     (the weights' dtype, the method, checkpointing), on the meta device, then given fake storage."""
-    if cell.quantize != "none":
+    if cell.quantized:
         return unavailable("a quantised base is not simulated: bitsandbytes runs no fake tensors")
-    method = method_of(cell.method)
     dtype = TORCH[cell.dtype]
     made = {}
 
     def build():
-        with torch.device(method.survey_device):
-            bundle = models.build(cell.model, "random", cell.task)
-            bundle.module.to(dtype)
-            made["bundle"] = bundle
-            module = method.apply(bundle, cell.adapter).module.to(dtype)
-        if cell.grad_checkpointing == "on":
-            models.checkpoint(module)
-        module.train()
-        _decided_module_dropout(module)
-        return module
+        with torch.device(method_of(cell.method).survey_device):
+            made["bundle"], adapted = spec.build(cell.spec, weights="random")
+        _decided_module_dropout(adapted.module)
+        return adapted.module
 
     def train():
         b = made["bundle"]
@@ -129,8 +120,8 @@ def _simulate(cell: Cell, task: Task) -> simulation.Simulated | Unavailable:
         optimizer=cell.optimizer,
         lr=cell.lr,
         autocast_dtype=TORCH[cast] if cast else None,
-        block=simulation.GPU_BLOCK_BYTES if cell.device != "cpu" else 1,
-        gpu=cell.device != "cpu",
+        block=simulation.GPU_BLOCK_BYTES if cell.on_gpu else 1,
+        gpu=cell.on_gpu,
     )
 
 
@@ -151,7 +142,7 @@ def _step_flops(
         num_labels=bundle.num_labels,
     )
     stepped = simulated.flops if isinstance(simulated, simulation.Simulated) else None
-    checkpointed = cell.grad_checkpointing == "on"
+    checkpointed = cell.checkpointed
     counted = (None if checkpointed else stepped) or count()
     if isinstance(counted, Unavailable):
         counted = _count_for_real(cell, adapted.params.total, counted, checkpointed=False)
@@ -159,7 +150,7 @@ def _step_flops(
         return counted, None
     hardware = stepped
     if hardware is None:
-        models.checkpoint(adapted.module)
+        checkpoint(adapted.module)
         hardware = count()
     if isinstance(hardware, Unavailable):
         hardware = _count_for_real(cell, adapted.params.total, hardware, checkpointed=True)
@@ -174,10 +165,12 @@ def survey(cell: Cell, simulate: bool = True) -> Survey:
     method = method_of(cell.method)
     if method.uses_peft:
         forksafe.no_cuda_extensions()  # this is the parent: BOFT would build one and initialise CUDA
+    # counted as built, before checkpointing (which the count would see as recomputation)
+    counted = dataclasses.replace(cell.spec, checkpointing=False, quantize="none")
     with torch.device(method.survey_device):
-        bundle = models.build(cell.model, "random", cell.task)
+        bundle = spec.base(counted, weights="random")
         try:
-            adapted = method.apply(bundle, cell.adapter)
+            adapted = spec.adapt(counted, bundle)
         except MethodError:
             raise  # what the user asked for is wrong: refused, exit 2
         except Exception as e:
@@ -204,11 +197,11 @@ def survey(cell: Cell, simulate: bool = True) -> Survey:
         dtype=cell.dtype,
         flops=counted,
         act_dtype=cell.compute_dtype,
-        checkpointing=cell.grad_checkpointing == "on",
+        checkpointing=cell.checkpointed,
         optimizer=cell.optimizer,
     )
     pred = dataclasses.replace(pred, hardware_flops=hardware, simulated=simulated)
-    if cell.quantize != "none":  # the frozen Linears in bits, with their scales
+    if cell.quantized:  # the frozen Linears in bits, with their scales
         pred = dataclasses.replace(
             pred,
             weights_bytes=quantization.predicted_bytes(
@@ -217,7 +210,7 @@ def survey(cell: Cell, simulate: bool = True) -> Survey:
         )
     if cell.nproc > 1:
         largest, root = distributed.unit_params(adapted.module)
-        if cell.strategy == "fsdp2" and not largest:
+        if cell.sharded and not largest:
             raise PlanError(
                 f"FSDP2 cannot wrap {cell.model}: it has no transformer blocks (an nn.ModuleList) and "
                 "no Linear layers to shard"
@@ -242,7 +235,7 @@ def survey_all(cells: list[Cell], simulate: bool = True) -> list[Survey]:
             except (models.ModelError, MethodError) as e:
                 raise PlanError(str(e)) from None
         task = surveys[shape(cell)].task
-        if cell.data != "synthetic":
+        if not cell.synthetic_data:
             if cell.data not in kinds:  # detection parses the whole file: once per path
                 try:
                     kinds[cell.data] = data.detect(cell.data)
@@ -254,7 +247,7 @@ def survey_all(cells: list[Cell], simulate: bool = True) -> list[Survey]:
                     f"--data {cell.data} holds {kinds[cell.data]} data ({holds}) but {cell.model} is a "
                     f"{task} model"
                 )
-    for model in sorted({c.model for c in cells if c.weights == "pretrained"}):
+    for model in sorted({c.model for c in cells if c.pretrained}):
         try:
             models.check_pretrained(model)
         except models.ModelError as e:
@@ -263,16 +256,28 @@ def survey_all(cells: list[Cell], simulate: bool = True) -> list[Survey]:
 
 
 # The settings every device runs (no probe needed), of the axes a device may not support.
-RUNS_ANYWHERE = {"precision": "fp32", "quantize": "none", "optimizer": "adam"}
+# The settings a device may not run: their registries (an entry's `probe` says whether to ask) and
+# how to ask (a small layer tried on the device).
+PROBED = {
+    "precision": (precision.PRECISIONS, lambda value, device: precision.unsupported(value, device)),
+    "quantize": (quantization.QUANTIZATIONS, lambda value, device: quantization.unsupported(value, device)),
+    "optimizer": (optimizers.OPTIMIZERS, lambda value, device: optimizers.unsupported(value, device)),
+}
 PROBE_TIMEOUT_S = 300.0  # importing bitsandbytes and a first kernel on a cold GPU take seconds, not minutes
 
 
-def probe(device: str, asked: dict[str, list[str]]) -> dict[str, dict[str, str | None]]:
-    """Why `device` cannot run each asked precision and quantisation, or None where it can: each
-    tried on a small layer. Runs in a child (`child.call`): it initialises the device."""
-    tries = {
-        "precision": precision.unsupported,
-        "quantize": quantization.unsupported,
-        "optimizer": optimizers.unsupported,
+def to_probe(cells: list[Cell]) -> dict[str, list[str]]:
+    """{setting: values} of `cells` a device must be asked about (their entries' `probe`)."""
+    asked = {
+        axis: sorted({getattr(c, axis) for c in cells if registry[getattr(c, axis)].probe})
+        for axis, (registry, _) in PROBED.items()
     }
-    return {axis: {value: tries[axis](value, device) for value in values} for axis, values in asked.items()}
+    return {axis: values for axis, values in asked.items() if values}
+
+
+def probe(device: str, asked: dict[str, list[str]]) -> dict[str, dict[str, str | None]]:
+    """Why `device` cannot run each asked value, or None where it can: each tried on a small layer.
+    Runs in a child (`child.call`): it initialises the device."""
+    return {
+        axis: {value: PROBED[axis][1](value, device) for value in values} for axis, values in asked.items()
+    }

@@ -25,7 +25,7 @@ def headline(variants: list[Variant], by: str = "memory") -> str | None:
     if full is None or not loras:
         return None
     c = full.cell
-    pretrained = c.weights == "pretrained"
+    pretrained = c.pretrained
     if by == "time":
         acc = full.metrics.get("final_eval_accuracy")
         equal = [

@@ -47,7 +47,7 @@ def _settings_line(cell: Cell, variants: list[Variant]) -> str:
         if len(set(lrs.values())) == 1
         else ", ".join(f"{lr_:g} ({label})" for label, lr_ in lrs.items())
     )
-    knobs = cell.precision + (", gradient checkpointing" if cell.grad_checkpointing == "on" else "")
+    knobs = cell.precision + (", gradient checkpointing" if cell.checkpointed else "")
     return (
         f"Device `{cell.device}` ({knobs}), weights: {cell.weights}, data: {data}; "
         f"batch {cell.batch_size}{accum}, {cell.samples} training / {cell.eval_samples} eval samples, "
@@ -179,7 +179,7 @@ def _model_section(
                 "",
             ]
     if len({v.cell.nproc for v in variants if v.ok}) >= 2:
-        note = SCALING_NOTE + (CPU_SCALING_NOTE if cell.device == "cpu" else "")
+        note = SCALING_NOTE + (CPU_SCALING_NOTE if not cell.on_gpu else "")
         out += ["### Scaling across processes", "", scaling_table(variants), "", note, ""]
         if plot_dir is not None:
             from .plots import scaling_plot
@@ -196,7 +196,7 @@ def _model_section(
     table = epochs_table(variants)
     if table:
         out += ["### Quality per epoch (eval set)", "", table, ""]
-        if cell.weights == "random" and any(not v.cell.is_baseline for v in variants):
+        if not cell.pretrained and any(not v.cell.is_baseline for v in variants):
             out += [RANDOM_WEIGHTS_NOTE, ""]
     table = prediction_table(variants)
     if table:

@@ -65,7 +65,7 @@ def _utilisation(flops_key: str):
 def _rate(m, cell, flops_key: str):
     if not _all(m, flops_key, "step_s_p50", "device_matmul_flops") or m["step_s_p50"] <= 0:
         return None
-    if cell.nproc > 1 and cell.device == "cpu":
+    if cell.nproc > 1 and not cell.on_gpu:
         return Unavailable(
             "the ranks share this CPU's cores: there is no per-rank matmul ceiling to divide by"
         )

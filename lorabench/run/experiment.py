@@ -34,12 +34,11 @@ from ..measure.traces import MemorySnapshot, Traces, profile_steps, write_timeli
 from ..measure.trackers import HostMemory, SavedTensors, Timeline, TorchAllocator, Unavailable, unavailable
 from ..plan.cells import Cell
 from ..results.rows import Row, Status
-from ..workload import distributed, methods, models, optimizers, quantization
+from ..workload import distributed, methods, models, optimizers, quantization, spec
 from ..workload.compiler import Compiled
 from ..workload.data import Dataset, load
 from ..workload.methods import method as method_of
-from ..workload.precision import TORCH as DTYPES
-from ..workload.precision import Precision
+from ..workload.precision import TORCH, Precision
 from ..workload.tasks import Task
 from .oom import is_oom
 from .train import EpochRecord, Fit, fit, micro_batch
@@ -89,7 +88,7 @@ def measure(
     timeline = None
     try:
         torch.manual_seed(cell.seed)
-        dtype = DTYPES[cell.dtype]
+        dtype = TORCH[cell.dtype]
         forksafe.require_clean(torch.device(cell.device))  # one clear line, not a CUDA traceback
         device = group.device(cell.device) if group else torch.device(cell.device)
         if traces is not None:  # memory over the whole cell, with its phases marked
@@ -102,9 +101,8 @@ def measure(
         # Built before the model loads, so the device's used memory "before" is others' load.
         drivers, energy, env_facts, missing = driver_trackers(device, sample_interval_s)
         measured.update(missing)
-        bundle = models.build(cell.model, cell.weights, cell.task)
-        task, method = bundle.task, method_of(cell.method)
-        model = bundle.module.to(device=device, dtype=dtype)
+        bundle = spec.base(cell.spec, device)
+        task, method, model = bundle.task, method_of(cell.method), bundle.module
         ds = load_data(cell, bundle).to(device, dtype)
         measured["data"] = ds.source
         if cell.pretrain_epochs:  # seed 002: the base is trained in full first, untimed (each rank alike)
@@ -122,10 +120,7 @@ def measure(
             )
             pretrain = [vars(e) for e in pre.epochs]
             del pre  # its optimizer state and gradients are gone before anything is measured
-        if (
-            cell.quantize != "none"
-        ):  # the base held in bits from here on (pretraining ran on the full weights)
-            quantization.quantize(model, cell.quantize, device)
+        spec.hold(cell.spec, bundle, device)  # in bits from here on (pretraining ran on the full weights)
         probe = {k: v[: min(cell.batch_size, 32)] for k, v in ds.eval.items()}
         forward = lambda m: task.loss(m, probe)[1].float()  # logits of one batch
         measured["model_file_bytes"] = methods.model_file_bytes(model)
@@ -134,12 +129,8 @@ def measure(
             model.eval()
             with torch.no_grad():
                 base_out = forward(model)
-        adapted = method.apply(bundle, cell.adapter)
-        model = trained = adapted.module.to(
-            device=device, **({"dtype": dtype} if cell.quantize == "none" else {})
-        )
-        if cell.grad_checkpointing == "on":
-            models.checkpoint(model)
+        adapted = spec.adapt(cell.spec, bundle, device)
+        model = trained = adapted.module
         p = adapted.params
         measured.update(
             params_total=p.total,
@@ -164,7 +155,7 @@ def measure(
                 optimizer = optimizers.make(
                     cell.optimizer, [q for q in trained.parameters() if q.requires_grad], cell.lr
                 )
-                if cell.compile == "on":  # compiled by a step of its own, so no measured step holds it
+                if cell.compiled:  # compiled by a step of its own, so no measured step holds it
                     trained, compiled = torch.compile(trained), Compiled()
                     measured["compile_s"] = compiled.first_step(
                         lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False, amp),
@@ -175,7 +166,7 @@ def measure(
                     traces, device, name
                 ) as snapshot:  # the first step's allocations, on request
                     measured.update(probe_step(trained, task, ds, optimizer[0], cell, device, group, amp=amp))
-                if group and group.strategy == "ddp":  # the replicas must agree after a step
+                if group and not group.shards:  # the replicas must agree after a step
                     measured["check_ranks_params_max_abs_diff"] = distributed.params_max_abs_diff(
                         trained, device
                     )
@@ -230,7 +221,7 @@ def measure(
         )  # after the timed region, the trackers stopped
         if trace:
             measured["profile_trace"] = trace
-        if device.type == "cpu" and (group is None or group.strategy == "fsdp2"):
+        if device.type == "cpu" and (group is None or group.shards):
             # the framework-level peak the CPU has no allocator for, and host RSS without the C
             # library's retention; after the trace, whose timing the trimmed heap's page faults
             # would disturb. On the uncompiled model (the same parameters, sharded in place by FSDP2): a
@@ -305,13 +296,12 @@ def _checks(cell, method, adapted, trained, forward, base_out, group, device, dt
     checks a fresh copy of the model loaded with the gathered weights."""
     if group is None:
         return method.checks(adapted, forward, base_out)
-    if group.strategy == "fsdp2":
+    if group.shards:
         whole = distributed.full_state_dict(trained)  # every rank takes part in the gather
         if not group.leader:
             return {}
-        adapted = method.apply(models.build(cell.model, cell.weights, cell.task), cell.adapter)
+        _, adapted = spec.build(cell.spec, device)
         adapted.module.load_state_dict(whole)
-        adapted.module.to(device=device, dtype=dtype)
     return method.checks(adapted, forward, base_out) if group.leader else {}
 
 
@@ -433,7 +423,7 @@ def load_data(cell: Cell, bundle: models.Bundle) -> Dataset:
         vocab_size=bundle.vocab_size,
         num_labels=bundle.num_labels,
     )
-    if cell.data == "synthetic":
+    if cell.synthetic_data:
         return bundle.task.build_data(**kw)
     return load(cell.data, tokenizer_source=bundle.tokenizer_source, **kw)
 

@@ -350,9 +350,7 @@ def known_before(cell: Cell) -> dict[str, Any]:
     s = survey(cell)
     known: dict[str, Any] = s.prediction.to_metrics()
     device = (
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if cell.device == "cuda"
-        else torch.device("cpu")
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cell.on_gpu else torch.device("cpu")
     )
     try:
         known["device_matmul_flops"] = measure_matmul_flops(

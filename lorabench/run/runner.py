@@ -184,10 +184,10 @@ class CellProcess:
 
 def _calibrate(device: str, gemms: dict[str, list]) -> dict[str, dict]:
     from ..measure.flops import measure_matmul_flops
-    from .experiment import DTYPES
+    from ..workload.precision import TORCH
 
     return {
-        dtype: measure_matmul_flops(torch.device(device), DTYPES[dtype], shapes)
+        dtype: measure_matmul_flops(torch.device(device), TORCH[dtype], shapes)
         for dtype, shapes in gemms.items()
     }
 
@@ -282,7 +282,7 @@ def run_cells(
     options = replace(options, run_dir=str(run.path))
     bar = Progress(len(cells), progress and options.parallel == 1)
     # On a GPU host a cell takes one GPU per process, so a cell of `nproc` processes waits for that many.
-    on_gpu = cells[0].device == "cuda" and (options.parallel > 1 or any(c.nproc > 1 for c in cells))
+    on_gpu = cells[0].on_gpu and (options.parallel > 1 or any(c.nproc > 1 for c in cells))
     free = devices(cells[0].device, max(options.parallel, *(c.nproc for c in cells))) if on_gpu else []
     pending = list(enumerate(cells, 1))
     running: dict[CellProcess, list[str]] = {}

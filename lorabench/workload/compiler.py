@@ -14,6 +14,10 @@ import time
 
 import torch
 
+from .settings import switch
+
+COMPILE = switch("torch.compile (inductor), compiled by a step of its own before any measured one")
+
 
 class Compiled:
     """What torch.compile did in a cell: the first step's time (compilation in it), graph breaks,

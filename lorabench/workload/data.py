@@ -34,6 +34,13 @@ from torch import Tensor
 
 from ..errors import InputError
 
+SYNTHETIC = "synthetic"  # --data's default: the task's synthetic stand-in (any other value is a path)
+
+
+def is_synthetic(data: str) -> bool:
+    return data == SYNTHETIC
+
+
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
 
 

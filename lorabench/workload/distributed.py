@@ -20,13 +20,40 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .settings import Choice
+
 PG_TIMEOUT_S = 120.0  # a collective waiting this long on a peer raises instead of hanging the cell
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # torch's "nccl" is RCCL on a ROCm build
-STRATEGIES = {  # cells.STRATEGIES, described for `lorabench list`
-    "ddp": "DistributedDataParallel: a whole replica per process, gradients all-reduced in buckets",
-    "fsdp2": "FSDP2's fully_shard per transformer block (else per Linear), then the root: weights, gradients and "
-    "Adam state cut N ways",
+
+
+@dataclass(frozen=True, kw_only=True)
+class Strategy(Choice):
+    """One `--strategy` value: how the processes of a cell share the model."""
+
+    shards: bool = False  # each process holds a shard of the weights and their state (else a replica)
+
+
+def _several(name: str):
+    return lambda cell: (
+        f"--strategy {name} applies to cells of several processes; give --nproc 2 or more"
+        if cell.nproc == 1
+        else None
+    )
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "ddp": Strategy(
+        description="DistributedDataParallel: a whole replica per process, gradients all-reduced in buckets",
+        requires=_several("ddp"),
+    ),
+    "fsdp2": Strategy(
+        description="FSDP2's fully_shard per transformer block (else per Linear), then the root: weights, "
+        "gradients and Adam state cut N ways",
+        shards=True,
+        requires=_several("fsdp2"),
+    ),
 }
+DEFAULT_STRATEGY = "ddp"  # a cell of several processes that names none
 
 
 @dataclass(frozen=True)
@@ -50,6 +77,11 @@ class Group:
     @property
     def leader(self) -> bool:
         return self.rank == 0
+
+    @property
+    def shards(self) -> bool:
+        """Whether this group shards the model (FSDP2) rather than replicating it (DDP)."""
+        return STRATEGIES[self.strategy].shards
 
     def device(self, kind: str) -> torch.device:
         """This rank's device: its own GPU (by LOCAL_RANK among the visible ones), or the CPU."""
@@ -111,7 +143,7 @@ def unit_params(module: nn.Module) -> tuple[int, int]:
 def wrap(model: nn.Module, group: Group, device: torch.device) -> nn.Module:
     """The model as this rank trains it: a DDP replica, or sharded by FSDP2's fully_shard per unit,
     then the root. FSDP2 changes the module in place (its parameters become DTensor shards)."""
-    if group.strategy == "ddp":
+    if not group.shards:
         return nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )

@@ -169,6 +169,25 @@ class Method:
         """What the training loop calls after each optimizer step (with its count), if anything."""
         return None
 
+    def conflict(self, cell) -> str | None:
+        """Why this method cannot train the rest of `cell` as asked (settings.Choice's question)."""
+        if not self.ranked and cell.rank is not None:
+            return (
+                f"a rank was given to {self.title}; ranks apply to the methods that take one "
+                f"({', '.join(n for n, m in METHODS.items() if m.ranked)})"
+            )
+        if self.ranked and cell.rank is None:
+            return f"method {cell.method!r} needs a rank (a whole number >= 1)"
+        if not self.adapts:
+            if cell.targets is not None or cell.modules_to_save:
+                return "targets and modules_to_save apply to the adapter methods only"
+            return None
+        if cell.alpha is not None and not cell.alpha > 0:
+            return f"alpha must be > 0, got {cell.alpha}"
+        if not 0.0 <= cell.dropout < 1.0:
+            return f"dropout must be in [0, 1), got {cell.dropout}"
+        return None
+
     def apply(self, bundle: Bundle, adapter: Adapter) -> Adapted:
         bundle.module.requires_grad_(True)
         return Adapted(bundle.module, count_params(bundle.module), [])

@@ -20,11 +20,28 @@ from torch import nn
 from ..errors import InputError, first_line
 from . import zoo
 from .data import Dataset
+from .settings import Choice
 from .tasks import TASKS, Task
 
 
 class ModelError(InputError):
     """A model cannot be built as asked (unknown, not loadable, weights missing)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Weights(Choice):
+    """One `--weights` value: where a model's weights come from."""
+
+    published: bool = False  # loaded with from_pretrained (else built from the configuration)
+
+
+WEIGHTS: dict[str, Weights] = {
+    "random": Weights(description="built from the configuration (random weights; nothing downloaded)"),
+    "pretrained": Weights(
+        description="published weights, loaded with from_pretrained (the HF cache, a local directory)",
+        published=True,
+    ),
+}
 
 
 @dataclass
@@ -225,33 +242,6 @@ def uses_transformers(name: str) -> bool:
     """Whether building `name` imports transformers (worth preloading in the fork server): every
     model with published weights on the Hub, and every hf: model."""
     return hub_id(name) is not None or name in zoo.NAMES
-
-
-def checkpoint(module: nn.Module) -> None:
-    """Gradient checkpointing of a built (and adapted) model: transformers' own, non-reentrant (so
-    no input needs a gradient, and PEFT's frozen embeddings are no obstacle), or for a plain
-    nn.Sequential (the MLP) torch.utils.checkpoint over one segment per Linear. Activations inside
-    a block are then recomputed in backward instead of kept; the block inputs stay."""
-    import types
-
-    from torch.utils.checkpoint import checkpoint_sequential
-
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    if hasattr(base, "gradient_checkpointing_enable"):
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.config.use_cache = False  # a cache is of no use to training, and checkpointing refuses one
-        return
-    if not isinstance(base, nn.Sequential):
-        raise ModelError(
-            f"gradient checkpointing needs a transformers model or an nn.Sequential; this is a "
-            f"{type(base).__name__}"
-        )
-    segments = max(
-        sum(any(True for _ in m.parameters()) for m in base.children()), 1
-    )  # a Linear (adapted or not) each
-    base.forward = types.MethodType(
-        lambda self, x: checkpoint_sequential(self, segments, x, use_reentrant=False), base
-    )
 
 
 def linear_names(module: nn.Module) -> list[str]:

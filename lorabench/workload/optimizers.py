@@ -87,9 +87,18 @@ class Optimizer:
     shared: Callable[[Sequence[Sequence[int]]], int] = lambda shapes: 0  # the optimizer's own state
     bitsandbytes: bool = False
     paged: bool = False  # state in unified memory, which the driver may page out to the host
+    probe: bool = True  # a device must be asked before it runs it (a fused kernel, bitsandbytes)
 
     def state_bytes(self, shapes: Sequence[Sequence[int]], weight_bytes: int) -> int:
         return sum(self.state(tuple(s), weight_bytes) for s in shapes) + self.shared(shapes)
+
+    def conflict(self, cell) -> str | None:
+        """Why this optimizer cannot step the rest of `cell` (settings.Choice's question)."""
+        from .distributed import STRATEGIES
+
+        if self.bitsandbytes and cell.strategy is not None and STRATEGIES[cell.strategy].shards:
+            return f"--optimizer {cell.optimizer} (bitsandbytes) cannot step FSDP2's sharded tensors; use ddp"
+        return None
 
 
 OPTIMIZERS: dict[str, Optimizer] = {
@@ -97,6 +106,7 @@ OPTIMIZERS: dict[str, Optimizer] = {
         "Adam (torch, fused where it can be): two moments at the weights' dtype",
         lambda p, lr: _adam(p, lr, torch.optim.Adam),
         lambda s, w: _moments(math.prod(s), w),
+        probe=False,  # every device runs it: the seeds' optimizer
     ),
     "adamw": Optimizer(
         "AdamW (torch, fused where it can be, weight decay 0.01): two moments at the weights' dtype",

@@ -12,21 +12,59 @@ gets its cells `skipped` with the reason, found by trying a small step before th
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import first_line
+from .settings import Choice
 
-# name: (dtype of weights, gradients and Adam's state; autocast dtype or None)
-PRECISIONS: dict[str, tuple[str, str | None]] = {
-    "fp32": ("float32", None),
-    "bf16-mixed": ("float32", "bfloat16"),
-    "fp16-mixed": ("float32", "float16"),
-    "bf16": ("bfloat16", None),
-    "fp16": ("float16", None),
+
+@dataclass(frozen=True, kw_only=True)
+class Level(Choice):
+    """One `--precision` value: the dtype of weights, gradients and the optimizer's state, and the
+    dtype autocast runs the products at (None: no autocast)."""
+
+    weights: str = "float32"
+    autocast: str | None = None
+
+    @property
+    def compute(self) -> str:
+        """The dtype of the step's matrix products."""
+        return self.autocast or self.weights
+
+
+PRECISIONS: dict[str, Level] = {
+    "fp32": Level(description="fp32 weights, state and products"),
+    "bf16-mixed": Level(
+        description="fp32 weights and state, products under bf16 autocast", autocast="bfloat16", probe=True
+    ),
+    "fp16-mixed": Level(
+        description="fp32 weights and state, products under fp16 autocast, a GradScaler",
+        autocast="float16",
+        probe=True,
+    ),
+    "bf16": Level(description="bf16 weights, state and products", weights="bfloat16", probe=True),
+    "fp16": Level(description="fp16 weights, state and products", weights="float16", probe=True),
 }
-OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # --dtype, the older spelling
 TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, Choice] = {
+    name: Choice(f"weights kept in {name} (--precision's older spelling)") for name in TORCH
+}
+OF_DTYPE = {level.weights: name for name, level in PRECISIONS.items() if not level.autocast}  # --dtype's
+
+
+def resolve(precision: str, dtype: str) -> tuple[str, str]:
+    """(precision, dtype) of a cell, one spelling each: `--dtype bfloat16` is `--precision bf16`, and
+    the dtype follows a precision. ValueError where the two disagree."""
+    if precision == "fp32" and dtype != "float32":
+        return OF_DTYPE[dtype], dtype
+    weights = PRECISIONS[precision].weights
+    if weights != dtype and dtype != "float32":
+        raise ValueError(f"--dtype {dtype} and --precision {precision} disagree; give --precision only")
+    return precision, weights
+
+
 _NONE = contextlib.nullcontext()
 
 
@@ -35,7 +73,7 @@ class Precision:
 
     def __init__(self, name: str = "fp32", device: torch.device | str = "cpu"):
         self.name, self.device = name, torch.device(device)
-        _, cast = PRECISIONS[name]
+        cast = PRECISIONS[name].autocast
         self.cast = TORCH[cast] if cast else None
         self.scaler = torch.amp.GradScaler(self.device.type) if name == "fp16-mixed" else None
 
@@ -55,7 +93,7 @@ class Precision:
 
 def unsupported(name: str, device: str) -> str | None:
     """Why `device` cannot train at `name` (a small Linear's forward, backward and step), or None."""
-    weights, _ = PRECISIONS[name]
+    weights = PRECISIONS[name].weights
     try:
         amp = Precision(name, device)
         layer = torch.nn.Linear(16, 16).to(device=device, dtype=TORCH[weights])

@@ -15,19 +15,60 @@ cell `skipped` with the reason, found by trying a small layer before the run.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import first_line
 from ..forksafe import allow
+from .settings import Choice
 
 # bitsandbytes logs on every start that an optional CPU kernel package is absent; set here, at
 # import, before any cell imports it.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-KINDS = ("none", "nf4", "int8")
 NF4_BLOCK, NF4_NESTED = 64, 256  # weights per (8-bit) absmax scale; scales per fp32 scale of those
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantization(Choice):
+    """One `--quantize` value: the bits the frozen base's Linear layers are held in (None: the
+    weights' own dtype)."""
+
+    bits: int | None = None
+
+
+def _in_bits(kind: str):
+    """What a quantised base asks of the rest of its cell."""
+
+    def requires(cell) -> str | None:
+        from .methods import method
+
+        if not method(cell.method).adapts:
+            return f"--quantize {kind} freezes the base in bits: it needs an adapter method, not {method(cell.method).title}"
+        if cell.nproc > 1:
+            return "--quantize runs in one process; give --nproc 1"
+        return None
+
+    return requires
+
+
+QUANTIZATIONS: dict[str, Quantization] = {
+    "none": Quantization(description="the base at the weights' dtype"),
+    "nf4": Quantization(
+        description="4-bit NormalFloat, double-quantised scales (QLoRA)",
+        bits=4,
+        requires=_in_bits("nf4"),
+        probe=True,
+    ),
+    "int8": Quantization(
+        description="8 bits with a scale per output row (LLM.int8)",
+        bits=8,
+        requires=_in_bits("int8"),
+        probe=True,
+    ),
+}
 
 
 def _bnb():
@@ -56,7 +97,7 @@ def _layer(kind: str, linear: nn.Linear, device: torch.device | str) -> nn.Modul
     keeps beside it (CB, SCB) would stay on the old device."""
     bnb = _bnb()
     has_bias = linear.bias is not None
-    if kind == "nf4":
+    if QUANTIZATIONS[kind].bits == 4:
         q = bnb.nn.Linear4bit(
             linear.in_features,
             linear.out_features,
@@ -99,7 +140,7 @@ def quantize(module: nn.Module, kind: str, device: torch.device) -> int:
         setattr(owner, leaf, _layer(kind, getattr(owner, leaf), device))
     module.requires_grad_(False)
     # what PEFT reads to wrap bitsandbytes layers with its own k-bit LoRA layers (merging included)
-    module.is_loaded_in_4bit, module.is_loaded_in_8bit = kind == "nf4", kind == "int8"
+    module.is_loaded_in_4bit, module.is_loaded_in_8bit = (QUANTIZATIONS[kind].bits == b for b in (4, 8))
     if hasattr(module, "config"):  # a transformers model: PEFT's preparation for a k-bit base
         from peft import prepare_model_for_kbit_training
 
@@ -132,7 +173,11 @@ def predicted_bytes(module: nn.Module, kind: str, b: int) -> int:
         if name.replace("base_layer.", "") in quantised:
             n = p.numel()
             blocks = -(-n // NF4_BLOCK)
-            total += n // 2 + blocks + -(-blocks // NF4_NESTED) * 4 if kind == "nf4" else n + p.shape[0] * 4
+            total += (
+                n // 2 + blocks + -(-blocks // NF4_NESTED) * 4
+                if QUANTIZATIONS[kind].bits == 4
+                else n + p.shape[0] * 4
+            )
         else:
             total += p.numel() * b
     return total
@@ -140,7 +185,7 @@ def predicted_bytes(module: nn.Module, kind: str, b: int) -> int:
 
 def unsupported(kind: str, device: str) -> str | None:
     """Why `kind` cannot run on `device` (a small quantised layer's forward and backward), or None."""
-    if kind == "none":
+    if QUANTIZATIONS[kind].bits is None:
         return None
     try:
         q = _layer(kind, nn.Linear(64, 64), device)

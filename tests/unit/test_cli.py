@@ -60,11 +60,11 @@ BAD = [
     ),
     (
         ["run", "--methods", "lora", "--ranks", "8", "--quantize", "nf2"],
-        "unknown quantization 'nf2'; choose from none",
+        "unknown quantization 'nf2'; choose from int8, nf4, none",
     ),
     (["run", "--methods", "full", "--quantize", "nf4"], "--quantize nf4 freezes the base in bits"),
-    (["run", "--grad-checkpointing", "maybe"], "grad_checkpointing must be one of off, on, got 'maybe'"),
-    (["run", "--compile", "on,sometimes"], "compile must be one of off, on, got 'sometimes'"),
+    (["run", "--grad-checkpointing", "maybe"], "unknown grad_checkpointing 'maybe'; choose from off, on"),
+    (["run", "--compile", "on,sometimes"], "unknown compile 'sometimes'; choose from off, on"),
     (
         ["run", "--seq-len", "32,x"],
         "argument --seq-len: expected whole numbers separated by commas, got '32,x'",

@@ -18,7 +18,7 @@ from lorabench.workload import models, quantization
         ),
         (
             {"method": "lora", "rank": 8, "quantize": "fp4"},
-            "unknown quantization 'fp4'; choose from none, nf4, int8",
+            "unknown quantization 'fp4'; choose from int8, nf4, none",
         ),
         ({"method": "lora", "rank": 8, "quantize": "int8", "nproc": 2}, "--quantize runs in one process"),
     ],

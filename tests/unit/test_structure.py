@@ -150,6 +150,56 @@ def test_the_name_check_catches_what_it_must_refuse():
     assert [name for _, name in _name_comparisons(tree)] == ["full", "causal-lm"]
 
 
+# Each cell setting whose values are registry entries, and the module that owns what its values
+# mean: only there may a value be compared by its spelling; everywhere else asks the entry (or the
+# cell's property that does: `cell.checkpointed`, `cell.quantized`, `cell.on_gpu`, ...).
+SETTING_OWNERS = {
+    "grad_checkpointing": "workload.checkpointing",
+    "compile": "workload.compiler",
+    "quantize": "workload.quantization",
+    "strategy": "workload.distributed",
+    "weights": "workload.models",
+    "precision": "workload.precision",
+    "dtype": "workload.precision",
+    "optimizer": "workload.optimizers",
+    "device": "plan.cells",
+    "data": "workload.data",
+}
+
+
+def _setting_comparisons(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, setting) of every comparison of a setting's value (`x.quantize`, `c.device`, ...)
+    against a spelling (a string, or strings in a tuple, list or set)."""
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        fields = [x.attr for x in sides if isinstance(x, ast.Attribute) and x.attr in SETTING_OWNERS]
+        spelled = any(
+            isinstance(c, ast.Constant) and isinstance(c.value, str)
+            for side in sides
+            for c in ([side] if isinstance(side, ast.Constant) else getattr(side, "elts", []))
+        )
+        out += [(node.lineno, f) for f in fields] if spelled else []
+    return out
+
+
+def test_no_setting_value_is_compared_by_its_spelling_outside_its_owner():
+    found = {
+        m: [(line, f) for line, f in _setting_comparisons(tree) if SETTING_OWNERS[f] != m]
+        for m, tree in MODULES.items()
+    }
+    assert {m: hits for m, hits in found.items() if hits} == {}
+
+
+def test_the_setting_check_catches_what_it_must_refuse():
+    tree = ast.parse(
+        'if cell.quantize != "none" or c.device in ("cpu",) or group.strategy == "fsdp2" or x.rank == 8: pass'
+    )
+    assert [f for _, f in _setting_comparisons(tree)] == ["quantize", "device", "strategy"]
+
+
 # torch APIs lorabench calls that older releases lack, and the release that made each public.
 TORCH_APIS = {
     "torch.distributed.fsdp.fully_shard": "2.6",  # FSDP2 (before: torch.distributed._composable.fsdp)
