@@ -164,10 +164,10 @@ class Cell:
     )
     precision: str = setting(
         "fp32",
-        "fp32, bf16-mixed or fp16-mixed (fp32 weights and Adam, autocast at 16 bits; "
-        "fp16 with a GradScaler), bf16 or fp16 (weights at 16 bits); a list is an axis",
+        "the dtype of weights and optimizer state, and of autocast's products (*-mixed: fp32 weights, "
+        "16-bit products; fp16-mixed with a GradScaler); a list is an axis (`lorabench list`)",
         parse=csv_list,
-        metavar="fp32|bf16-mixed|fp16-mixed|bf16|fp16",
+        metavar="|".join(PRECISIONS),
     )
     seed: int = setting(0, "seed of weights, data and order", parse=int)
     weights: str = setting(
@@ -189,14 +189,14 @@ class Cell:
         "them (transformers' own; per Linear for the MLP): off or on; a list is an "
         "axis, e.g. off,on",
         parse=csv_list,
-        metavar="off|on",
+        metavar="|".join(CHECKPOINTING),
     )
     compile: str = setting(
         "off",
         "torch.compile the model (inductor); its compile time is measured apart, before the "
         "first step, and graph breaks counted: off or on; a list is an axis",
         parse=csv_list,
-        metavar="off|on",
+        metavar="|".join(COMPILE),
     )
     quantize: str = setting(
         "none",
@@ -204,14 +204,14 @@ class Cell:
         "(nf4, QLoRA) or 8 bits (int8) through bitsandbytes, pip install 'lorabench[quant]'; "
         "adapter methods only; a list is an axis",
         parse=csv_list,
-        metavar="none|nf4|int8",
+        metavar="|".join(QUANTIZATIONS),
     )
     optimizer: str = setting(
         "adam",
-        "adam (fused, the seeds'), adamw, adamw-8bit or paged-adamw-8bit (bitsandbytes, pip install "
-        "'lorabench[quant]'), adafactor, sgd (momentum 0.9); a list is an axis",
+        "the optimizer (default adam, the seeds'; the 8-bit ones need pip install 'lorabench[quant]'); "
+        "a list is an axis (`lorabench list` describes each)",
         parse=csv_list,
-        metavar="adam|adamw|adamw-8bit|paged-adamw-8bit|adafactor|sgd",
+        metavar="|".join(OPTIMIZERS),
     )
     nproc: int = setting(
         1,
@@ -226,7 +226,7 @@ class Cell:
         "all-reduced) or fsdp2 (fully_shard per block / Linear); default ddp; a list is an "
         "axis, e.g. ddp,fsdp2; only for --nproc 2 or more",
         parse=csv_list,
-        metavar="ddp|fsdp2",
+        metavar="|".join(STRATEGIES),
     )
     pretrain_epochs: int = setting(
         0,

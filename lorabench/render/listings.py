@@ -46,14 +46,13 @@ def registries() -> str:
         if f.name in MATRIX_FIELDS:
             flag = cli_flags(f)[0]
             out.append(f"  {flag.flag:22s} {flag.metavar}")
-    from ..workload.distributed import STRATEGIES
-    from ..workload.optimizers import OPTIMIZERS
+    from ..plan.cells import REGISTRIES
 
-    out.append("optimizers (--optimizer):")
-    out += [f"  {name:18s} {o.description}" for name, o in OPTIMIZERS.items()]
-
-    out.append("strategies (--strategy, for cells of --nproc 2 or more):")
-    out += [f"  {name:14s} {text}" for name, text in STRATEGIES.items()]
+    for name, (what, registry) in REGISTRIES.items():  # every setting's values, as their entries say
+        if name == "dtype":  # --precision's older spelling
+            continue
+        out.append(f"{what} (--{name.replace('_', '-')}):")
+        out += [f"  {value:18s} {entry.description}" for value, entry in registry.items()]
     out.append("presets:")
     for name, matrices in PRESETS.items():
         models = sorted({m for mx in matrices for m in mx.models})

@@ -12,7 +12,8 @@ from .models import ModelError
 from .settings import switch
 
 CHECKPOINTING = switch(
-    "activations recomputed in backward, block by block (transformers' own; per Linear for the MLP)"
+    on="activations recomputed in backward, block by block (transformers' own; per Linear for the MLP)",
+    off="activations kept for backward",
 )
 
 

@@ -16,7 +16,10 @@ import torch
 
 from .settings import switch
 
-COMPILE = switch("torch.compile (inductor), compiled by a step of its own before any measured one")
+COMPILE = switch(
+    on="torch.compile (inductor), compiled by a step of its own before any measured one",
+    off="eager: every operator dispatched from Python",
+)
 
 
 class Compiled:

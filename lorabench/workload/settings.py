@@ -36,9 +36,9 @@ class Choice:
         return self.requires(cell)
 
 
-def switch(what: str) -> dict[str, Choice]:
-    """A setting that is off or on: `what` describes it on."""
-    return {"off": Choice(f"no {what}"), "on": Choice(what, on=True)}
+def switch(on: str, off: str) -> dict[str, Choice]:
+    """A setting that is off or on, each described."""
+    return {"off": Choice(off), "on": Choice(on, on=True)}
 
 
 def unknown(field_name: str, value: Any, registry: dict) -> str | None:
