@@ -134,6 +134,11 @@ OPTIMIZERS: dict[str, Optimizer] = {
         lambda p, lr: (torch.optim.Adafactor(p, lr=lr, foreach=True), "adafactor(foreach)"),
         _factored,
     ),
+    "rmsprop": Optimizer(
+        "RMSprop (torch, foreach): one running mean of squared gradients at the weights' dtype",
+        lambda p, lr: (torch.optim.RMSprop(p, lr=lr, foreach=True), "rmsprop(foreach)"),
+        lambda s, w: math.prod(s) * w + STEP_BYTES,
+    ),
     "sgd": Optimizer(
         "SGD with momentum 0.9 (torch): one buffer at the weights' dtype",
         lambda p, lr: (torch.optim.SGD(p, lr=lr, momentum=0.9, foreach=True), "sgd(momentum 0.9, foreach)"),
