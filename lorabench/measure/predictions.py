@@ -177,7 +177,7 @@ def predict(
     )
 
 
-def per_rank(
+def per_process(
     pred: Prediction, *, nproc: int, strategy: str, largest_unit: int, root: int, dtype: str
 ) -> Prediction:
     """What one of `nproc` ranks holds, from the one-process prediction `pred` of its micro-batch.

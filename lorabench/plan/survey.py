@@ -20,7 +20,7 @@ import torch
 from .. import forksafe
 from ..errors import first_line
 from ..measure import flops, simulation
-from ..measure.predictions import DTYPE_BYTES, Prediction, per_rank, predict
+from ..measure.predictions import DTYPE_BYTES, Prediction, per_process, predict
 from ..measure.trackers import Unavailable, unavailable
 from ..workload import data, distributed, models, optimizers, precision, quantization, spec
 from ..workload.checkpointing import checkpoint
@@ -63,7 +63,9 @@ def _count_for_real(cell: Cell, total_params: int, why: Unavailable, checkpointe
     if need > REAL_COUNT_MAX_BYTES:
         return unavailable(f"{why.reason}; too large for a real step here ({need / 2**30:.1f} GiB)")
     torch.manual_seed(0)
-    bundle, adapted = spec.build(dataclasses.replace(cell.spec, checkpointing=checkpointed), "cpu", "random")
+    # the base unquantised: FLOPs are the same, and bitsandbytes is kept out of this process (`forksafe`)
+    counted = dataclasses.replace(cell.spec, checkpointing=checkpointed, quantize="none")
+    bundle, adapted = spec.build(counted, "cpu", "random")
     return flops.count(
         adapted.module,
         bundle.task,
@@ -215,7 +217,7 @@ def survey(cell: Cell, simulate: bool = True) -> Survey:
                 f"FSDP2 cannot wrap {cell.model}: it has no transformer blocks (an nn.ModuleList) and "
                 "no Linear layers to shard"
             )
-        pred = per_rank(
+        pred = per_process(
             pred, nproc=cell.nproc, strategy=cell.strategy, largest_unit=largest, root=root, dtype=cell.dtype
         )
     rows = cell.batch_size * task.tokens_per_sample(cell.seq_len)

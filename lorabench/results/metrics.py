@@ -31,12 +31,12 @@ class Metric:
     shown: bool = True  # a row of the comparison table
     derive: Callable[[dict[str, Any], Cell], float | Unavailable | None] | None = None  # from other metrics
     inputs: tuple[str, ...] = ()  # what `derive` reads (a reason for a missing input carries over)
-    # A cell of several processes (`ranks.fold`): how the ranks' figures make the row's.
+    # A cell of several processes (`fold`): how the processes' figures make the row's.
     # "leader": rank 0's; "max": the max over ranks (per device: what must fit; the slowest rank's
     # time); "devices": summed over the distinct devices the ranks used (a device's own counter).
     fold: str = "leader"
     sum_of: str | None = None  # this figure is the sum over ranks of that one ("all devices")
-    per_rank: bool = False  # each rank's value is kept in the row's `per_rank`
+    per_process: bool = False  # each process's value is kept in the row's `per_process`
     definition: str = ""  # what the figure is, exactly: docs/metrics.md, and notes under a report's table
 
 
@@ -134,7 +134,7 @@ METRICS: tuple[Metric, ...] = (
         "bytes",
         gate="memory",
         fold="max",
-        per_rank=True,
+        per_process=True,
         definition="torch's caching allocator: the peak of allocated bytes over the timed region (framework level); max over the ranks of a cell of several processes.",
     ),
     Metric(
@@ -169,7 +169,7 @@ METRICS: tuple[Metric, ...] = (
         "bytes",
         gate="memory",
         fold="max",
-        per_rank=True,
+        per_process=True,
         definition="Peak GPU memory of the cell's process and those it started (MiB, NVML: driver, CUDA context included, max over ranks).",
     ),
     Metric(
@@ -186,7 +186,7 @@ METRICS: tuple[Metric, ...] = (
         "peak GPU memory used on the device, NVML (MiB)",
         "bytes",
         fold="max",
-        per_rank=True,
+        per_process=True,
         definition="Peak GPU memory used on the device (MiB, NVML: every process, max over the cell's devices).",
     ),
     Metric(
@@ -195,7 +195,7 @@ METRICS: tuple[Metric, ...] = (
         "GPU memory used before the cell, NVML (MiB)",
         "bytes",
         fold="max",
-        per_rank=True,
+        per_process=True,
         definition="GPU memory used before the cell (MiB, NVML: others' load, driver-reserved left out; max over the cell's devices).",
     ),
     Metric(
@@ -205,7 +205,7 @@ METRICS: tuple[Metric, ...] = (
         "bytes",
         gate="memory",
         fold="max",
-        per_rank=True,
+        per_process=True,
         definition="Peak VRAM of the cell's process and those it started (MiB, amdsmi: driver, max over ranks).",
     ),
     Metric(
@@ -222,7 +222,7 @@ METRICS: tuple[Metric, ...] = (
         "peak VRAM used on the device, amdsmi (MiB)",
         "bytes",
         fold="max",
-        per_rank=True,
+        per_process=True,
         definition="Peak VRAM used on the device (MiB, amdsmi: every process, max over the cell's devices).",
     ),
     Metric(
@@ -240,7 +240,7 @@ METRICS: tuple[Metric, ...] = (
         "bytes",
         gate="memory",
         fold="max",
-        per_rank=True,
+        per_process=True,
         definition="Peak host RSS of the cell process (MiB, max over ranks).",
     ),
     Metric(
@@ -297,7 +297,7 @@ METRICS: tuple[Metric, ...] = (
         "time",
         gate="time",
         fold="max",
-        per_rank=True,
+        per_process=True,
         definition="Wall time of a timed epoch, the device synchronised at both ends; the median of the timed epochs.",
     ),
     Metric(
@@ -307,7 +307,7 @@ METRICS: tuple[Metric, ...] = (
         "ms",
         gate="time",
         fold="max",
-        per_rank=True,
+        per_process=True,
         definition="Median time of one optimizer step (CUDA events on a GPU).",
     ),
     Metric(
@@ -370,7 +370,7 @@ METRICS: tuple[Metric, ...] = (
         "energy per timed epoch (J)",
         "joules",
         fold="devices",
-        per_rank=True,
+        per_process=True,
         definition="Energy per timed epoch (J, each device's own counter, summed over the cell's devices).",
     ),
     Metric(
@@ -578,7 +578,7 @@ METRICS: tuple[Metric, ...] = (
         exact=True,
         shown=False,
         fold="max",
-        per_rank=True,
+        per_process=True,
         definition="Every parameter as held on the device (tensor sum; a quantised weight with its scales).",
     ),
     Metric(
@@ -599,7 +599,7 @@ METRICS: tuple[Metric, ...] = (
         exact=True,
         shown=False,
         fold="max",
-        per_rank=True,
+        per_process=True,
         definition="Gradients after the first backward (tensor sum).",
     ),
     Metric(
@@ -610,7 +610,7 @@ METRICS: tuple[Metric, ...] = (
         exact=True,
         shown=False,
         fold="max",
-        per_rank=True,
+        per_process=True,
         definition="Optimizer state after the first step (tensor sum; paged state included).",
     ),
     Metric(
@@ -656,7 +656,7 @@ METRICS: tuple[Metric, ...] = (
         "bytes",
         shown=False,
         fold="max",
-        per_rank=True,
+        per_process=True,
         definition="VRAM used before the cell (amdsmi: others' load).",
     ),
     Metric(

@@ -48,9 +48,9 @@ class Row:
     error: dict[str, Any] | None = None  # {type, message, traceback}
     run_id: str = ""
     wall_s: float = 0.0  # the parent's view: process start to row
-    # A cell of several processes: one entry per rank (its peaks, the tensors it holds, its step
+    # A cell of several processes: one entry per process (its peaks, the tensors it holds, its step
     # time). Beside `metrics`, not in it, so metrics stay one number per key for json_normalize.
-    per_rank: list[dict[str, Any]] = field(default_factory=list)
+    per_process: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -99,7 +99,7 @@ class Row:
             "environment": self.environment,
             "error": self.error,
             "wall_s": self.wall_s,
-            **({"per_rank": self.per_rank} if self.per_rank else {}),
+            **({"per_process": self.per_process} if self.per_process else {}),
         }
 
     @classmethod
@@ -112,7 +112,7 @@ class Row:
             error=d.get("error"),
             run_id=d.get("run_id", ""),
             wall_s=d.get("wall_s", 0.0),
-            per_rank=d.get("per_rank") or [],
+            per_process=d.get("per_process") or _renamed(d.get("per_rank")) or [],
         )
         if d.get("schema", 1) >= 2:  # a figure this version no longer declares is dropped
             metrics = {k: v for k, v in d.get("metrics", {}).items() if k in BY_KEY}
@@ -138,6 +138,11 @@ class Row:
 
     def replace(self, **changes) -> "Row":
         return replace(self, **changes)
+
+
+def _renamed(per_rank: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Rows written before `per_process` held `per_rank`, each entry's index under "rank"."""
+    return [{("process" if k == "rank" else k): v for k, v in e.items()} for e in per_rank or []]
 
 
 def split(measured: dict[str, Any]) -> tuple[dict[str, float | int | None], dict[str, str], dict[str, str]]:

@@ -9,8 +9,8 @@ seed 002 runs untimed, before the method is applied; the framework trackers star
 and data are in place (their baseline); one probe step does the one-off bookkeeping before the
 training loop, which is then left bare; the adapter checks run after the timed region.
 
-A cell of several processes (`--nproc`) runs the same protocol, `measure`, in each of its ranks
-(launched by `ranks`, or by torchrun: `python -m lorabench.run.ranks`), with the model wrapped for
+A cell of several processes (`--nproc`) runs the same protocol, `measure`, in each of its processes
+(launched by `processes`, or by torchrun: `python -m lorabench.run.processes`), with the model wrapped for
 its strategy and checked against one process before the first step.
 """
 
@@ -20,6 +20,7 @@ import gc
 import time
 import traceback
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -33,10 +34,12 @@ from ..measure.stats import Summary
 from ..measure.traces import MemorySnapshot, Traces, profile_steps, write_timeline
 from ..measure.trackers import HostMemory, SavedTensors, Timeline, TorchAllocator, Unavailable, unavailable
 from ..plan.cells import Cell
+from ..results.measured import Measured
 from ..results.rows import Row, Status
+from ..workload import data as datasets
 from ..workload import distributed, methods, models, optimizers, quantization, spec
 from ..workload.compiler import Compiled
-from ..workload.data import Dataset, load
+from ..workload.data import Dataset
 from ..workload.methods import method as method_of
 from ..workload.precision import TORCH, Precision
 from ..workload.tasks import Task
@@ -51,44 +54,74 @@ def execute(
     known: dict[str, Any] | None = None,
     traces: Traces | None = None,
 ) -> Row:
-    """Run a cell of one process here and return its row (a cell of several: `ranks.execute_group`).
+    """Run a cell of one process here and return its row (a cell of several: `processes.execute_group`).
     `known` holds figures made before the cell ran (its prediction, the run's matmul rate), so the
     row is whole, derived figures included, the moment it is made."""
     started = time.perf_counter()
-    out = measure(cell, None, on_epoch, sample_interval_s, traces)
-    measured = {**(known or {}), **out["measured"], "cell_wall_s": time.perf_counter() - started}
+    m = protocol(cell, None, on_epoch, sample_interval_s, traces)
+    figures = {**(known or {}), **m.figures, "cell_wall_s": time.perf_counter() - started}
     return Row.make(
         cell,
-        out["status"],
-        measured,
-        epochs=out["epochs"],
-        pretrain_epochs=out["pretrain"],
-        environment=out["env_facts"],
-        error=out["error"],
+        m.status,
+        figures,
+        epochs=m.epochs,
+        pretrain_epochs=m.pretrain,
+        environment=m.env_facts,
+        error=m.error,
     )
 
 
-def measure(
+@dataclass
+class Loaded:
+    """The phase that builds and loads: the base model on the device, its data set, and the driver
+    trackers, built before the model loads (so the device's use "before" is others' load)."""
+
+    device: torch.device
+    bundle: models.Bundle
+    data: Dataset
+    drivers: list
+    energy: Any  # drivers.EnergyMeter
+
+
+@dataclass
+class Ready:
+    """The phase that adapts: the model as trained (wrapped for its group), the adapted one (its
+    checks run on it), and the base's outputs the adapter-off check compares against."""
+
+    model: nn.Module  # adapted, unwrapped
+    trained: nn.Module  # what the optimizer steps: the model, or its DDP / FSDP2 wrapping
+    adapted: methods.Adapted
+    forward: Callable[[nn.Module], torch.Tensor]  # logits of one eval batch
+    base_out: torch.Tensor | None
+
+
+@dataclass
+class Trained:
+    """The phase that trains inside the trackers: the loop's record and the optimizer."""
+
+    fit: Fit
+    optimizer: torch.optim.Optimizer
+    compiled: Compiled | None
+
+
+def protocol(
     cell: Cell,
     group: distributed.Group | None,
     on_epoch: Callable[[EpochRecord, int], None] | None = None,
     sample_interval_s: float = 0.01,
     traces: Traces | None = None,
-) -> dict[str, Any]:
-    """The protocol of one cell in this process (one rank of it when `group` is given): {measured,
-    epochs, pretrain, env_facts, status, error}. An exception ends it as an error or oom, keeping
-    what was measured before."""
-    measured: dict[str, Any] = {}
-    env_facts: dict[str, str] = {}
+) -> Measured:
+    """The protocol of one cell in this process (one of its processes when `group` is given), in
+    phases: load (build the base, load the data), pretrain (seed 002's base, untimed), adapt (hold
+    the base in bits, apply the method, wrap for the group), train (inside the trackers: a probe
+    step, then the loop), after (a trace, the CPU's step peaks, what is held), check (the method's
+    checks). An exception ends it as an error or oom, keeping what was measured before."""
+    out = Measured(Status.OK)
     device = None
-    epochs: list[dict] = []
-    pretrain: list[dict] = []
-    error = None
-    name = cell.key() + (f"-rank{group.rank}" if group else "")  # of its files under the run directory
+    name = cell.key() + (f"-process{group.index}" if group else "")  # of its files under the run directory
     timeline = None
     try:
         torch.manual_seed(cell.seed)
-        dtype = TORCH[cell.dtype]
         forksafe.require_clean(torch.device(cell.device))  # one clear line, not a CUDA traceback
         device = group.device(cell.device) if group else torch.device(cell.device)
         if traces is not None:  # memory over the whole cell, with its phases marked
@@ -98,172 +131,231 @@ def measure(
         mark = timeline.mark if timeline else (lambda label: None)
         if group:
             group.join(device)
-        # Built before the model loads, so the device's used memory "before" is others' load.
-        drivers, energy, env_facts, missing = driver_trackers(device, sample_interval_s)
-        measured.update(missing)
-        bundle = spec.base(cell.spec, device)
-        task, method, model = bundle.task, method_of(cell.method), bundle.module
-        ds = load_data(cell, bundle).to(device, dtype)
-        measured["data"] = ds.source
-        if cell.pretrain_epochs:  # seed 002: the base is trained in full first, untimed (each rank alike)
-            pre = fit(
-                model,
-                task,
-                ds,
-                epochs=cell.pretrain_epochs,
-                warmup_epochs=0,
-                batch_size=cell.batch_size,
-                grad_accum=cell.grad_accum,
-                lr=cell.lr,
-                seed=cell.seed,
-                device=device,
-            )
-            pretrain = [vars(e) for e in pre.epochs]
-            del pre  # its optimizer state and gradients are gone before anything is measured
-        spec.hold(cell.spec, bundle, device)  # in bits from here on (pretraining ran on the full weights)
-        probe = {k: v[: min(cell.batch_size, 32)] for k, v in ds.eval.items()}
-        forward = lambda m: task.loss(m, probe)[1].float()  # logits of one batch
-        measured["model_file_bytes"] = methods.model_file_bytes(model)
-        base_out = None
-        if method.adapts:  # the base's outputs, for the adapter-off check after training
-            model.eval()
-            with torch.no_grad():
-                base_out = forward(model)
-        adapted = spec.adapt(cell.spec, bundle, device)
-        model = trained = adapted.module
-        p = adapted.params
-        measured.update(
-            params_total=p.total,
-            params_trainable=p.trainable,
-            params_trainable_adapter=p.adapter,
-            params_trainable_full=p.full_trained,
-            lora_targets=len(adapted.targets),
-        )
-        if group:
-            trained, check = _wrap_checked(model, task, ds, cell, group, device)
-            measured.update(check)
-        release(model, device)  # pretraining's and the checks' cached blocks must not count as this cell's
-        amp = Precision(cell.precision, device)
-        compiled = None
+        loaded = load(cell, device, sample_interval_s, out)
+        out.pretrain = pretrain(cell, loaded)
+        ready = adapt(cell, loaded, group, out)
         mark("weights and data in place")
-        trackers = [HostMemory(sample_interval_s), TorchAllocator(device), *drivers]
-        try:
-            # Baselines are taken here: weights and data are already in place.
-            with ExitStack() as stack:
-                for t in trackers:
-                    stack.enter_context(t)
-                optimizer = optimizers.make(
-                    cell.optimizer, [q for q in trained.parameters() if q.requires_grad], cell.lr
-                )
-                if cell.compiled:  # compiled by a step of its own, so no measured step holds it
-                    trained, compiled = torch.compile(trained), Compiled()
-                    measured["compile_s"] = compiled.first_step(
-                        lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False, amp),
-                        device,
-                    )
-                mark("first step (bookkeeping)")
-                with MemorySnapshot(
-                    traces, device, name
-                ) as snapshot:  # the first step's allocations, on request
-                    measured.update(probe_step(trained, task, ds, optimizer[0], cell, device, group, amp=amp))
-                if group and not group.shards:  # the replicas must agree after a step
-                    measured["check_ranks_params_max_abs_diff"] = distributed.params_max_abs_diff(
-                        trained, device
-                    )
-                result = fit(
-                    trained,
-                    task,
-                    ds,
-                    epochs=cell.epochs,
-                    warmup_epochs=cell.warmup_epochs,
-                    batch_size=cell.batch_size,
-                    grad_accum=cell.grad_accum,
-                    lr=cell.lr,
-                    seed=cell.seed,
-                    device=device,
-                    optimizer=optimizer,
-                    on_epoch=_marked(on_epoch, mark),
-                    on_timed=lambda edge: (
-                        mark("timed epoch" if edge == "begin" else "eval"),
-                        compiled and compiled.edge(edge),
-                        energy.begin() if edge == "begin" else energy.end(),
-                    ),
-                    rank=group.rank if group else 0,
-                    world=group.world if group else 1,
-                    sync=distributed.grad_sync if group else None,
-                    after_step=method.step_hook(model),
-                    amp=amp,
-                )
-        finally:
-            if timeline is not None:
-                timeline.add(trackers)
-            for t in trackers:  # one whose start raised has no readings (its error is the row's)
-                measured.update(
-                    t.result() if t.started else t.unavailable_result(f"{type(t).__name__} did not start")
-                )
-            measured.update(energy.result())
-            if device.type == "cuda":  # what the driver saw beyond the allocator: kept per kind of cell
-                measured["gpu_context_bytes"] = (
-                    runtime_context(measured, drivers[0].before_is_others)
-                    if drivers
-                    else unavailable("no driver view of the device")
-                )
+        trained = train(
+            cell, loaded, ready, group, sample_interval_s, traces, name, on_epoch, mark, timeline, out
+        )
         mark("after training: trace, checks")
-        if compiled:
-            measured.update(compiled.result())
-        if snapshot.note:
-            measured["memory_snapshot"] = snapshot.note
-        trace = profile_steps(
-            traces,
-            lambda: probe_step(trained, task, ds, optimizer[0], cell, device, group, False, amp),
-            device,
-            name,
-        )  # after the timed region, the trackers stopped
-        if trace:
-            measured["profile_trace"] = trace
-        if device.type == "cpu" and (group is None or group.shards):
-            # the framework-level peak the CPU has no allocator for, and host RSS without the C
-            # library's retention; after the trace, whose timing the trimmed heap's page faults
-            # would disturb. On the uncompiled model (the same parameters, sharded in place by FSDP2): a
-            # dispatch mode under dynamo would recompile
-            measured.update(step_peaks(model, task, ds, optimizer[0], cell, amp))
-        held = distributed.held(trained)
-        measured["weights_bytes"] = quantization.held_bytes(held)  # a quantised weight's scales included
-        measured["trainable_weights_bytes"] = sum(q.nbytes for q in held if q.requires_grad)
-        measured.update(fit_metrics(result))
-        epochs = [vars(e) for e in result.epochs]
-        if result.diverged_at is None:
-            measured.update(_checks(cell, method, adapted, trained, forward, base_out, group, device, dtype))
-            status = Status.OK
+        after(cell, loaded, ready, trained, group, traces, name, out)
+        out.epochs = [vars(e) for e in trained.fit.epochs]
+        if trained.fit.diverged_at is None:
+            out.figures.update(check(cell, loaded, ready, group))
         else:  # a result, not a crash: the row keeps what was measured and says where the loss went
-            status = Status.DIVERGED
-            last = result.epochs[-1]
-            error = {
+            out.status = Status.DIVERGED
+            out.error = {
                 "type": "Diverged",
-                "message": f"the training loss became {last.train_loss} in epoch "
-                f"{result.diverged_at}; training stopped there (try a smaller --lr)",
+                "message": f"the training loss became {trained.fit.epochs[-1].train_loss} in epoch "
+                f"{trained.fit.diverged_at}; training stopped there (try a smaller --lr)",
                 "traceback": [],
             }
     except Exception as e:  # the row records the failure; the matrix goes on
-        status = Status.OOM if is_oom(e) else Status.ERROR
-        error = {
+        out.status = Status.OOM if is_oom(e) else Status.ERROR
+        out.error = {
             "type": type(e).__name__,
             "message": str(e).strip().splitlines()[0] if str(e).strip() else "",
             "traceback": [] if isinstance(e, forksafe.BadFork) else traceback.format_exc().splitlines()[-12:],
         }
     if timeline is not None:
         timeline.stop()
-        measured["timeline"] = write_timeline(timeline, traces, name)
-    # facts of the machine, as this process (this rank, on its own device) sees them
-    env_facts = {**_environment(cell, device), **env_facts}
-    return {
-        "measured": measured,
-        "epochs": epochs,
-        "pretrain": pretrain,
-        "env_facts": env_facts,
-        "status": status.value,
-        "error": error,
-    }
+        out.figures["timeline"] = write_timeline(timeline, traces, name)
+    # facts of the machine, as this process (on its own device) sees them
+    out.env_facts = {**_environment(cell, device), **out.env_facts}
+    return out
+
+
+def load(cell: Cell, device: torch.device, sample_interval_s: float, out: Measured) -> Loaded:
+    """Build the driver trackers (before the model loads), the base model and the data set."""
+    drivers, energy, out.env_facts, missing = driver_trackers(device, sample_interval_s)
+    out.figures.update(missing)
+    bundle = spec.base(cell.spec, device)
+    data = load_data(cell, bundle).to(device, TORCH[cell.dtype])
+    out.figures["data"] = data.source
+    return Loaded(device, bundle, data, drivers, energy)
+
+
+def pretrain(cell: Cell, loaded: Loaded) -> list[dict]:
+    """Seed 002: the base trained in full first, untimed (every process alike); its epochs."""
+    if not cell.pretrain_epochs:
+        return []
+    pre = fit(
+        loaded.bundle.module,
+        loaded.bundle.task,
+        loaded.data,
+        epochs=cell.pretrain_epochs,
+        warmup_epochs=0,
+        batch_size=cell.batch_size,
+        grad_accum=cell.grad_accum,
+        lr=cell.lr,
+        seed=cell.seed,
+        device=loaded.device,
+    )
+    return [vars(e) for e in pre.epochs]  # its optimizer state and gradients go with it
+
+
+def adapt(cell: Cell, loaded: Loaded, group: distributed.Group | None, out: Measured) -> Ready:
+    """Hold the base (in bits, where quantised), read its outputs for the adapter-off check, apply
+    the method, count, wrap for the group (checked against one process), free what came before."""
+    bundle, device, task = loaded.bundle, loaded.device, loaded.bundle.task
+    spec.hold(cell.spec, bundle, device)  # in bits from here on (pretraining ran on the full weights)
+    probe = {k: v[: min(cell.batch_size, 32)] for k, v in loaded.data.eval.items()}
+    forward = lambda m: task.loss(m, probe)[1].float()  # logits of one batch
+    out.figures["model_file_bytes"] = methods.model_file_bytes(bundle.module)
+    base_out = None
+    if method_of(cell.method).adapts:  # the base's outputs, for the adapter-off check after training
+        bundle.module.eval()
+        with torch.no_grad():
+            base_out = forward(bundle.module)
+    adapted = spec.adapt(cell.spec, bundle, device)
+    p = adapted.params
+    out.figures.update(
+        params_total=p.total,
+        params_trainable=p.trainable,
+        params_trainable_adapter=p.adapter,
+        params_trainable_full=p.full_trained,
+        lora_targets=len(adapted.targets),
+    )
+    trained = adapted.module
+    if group:
+        trained, checked = _wrap_checked(adapted.module, task, loaded.data, cell, group, device)
+        out.figures.update(checked)
+    release(adapted.module, device)  # pretraining's and the checks' cached blocks are not this cell's
+    return Ready(adapted.module, trained, adapted, forward, base_out)
+
+
+def train(
+    cell: Cell,
+    loaded: Loaded,
+    ready: Ready,
+    group: distributed.Group | None,
+    sample_interval_s: float,
+    traces: Traces | None,
+    name: str,
+    on_epoch: Callable[[EpochRecord, int], None] | None,
+    mark: Callable[[str], None],
+    timeline: Timeline | None,
+    out: Measured,
+) -> Trained:
+    """Inside the trackers (their baselines: weights and data in place): the optimizer, a compiled
+    model's own first step, the probe step, the training loop; every tracker's figures after."""
+    device, task, data = loaded.device, loaded.bundle.task, loaded.data
+    amp = Precision(cell.precision, device)
+    trackers = [HostMemory(sample_interval_s), TorchAllocator(device), *loaded.drivers]
+    model, compiled, energy = ready.trained, None, loaded.energy
+    try:
+        with ExitStack() as stack:
+            for t in trackers:
+                stack.enter_context(t)
+            optimizer, implementation = optimizers.make(
+                cell.optimizer, [q for q in model.parameters() if q.requires_grad], cell.lr
+            )
+            if cell.compiled:  # compiled by a step of its own, so no measured step holds it
+                model, compiled = torch.compile(model), Compiled()
+                out.figures["compile_s"] = compiled.first_step(
+                    lambda: probe_step(model, task, data, optimizer, cell, device, group, False, amp), device
+                )
+            mark("first step (bookkeeping)")
+            with MemorySnapshot(traces, device, name) as snapshot:  # the first step's allocations, on request
+                out.figures.update(probe_step(model, task, data, optimizer, cell, device, group, amp=amp))
+            if snapshot.note:
+                out.figures["memory_snapshot"] = snapshot.note
+            if group and not group.shards:  # the replicas must agree after a step
+                out.figures["check_ranks_params_max_abs_diff"] = distributed.params_max_abs_diff(
+                    model, device
+                )
+            result = fit(
+                model,
+                task,
+                data,
+                epochs=cell.epochs,
+                warmup_epochs=cell.warmup_epochs,
+                batch_size=cell.batch_size,
+                grad_accum=cell.grad_accum,
+                lr=cell.lr,
+                seed=cell.seed,
+                device=device,
+                optimizer=(optimizer, implementation),
+                on_epoch=_marked(on_epoch, mark),
+                on_timed=lambda edge: (
+                    mark("timed epoch" if edge == "begin" else "eval"),
+                    compiled and compiled.edge(edge),
+                    energy.begin() if edge == "begin" else energy.end(),
+                ),
+                process=group.index if group else 0,
+                world=group.world if group else 1,
+                sync=distributed.grad_sync if group else None,
+                after_step=method_of(cell.method).step_hook(ready.model),
+                amp=amp,
+            )
+    finally:
+        if timeline is not None:
+            timeline.add(trackers)
+        for t in trackers:  # one whose start raised has no readings (its error is the row's)
+            out.figures.update(
+                t.result() if t.started else t.unavailable_result(f"{type(t).__name__} did not start")
+            )
+        out.figures.update(energy.result())
+        if device.type == "cuda":  # what the driver saw beyond the allocator: kept per kind of cell
+            out.figures["gpu_context_bytes"] = (
+                runtime_context(out.figures, loaded.drivers[0].before_is_others)
+                if loaded.drivers
+                else unavailable("no driver view of the device")
+            )
+    ready.trained = model  # the compiled one, where it was compiled
+    return Trained(result, optimizer, compiled)
+
+
+def after(
+    cell: Cell,
+    loaded: Loaded,
+    ready: Ready,
+    trained: Trained,
+    group: distributed.Group | None,
+    traces: Traces | None,
+    name: str,
+    out: Measured,
+) -> None:
+    """After the timed region, the trackers stopped: compilation's figures, a profile trace, the
+    CPU's step peaks, the bytes held, the loop's figures."""
+    device, task, data = loaded.device, loaded.bundle.task, loaded.data
+    amp = Precision(cell.precision, device)
+    if trained.compiled:
+        out.figures.update(trained.compiled.result())
+    trace = profile_steps(
+        traces,
+        lambda: probe_step(ready.trained, task, data, trained.optimizer, cell, device, group, False, amp),
+        device,
+        name,
+    )
+    if trace:
+        out.figures["profile_trace"] = trace
+    if device.type == "cpu" and (group is None or group.shards):
+        # the framework-level peak the CPU has no allocator for, and host RSS without the C
+        # library's retention; after the trace, whose timing the trimmed heap's page faults would
+        # disturb. On the uncompiled model (the same parameters, sharded in place by FSDP2): a
+        # dispatch mode under dynamo would recompile
+        out.figures.update(step_peaks(ready.model, task, data, trained.optimizer, cell, amp))
+    held = distributed.held(ready.trained)
+    out.figures["weights_bytes"] = quantization.held_bytes(held)  # a quantised weight's scales included
+    out.figures["trainable_weights_bytes"] = sum(q.nbytes for q in held if q.requires_grad)
+    out.figures.update(fit_metrics(trained.fit))
+
+
+def check(cell: Cell, loaded: Loaded, ready: Ready, group: distributed.Group | None) -> dict[str, Any]:
+    """The method's checks after training, on the leader. FSDP2 holds shards: the leader checks a
+    fresh copy of the model loaded with the gathered weights."""
+    method, adapted = method_of(cell.method), ready.adapted
+    if group is None:
+        return method.checks(adapted, ready.forward, ready.base_out)
+    if group.shards:
+        whole = distributed.full_state_dict(ready.trained)  # every process takes part in the gather
+        if not group.leader:
+            return {}
+        _, adapted = spec.build(cell.spec, loaded.device)
+        adapted.module.load_state_dict(whole)
+    return method.checks(adapted, ready.forward, ready.base_out) if group.leader else {}
 
 
 def _environment(cell: Cell, device: torch.device | None) -> dict[str, Any]:
@@ -291,32 +383,18 @@ def _marked(on_epoch, mark):
     return done
 
 
-def _checks(cell, method, adapted, trained, forward, base_out, group, device, dtype) -> dict[str, Any]:
-    """The method's checks after the timed region, on the leader. FSDP2 holds shards: the leader
-    checks a fresh copy of the model loaded with the gathered weights."""
-    if group is None:
-        return method.checks(adapted, forward, base_out)
-    if group.shards:
-        whole = distributed.full_state_dict(trained)  # every rank takes part in the gather
-        if not group.leader:
-            return {}
-        _, adapted = spec.build(cell.spec, device)
-        adapted.module.load_state_dict(whole)
-    return method.checks(adapted, forward, base_out) if group.leader else {}
-
-
 def _wrap_checked(
     model: nn.Module, task: Task, ds: Dataset, cell: Cell, group: distributed.Group, device: torch.device
 ) -> tuple[nn.Module, dict[str, float]]:
     """The model wrapped for its strategy, and the loss of the first global micro-batch taken both
-    ways before any step: in one process on all of it, and across the ranks on their shards
+    ways before any step: in one process on all of it, and across the processes on their shards
     (eval mode, so dropout draws no difference). They must agree."""
     b = cell.batch_size
     model.eval()
     with torch.no_grad():
         one = task.loss(model, {k: v[: b * group.world] for k, v in ds.train.items()})[0].item()
         wrapped = distributed.wrap(model, group, device)
-        rows = micro_batch(0, group.rank, group.world, b)
+        rows = micro_batch(0, group.index, group.world, b)
         mine = task.loss(wrapped, {k: v[rows] for k, v in ds.train.items()})[0].item()
     distributed.reshard(wrapped)  # before the optimizer is built on its parameters
     model.train()
@@ -337,19 +415,19 @@ def probe_step(
     """One optimizer step before the training loop, for the one-off bookkeeping: what autograd
     keeps for backward (saved-tensor hooks around the first forward), the gradients' and Adam
     state's bytes, and the allocator at those phase boundaries. It trains like a warm-up step, and
-    it allocates Adam's state, so no timed step pays for that. A rank takes its shard of the batch
+    it allocates Adam's state, so no timed step pays for that. A process takes its shard of the batch
     and counts the tensors it holds (an FSDP2 shard). With `count=False`, a bare step (what
     --profile traces)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    rank, world = (group.rank, group.world) if group else (0, 1)
+    index, world = (group.index, group.world) if group else (0, 1)
     # parameters and the resident data set are not activations
     exclude = {
         distributed.local(t).untyped_storage().data_ptr() for t in (*model.parameters(), *data.train.values())
     }
     out: dict[str, int] = {}
     for m in range(cell.grad_accum):
-        rows = micro_batch(m, rank, world, cell.batch_size)
+        rows = micro_batch(m, index, world, cell.batch_size)
         batch = {k: v[rows] for k, v in data.train.items()}
         with distributed.grad_sync(model, m == cell.grad_accum - 1):
             if m == 0 and count:
@@ -425,7 +503,7 @@ def load_data(cell: Cell, bundle: models.Bundle) -> Dataset:
     )
     if cell.synthetic_data:
         return bundle.task.build_data(**kw)
-    return load(cell.data, tokenizer_source=bundle.tokenizer_source, **kw)
+    return datasets.load(cell.data, tokenizer_source=bundle.tokenizer_source, **kw)
 
 
 def fit_metrics(f: Fit) -> dict[str, Any]:

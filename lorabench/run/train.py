@@ -58,10 +58,10 @@ class Fit:
         return [e.epoch_s for e in self.epochs if e.timed]
 
 
-def micro_batch(index: int, rank: int = 0, world: int = 1, batch_size: int = 1) -> slice:
-    """The rows rank `rank` of `world` takes of global micro-batch `index`: its own `batch_size`
-    slice of every batch_size x world rows, so the ranks together read each global batch once."""
-    lo = (index * world + rank) * batch_size
+def micro_batch(index: int, process: int = 0, world: int = 1, batch_size: int = 1) -> slice:
+    """The rows process `process` of `world` takes of global micro-batch `index`: its own `batch_size`
+    slice of every batch_size x world rows, so the processes together read each global batch once."""
+    lo = (index * world + process) * batch_size
     return slice(lo, lo + batch_size)
 
 
@@ -138,7 +138,7 @@ def fit(
     optimizer: tuple[torch.optim.Optimizer, str] | None = None,
     on_epoch: Callable[[EpochRecord, int], None] | None = None,
     on_timed: Callable[[str], None] | None = None,
-    rank: int = 0,
+    process: int = 0,
     world: int = 1,
     sync: Callable[[nn.Module, bool], ContextManager] | None = None,
     after_step: Callable[[int], None] | None = None,
@@ -148,10 +148,10 @@ def fit(
     one); `on_epoch(record, total_epochs)` is called after each epoch, and `on_timed("begin" |
     "end")` at the synchronised edges of each timed epoch (energy counters).
 
-    As rank `rank` of `world` processes, every rank draws the same permutation and takes its own
+    As process `process` of `world`, every process draws the same permutation and takes its own
     `batch_size` slice of each global micro-batch (batch_size x world); `sync(model, last)` gives
     the context in which a micro-batch's backward reduces gradients only on the step's last one,
-    and the epoch's training loss is the mean over ranks. `after_step(step)` runs between each
+    and the epoch's training loss is the mean over processes. `after_step(step)` runs between each
     optimizer step and the zeroing of the gradients (AdaLoRA's rank schedule reads them). `amp`
     is the cell's precision: autocast around each forward, its backward and step (fp32: neither)."""
     amp = amp or Precision("fp32", device)
@@ -178,7 +178,7 @@ def fit(
         for s in range(steps):
             clock.start()
             for m in range(grad_accum):
-                idx = perm[micro_batch(s * grad_accum + m, rank, world, batch_size)]
+                idx = perm[micro_batch(s * grad_accum + m, process, world, batch_size)]
                 with sync(model, m == grad_accum - 1) if sync is not None else _NO_CONTEXT:
                     with (
                         amp.autocast()
@@ -196,7 +196,7 @@ def fit(
         if timed and on_timed:
             on_timed("end")
         clock.collect(epoch_steps)
-        if world > 1:  # one training loss for the cell; every rank then stops on the same epoch
+        if world > 1:  # one training loss for the cell; every process then stops on the same epoch
             torch.distributed.all_reduce(loss_sum)
             loss_sum /= world
         if timed:

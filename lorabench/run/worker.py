@@ -1,5 +1,5 @@
 """What runs in a cell's own process: the run options it was given, the fork server's preload, the
-child's entry (`cell_main`) that runs `experiment.execute` (or a group of ranks) and sends its row back.
+child's entry (`cell_main`) that runs `experiment.execute` (or a group of processes) and sends its row back.
 
     lorabench run --start-method spawn     # each cell's process starts bare instead of forking from the server
 
@@ -30,7 +30,7 @@ from ..workload.methods import method as method_of
 
 START_METHODS = ("forkserver", "spawn")
 # Imported once by the fork server; every cell process starts with them already loaded.
-PRELOAD = ["torch", "lorabench.run.ranks"]  # and lorabench.run.experiment, which it imports
+PRELOAD = ["torch", "lorabench.run.processes"]  # and lorabench.run.experiment, which it imports
 PRELOAD_HF = [
     "lorabench.run.preload_hf"
 ]  # peft and transformers' BERT, ~4 s on 2 cores: only when a cell needs them
@@ -156,7 +156,7 @@ def cell_main(
 ) -> None:
     # Ctrl-C reaches the whole process group; the parent decides what happens to this cell.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    keep_out()  # a cell's agent forks its ranks: nothing it imports may query CUDA (spawn starts bare)
+    keep_out()  # a cell's agent forks its processes: nothing it imports may query CUDA (spawn starts bare)
     os.environ.update(env)  # pin the device before CUDA initialises
     if options.memory_limit_bytes:
         # Address space this cell may add beyond what it already maps (libraries, the interpreter):
@@ -170,7 +170,7 @@ def cell_main(
 
     tqdm.set_lock(threading.RLock())
     from .experiment import execute
-    from .ranks import execute_group
+    from .processes import execute_group
 
     cell = Cell.from_dict(cell_dict)
     try:

@@ -1,11 +1,11 @@
-"""The model across the ranks of a cell of several processes: their process group, DDP and FSDP2.
+"""The model across the processes of a cell: their process group, DDP and FSDP2.
 
     lorabench run --models cifar-mlp --methods full,lora --ranks 8 --nproc 2 --strategy fsdp2
 
-Each rank joins its cell's process group from torchrun's environment (`Group`): gloo on the CPU,
-nccl on CUDA (RCCL on ROCm), one device per rank. Here: how a rank wraps its model (a DDP replica,
-or FSDP2's shards per transformer block), what it holds, and the checks across ranks. Who starts
-the ranks and folds their figures into a row is `ranks`.
+Each process joins its cell's process group from torchrun's environment (`Group`): gloo on the CPU,
+nccl on CUDA (RCCL on ROCm), one device per process. Here: how a process wraps its model (a DDP replica,
+or FSDP2's shards per transformer block), what it holds, and the checks across processes. Who starts
+the processes is `run.processes`; who folds their figures into a row, `results.fold`.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ DEFAULT_STRATEGY = "ddp"  # a cell of several processes that names none
 class Group:
     """This process's place in the cell's process group, read from torchrun's environment."""
 
-    rank: int
+    index: int  # this process's place in the group: torchrun's RANK
     world: int
-    local_rank: int
+    local_index: int  # among the processes of its node: LOCAL_RANK
     strategy: str
 
     @classmethod
@@ -76,7 +76,7 @@ class Group:
 
     @property
     def leader(self) -> bool:
-        return self.rank == 0
+        return self.index == 0
 
     @property
     def shards(self) -> bool:
@@ -84,16 +84,16 @@ class Group:
         return STRATEGIES[self.strategy].shards
 
     def device(self, kind: str) -> torch.device:
-        """This rank's device: its own GPU (by LOCAL_RANK among the visible ones), or the CPU."""
+        """This process's device: its own GPU (by LOCAL_RANK among the visible ones), or the CPU."""
         if kind == "cuda":
-            index = self.local_rank % max(torch.cuda.device_count(), 1)
+            index = self.local_index % max(torch.cuda.device_count(), 1)
             torch.cuda.set_device(index)
             return torch.device("cuda", index)
         return torch.device("cpu")
 
     def join(self, device: torch.device) -> None:
-        """Join the process group; on the CPU, each rank gets its share of the cores (as torchrun's
-        OMP_NUM_THREADS=1 intends: ranks must not oversubscribe them)."""
+        """Join the process group; on the CPU, each process gets its share of the cores (as torchrun's
+        OMP_NUM_THREADS=1 intends: processes must not oversubscribe them)."""
         if device.type == "cpu":
             torch.set_num_threads(
                 max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))
@@ -105,7 +105,7 @@ class Group:
         )
 
 
-# ---- the model across ranks ------------------------------------------------------------------
+# ---- the model across processes ------------------------------------------------------------------
 
 
 def units(module: nn.Module) -> list[nn.Module]:
@@ -141,7 +141,7 @@ def unit_params(module: nn.Module) -> tuple[int, int]:
 
 
 def wrap(model: nn.Module, group: Group, device: torch.device) -> nn.Module:
-    """The model as this rank trains it: a DDP replica, or sharded by FSDP2's fully_shard per unit,
+    """The model as this process trains it: a DDP replica, or sharded by FSDP2's fully_shard per unit,
     then the root. FSDP2 changes the module in place (its parameters become DTensor shards)."""
     if not group.shards:
         return nn.parallel.DistributedDataParallel(
@@ -160,20 +160,20 @@ def wrap(model: nn.Module, group: Group, device: torch.device) -> nn.Module:
 def reshard(model: nn.Module) -> None:
     """Put FSDP2's units back in shards. A forward without a backward (an eval pass) leaves the
     root's parameters gathered and registered in place of its shards: an optimizer built then, or
-    a count of the tensors a rank holds, would see whole tensors. No-op for DDP and one process."""
+    a count of the tensors a process holds, would see whole tensors. No-op for DDP and one process."""
     for m in model.modules():
         if hasattr(m, "reshard") and hasattr(m, "unshard"):
             m.reshard()
 
 
 def held(model: nn.Module) -> list[Tensor]:
-    """The parameter tensors this rank holds: FSDP2's local shards once resharded."""
+    """The parameter tensors this process holds: FSDP2's local shards once resharded."""
     reshard(model)
     return [local(p) for p in model.parameters()]
 
 
 def local(t: Tensor) -> Tensor:
-    """The part of `t` this rank holds: an FSDP2 parameter, gradient or Adam moment is a DTensor."""
+    """The part of `t` this process holds: an FSDP2 parameter, gradient or Adam moment is a DTensor."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
@@ -199,7 +199,7 @@ def grad_sync(model: nn.Module, enabled: bool):
 
 
 def mean(value: float, device: torch.device) -> float:
-    """The mean over ranks of a number each rank holds."""
+    """The mean over processes of a number each process holds."""
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
@@ -207,7 +207,7 @@ def mean(value: float, device: torch.device) -> float:
 
 @torch.no_grad()
 def params_max_abs_diff(model: nn.Module, device: torch.device, chunk: int = 2**18) -> float:
-    """Largest |parameter - rank 0's parameter| over every parameter and rank: 0 when the replicas
+    """Largest |parameter - process 0's parameter| over every parameter and process: 0 when the replicas
     agree (DDP after a step). Broadcast `chunk` elements at a time (1 MiB of fp32), so the check
     adds next to nothing to the peaks it runs among."""
     worst = torch.zeros((), dtype=torch.float64, device=device)

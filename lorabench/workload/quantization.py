@@ -130,9 +130,9 @@ def _int8(bnb, weight: torch.Tensor):
 
 
 def quantize(module: nn.Module, kind: str, device: torch.device) -> int:
-    """Replace `targets(module)` by bitsandbytes layers quantised on `device` (`_layer`) and prepare the model for training adapters on them (PEFT's
-    prepare_model_for_kbit_training: the base frozen, norms in fp32, inputs that require grad).
-    Returns how many layers were replaced."""
+    """Replace `targets(module)` by bitsandbytes layers quantised on `device` (`_layer`) and prepare
+    the model for training adapters on them (PEFT's prepare_model_for_kbit_training: the base
+    frozen, norms in fp32, inputs that require grad). Returns how many layers were replaced."""
     names = targets(module)
     for name in names:
         parent, _, leaf = name.rpartition(".")

@@ -207,10 +207,10 @@ def test_a_cell_of_two_gpus_reports_each_ranks_allocator_and_driver_view(tmp_pat
     ]
     assert len(rows) == 2
     for r in rows:
-        assert [e["rank"] for e in r["per_rank"]] == [0, 1]
-        assert all(e["torch_peak_allocated_bytes"] > 0 for e in r["per_rank"])
+        assert [e["process"] for e in r["per_process"]] == [0, 1]
+        assert all(e["torch_peak_allocated_bytes"] > 0 for e in r["per_process"])
         assert r["metrics"]["torch_peak_allocated_sum_bytes"] == sum(
-            e["torch_peak_allocated_bytes"] for e in r["per_rank"]
+            e["torch_peak_allocated_bytes"] for e in r["per_process"]
         )
         assert r["metrics"]["check_ranks_first_loss_abs_diff"] < 1e-3
 

@@ -62,20 +62,20 @@ def test_every_cell_is_ok_with_one_entry_per_rank(two_ranks):
     rows, stdout = two_ranks
     assert len(rows) == 8 and {r["status"] for r in rows.values()} == {"ok"}
     for r in rows.values():
-        assert [e["rank"] for e in r["per_rank"]] == [0, 1]
+        assert [e["process"] for e in r["per_process"]] == [0, 1]
         # forked from a cell process forked from the fork server (peft preloaded): neither ever queried CUDA
         assert (
             r["environment"]["cuda_bad_fork"] is False
-            and [e["cuda_bad_fork"] for e in r["per_rank"]] == [False] * 2
+            and [e["cuda_bad_fork"] for e in r["per_process"]] == [False] * 2
         )
         assert all(
             e["status"] == "ok" and e["host_peak_rss_bytes"] > 0 and e["step_s_p50"] > 0
-            for e in r["per_rank"]
+            for e in r["per_process"]
         )
         m = r["metrics"]
-        assert m["host_peak_rss_bytes"] == max(e["host_peak_rss_bytes"] for e in r["per_rank"])
-        assert m["host_peak_rss_sum_bytes"] == sum(e["host_peak_rss_bytes"] for e in r["per_rank"])
-        assert m["step_s_p50"] == max(e["step_s_p50"] for e in r["per_rank"])  # the slowest rank's
+        assert m["host_peak_rss_bytes"] == max(e["host_peak_rss_bytes"] for e in r["per_process"])
+        assert m["host_peak_rss_sum_bytes"] == sum(e["host_peak_rss_bytes"] for e in r["per_process"])
+        assert m["step_s_p50"] == max(e["step_s_p50"] for e in r["per_process"])  # the slowest rank's
         assert m["samples_per_step"] == 16 * 2 and m["steps_per_epoch"] == 128 // 32  # the global batch
         assert r["unavailable"]["mfu_pct"].startswith("the ranks share this CPU's cores")
     assert "full fsdp2 n=2" in stdout and "lora r=8 ddp n=2" in stdout
@@ -107,9 +107,9 @@ def test_each_rank_holds_the_tensors_its_prediction_says(two_ranks):
             ("grads_bytes", "predicted_grads_bytes"),
             ("optimizer_state_bytes", "predicted_optimizer_bytes"),
         ):
-            for entry in r["per_rank"]:
+            for entry in r["per_process"]:
                 assert entry[measured] == pytest.approx(m[predicted], rel=0.01), (model, label, measured)
-    mlp_full = rows[("cifar-mlp", "full fsdp2 n=2")]["per_rank"]
+    mlp_full = rows[("cifar-mlp", "full fsdp2 n=2")]["per_process"]
     assert all(e["weights_bytes"] == pytest.approx(20_998_154 * 4 / 2, rel=0.001) for e in mlp_full)
     for (model, label), r in rows.items():  # an FSDP2 rank's live tensors are counted at its peak
         m = r["metrics"]
@@ -175,9 +175,9 @@ def test_a_killed_rank_ends_its_cell_as_crashed_naming_it_and_the_next_cell_runs
     assert [r["status"] for r in rows] == ["crashed", "ok"]
     crashed = rows[0]
     assert crashed["error"]["type"] == "SIGKILL"
-    assert crashed["error"]["message"] == "rank 1 of 2: the process died from SIGKILL"
-    assert [e["status"] for e in crashed["per_rank"]][1] == "crashed"
-    assert crashed["per_rank"][0]["host_peak_rss_bytes"] > 0  # what the surviving rank measured is kept
+    assert crashed["error"]["message"] == "process 1 of 2: the process died from SIGKILL"
+    assert [e["status"] for e in crashed["per_process"]][1] == "crashed"
+    assert crashed["per_process"][0]["host_peak_rss_bytes"] > 0  # what the surviving rank measured is kept
     assert crashed["metrics"]["params_trainable"] == 20_998_154
 
 
@@ -203,7 +203,7 @@ def test_a_cell_spans_processes_started_by_torchrun_itself(tmp_path):
             "--nproc-per-node",
             "2",
             "-m",
-            "lorabench.run.ranks",
+            "lorabench.run.processes",
             "results/torchrun",
             json.dumps(cell),
         ],
@@ -217,7 +217,7 @@ def test_a_cell_spans_processes_started_by_torchrun_itself(tmp_path):
     (row,) = [
         json.loads(line) for line in (tmp_path / "results/torchrun/results.jsonl").read_text().splitlines()
     ]
-    assert row["status"] == "ok" and row["label"] == "lora r=8 fsdp2 n=2" and len(row["per_rank"]) == 2
+    assert row["status"] == "ok" and row["label"] == "lora r=8 fsdp2 n=2" and len(row["per_process"]) == 2
     # whole, as rows `lorabench run` makes: FLOPs, tokens, the prediction per rank and the matmul ceiling
     m = row["metrics"]
     for key in (

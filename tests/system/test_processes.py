@@ -12,20 +12,22 @@ import pytest
 import torch
 
 # A cell process as `runner` starts one through `worker` (the fork server preloaded with what a BERT LoRA cell needs,
-# peft included), which then forks two ranks as `ranks.launch` does for a cell of two.
+# peft included), which then forks two processes as `processes.launch` does for a cell of two.
 CELL_AND_RANKS = textwrap.dedent("""
     import json, multiprocessing as mp, sys
     from lorabench import forksafe
-    from lorabench.run import ranks, worker
+    from lorabench.run import processes, worker
     from lorabench.plan.cells import Cell
+    from lorabench.results.measured import Measured
+    from lorabench.results.rows import Status
 
-    def rank(conn):
-        conn.send(("result", {"status": "ok", "bad_fork": forksafe.in_bad_fork()}))
+    def member(conn):
+        conn.send(("result", Measured(Status.OK, env_facts={"bad_fork": forksafe.in_bad_fork()})))
 
     def cell(conn):
         forksafe.keep_out()   # as worker.cell_main does
-        results = ranks.launch(2, rank)
-        conn.send({"cell": forksafe.in_bad_fork(), "ranks": [r.payload["bad_fork"] for r in results]})
+        results = processes.launch(2, member)
+        conn.send({"cell": forksafe.in_bad_fork(), "ranks": [r.measured.env_facts["bad_fork"] for r in results]})
 
     if __name__ == "__main__":
         method = sys.argv[1]

@@ -7,10 +7,11 @@ import torch
 
 from lorabench.plan.cells import Cell
 from lorabench.plan.survey import survey
+from lorabench.results import fold as folds
+from lorabench.results.fold import ProcessResult
+from lorabench.results.measured import Measured
 from lorabench.results.metrics import METRICS
 from lorabench.results.rows import Row, Status
-from lorabench.run import ranks
-from lorabench.run.ranks import RankResult
 from lorabench.workload import distributed, methods, models
 
 
@@ -57,42 +58,40 @@ def test_predictions_per_rank_shard_the_state_under_fsdp2_and_add_buckets_under_
     assert "predicted_comm_bytes" not in one.to_metrics() and ddp.to_metrics()["predicted_comm_bytes"] > 0
 
 
-def result(rank, status="ok", ended=None, facts=None, **measured):
-    return RankResult(
-        rank,
-        {
-            "measured": measured,
-            "epochs": [],
-            "pretrain": [],
-            "env_facts": facts or {},
-            "status": status,
-            "error": None if status == "ok" else {"type": "RuntimeError", "message": "x"},
-        },
+def result(index, status="ok", ended=None, facts=None, **figures):
+    return ProcessResult(
+        index,
+        Measured(
+            Status(status),
+            figures,
+            env_facts=facts or {},
+            error=None if status == "ok" else {"type": "RuntimeError", "message": "x"},
+        ),
         ended_at=ended,
     )
 
 
 def test_fold_gives_the_max_over_ranks_their_sum_and_one_entry_per_rank():
-    folded = ranks.fold(
+    folded = folds.fold(
         [
             result(0, host_peak_rss_bytes=100, step_s_p50=0.2, weights_bytes=10, params_total=7),
             result(1, host_peak_rss_bytes=140, step_s_p50=0.3, weights_bytes=10, params_total=7),
         ]
     )
-    m = folded.measured
+    m = folded.figures
     assert (m["host_peak_rss_bytes"], m["host_peak_rss_sum_bytes"], m["step_s_p50"]) == (140, 240, 0.3)
     assert m["params_total"] == 7 and "torch_peak_allocated_sum_bytes" not in m  # nothing to sum: not a zero
     assert [
-        (e["rank"], e["host_peak_rss_bytes"], e["torch_peak_allocated_bytes"]) for e in folded.per_rank
+        (e["process"], e["host_peak_rss_bytes"], e["torch_peak_allocated_bytes"]) for e in folded.per_process
     ] == [(0, 100, None), (1, 140, None)]
 
 
 def test_a_sum_is_left_out_when_a_rank_did_not_report():
-    folded = ranks.fold([result(0, host_peak_rss_bytes=100), RankResult(1, exitcode=-9, ended_at=1.0)])
-    assert "host_peak_rss_sum_bytes" not in folded.measured and folded.measured["host_peak_rss_bytes"] == 100
-    kept = [m.key for m in METRICS if m.per_rank]
-    assert folded.per_rank[1] == {
-        "rank": 1,
+    folded = folds.fold([result(0, host_peak_rss_bytes=100), ProcessResult(1, exitcode=-9, ended_at=1.0)])
+    assert "host_peak_rss_sum_bytes" not in folded.figures and folded.figures["host_peak_rss_bytes"] == 100
+    kept = [m.key for m in METRICS if m.per_process]
+    assert folded.per_process[1] == {
+        "process": 1,
         "status": "crashed",
         "device": None,
         "cuda_bad_fork": None,
@@ -102,25 +101,25 @@ def test_a_sum_is_left_out_when_a_rank_did_not_report():
 
 def test_energy_is_summed_over_the_devices_each_once_and_the_driver_views_kept_per_rank():
     gpu = lambda uuid: {"gpu_uuid": uuid, "cuda_bad_fork": False}
-    two = ranks.fold(
+    two = folds.fold(
         [
             result(0, facts=gpu("a"), energy_j_per_epoch=100.0, nvml_device_used_peak_bytes=5),
             result(1, facts=gpu("b"), energy_j_per_epoch=150.0, nvml_device_used_peak_bytes=7),
         ]
     )
-    assert two.measured["energy_j_per_epoch"] == 250.0  # two GPUs: not rank 0's 100 J alone
-    assert two.measured["nvml_device_used_peak_bytes"] == 7  # per device: the fullest
+    assert two.figures["energy_j_per_epoch"] == 250.0  # two GPUs: not rank 0's 100 J alone
+    assert two.figures["nvml_device_used_peak_bytes"] == 7  # per device: the fullest
     assert [
         (e["device"], e["energy_j_per_epoch"], e["nvml_device_used_peak_bytes"], e["cuda_bad_fork"])
-        for e in two.per_rank
+        for e in two.per_process
     ] == [("a", 100.0, 5, False), ("b", 150.0, 7, False)]
-    shared = ranks.fold(
+    shared = folds.fold(
         [
             result(0, facts=gpu("a"), energy_j_per_epoch=100.0),
             result(1, facts=gpu("a"), energy_j_per_epoch=101.0),
         ]
     )
-    assert shared.measured["energy_j_per_epoch"] == 101.0  # one device's counter, read twice: counted once
+    assert shared.figures["energy_j_per_epoch"] == 101.0  # one device's counter, read twice: counted once
 
 
 def test_devices_are_told_apart_by_pci_address_where_rocm_repeats_a_uuid():
@@ -128,40 +127,40 @@ def test_devices_are_told_apart_by_pci_address_where_rocm_repeats_a_uuid():
     (zeros): keyed by UUID, two GPUs' energy was counted as one device's."""
     zeros = "00000000-0000-0000-0000-000000000000"
     gpu = lambda pci: {"gpu_uuid": zeros, "gpu_pci_bus_id": pci, "cuda_bad_fork": False}
-    two = ranks.fold(
+    two = folds.fold(
         [
             result(0, facts=gpu("00000000:C1:00"), energy_j_per_epoch=100.0),
             result(1, facts=gpu("00000000:C2:00"), energy_j_per_epoch=150.0),
         ]
     )
-    assert two.measured["energy_j_per_epoch"] == 250.0
-    assert [e["device"] for e in two.per_rank] == ["00000000:C1:00", "00000000:C2:00"]
+    assert two.figures["energy_j_per_epoch"] == 250.0
+    assert [e["device"] for e in two.per_process] == ["00000000:C1:00", "00000000:C2:00"]
 
 
 def test_energy_is_unavailable_unless_every_rank_read_its_device():
     from lorabench.measure.trackers import Unavailable
 
-    missing = ranks.fold(
+    missing = folds.fold(
         [
             result(0, energy_j_per_epoch=100.0),
             result(1, energy_j_per_epoch=Unavailable("NVML total energy counter: Not Supported")),
         ]
     )
-    assert missing.measured["energy_j_per_epoch"] == Unavailable(
-        "rank 1 of 2: NVML total energy counter: Not Supported"
+    assert missing.figures["energy_j_per_epoch"] == Unavailable(
+        "process 1 of 2: NVML total energy counter: Not Supported"
     )
-    died = ranks.fold([result(0, energy_j_per_epoch=100.0), RankResult(1, exitcode=-9, ended_at=1.0)])
-    assert died.measured["energy_j_per_epoch"] == Unavailable("rank 1 of 2: it ended without a result")
+    died = folds.fold([result(0, energy_j_per_epoch=100.0), ProcessResult(1, exitcode=-9, ended_at=1.0)])
+    assert died.figures["energy_j_per_epoch"] == Unavailable("process 1 of 2: it ended without a result")
 
 
 def test_the_rank_that_died_is_named_before_the_peers_that_raised_after_it():
-    killed = RankResult(1, exitcode=-9, ended_at=10.3)
+    killed = ProcessResult(1, exitcode=-9, ended_at=10.3)
     raised = result(0, "error", ended=10.1)  # seen first: its error came out of the same wait
-    assert ranks.root_cause([raised, killed]) is killed
+    assert folds.root_cause([raised, killed]) is killed
     assert killed.death() == "SIGKILL"
-    late = RankResult(1, exitcode=-9, ended_at=12.0)  # more than a second later: not what ended the cell
-    assert ranks.root_cause([raised, late]) is raised
-    assert ranks.root_cause([result(0), result(1)]) is None
+    late = ProcessResult(1, exitcode=-9, ended_at=12.0)  # more than a second later: not what ended the cell
+    assert folds.root_cause([raised, late]) is raised
+    assert folds.root_cause([result(0), result(1)]) is None
 
 
 def test_the_scaling_table_divides_by_the_same_method_in_one_process():
