@@ -143,7 +143,7 @@ def quantised_step(p: Proof) -> Step:
             predicted = quantization.predicted_bytes(models.build("cifar-mlp").module, kind, 4)
         model = models.build("cifar-mlp").module.to(device)  # on the device first, as a cell does it
         quantization.quantize(model, kind, device)
-        held = quantization.held_bytes(model.parameters())
+        held = quantization.weight_bytes(model.parameters())
         figures[kind] = {
             "held_bytes": held,
             "predicted_bytes": predicted,

@@ -75,6 +75,24 @@ def run_subprocess(*args, cwd, timeout=300, show_warnings=False):
     )
 
 
+def rows_in(where: Path) -> list[dict]:
+    """The rows of the one run directory under `where` (a run's --out folder, or the folder a run
+    started in, whose results/ holds it), as written: JSON dicts, in the order of the file."""
+    import json
+
+    found = sorted(where.glob("*/results.jsonl")) or sorted(where.glob("results/*/results.jsonl"))
+    assert len(found) == 1, f"expected one run directory under {where}, found {found}"
+    return [json.loads(line) for line in found[0].read_text().splitlines() if line.strip()]
+
+
+def lorabench_rows(*args, cwd: Path, timeout: float = 600) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """`lorabench *args` as a user runs it (`run_subprocess`), then the rows it wrote (`rows_in`);
+    fails with the command's stderr where it did not exit 0."""
+    out = run_subprocess(*args, cwd=cwd, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out, rows_in(cwd)
+
+
 @pytest.fixture(autouse=True)
 def _let_kept_out_libraries_in():
     """The CLI run in-process keeps bitsandbytes out of this process (lorabench.forksafe): let it

@@ -123,10 +123,6 @@ class ProcessTree:
         self._children: list[psutil.Process] = []
         self._scanned = float("-inf")
 
-    def rescan(self) -> None:
-        """Look the children up on the next call, whenever the last look was."""
-        self._scanned = float("-inf")
-
     def children(self) -> list[psutil.Process]:
         now = time.monotonic()
         if now - self._scanned >= self.SCAN_S:

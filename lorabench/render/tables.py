@@ -108,7 +108,7 @@ class Variant:
         return self.first.info
 
 
-def fold(rows: list[Row]) -> Variant:
+def fold_repeats(rows: list[Row]) -> Variant:
     """Fold repeats of one cell: a figure every repeat measured -> their median; a figure one of
     them could not measure stays unavailable, with that repeat's reason (never another's value)."""
     v = Variant(rows)
@@ -143,7 +143,7 @@ def groups(rows: list[Row]) -> list[tuple[Cell, list[Variant]]]:
     by_variant = _by_variant(rows)
     by_group: dict[str, list[Variant]] = defaultdict(list)
     for variant_rows in by_variant.values():
-        folded = fold(variant_rows)
+        folded = fold_repeats(variant_rows)
         by_group[group_key(folded.cell)].append(folded)
     out = []
     for variants in by_group.values():
@@ -463,7 +463,7 @@ def long_table(rows: list[Row]) -> str:
     """One line per cell (repeats folded): model, method and every field that varies, beside the
     figures a choice turns on. For a matrix of more than two axes, where per-group tables scatter."""
     fields = [f for f in varying([r.cell for r in rows]) if f != "rank"]
-    ok = [fold(rs) for rs in _by_variant(rows).values()]
+    ok = [fold_repeats(rs) for rs in _by_variant(rows).values()]
     ok = sorted(
         (v for v in ok if v.ok),
         key=lambda v: (v.cell.model, *_order(v)[:3], *(str(getattr(v.cell, f)) for f in fields)),

@@ -24,7 +24,7 @@ class Metric:
     key: str
     unit: str  # bytes, s, count, %, samples/s, J, FLOP, FLOP/s, tensors, output units
     label: str  # the row of the report: a name and its unit, at most 60 characters
-    fmt: str = "num"  # how report.py formats it (a key of report.FORMATS)
+    fmt: str = "num"  # how report.py formats it (a key of render.tables.FORMATS)
     exact: bool = False  # deterministic for an identical cell: compare calls out any change
     gate: str | None = None  # compare gates on it: "time", "memory" or "quality"
     worse: int = +1  # +1: higher is worse; -1: lower is worse

@@ -338,7 +338,7 @@ def after(
         # dispatch mode under dynamo would recompile
         out.figures.update(step_peaks(ready.model, task, data, trained.optimizer, cell, amp))
     held = distributed.held(ready.trained)
-    out.figures["weights_bytes"] = quantization.held_bytes(held)  # a quantised weight's scales included
+    out.figures["weights_bytes"] = quantization.weight_bytes(held)  # a quantised weight's scales included
     out.figures["trainable_weights_bytes"] = sum(q.nbytes for q in held if q.requires_grad)
     out.figures.update(fit_metrics(trained.fit))
 
@@ -447,7 +447,7 @@ def probe_step(
         out["torch_allocated_after_first_backward_bytes"] = torch.cuda.memory_allocated(device)
     amp.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
-    out["optimizer_state_bytes"] = optimizers.held_bytes(optimizer, distributed.local)
+    out["optimizer_state_bytes"] = optimizers.state_bytes_held(optimizer, distributed.local)
     if device.type == "cuda":  # grads freed, optimizer state allocated
         out["torch_allocated_after_first_step_bytes"] = torch.cuda.memory_allocated(device)
     return out

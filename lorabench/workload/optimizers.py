@@ -159,7 +159,7 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
         yield from (v for v in st.values() if torch.is_tensor(v))
 
 
-def held_bytes(optimizer: torch.optim.Optimizer, local: Callable[[torch.Tensor], torch.Tensor]) -> int:
+def state_bytes_held(optimizer: torch.optim.Optimizer, local: Callable[[torch.Tensor], torch.Tensor]) -> int:
     """Bytes of state the optimizer holds (`local`: a rank's shard of a sharded tensor), each storage
     counted once: bitsandbytes may share a quantisation map between parameters."""
     seen: set[int] = set()

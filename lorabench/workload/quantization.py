@@ -148,7 +148,7 @@ def quantize(module: nn.Module, kind: str, device: torch.device) -> int:
     return len(names)
 
 
-def held_bytes(params) -> int:
+def weight_bytes(params) -> int:
     """Bytes of the weights as held: every parameter's storage, and each quantised weight's scales."""
     total = 0
     for p in params:

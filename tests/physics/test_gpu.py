@@ -5,6 +5,7 @@ fail instead of skipping when torch sees none."""
 
 import pytest
 import torch
+from conftest import lorabench_rows
 
 from lorabench.measure.environment import REQUIRE_GPU, gpu_required, no_gpu_reason
 from lorabench.measure.trackers import TorchAllocator
@@ -141,20 +142,12 @@ def test_the_simulated_peak_is_within_ten_percent_of_the_allocators(model, tmp_p
     """The simulated step runs the CPU's kernels; the allocator's peak on the GPU is what it predicts.
     Medium models (~1 GiB peaks): cuBLAS's workspace (tens of MiB, through the allocator) is then a
     few percent, not the half of a tiny model's peak."""
-    import json
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-m", "lorabench", "run", "--device", "cuda", "--models", model, "--methods", "full,lora",
-         "--ranks", "16", "--samples", "32", "--eval-samples", "8", "--batch-size", "4", "--seq-len", "256",
-         "--epochs", "1", "--warmup-epochs", "0", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+    _, rows = lorabench_rows(
+        "run", "--device", "cuda", "--models", model, "--methods", "full,lora", "--ranks", "16", "--samples", "32",
+        "--eval-samples", "8", "--batch-size", "4", "--seq-len", "256", "--epochs", "1", "--warmup-epochs", "0",
+        "--progress", "off", cwd=tmp_path,
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    (results,) = tmp_path.glob("*/results.jsonl")
-    for line in results.read_text().splitlines():
-        row = json.loads(line)
+    for row in rows:
         assert row["info"]["predicted_peak_by"] == "simulated step"
         assert 0.9 <= row["metrics"]["predicted_over_measured"] <= 1.1, (
             row["cell"]["method"],
@@ -163,48 +156,30 @@ def test_the_simulated_peak_is_within_ten_percent_of_the_allocators(model, tmp_p
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for a cell of two processes")
-def test_a_cell_of_two_gpus_reports_each_ranks_allocator_and_driver_view(tmp_path):
-    """nccl, one GPU per rank, as a user runs it (a subprocess: the ranks fork from a process that
+def test_a_cell_of_two_gpus_reports_each_processs_allocator_and_driver_view(tmp_path):
+    """nccl, one GPU per process, as a user runs it (a subprocess: the processes fork from one that
     has not touched CUDA)."""
-    import json
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lorabench",
-            "run",
-            "--models",
-            "bert-tiny",
-            "--methods",
-            "full",
-            "--nproc",
-            "2",
-            "--strategy",
-            "ddp,fsdp2",
-            "--device",
-            "cuda",
-            "--samples",
-            "256",
-            "--epochs",
-            "1",
-            "--progress",
-            "off",
-            "--strict",
-        ],
+    _, rows = lorabench_rows(
+        "run",
+        "--models",
+        "bert-tiny",
+        "--methods",
+        "full",
+        "--nproc",
+        "2",
+        "--strategy",
+        "ddp,fsdp2",
+        "--device",
+        "cuda",
+        "--samples",
+        "256",
+        "--epochs",
+        "1",
+        "--progress",
+        "off",
+        "--strict",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [
-        json.loads(line)
-        for f in (tmp_path / "results").glob("*/results.jsonl")
-        for line in f.read_text().splitlines()
-    ]
     assert len(rows) == 2
     for r in rows:
         assert [e["process"] for e in r["per_process"]] == [0, 1]
@@ -218,40 +193,29 @@ def test_a_cell_of_two_gpus_reports_each_ranks_allocator_and_driver_view(tmp_pat
 def test_memory_snapshot_writes_what_memory_viz_opens(tmp_path):
     import json
     import pickle
-    import subprocess
-    import sys
 
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lorabench",
-            "run",
-            "--models",
-            "cifar-mlp",
-            "--methods",
-            "lora",
-            "--ranks",
-            "2",
-            "--device",
-            "cuda",
-            "--samples",
-            "256",
-            "--epochs",
-            "1",
-            "--progress",
-            "off",
-            "--memory-snapshot",
-            "--profile",
-        ],
+    _, rows = lorabench_rows(
+        "run",
+        "--models",
+        "cifar-mlp",
+        "--methods",
+        "lora",
+        "--ranks",
+        "2",
+        "--device",
+        "cuda",
+        "--samples",
+        "256",
+        "--epochs",
+        "1",
+        "--progress",
+        "off",
+        "--memory-snapshot",
+        "--profile",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = (tmp_path / "results").iterdir()
-    row = json.loads((run_dir / "results.jsonl").read_text().splitlines()[0])
+    row = rows[0]
     snapshot = pickle.loads((run_dir / row["info"]["memory_snapshot"]).read_bytes())
     assert snapshot["segments"] and snapshot["device_traces"]
     events = json.loads((run_dir / row["info"]["profile_trace"]).read_text())["traceEvents"]
@@ -262,44 +226,27 @@ def test_memory_snapshot_writes_what_memory_viz_opens(tmp_path):
 def test_cells_run_on_the_gpu_under_either_start_method(start_method, tmp_path):
     """The path every GPU run takes: cells forked from the fork server (peft preloaded) or spawned,
     the parent never touching CUDA, a cell of PEFT LoRA and one of full fine-tuning ok."""
-    import json
-    import subprocess
-    import sys
 
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lorabench",
-            "run",
-            "--models",
-            "bert-tiny",
-            "--methods",
-            "full,lora",
-            "--ranks",
-            "8",
-            "--device",
-            "cuda",
-            "--samples",
-            "256",
-            "--epochs",
-            "1",
-            "--progress",
-            "off",
-            "--start-method",
-            start_method,
-            "--strict",
-        ],
+    _, rows = lorabench_rows(
+        "run",
+        "--models",
+        "bert-tiny",
+        "--methods",
+        "full,lora",
+        "--ranks",
+        "8",
+        "--device",
+        "cuda",
+        "--samples",
+        "256",
+        "--epochs",
+        "1",
+        "--progress",
+        "off",
+        "--start-method",
+        start_method,
+        "--strict",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [
-        json.loads(line)
-        for f in (tmp_path / "results").glob("*/results.jsonl")
-        for line in f.read_text().splitlines()
-    ]
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert all(r["environment"]["cuda_bad_fork"] is False for r in rows)

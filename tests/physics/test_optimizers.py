@@ -18,7 +18,7 @@ def held_after_one_step(model: str, method: str, rank: int | None, optimizer: st
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    return optimizers.held_bytes(opt, lambda t: t), [p.shape for p in params]
+    return optimizers.state_bytes_held(opt, lambda t: t), [p.shape for p in params]
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))

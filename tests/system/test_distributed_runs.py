@@ -9,7 +9,7 @@ import time
 
 import psutil
 import pytest
-from conftest import run_subprocess
+from conftest import rows_in, run_subprocess
 from test_durability import calibrated, cell_processes, only_run_dir, rows_of, start, wait_for
 
 pytestmark = pytest.mark.slow
@@ -214,9 +214,7 @@ def test_a_cell_spans_processes_started_by_torchrun_itself(tmp_path):
         env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    (row,) = [
-        json.loads(line) for line in (tmp_path / "results/torchrun/results.jsonl").read_text().splitlines()
-    ]
+    (row,) = rows_in(tmp_path / "results")
     assert row["status"] == "ok" and row["label"] == "lora r=8 fsdp2 n=2" and len(row["per_process"]) == 2
     # whole, as rows `lorabench run` makes: FLOPs, tokens, the prediction per rank and the matmul ceiling
     m = row["metrics"]

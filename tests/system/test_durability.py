@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 def rows_of(run_dir: Path):
-    """The rows as written (JSON), and the warnings of reading them."""
+    """The rows as read back (Row objects' JSON, a torn last line dropped), and the warnings of
+    reading them: a durability test reads a run directory as `lorabench` itself does."""
     rows, warnings = RunDir(run_dir).rows()
     return [r.to_json() for r in rows], warnings
 

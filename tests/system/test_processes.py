@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import rows_in
 
 # A cell process as `runner` starts one through `worker` (the fork server preloaded with what a BERT LoRA cell needs,
 # peft included), which then forks two processes as `processes.launch` does for a cell of two.
@@ -129,8 +130,7 @@ def test_a_gpu_run_never_initialises_cuda_in_the_parent(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     parent = json.loads(out.stdout.strip().splitlines()[-1])
     assert parent == {"code": 0, "inits": [], "initialized": False, "bitsandbytes": False}, out.stderr[-3000:]
-    (results,) = (tmp_path / "results").glob("*/results.jsonl")
-    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    rows = rows_in(tmp_path)
     assert len(rows) == 8  # (LoRA, BOFT: whose first layer would build a CUDA extension here) x 2 x 2
     skipped = [r for r in rows if r["status"] == "skipped"]
     # asked in the probe child, which found no GPU: a reason from the device, not from this process

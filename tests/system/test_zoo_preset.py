@@ -3,11 +3,8 @@ code, through every method lorabench offers. Every cell builds or is skipped wit
 LoRA and IA3 train what PEFT's own defaults train; FLOPs are counted; and a real run's predicted
 peaks sit within 10 % of the measured ones."""
 
-import glob
-import json
-
 import pytest
-from conftest import TINY, run_subprocess
+from conftest import TINY, rows_in, run_subprocess
 
 from lorabench.plan import admission
 from lorabench.plan.presets import expand
@@ -61,8 +58,7 @@ def test_a_real_run_of_the_zoo_preset_is_ok_or_skipped_and_predicts_its_peaks_wi
         "run", "--preset", "zoo", *TINY, "--out", str(tmp_path / "results"), cwd=tmp_path, timeout=1200
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    (path,) = glob.glob(str(tmp_path / "results" / "*" / "results.jsonl"))
-    rows = [json.loads(line) for line in open(path)]
+    rows = rows_in(tmp_path / "results")
     assert len(rows) == len(expand(["zoo"]))
     skipped = [r for r in rows if r["status"] == "skipped"]
     assert {(r["cell"]["model"], r["cell"]["method"]) for r in skipped} == {

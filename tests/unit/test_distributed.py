@@ -164,7 +164,7 @@ def test_the_rank_that_died_is_named_before_the_peers_that_raised_after_it():
 
 
 def test_the_scaling_table_divides_by_the_same_method_in_one_process():
-    from lorabench.render.tables import fold, scaling_efficiency, scaling_table
+    from lorabench.render.tables import fold_repeats, scaling_efficiency, scaling_table
 
     def row(nproc, sps, strategy=None):
         cell = Cell(model="cifar-mlp", method="full", nproc=nproc, strategy=strategy)
@@ -178,7 +178,11 @@ def test_the_scaling_table_divides_by_the_same_method_in_one_process():
             },
         )
 
-    variants = [fold([row(1, 100.0)]), fold([row(2, 150.0, "ddp")]), fold([row(2, 120.0, "fsdp2")])]
+    variants = [
+        fold_repeats([row(1, 100.0)]),
+        fold_repeats([row(2, 150.0, "ddp")]),
+        fold_repeats([row(2, 120.0, "fsdp2")]),
+    ]
     assert variants[1].metrics["samples_per_s"] == pytest.approx(150.0)  # global: every rank's samples
     assert scaling_efficiency(variants, variants[1]) == pytest.approx(0.75)
     assert scaling_efficiency(variants, variants[2]) == pytest.approx(0.60)

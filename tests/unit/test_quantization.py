@@ -91,7 +91,7 @@ def test_an_int8_weight_is_quantised_wherever_it_sits_not_only_on_a_move_from_th
     assert q.weight.dtype == torch.int8 and q.weight.device.type == "meta"
     assert q.weight.SCB.shape == (128,) and q.weight.SCB.dtype == torch.float32
     assert q.weight.CB is q.weight.data or q.weight.CB.data_ptr() == q.weight.data.data_ptr()
-    assert quantization.held_bytes([q.weight]) == 256 * 128 + 128 * 4
+    assert quantization.weight_bytes([q.weight]) == 256 * 128 + 128 * 4
 
 
 def test_an_int8_layer_is_quantised_on_the_device_it_will_live_on():

@@ -75,7 +75,7 @@ def test_the_headline_says_more_when_lora_is_slower_and_reports_quality_on_pretr
     full, lora = [r for r in rows if r.cell.model == "cifar-mlp"][:2]
     slow = lora.replace(metrics={**lora.metrics, "epoch_s": full.metrics["epoch_s"] * 1.2})
     pre = [r.replace(cell=dataclasses.replace(r.cell, weights="pretrained")) for r in (full, slow)]
-    line = headlines.headline([tables.fold([r]) for r in pre])
+    line = headlines.headline([tables.fold_repeats([r]) for r in pre])
     assert (
         "and 20.00% more time per epoch" in line
         and "its final eval accuracy is -57.4 pt against full's" in line
@@ -85,7 +85,7 @@ def test_the_headline_says_more_when_lora_is_slower_and_reports_quality_on_pretr
 def test_memory_and_time_axes_start_at_zero_with_units(rows, tmp_path):
     from lorabench.render import plots
 
-    ok = [tables.fold([r]) for r in rows if r.cell.model == "bert-tiny"]
+    ok = [tables.fold_repeats([r]) for r in rows if r.cell.model == "bert-tiny"]
     axes = plots.rank_sweep_plot("bert-tiny", ok, tmp_path / "s.png", tables.memory_key(ok))
     assert [a[0] for a in axes] == ["peak host RSS (MiB)", "epoch time (s)", "final eval accuracy (fraction)"]
     assert all(a[1][0] == 0 for a in axes) and all(a[3] == "linear" for a in axes)  # ranks 2 and 8: no decade
@@ -149,7 +149,7 @@ def test_repeats_fold_into_medians_with_their_spread_and_a_plot(rows, tmp_path):
 
 
 def test_a_repeat_that_could_not_measure_a_figure_leaves_it_unavailable(rows):
-    folded = tables.fold(
+    folded = tables.fold_repeats(
         [
             rows[0],
             rows[0].replace(
