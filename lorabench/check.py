@@ -358,9 +358,10 @@ def driver_sees(sampler, idle: dict, loaded: dict, reserved_idle: int, reserved:
 def energy_update(device: torch.device) -> Check:
     """How often the energy counter moves, read while the device works (it moves in steps: NVML's
     on A100/H100 about every 100 ms); recorded per device name, so an epoch too short for it gets
-    no energy figure (`drivers.EnergyMeter`)."""
+    no energy figure (`energy.EnergyMeter`)."""
     from .measure import calibration
-    from .measure.drivers import driver_trackers, update_period
+    from .measure.drivers import driver_trackers
+    from .measure.energy import update_period
     from .measure.trackers import Unavailable
 
     _, energy, _, _ = driver_trackers(device, 0.01)
@@ -451,7 +452,8 @@ def sampler_overhead(device: torch.device) -> Check:
 
 def device_mapping() -> Check:
     """Every visible torch device resolves to a driver handle by UUID / PCI bus id."""
-    from .measure.drivers import amdsmi_handle, device_identity, import_amdsmi, nvml_handle
+    from .measure.devices import amdsmi_handle, device_identity, nvml_handle
+    from .measure.drivers import import_amdsmi
 
     found = []
     try:
@@ -483,7 +485,8 @@ def device_mapping() -> Check:
 def energy_counter(device: torch.device) -> Check:
     """At least 1 s of matmuls (longer where the counter moves too seldom for a second: `EnergyMeter`):
     the counter must advance by a power a working device draws."""
-    from .measure.drivers import MIN_PERIODS, driver_trackers
+    from .measure.drivers import driver_trackers
+    from .measure.energy import MIN_PERIODS
 
     _, energy, _, _ = driver_trackers(device, 0.01)
     seconds = max(1.0, 1.2 * MIN_PERIODS * energy.update_s)

@@ -38,7 +38,7 @@ def metrics_page() -> str:
 
 
 def cli_page() -> str:
-    from .cli import build_parser
+    from .parser import build_parser
 
     saved = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = WIDTH
@@ -49,7 +49,7 @@ def cli_page() -> str:
             "# Every command and flag",
             "",
             GENERATED.format(
-                source="the argument parser, lorabench/cli.py and the Cell and RunOptions fields"
+                source="the argument parser, lorabench/parser.py and the Cell and RunOptions fields"
             ),
             "",
             "Bad input to any command prints one line naming the problem and what is accepted, exits",

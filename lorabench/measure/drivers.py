@@ -2,179 +2,21 @@
 
     lorabench run --device cuda          # every GPU cell samples these beside torch's allocator
 
-The driver sees what torch's allocator cannot: the CUDA/HIP context, other processes on the
-device, and the energy counter. Every handle is matched to torch's device by UUID or PCI bus
-id, never by index (CUDA orders devices fastest-first, the drivers by bus). Samplers share the
-tracker interface of `trackers`; what cannot be read is `Unavailable`, with the driver's reason.
+The driver sees what torch's allocator cannot: the CUDA/HIP context and other processes on the
+device. Each query runs at the cadence its cost allows; the device is torch's, matched by UUID or
+PCI address (`devices`); its energy counter is read by `energy`. Samplers share the tracker
+interface of `trackers`; what cannot be read is `Unavailable`, with the driver's reason.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .devices import amdsmi_handle, bare_uuid, device_identity, nvml_devices, nvml_handle
+from .energy import EnergyMeter, amdsmi_energy, nvml_energy, unavailable_energy, update_of
 from .trackers import ProcessTree, Sampler, Unavailable, unavailable
-
-
-@dataclass(frozen=True)
-class Pci:
-    """A PCI address: domain, bus, device (the slot) and function. NVML writes it
-    `00000000:3B:00.0` (8-digit domain; `busIdLegacy` has 4), amdsmi and lspci `0000:3b:00.0`;
-    torch knows the slot only (no function). A GPU is found by its slot; two functions in one slot
-    (SR-IOV virtual functions) are ambiguous and refused, never guessed."""
-
-    domain: int
-    bus: int
-    device: int
-    function: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "Pci":
-        m = re.fullmatch(
-            r"(?:([0-9a-fA-F]{1,8}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})(?:\.([0-7]))?", str(text).strip()
-        )
-        if not m:
-            raise ValueError(f"not a PCI address: {text!r}")
-        domain, bus, device, function = m.groups()
-        return cls(int(domain or "0", 16), int(bus, 16), int(device, 16), int(function) if function else None)
-
-    @property
-    def slot(self) -> tuple[int, int, int]:
-        return self.domain, self.bus, self.device
-
-    def __str__(self) -> str:
-        return f"{self.domain:08X}:{self.bus:02X}:{self.device:02X}" + (
-            f".{self.function}" if self.function is not None else ""
-        )
-
-
-def bare_uuid(text: str) -> str:
-    """A GPU UUID without NVML's `GPU-` / `MIG-` prefix, lower case: torch prints it bare
-    (`{:02x}` x 16 in 8-4-4-4-12 groups), NVML with the prefix."""
-    text = str(text).strip()
-    for prefix in ("GPU-", "MIG-"):
-        if text.upper().startswith(prefix):
-            text = text[len(prefix) :]
-    return text.lower()
-
-
-def device_identity(index: int = 0) -> dict[str, str]:
-    """UUID and PCI slot of torch's device `index`, in this (cell) process: the keys that map a
-    torch device to the driver's, whose order differs (CUDA orders fastest-first, NVML by bus)."""
-    import torch
-
-    return identity_of(torch.cuda.get_device_properties(index))
-
-
-def identity_of(props) -> dict[str, str]:
-    """{"uuid", "pci_bus_id", "name"} of torch's device properties (`torch.cuda.get_device_properties`)."""
-    ident: dict[str, str] = {"name": props.name} if getattr(props, "name", None) else {}
-    uuid = bare_uuid(getattr(props, "uuid", "") or "")
-    if uuid:
-        ident["uuid"] = uuid
-    if getattr(props, "pci_bus_id", None) is not None:
-        ident["pci_bus_id"] = str(
-            Pci(getattr(props, "pci_domain_id", 0), props.pci_bus_id, getattr(props, "pci_device_id", 0))
-        )
-    return ident
-
-
-def by_slot(handles: list, address_of, want: Pci, what: str):
-    """The one handle whose PCI slot is `want`'s; LookupError when none is, or several are."""
-    found = [h for h in handles if Pci.parse(address_of(h)).slot == want.slot]
-    if len(found) > 1:
-        raise LookupError(
-            f"{len(found)} {what} devices share PCI slot {want} (functions "
-            f"{', '.join(str(Pci.parse(address_of(h)).function) for h in found)}); torch does not say "
-            "which one it uses"
-        )
-    if not found:
-        raise LookupError(f"no {what} device at PCI slot {want}")
-    return found[0]
-
-
-def _nvml_address(nvml, handle) -> str:
-    info = nvml.nvmlDeviceGetPciInfo(handle)
-    bus_id = info.busId.decode() if isinstance(info.busId, bytes) else str(info.busId)
-    return bus_id or f"{info.domain:08X}:{info.bus:02X}:{info.device:02X}"
-
-
-def _nvml_mig_enabled(nvml, handle) -> bool:
-    try:
-        return nvml.nvmlDeviceGetMigMode(handle)[0] == nvml.NVML_DEVICE_MIG_ENABLE
-    except nvml.NVMLError:  # NOT_SUPPORTED: a GPU without MIG
-        return False
-
-
-def nvml_devices(nvml) -> list:
-    """Every GPU NVML sees (MIG instances are reached through their GPU or their UUID)."""
-    return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
-
-
-def nvml_handle(nvml, index: int = 0, identity: dict[str, str] | None = None):
-    """The NVML handle of torch's device `index`, resolved by UUID or PCI slot, never by torch's
-    index. A GPU in MIG mode is resolved by UUID only: its instances share its PCI address, so the
-    slot would name the whole GPU. Without an identity (no CUDA in this process),
-    CUDA_VISIBLE_DEVICES is read: UUIDs (GPU-..., MIG-...) map exactly, and indices only under
-    CUDA_DEVICE_ORDER=PCI_BUS_ID."""
-    if identity:
-        uuid = bare_uuid(identity.get("uuid", ""))
-        for candidate in [f"GPU-{uuid}", f"MIG-{uuid}"] if uuid else []:
-            try:
-                return nvml.nvmlDeviceGetHandleByUUID(candidate)
-            except nvml.NVMLError:
-                pass
-        if identity.get("pci_bus_id"):
-            handle = by_slot(
-                nvml_devices(nvml),
-                lambda h: _nvml_address(nvml, h),
-                Pci.parse(identity["pci_bus_id"]),
-                "NVML",
-            )
-            if _nvml_mig_enabled(nvml, handle):
-                raise LookupError(
-                    f"the GPU at PCI slot {identity['pci_bus_id']} is in MIG mode: its instances are told "
-                    f"apart by UUID only, and torch's UUID ({uuid or 'none'}) matched none of them"
-                )
-            return handle
-    ordered = os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        entries = [e.strip() for e in visible.split(",") if e.strip()]
-        if index >= len(entries):
-            raise LookupError(f"CUDA_VISIBLE_DEVICES={visible} has no device {index}")
-        entry = entries[index]
-        if entry.startswith(("GPU-", "MIG-")):
-            return nvml.nvmlDeviceGetHandleByUUID(entry)
-        if entry.isdigit() and ordered:
-            return nvml.nvmlDeviceGetHandleByIndex(int(entry))
-        raise LookupError(
-            f"CUDA_VISIBLE_DEVICES entry {entry!r} is an index in CUDA's fastest-first order, which "
-            "NVML does not share; use GPU UUIDs or set CUDA_DEVICE_ORDER=PCI_BUS_ID"
-        )
-    if nvml.nvmlDeviceGetCount() == 1 or ordered:
-        return nvml.nvmlDeviceGetHandleByIndex(index)
-    raise LookupError(
-        "several GPUs and no way to tell which one torch uses; set CUDA_DEVICE_ORDER=PCI_BUS_ID"
-    )
-
-
-def nvml_visible(nvml) -> tuple[list, str]:
-    """(handles of the GPUs this process's cells may use, how they were found), without CUDA: the
-    UUIDs of CUDA_VISIBLE_DEVICES, its indices under PCI order, else every GPU (where its indices
-    cannot be mapped, a superset: what is read of them is the least, never more)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return nvml_devices(nvml), "every GPU"
-    entries = [e.strip() for e in visible.split(",") if e.strip()]
-    try:
-        return [nvml_handle(nvml, i) for i in range(len(entries))], f"CUDA_VISIBLE_DEVICES={visible}"
-    except (LookupError, nvml.NVMLError) as e:
-        return nvml_devices(nvml), f"every GPU (CUDA_VISIBLE_DEVICES={visible} cannot be mapped: {e})"
 
 
 def nvml_used(nvml, handle) -> tuple[int, str, bool]:
@@ -349,21 +191,6 @@ class NvmlMemory(DriverMemory):
         return sum(u or 0 for u in used)
 
 
-def amdsmi_handle(amdsmi, identity: dict[str, str] | None):
-    """The amdsmi processor handle of torch's device, matched by PCI slot, domain included; the
-    visible-devices variables (ROCR_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES) renumber devices, the
-    address does not."""
-    handles = amdsmi.amdsmi_get_processor_handles()
-    want = (identity or {}).get("pci_bus_id")
-    if want:
-        return by_slot(handles, amdsmi.amdsmi_get_gpu_device_bdf, Pci.parse(want), "amdsmi")
-    if len(handles) == 1:
-        return handles[0]
-    raise LookupError(
-        f"{len(handles)} amdsmi devices and no PCI address of torch's device to tell them apart"
-    )
-
-
 class AmdsmiMemory(DriverMemory):
     """amdsmi on ROCm: the device's VRAM in use (not its capacity) and this process tree's VRAM from
     the process list, which walks sysfs and /proc and which amdsmi's documentation asks to call at
@@ -414,126 +241,6 @@ def runtime_context(measured: dict[str, Any], before_is_others: bool) -> int | U
                 )
             return measured[peak_key] - measured[before_key] - reserved
     return unavailable("no driver view of the device")
-
-
-# ---- energy ------------------------------------------------------------------------------------
-
-# An interval shorter than this many of the counter's update periods is mostly rounding: the
-# counter moves in steps, so its difference is off by up to one period's energy (10 % here).
-MIN_PERIODS = 10
-# NVML's counter on A100 and H100 moves about every 100 ms (published measurements of NVML's
-# energy and power readings, SC'24); used where `lorabench check` has not measured this device.
-ASSUMED_UPDATE_S = 0.1
-
-
-class EnergyMeter:
-    """Energy over marked intervals (the timed epochs), from a cumulative counter in joules.
-
-    `read` returns the counter in J or raises; the first failure makes the figure unavailable.
-    An interval shorter than MIN_PERIODS of the counter's update period (`update_s`, measured by
-    `lorabench check` or assumed: `update_from` says which) makes it unavailable too, with why."""
-
-    def __init__(self, read, source: str, update_s: float = ASSUMED_UPDATE_S, update_from: str = "assumed"):
-        self.read, self.source = read, source
-        self.update_s, self.update_from = update_s, update_from
-        self.joules, self.intervals, self._start = 0.0, 0, None
-        self.shortest_s = float("inf")
-        self.error: str | None = None
-
-    def begin(self) -> None:
-        try:
-            self._start, self._t0 = self.read(), time.perf_counter()
-        except Exception as e:
-            self.error = self.error or f"{type(e).__name__}: {e}"
-
-    def end(self) -> None:
-        if self._start is None:
-            return
-        try:
-            self.joules += self.read() - self._start
-            self.intervals += 1
-            self.shortest_s = min(self.shortest_s, time.perf_counter() - self._t0)
-        except Exception as e:
-            self.error = self.error or f"{type(e).__name__}: {e}"
-        self._start = None
-
-    def result(self) -> dict[str, Any]:
-        if self.error or not self.intervals:
-            why = self.error or "no timed epoch"
-            return {"energy_j_per_epoch": unavailable(f"{self.source}: {why}")}
-        if self.shortest_s < MIN_PERIODS * self.update_s:
-            return {
-                "energy_j_per_epoch": unavailable(
-                    f"{self.source}: a timed epoch of {self.shortest_s * 1e3:,.0f} ms is shorter than "
-                    f"{MIN_PERIODS} of the counter's update periods ({self.update_s * 1e3:,.0f} ms, "
-                    f"{self.update_from}): the counter moves in steps"
-                )
-            }
-        if self.joules <= 0:
-            return {"energy_j_per_epoch": unavailable(f"{self.source}: the counter did not advance")}
-        # the counters are the device's, not the process's: another process's work is in them too
-        return {
-            "energy_j_per_epoch": self.joules / self.intervals,
-            "energy_source": f"{self.source} (the whole device: other processes' work included)",
-        }
-
-
-def update_period(read, seconds: float = 1.0, poll_s: float = 0.0005) -> float | Unavailable:
-    """Seconds between the steps of a cumulative counter: `read` polled every `poll_s` for
-    `seconds`, the median gap between the times its value changed (the device should be busy, so
-    that every update moves it)."""
-    changes, last = [], read()
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        value = read()
-        if value != last:
-            changes.append(time.perf_counter())
-            last = value
-        time.sleep(poll_s)
-    gaps = sorted(b - a for a, b in zip(changes, changes[1:]))
-    if len(gaps) < 2:
-        return unavailable(f"the counter moved {len(changes)} times in {seconds:g} s")
-    return gaps[len(gaps) // 2]
-
-
-def nvml_energy(nvml, handle, **update) -> EnergyMeter:
-    # nvmlDeviceGetTotalEnergyConsumption: millijoules since the driver loaded (Volta and newer)
-    return EnergyMeter(
-        lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1e3, "NVML total energy counter", **update
-    )
-
-
-def amdsmi_energy(amdsmi, handle, **update) -> EnergyMeter:
-    def read() -> float:
-        e = amdsmi.amdsmi_get_energy_count(handle)
-        counter = e.get("energy_accumulator", e.get("power"))  # the key was renamed across amdsmi versions
-        return float(counter) * float(e["counter_resolution"]) / 1e6  # resolution is in microjoules
-
-    return EnergyMeter(read, "amdsmi energy counter", **update)
-
-
-def unavailable_energy(reason: str) -> EnergyMeter:
-    """A meter that reads nothing and says why."""
-    meter = EnergyMeter(lambda: 0.0, "energy")
-    meter.begin = meter.end = lambda: None
-    meter.result = lambda: {"energy_j_per_epoch": unavailable(reason)}
-    return meter
-
-
-def _update_of(device_name: str) -> dict[str, Any]:
-    """The energy counter's update period for `device_name`: measured by `lorabench check`, else assumed."""
-    from . import calibration
-
-    measured = calibration.energy_update_s(device_name)
-    if measured:
-        return {"update_s": measured, "update_from": f"measured by lorabench check on {device_name}"}
-    return {
-        "update_s": ASSUMED_UPDATE_S,
-        "update_from": "assumed as published for A100/H100; `lorabench check` measures it",
-    }
-
-
-# ---- the libraries ------------------------------------------------------------------------------
 
 
 def import_amdsmi():
@@ -625,7 +332,7 @@ def driver_trackers(device, interval_s: float) -> tuple[list, "EnergyMeter", dic
     ident = device_identity(device.index or 0)
     # which device it was: gpu_uuid, gpu_pci_bus_id (its name is in the environment already)
     facts = {f"gpu_{key}": value for key, value in ident.items() if key != "name"}
-    update = _update_of(ident.get("name", ""))
+    update = update_of(ident.get("name", ""))
     try:
         if rocm:
             amdsmi = import_amdsmi()

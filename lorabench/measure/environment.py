@@ -166,7 +166,7 @@ def free_memory_bytes(device: str) -> tuple[int | None, str]:
 def _nvml_free() -> tuple[int, str]:
     import pynvml
 
-    from .drivers import nvml_visible
+    from .devices import nvml_visible
 
     pynvml.nvmlInit()
     try:

@@ -17,7 +17,7 @@ import hashlib
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from ..errors import InputError
@@ -36,6 +36,7 @@ from ..workload.spec import Spec
 from ..workload.tasks import TASKS
 from ..workload.zoo import ARCHITECTURES
 from ..workload.zoo import NAMES as ZOO
+from .flags import Flag, cli_flags, csv_list, int_list, setting
 
 DEVICES: dict[str, Choice] = {
     "cpu": Choice("the host's cores"),
@@ -49,57 +50,6 @@ class CellError(InputError):
 
 def choices(names: Iterable[str]) -> str:
     return ", ".join(sorted(names))
-
-
-def csv_list(value: str) -> tuple[str, ...]:
-    """A comma-separated command-line list."""
-    items = tuple(v.strip() for v in value.split(",") if v.strip())
-    if not items:
-        raise ValueError("expected a comma-separated list, got nothing")
-    return items
-
-
-def int_list(value: str) -> tuple[int, ...]:
-    """A comma-separated list of whole numbers (an axis: one cell per value)."""
-    try:
-        return tuple(int(v) for v in csv_list(value))
-    except ValueError:
-        raise ValueError(f"expected whole numbers separated by commas, got {value!r}") from None
-
-
-@dataclass(frozen=True)
-class Flag:
-    """How a cell field is spelled on the command line."""
-
-    flag: str  # e.g. --batch-size
-    help: str = ""
-    parse: Callable[[str], Any] | None = None  # argparse type
-    choices: tuple[str, ...] | None = None
-    metavar: str | None = None
-
-    @property
-    def dest(self) -> str:
-        """The attribute argparse stores it under."""
-        return self.flag[2:].replace("-", "_")
-
-
-def setting(default: Any, help: str = "", *flags: Flag, parse=None, choices=None, metavar=None):
-    """A cell field that the command line and a TOML [settings] table may set. Without `flags`,
-    the flag is the field's name with dashes; several flags are alternatives (one may be given)."""
-    return field(
-        default=default,
-        metadata={"flags": flags, "help": help, "parse": parse, "choices": choices, "metavar": metavar},
-    )
-
-
-def cli_flags(f: dataclasses.Field) -> tuple[Flag, ...]:
-    """The command-line flags of a cell field (none for the matrix axes)."""
-    if "help" not in f.metadata:
-        return ()
-    md = f.metadata
-    return md["flags"] or (
-        Flag("--" + f.name.replace("_", "-"), md["help"], md["parse"], md["choices"], md["metavar"]),
-    )
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from .. import forksafe
 from ..errors import first_line
 from ..measure import environment, heap, simulation
 from ..measure.drivers import driver_trackers, runtime_context
+from ..measure.energy import EnergyMeter
 from ..measure.stats import Summary
 from ..measure.traces import MemorySnapshot, Traces, profile_steps, write_timeline
 from ..measure.trackers import HostMemory, SavedTensors, Timeline, TorchAllocator, Unavailable, unavailable
@@ -80,7 +81,7 @@ class Loaded:
     bundle: models.Bundle
     data: Dataset
     drivers: list
-    energy: Any  # drivers.EnergyMeter
+    energy: EnergyMeter
 
 
 @dataclass

@@ -24,7 +24,8 @@ import torch
 
 from ..errors import InputError
 from ..forksafe import keep_out
-from ..plan.cells import Cell, Flag, setting
+from ..plan.cells import Cell
+from ..plan.flags import Flag, setting
 from ..workload import models
 from ..workload.methods import method as method_of
 

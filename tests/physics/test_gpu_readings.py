@@ -11,7 +11,9 @@ from fakes import FakeAMD, FakeAmdsmi, FakeGPU, FakeNVML, me
 
 from lorabench import check
 from lorabench.measure import calibration, drivers
-from lorabench.measure.drivers import AmdsmiMemory, EnergyMeter, NvmlMemory, nvml_energy, runtime_context
+from lorabench.measure import energy as energies
+from lorabench.measure.drivers import AmdsmiMemory, NvmlMemory, runtime_context
+from lorabench.measure.energy import EnergyMeter, nvml_energy
 from lorabench.measure.trackers import Unavailable, is_unavailable
 
 GiB, MiB = 2**30, 2**20
@@ -101,9 +103,9 @@ def test_a_counter_that_did_not_move_is_not_zero_joules():
 def test_the_update_period_is_measured_from_the_counters_steps():
     gpu = FakeGPU(power_w=250.0, energy_update_s=0.02)
     nvml = FakeNVML([gpu])
-    period = drivers.update_period(lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(gpu) / 1e3, 0.3)
+    period = energies.update_period(lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(gpu) / 1e3, 0.3)
     assert period == pytest.approx(0.02, rel=0.25)
-    still = drivers.update_period(lambda: 7.0, 0.05)
+    still = energies.update_period(lambda: 7.0, 0.05)
     assert is_unavailable(still) and still.reason == "the counter moved 0 times in 0.05 s"
 
 
@@ -113,7 +115,7 @@ def test_a_cell_uses_the_update_period_check_recorded_for_its_device(cache, monk
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(drivers, "device_identity", lambda i: {"uuid": gpu.uuid[4:], "name": H100})
     _, energy, _, _ = drivers.driver_trackers(torch.device("cuda", 0), 0.01)
-    assert energy.update_s == drivers.ASSUMED_UPDATE_S and energy.update_from.startswith("assumed")
+    assert energy.update_s == energies.ASSUMED_UPDATE_S and energy.update_from.startswith("assumed")
     calibration.record_energy_update(H100, 0.05, "2.14")
     _, energy, _, _ = drivers.driver_trackers(torch.device("cuda", 0), 0.01)
     assert (energy.update_s, energy.update_from) == (0.05, f"measured by lorabench check on {H100}")
@@ -121,7 +123,7 @@ def test_a_cell_uses_the_update_period_check_recorded_for_its_device(cache, monk
 
 def test_the_meter_default_is_the_published_period():
     meter = EnergyMeter(lambda: 0.0, "x")
-    assert meter.update_s == 0.1 and drivers.MIN_PERIODS == 10
+    assert meter.update_s == 0.1 and energies.MIN_PERIODS == 10
 
 
 # ---- the runtime context, inside a container and out -------------------------------------------------

@@ -7,15 +7,10 @@ import pytest
 import torch
 from fakes import AMDSMI_STATUS_NO_PERM, FakeAMD, FakeAmdsmi, FakeGPU, FakeNVML, me
 
-from lorabench.measure import drivers, environment
-from lorabench.measure.drivers import (
-    AmdsmiMemory,
-    NvmlMemory,
-    amdsmi_energy,
-    amdsmi_handle,
-    nvml_energy,
-    nvml_handle,
-)
+from lorabench.measure import devices, drivers, environment
+from lorabench.measure.devices import amdsmi_handle, nvml_handle
+from lorabench.measure.drivers import AmdsmiMemory, NvmlMemory
+from lorabench.measure.energy import amdsmi_energy, nvml_energy
 from lorabench.measure.trackers import Unavailable, is_unavailable
 from lorabench.run import experiment
 
@@ -335,7 +330,7 @@ def test_driver_trackers_use_amdsmi_by_bus_id_on_rocm_and_record_the_driver(monk
 
 
 def test_the_driver_version_lands_in_the_rows_environment_not_its_metrics(monkeypatch):
-    from lorabench.measure.drivers import unavailable_energy
+    from lorabench.measure.energy import unavailable_energy
     from lorabench.plan.cells import Cell
 
     monkeypatch.setattr(
@@ -399,7 +394,7 @@ def test_torchs_real_uuid_and_pci_numbers_map_to_the_nvml_device(two_gpus):
     raw = bytes.fromhex(A[4:].replace("-", ""))
     props = SimpleNamespace(uuid=TorchUuid(raw), pci_bus_id=0x3B, pci_device_id=0, pci_domain_id=0)
     assert str(props.uuid) == A[4:]  # torch prints it bare, NVML with "GPU-"
-    ident = drivers.identity_of(props)
+    ident = devices.identity_of(props)
     assert ident == {"uuid": A[4:], "pci_bus_id": "00000000:3B:00"}
     assert nvml_handle(nvml, 0, ident) is gpus[0]
     assert (
@@ -417,10 +412,10 @@ def test_torchs_real_uuid_and_pci_numbers_map_to_the_nvml_device(two_gpus):
     ],
 )
 def test_pci_addresses_parse_in_every_spelling(text, address):
-    pci = drivers.Pci.parse(text)
+    pci = devices.Pci.parse(text)
     assert (pci.domain, pci.bus, pci.device, pci.function) == address
     with pytest.raises(ValueError):
-        drivers.Pci.parse("GPU-0")
+        devices.Pci.parse("GPU-0")
 
 
 def test_a_mig_gpu_is_never_taken_by_its_pci_address(two_gpus):

@@ -230,7 +230,7 @@ def test_the_slurm_example_is_a_command_line_lorabench_accepts():
     import shlex
     from pathlib import Path
 
-    from lorabench.cli import build_parser
+    from lorabench.parser import build_parser
 
     text = (Path(__file__).parents[2] / "examples" / "slurm-array.sbatch").read_text()
     line = text.split("lorabench run ", 1)[1].split("\n\n")[0].replace("\\\n", " ")

@@ -18,7 +18,7 @@ def test_a_generated_page_is_what_its_source_renders(name):
 
 
 def test_the_pages_hold_every_metric_and_every_flag():
-    from lorabench.cli import build_parser
+    from lorabench.parser import build_parser
 
     metrics, cli = docs.metrics_page(), docs.cli_page()
     assert all(f"`{m.key}`" in metrics for m in METRICS)

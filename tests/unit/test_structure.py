@@ -25,6 +25,8 @@ ROOT = {
     "files": "foundation",
     "__init__": "foundation",
     "cli": "entry",
+    "parser": "entry",
+    "commands": "entry",
     "check": "entry",
     "proof": "entry",
     "__main__": "entry",

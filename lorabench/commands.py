@@ -1,0 +1,315 @@
+"""The commands: `run`, `report`, `compare`, `check`, `proof`, `list`, `merge`, `history`, each a
+function of its parsed arguments returning an exit code.
+
+    lorabench run --dry-run            # cmd_run: plan the matrix, print it, train nothing
+
+Each validates what it was given before any work starts (a bad value raises UsageError or an
+InputError, which `cli.main` prints as one line with exit code 2); the work itself is done by
+`plan`, `runner`, `rundir` and `report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .parser import EXIT_FAILED_CELLS, EXIT_INTERRUPTED, EXIT_OK, MATRIX_FLAGS, UsageError, given
+
+
+def _options(args: argparse.Namespace, device: str):
+    """Validated run options, shared by new and resumed runs."""
+    from .results.rundir import writable_dir
+    from .run.worker import RunOptions
+
+    writable_dir(args.report_dir, "--report-dir")
+    return RunOptions(
+        **given(args, RunOptions), profile=args.profile, memory_snapshot=args.memory_snapshot
+    ).on(device)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .plan import admission, presets
+    from .plan.cells import Cell
+    from .render import tables
+    from .results.rundir import RunDir, writable_dir
+    from .run import worker
+    from .workload import data
+
+    if args.resume is not None:
+        return _resume(args)
+    if args.retry_failed:
+        raise UsageError("--retry-failed goes with --resume RUN_DIR")
+    cells = presets.request(
+        config=args.config,
+        presets=args.preset,
+        models=args.models,
+        methods=args.methods,
+        ranks=args.ranks,
+        repeat=args.repeat,
+        settings=given(args, Cell),
+        planning=args.dry_run and args.fit_memory is not None,  # a GPU you do not have, planned for
+    )
+    device = cells[0].device if cells else "cpu"
+    options = _options(args, device)
+    writable_dir(args.out, "--out")
+    for path in sorted({c.data for c in cells if not c.synthetic_data} if args.download else ()):
+        data.download_cifar10(path)
+    if not args.dry_run:
+        worker.start_workers(options.start_method, cells)  # its imports overlap with the model builds below
+    the_plan = admission.Plan.of(cells, args.shard, args.force, options.start_method, args.fit_memory)
+    cells = the_plan.cells
+    if the_plan.fit_note:
+        print(f"lorabench: {the_plan.fit_note}", file=sys.stderr)
+    if args.dry_run:
+        print(
+            tables.plan_table(cells, the_plan.surveys, the_plan.skipped)
+            if cells
+            else "(this shard has no cells)"
+        )
+        skipped = [
+            f"- {c.model} {c.label}: {the_plan.skipped[c.key()]}"
+            for c in cells
+            if c.key() in the_plan.skipped
+        ]
+        if skipped:
+            print("\nSkipped (they would be recorded so, with why):\n" + "\n".join(skipped))
+        where = f", shard {args.shard} of a {len(the_plan.matrix)}-cell matrix" if args.shard else ""
+        print(f"\n{len(cells)} cells on {device}{where}; dry run: nothing trained, nothing written.")
+        return EXIT_OK
+    run = RunDir.create(args.out)
+    with run.lock():
+        run.write_plan(the_plan.to_json(run.run_id, sys.argv[1:]))
+        return _execute(args, run, the_plan, options)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from .errors import InputError
+    from .measure import environment
+    from .plan import admission
+    from .plan.cells import SETTINGS
+    from .plan.flags import cli_flags
+    from .plan.survey import survey_all
+    from .results.rundir import RunDir, RunDirError
+    from .run import worker
+
+    given = [
+        flag
+        for dest, flag in [(a, "--" + a) for a in MATRIX_FLAGS]
+        + [(fl.dest, fl.flag) for f in SETTINGS for fl in cli_flags(f)]
+        if getattr(args, dest) is not None
+    ]
+    if given or args.dry_run:
+        raise UsageError(
+            f"--resume takes its cells from RUN_DIR/{RunDir.PLAN}; drop {', '.join(given) or '--dry-run'}"
+        )
+    try:
+        run = RunDir.open(args.resume)
+        saved = run.plan()
+        cells = saved["cells"]
+        device = environment.resolve_device(cells[0].device if cells else "cpu")
+        options = _options(args, device)
+        with run.lock():
+            if run.took_over:
+                print(
+                    f"lorabench: took over the lock of {run.took_over}, which is no longer running",
+                    file=sys.stderr,
+                )
+            todo, done, warnings = run.pending(cells, args.retry_failed)
+            for w in warnings:
+                print(f"lorabench: warning: {w}", file=sys.stderr)
+            print(
+                f"lorabench: resuming {run}: {done} of {len(cells)} cells have rows, {len(todo)} to run",
+                file=sys.stderr,
+            )
+            if todo:
+                worker.start_workers(options.start_method, todo)
+            skipped = {} if args.force else dict(saved.get("skipped", {}))
+            return _execute(args, run, admission.Plan(todo, cells, survey_all(todo), skipped), options)
+    except RunDirError as e:  # its message starts with the directory
+        raise UsageError(f"--resume {e}") from None
+    except InputError as e:  # a plan that no longer builds, or no GPU for a cuda run
+        raise UsageError(f"--resume {args.resume}: {e}") from None
+
+
+def _execute(args: argparse.Namespace, run, the_plan, options) -> int:
+    """Run the plan's cells into `run` (skipped ones get their row at once), then report the run directory."""
+    from .render import report
+    from .run import runner
+
+    cells, skipped = the_plan.cells, the_plan.skipped
+    progress = {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
+    n = sum(c.key() not in skipped for c in cells)
+    print(f"lorabench: {n} cells on {cells[0].device if cells else 'cpu'} -> {run}", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        runner.run_cells(run, cells, the_plan.known(), skipped, options, progress, the_plan.gemms())
+    except KeyboardInterrupt:
+        print(
+            f"\nlorabench: interrupted; every finished cell is in {run.results_path}.\n"
+            f"Resume with: lorabench run --resume {run}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    rows, warnings = run.rows()  # the report comes from the results file alone
+    report_path = report.write(
+        rows, args.report_dir / f"{run.run_id}.md", warnings, args.headline_by, [run.path]
+    )
+    print(report.summary(rows, args.headline_by))
+    failed = sum(not r.ok for r in rows)
+    print(f"{n} cells in {time.perf_counter() - t0:.1f} s; the run has {len(rows)} rows, {failed} not ok.")
+    print(
+        f"Results: {run.results_path}\nReport:  {report_path} (every figure; definitions in docs/metrics.md)"
+    )
+    return EXIT_FAILED_CELLS if (args.strict and failed) else EXIT_OK
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .render import report
+    from .results.rundir import RunDir, writable_dir
+
+    writable_dir(args.out.parent, "--out")
+    writable_dir(args.report_dir, "--report-dir")
+    run, merged, missing = RunDir.merge(args.dirs, args.out)
+    report_path = report.write(merged, args.report_dir / f"{run.run_id}.md", run_dirs=[run.path, *args.dirs])
+    print(
+        f"merged {len(args.dirs)} shards: {len(merged)} of {len(run.plan()['cells'])} cells"
+        + (f" ({missing} cells have no row in any shard)" if missing else "")
+        + f" -> {run}; report {report_path}"
+    )
+    return EXIT_OK
+
+
+def _load_rows(run_dirs) -> tuple[list, list]:
+    from .results.rundir import RunDir
+
+    rows, warnings = RunDir.load(run_dirs)
+    for w in warnings:
+        print(f"lorabench: warning: {w}", file=sys.stderr)
+    return rows, warnings
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .render import benchmarks, report
+    from .results.rundir import writable_dir
+
+    if (args.pytest_benchmark is None) == (not args.run_dirs):
+        raise UsageError("give run directories (RUN_DIR) or --pytest-benchmark FILE.json, one of the two")
+    if args.pytest_benchmark is not None:
+        data = benchmarks.load_pytest_benchmark(args.pytest_benchmark)
+        out = args.output or args.report_dir / f"{args.pytest_benchmark.stem}.md"
+        write = lambda: out.write_text(benchmarks.pytest_benchmark_report(data), encoding="utf-8")
+    else:
+        rows, warnings = _load_rows(args.run_dirs)
+        name = rows[0].run_id if len(args.run_dirs) == 1 else args.run_dirs[0].name + "-combined"
+        out = args.output or args.report_dir / f"{name}.md"
+        write = lambda: report.write(rows, out, warnings, args.headline_by, args.run_dirs)
+    if out.is_dir():  # checked before anything (plots included) is written
+        raise UsageError(f"--output {out} is a directory; give a file name")
+    writable_dir(out.parent, "--report-dir")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write()
+    print(out)
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .render.comparison import comparison_report
+    from .results.compare import THRESHOLDS, compare
+
+    limits = {kind: getattr(args, f"{kind}_threshold") for kind in THRESHOLDS}
+    if args.history is not None:
+        if len(args.runs) != 1:
+            raise UsageError("with --history give one run (the night to judge), not a base run as well")
+        if args.window < 1:
+            raise UsageError(f"--window must be a whole number >= 1, got {args.window}")
+        from .render.trends import window_report
+        from .results.history import night_of, tonight
+
+        night = night_of(args.runs[0], _load_rows(args.runs)[0])
+        series = tonight(args.history, night, args.window, limits)
+        text, failed = (
+            window_report(series, args.runs[0].name, args.window),
+            any(s.points[-1].flagged for s in series),
+        )
+    else:
+        if len(args.runs) != 2:
+            raise UsageError("give BASE_RUN NEW_RUN (or --history HISTORY RUN)")
+        base, new = args.runs
+        result = compare(_load_rows([base])[0], _load_rows([new])[0], limits, args.allow_environment_change)
+        text, failed = comparison_report(result, base.name, new.name), bool(result.regressions)
+    print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text, encoding="utf-8")
+    return EXIT_FAILED_CELLS if (args.fail_on_regression and failed) else EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    import json
+
+    from .results import history
+
+    if args.history_command == "add":
+        night = history.add(history.night_of(args.run_dir, _load_rows([args.run_dir])[0]), args.to)
+        print(f"{night.name}: {len(night.cells)} cells added to {args.to}")
+        if args.github_benchmark is not None:
+            args.github_benchmark.mkdir(parents=True, exist_ok=True)
+            smaller, bigger = history.github_benchmark(night)
+            for name, entries in (("smaller-is-better.json", smaller), ("bigger-is-better.json", bigger)):
+                (args.github_benchmark / name).write_text(json.dumps(entries, indent=1), encoding="utf-8")
+        return EXIT_OK
+    from .render.trends import history_page
+
+    if args.window < 1:
+        raise UsageError(f"--window must be a whole number >= 1, got {args.window}")
+    nights = history.load(args.history)
+    if not nights:
+        raise UsageError(
+            f"{args.history}: no history there (lorabench history add RUN_DIR --to {args.history})"
+        )
+    out = args.output or args.history / "index.md"
+    if out.is_dir():
+        raise UsageError(f"--output {out} is a directory; give a file name")
+    series = history.series_of(nights, args.window)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page = history_page(series, out.parent / out.stem, f"{out.stem}/")
+    out.write_text(page, encoding="utf-8")
+    print(out)
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import check
+    from .measure import environment
+    from .render import listings
+
+    device = environment.resolve_device(args.device)
+    t0 = time.perf_counter()
+    results = check.run_checks(device, lambda name: print(f"lorabench check: {name} ...", file=sys.stderr))
+    print(listings.check_table(results, device, time.perf_counter() - t0))
+    return EXIT_OK if all(c.ok for c in results) else EXIT_FAILED_CELLS
+
+
+def cmd_proof(args: argparse.Namespace) -> int:
+    from . import proof
+    from .measure import environment
+    from .results.rundir import writable_dir
+
+    if not args.dry_run:
+        environment.resolve_device("cuda")  # one line and exit 2 where torch sees no GPU
+    writable_dir(args.out, "OUT")
+    done = proof.prove(
+        args.out, args.dry_run, lambda name: print(f"lorabench proof: {name} ...", file=sys.stderr)
+    )
+    for step in done.steps:
+        print(f"{step.name:18s} {step.status:8s} {step.seconds:6.1f} s")
+    print(f"Proof: {args.out / 'proof.md'} and {args.out / 'proof.json'}")
+    return EXIT_OK if all(s.status != "failed" for s in done.steps) else EXIT_FAILED_CELLS
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .render import listings
+
+    print(listings.metrics_table() if args.metrics else listings.registries())
+    return EXIT_OK
