@@ -11,6 +11,16 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_dir() -> Path:
+    """The user's lorabench cache: $LORABENCH_CACHE, else $XDG_CACHE_HOME/lorabench, else
+    ~/.cache/lorabench (what was measured of a device, trained bases). Deleting it loses nothing a
+    run cannot remake."""
+    root = os.environ.get("LORABENCH_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "lorabench"
+    )
+    return Path(root)
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write atomically: a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -20,20 +20,16 @@ $XDG_CACHE_HOME/lorabench, else ~/.cache/lorabench):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from ..files import write_json
+from ..files import cache_dir, write_json
 
 FILE = "devices.json"
 CHECK = "lorabench check (fp32 MLP)"  # the cell kind of the check's own measurement
 
 
 def path() -> Path:
-    root = os.environ.get("LORABENCH_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "lorabench"
-    )
-    return Path(root) / FILE
+    return cache_dir() / FILE
 
 
 def known() -> dict[str, dict]:

@@ -119,9 +119,18 @@ class Cell:
         parse=csv_list,
         metavar="|".join(PRECISIONS),
     )
-    seed: int = setting(0, "seed of weights, data and order", parse=int)
+    seed: int = setting(
+        0,
+        "seed of the data, its order and the adapters' initialisation (a trained base is every seed's); "
+        "a list is an axis, e.g. 0,1,2: quality figures get their spread",
+        parse=int_list,
+        metavar="N[,N...]",
+    )
     weights: str = setting(
-        "random", "random (from the configuration, default) or pretrained", choices=tuple(WEIGHTS)
+        "random",
+        "random (from the configuration, default), trained (lorabench's own base, made once on the task's "
+        "source data and cached) or pretrained (published weights)",
+        choices=tuple(WEIGHTS),
     )
     data: str = setting(
         "synthetic",
@@ -184,6 +193,13 @@ class Cell:
         "continues LoRA from trained weights)",
         parse=int,
     )
+    eval_every: int = setting(
+        0,
+        "evaluate every N optimizer steps as well as after each epoch, for quality over time "
+        "(0: after each epoch only); the evaluations' time is kept out of the timed figures",
+        parse=int,
+        metavar="N",
+    )
     repeat: int = 0  # index of a repetition of the same cell (--repeat N)
 
     def __post_init__(self) -> None:
@@ -219,6 +235,7 @@ class Cell:
             _positive_int(name, getattr(self, name))
         _nonnegative_int("warmup_epochs", self.warmup_epochs)
         _nonnegative_int("pretrain_epochs", self.pretrain_epochs)
+        _nonnegative_int("eval_every", self.eval_every)
         if self.task is not None:
             if self.task not in TASKS:
                 raise CellError(f"unknown task {self.task!r}; choose from {choices(TASKS)}")
@@ -300,8 +317,19 @@ class Cell:
 
     @property
     def pretrained(self) -> bool:
-        """Whether the weights are published ones (else built from the configuration)."""
+        """Whether the weights mean something (published ones, or a base lorabench trained) rather
+        than the configuration's random ones: whether quality is comparable."""
+        return WEIGHTS[self.weights].published or WEIGHTS[self.weights].trained
+
+    @property
+    def published_weights(self) -> bool:
+        """Whether the weights are published ones, loaded with from_pretrained."""
         return WEIGHTS[self.weights].published
+
+    @property
+    def transfer(self) -> bool:
+        """Whether the cell adapts a trained base to its task's target (and measures forgetting)."""
+        return WEIGHTS[self.weights].trained
 
     @property
     def synthetic_data(self) -> bool:
@@ -360,9 +388,11 @@ class Cell:
             raise CellError(f"unknown cell field(s) {', '.join(unknown)}; accepted: {choices(known)}")
         return cls(**d)
 
-    def variant_key(self) -> str:
-        """Identity of the cell whatever its repeat index: the repeats of one cell share it."""
-        return json.dumps({k: v for k, v in self.to_dict().items() if k != "repeat"}, sort_keys=True)
+    def variant_key(self, across_seeds: bool = False) -> str:
+        """Identity of the cell whatever its repeat index: the repeats of one cell share it (and,
+        `across_seeds`, its seeds: a report folds them into one variant with their spread)."""
+        left_out = ("repeat", "seed") if across_seeds else ("repeat",)
+        return json.dumps({k: v for k, v in self.to_dict().items() if k not in left_out}, sort_keys=True)
 
     def key(self) -> str:
         """Stable identity of the cell across runs (resume, compare, merge): a hash of every field."""
@@ -462,7 +492,8 @@ AXES: dict[str, Axis] = {
     "warmup_epochs": Axis(surveyed=False),
     "samples": Axis(surveyed=False),
     "eval_samples": Axis(surveyed=False),
-    "seed": Axis(surveyed=False),
+    "seed": Axis("seed", matrix=True, grouped=False, surveyed=False),
+    "eval_every": Axis(surveyed=False, quiet=(0,)),
     "device": Axis(surveyed=False),
     # the processes of a cell: the scaling table's columns
     "strategy": Axis("strategy", matrix=True, grouped=False, tag=str, quiet=(None,)),

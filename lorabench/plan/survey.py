@@ -249,7 +249,7 @@ def survey_all(cells: list[Cell], simulate: bool = True) -> list[Survey]:
                     f"--data {cell.data} holds {kinds[cell.data]} data ({holds}) but {cell.model} is a "
                     f"{task} model"
                 )
-    for model in sorted({c.model for c in cells if c.pretrained}):
+    for model in sorted({c.model for c in cells if c.published_weights}):
         try:
             models.check_pretrained(model)
         except models.ModelError as e:

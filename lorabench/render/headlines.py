@@ -9,6 +9,7 @@ can find each in the table below it.
 from __future__ import annotations
 
 from ..results.metrics import BY_KEY, is_number
+from . import quality
 from .tables import Variant, column_name, delta, fmt
 
 QUALITY_POINTS = 1.0  # "equal quality" for the time criterion: final accuracy within this many points of full
@@ -53,17 +54,17 @@ def headline(variants: list[Variant], by: str = "memory") -> str | None:
     if needs:
         claims.append("needs " + needs)
     if pretrained:
-        d = delta(full.metrics.get("final_eval_accuracy"), pick.metrics.get("final_eval_accuracy"), "acc")
-        quality = f"its final eval accuracy is {d} against full's" if d else "quality was not measured"
+        said = quality.claims(pick, variants)
+        quality_said = "; ".join(said) if said else "quality was not measured"
     else:
-        quality = "quality is not comparable on random weights"
+        quality_said = "quality is not comparable on random weights"
     subject = f"{c.model} on {c.device} ({c.weights} weights)"
     # where full fine-tuning uses memory savers, name them: "than full fine-tuning (ckpt bf16-mixed adamw-8bit)"
     savers = full.label[len(c.method_label) :].strip()
     than = " than full fine-tuning" + (f" ({savers})" if savers else "")
     return (
         f"{subject}: {column_name(pick)} ({why} of {len(loras)} LoRA variant{'s' * (len(loras) > 1)}) "
-        f"{', and '.join(claims) or 'was measured'}{than * bool(needs)}; {quality}."
+        f"{', and '.join(claims) or 'was measured'}{than * bool(needs)}; {quality_said}."
     )
 
 

@@ -30,7 +30,7 @@ LAYERS = [
 ]
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display: render to a file
@@ -77,7 +77,7 @@ def memory_breakdown_plot(
     """One stacked bar per variant (`bars`: (label, its breakdown)), the prediction beside it
     (hatched), what the device measured beyond the parts on top (`rest_labels`: the baseline's
     remainder, then the temporaries up to the peak), and the driver's view as a line on a GPU."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     base_label, rest_label = rest_labels
@@ -177,7 +177,7 @@ def _axis(ax, xlabel: str, ylabel: str, ticks=None, ylim: tuple | None = None) -
 def rank_sweep_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list[tuple]:
     """Peak memory, epoch time and final accuracy against rank, full fine-tuning as a dashed line;
     memory and time from zero, accuracy from 0 to 1."""
-    plt = _pyplot()
+    plt = pyplot()
     mem_key, mem_label = memory
     panels = [
         (mem_key, mem_label, 1 / MiB),
@@ -218,7 +218,7 @@ def rank_sweep_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list
 def scaling_plot(model: str, ok: list, path, memory: tuple[str, str]) -> list[tuple]:
     """Per-device peak memory and global throughput against the processes of a cell, a line per
     method and strategy (its one-process cell starts every strategy's line); both from zero."""
-    plt = _pyplot()
+    plt = pyplot()
     mem_key, mem_label = memory
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     series: dict[str, list] = {}
@@ -253,7 +253,7 @@ def timeline_plot(model: str, series: list[tuple[str, dict]], path) -> list[tupl
     """Memory against time over each cell's life, full fine-tuning and each LoRA variant overlaid,
     each peak dotted; the phases of the first series marked (build and load, first step, epochs,
     evals). The torch allocator's figure on a GPU, host RSS on the CPU; from zero."""
-    plt = _pyplot()
+    plt = pyplot()
     gpu = all(data.get("torch_allocated_bytes") for _, data in series)
     key, what = (
         ("torch_allocated_bytes", "torch allocated (MiB)") if gpu else ("host_rss_bytes", "host RSS (MiB)")
@@ -359,7 +359,7 @@ def timeline_picture(
 def axis_plot(model: str, ok: list, field: str, label: str, path, memory: tuple[str, str]) -> list[tuple]:
     """Peak memory and the activations saved for backward against one axis of the matrix (sequence
     length, batch size), a line per method: where a method's advantage shrinks as activations grow."""
-    plt = _pyplot()
+    plt = pyplot()
     mem_key, mem_label = memory
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     values = sorted({getattr(v.cell, field) for v in ok})

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ..plan.cells import AXES, Cell
 from ..results.rows import Row
+from . import quality
 from .headlines import against_leanest_full, headline
 from .plots import axis_picture, memory_picture, plot_name, timeline_picture
 from .tables import (
@@ -193,6 +194,11 @@ def _model_section(
                 f"![{cell.model}: per-device peak memory and throughput against processes]({plot_link}{name})",
                 "",
             ]
+    if quality.worth_showing(variants):
+        out += ["### Quality", "", quality.quality_table(variants), "", quality.notes(variants), ""]
+        if plot_dir is not None:
+            out += quality.curve_picture(variants, plot_dir, plot_link)
+            out += quality.pareto_picture(variants, plot_dir, plot_link)
     table = epochs_table(variants)
     if table:
         out += ["### Quality per epoch (eval set)", "", table, ""]

@@ -39,6 +39,7 @@ FORMATS = {
     "ms": lambda v: f"{v * 1e3:.2f}",
     "rate": lambda v: f"{v:,.0f}",
     "acc": lambda v: f"{v:.4f}",
+    "pt": lambda v: f"{v:+.1f} pt",
     "loss": lambda v: f"{v:.4f}",
     "sci": lambda v: f"{v:.1e}",
     "joules": lambda v: f"{v:,.1f}",
@@ -62,6 +63,8 @@ def delta(full: Any, other: Any, kind: str) -> str:
         return f"{(other - full) * 100:+.1f} pt"
     if kind == "loss":
         return f"{other - full:+.4f}"
+    if kind == "pt":
+        return f"{other - full:+.1f} pt"
     if kind in ("pct", "sci", "num") or full == 0:
         return ""
     if kind == "rate":
@@ -98,6 +101,11 @@ class Variant:
     @property
     def ok(self) -> bool:
         return self.repeats > 0
+
+    @property
+    def seeds(self) -> int:
+        """Distinct seeds among the finished rows (a variant folds its seeds and their repeats)."""
+        return len({r.cell.seed for r in self.rows if r.ok})
 
     @property
     def status(self) -> str:
@@ -170,8 +178,8 @@ def column_name(v: Variant) -> str:
         name += f" a={c.alpha:g}"
     if c.pretrain_epochs:
         name += f" after {c.pretrain_epochs} full epochs"
-    if v.repeats > 1:
-        name += f" (x{v.repeats})"
+    if v.repeats > max(v.seeds, 1):  # repeats of a seed measure the machine: say how many
+        name += f" (x{v.repeats // max(v.seeds, 1)})"
     return name
 
 
@@ -491,5 +499,5 @@ def long_table(rows: list[Row]) -> str:
 def _by_variant(rows: list[Row]) -> dict[str, list[Row]]:
     out: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
-        out[r.cell.variant_key()].append(r)
+        out[r.cell.variant_key(across_seeds=True)].append(r)
     return out

@@ -149,6 +149,7 @@ def row_of(cell: Cell, results: list[ProcessResult], known: dict[str, Any], star
         figures,
         epochs=leader.epochs,
         pretrain_epochs=leader.pretrain,
+        curve=leader.curve,
         environment=env,
         error=error,
         per_process=folded.per_process,

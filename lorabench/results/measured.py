@@ -21,6 +21,7 @@ class Measured:
     figures: dict[str, Any] = field(default_factory=dict)
     epochs: list[dict[str, Any]] = field(default_factory=list)  # EpochRecord dicts, warm-up included
     pretrain: list[dict[str, Any]] = field(default_factory=list)  # the base's own epochs (seed 002)
+    curve: list[dict[str, Any]] = field(default_factory=list)  # train.Point dicts: quality over time
     env_facts: dict[str, Any] = field(default_factory=dict)  # the machine as this process sees it
     error: dict[str, Any] | None = None  # {type, message, traceback}
 

@@ -411,6 +411,72 @@ METRICS: tuple[Metric, ...] = (
         definition="Loss on the eval set after the last epoch.",
     ),
     Metric(
+        "forgetting_pt",
+        "pt",
+        "source task forgotten (accuracy points)",
+        "pt",
+        gate=None,
+        inputs=("source_accuracy_before", "source_accuracy_after"),
+        derive=lambda m, c: (
+            (m["source_accuracy_before"] - m["source_accuracy_after"]) * 100
+            if _all(m, "source_accuracy_before", "source_accuracy_after")
+            else None
+        ),
+        definition="Accuracy points the model lost on its base's source task while it learned the target "
+        "(a trained base, `--weights trained`): source accuracy before adaptation less after it, the "
+        "adapter on. Negative: it got better at the source task too.",
+    ),
+    Metric(
+        "source_accuracy_before",
+        "fraction",
+        "source task accuracy, before",
+        "acc",
+        shown=False,
+        definition="The trained base's accuracy on its source task's eval set, before the method was applied.",
+    ),
+    Metric(
+        "source_accuracy_after",
+        "fraction",
+        "source task accuracy, after",
+        "acc",
+        shown=False,
+        definition="Accuracy on the source task's eval set after training on the target, the adapter on.",
+    ),
+    Metric(
+        "source_loss_before",
+        "nats",
+        "source task loss, before",
+        "loss",
+        shown=False,
+        definition="The trained base's loss on its source task's eval set, before the method was applied.",
+    ),
+    Metric(
+        "source_loss_after",
+        "nats",
+        "source task loss, after",
+        "loss",
+        shown=False,
+        definition="Loss on the source task's eval set after training on the target, the adapter on.",
+    ),
+    Metric(
+        "eval_s",
+        "s",
+        "time spent evaluating (s)",
+        "time",
+        shown=False,
+        definition="Seconds spent in evaluations during training (after each epoch, and every --eval-every "
+        "steps): timed between two synchronisations and left out of every epoch, step and curve time.",
+    ),
+    Metric(
+        "base_made_s",
+        "s",
+        "time to make the trained base (s)",
+        "time",
+        shown=False,
+        definition="Seconds this cell spent training the base it starts from on the task's source data "
+        "(only the first cell of a model that finds none cached), untimed, before everything else.",
+    ),
+    Metric(
         "checkpoint_bytes",
         _B,
         "checkpoint to store",
@@ -819,6 +885,7 @@ INFO = (
     "timeline",
     "predicted_peak_by",
     "predicted_attention",
+    "base",
 )
 
 

@@ -44,6 +44,7 @@ class Row:
     info: dict[str, str] = field(default_factory=dict)
     epochs: list[dict[str, Any]] = field(default_factory=list)  # EpochRecord dicts, warm-up included
     pretrain_epochs: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)  # quality over training time (train.Point)
     environment: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None  # {type, message, traceback}
     run_id: str = ""
@@ -69,7 +70,7 @@ class Row:
         """A row from raw measurements (numbers, Unavailable, INFO strings), derived figures added."""
         metrics, missing, info = split(measured or {})
         derive(cell, metrics, missing, info)
-        for key in ("epochs", "pretrain_epochs"):  # a diverged epoch's NaN loss is null in JSON
+        for key in ("epochs", "pretrain_epochs", "curve"):  # a diverged epoch's NaN loss is null in JSON
             if key in fields:
                 fields[key] = [
                     {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in e.items()}
@@ -96,6 +97,7 @@ class Row:
             "info": self.info,
             "epochs": self.epochs,
             "pretrain_epochs": self.pretrain_epochs,
+            **({"curve": self.curve} if self.curve else {}),
             "environment": self.environment,
             "error": self.error,
             "wall_s": self.wall_s,
@@ -113,6 +115,7 @@ class Row:
             run_id=d.get("run_id", ""),
             wall_s=d.get("wall_s", 0.0),
             per_process=d.get("per_process") or _renamed(d.get("per_rank")) or [],
+            curve=d.get("curve") or [],
         )
         if d.get("schema", 1) >= 2:  # a figure this version no longer declares is dropped
             metrics = {k: v for k, v in d.get("metrics", {}).items() if k in BY_KEY}

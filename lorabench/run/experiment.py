@@ -40,12 +40,13 @@ from ..results.rows import Row, Status
 from ..workload import data as datasets
 from ..workload import distributed, methods, models, optimizers, quantization, spec
 from ..workload.compiler import Compiled
-from ..workload.data import Dataset
+from ..workload.data import ALL, SOURCE, TARGET, Dataset
 from ..workload.methods import method as method_of
 from ..workload.precision import TORCH, Precision
 from ..workload.tasks import Task
+from . import pretraining
 from .oom import is_oom
-from .train import EpochRecord, Fit, fit, micro_batch
+from .train import EpochRecord, Fit, evaluate, fit, micro_batch
 
 
 def execute(
@@ -69,6 +70,7 @@ def execute(
         pretrain_epochs=m.pretrain,
         environment=m.env_facts,
         error=m.error,
+        curve=m.curve,
     )
 
 
@@ -82,6 +84,7 @@ class Loaded:
     data: Dataset
     drivers: list
     energy: EnergyMeter
+    source: dict[str, torch.Tensor] | None = None  # the source task's eval split (a trained base's)
 
 
 @dataclass
@@ -168,13 +171,29 @@ def protocol(
 
 
 def load(cell: Cell, device: torch.device, sample_interval_s: float, out: Measured) -> Loaded:
-    """Build the driver trackers (before the model loads), the base model and the data set."""
+    """Build the driver trackers (before the model loads), make the trained base if the cell starts
+    from one and no cell made it before (untimed: `pretraining`), then the base model and the data
+    set: the target task's where the cell adapts a trained base, with the source task's eval set
+    beside it (for forgetting)."""
     drivers, energy, out.env_facts, missing = driver_trackers(device, sample_interval_s)
     out.figures.update(missing)
+    if cell.transfer:
+        made = pretraining.ensure(cell.spec, device)
+        out.figures["base"] = (
+            f"trained base {made.path.name} ("
+            + (f"made here in {made.made_s:.1f} s" if made.made_s is not None else "cached")
+            + f"; source accuracy {made.source_accuracy:.4f})"
+        )
+        if made.made_s is not None:
+            out.figures["base_made_s"] = made.made_s
+        release(None, device)  # what making it cached is not this cell's
     bundle = spec.base(cell.spec, device)
-    data = load_data(cell, bundle).to(device, TORCH[cell.dtype])
+    data = load_data(cell, bundle, TARGET if cell.transfer else ALL).to(device, TORCH[cell.dtype])
     out.figures["data"] = data.source
-    return Loaded(device, bundle, data, drivers, energy)
+    source = None
+    if cell.transfer:  # the source task's eval set: what the base knew, before and after
+        source = load_data(cell, bundle, SOURCE, samples=1).to(device, TORCH[cell.dtype]).eval
+    return Loaded(device, bundle, data, drivers, energy, source)
 
 
 def pretrain(cell: Cell, loaded: Loaded) -> list[dict]:
@@ -204,6 +223,9 @@ def adapt(cell: Cell, loaded: Loaded, group: distributed.Group | None, out: Meas
     probe = {k: v[: min(cell.batch_size, 32)] for k, v in loaded.data.eval.items()}
     forward = lambda m: task.loss(m, probe)[1].float()  # logits of one batch
     out.figures["model_file_bytes"] = methods.model_file_bytes(bundle.module)
+    if loaded.source is not None:  # what the base knows of its source task before it is adapted
+        loss, accuracy = evaluate(bundle.module, task, loaded.source, cell.batch_size)
+        out.figures.update(source_loss_before=loss, source_accuracy_before=accuracy)
     base_out = None
     if method_of(cell.method).adapts:  # the base's outputs, for the adapter-off check after training
         bundle.module.eval()
@@ -289,6 +311,7 @@ def train(
                 sync=distributed.grad_sync if group else None,
                 after_step=method_of(cell.method).step_hook(ready.model),
                 amp=amp,
+                eval_every=cell.eval_every,
             )
     finally:
         if timeline is not None:
@@ -342,6 +365,10 @@ def after(
     out.figures["weights_bytes"] = quantization.weight_bytes(held)  # a quantised weight's scales included
     out.figures["trainable_weights_bytes"] = sum(q.nbytes for q in held if q.requires_grad)
     out.figures.update(fit_metrics(trained.fit))
+    out.curve = [vars(p) for p in trained.fit.curve]
+    if loaded.source is not None:  # what it still knows of the source task, the adapter on
+        loss, accuracy = evaluate(ready.trained, task, loaded.source, cell.batch_size, amp)
+        out.figures.update(source_loss_after=loss, source_accuracy_after=accuracy)
 
 
 def check(cell: Cell, loaded: Loaded, ready: Ready, group: distributed.Group | None) -> dict[str, Any]:
@@ -482,20 +509,22 @@ def step_peaks(
     }
 
 
-def release(model: nn.Module, device: torch.device) -> None:
+def release(model: nn.Module | None, device: torch.device) -> None:
     """Free what earlier phases left: gradients, collected garbage (a finished optimizer's state),
     and on a GPU the allocator's cached blocks, which would otherwise sit in the cell's reserved
     and driver-view peaks (pretraining's full fine-tuning footprint in a LoRA cell)."""
-    model.zero_grad(set_to_none=True)
+    if model is not None:
+        model.zero_grad(set_to_none=True)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def load_data(cell: Cell, bundle: models.Bundle) -> Dataset:
-    """The cell's data set: the task's synthetic stand-in, or the real one at `cell.data`."""
+def load_data(cell: Cell, bundle: models.Bundle, variant: str = ALL, samples: int | None = None) -> Dataset:
+    """The cell's data set: the task's synthetic stand-in (every class, or a transfer's source or
+    target task: `variant`), or the real one at `cell.data`."""
     kw = dict(
-        samples=cell.samples,
+        samples=samples or cell.samples,
         eval_samples=cell.eval_samples,
         seq_len=cell.seq_len,
         seed=cell.seed,
@@ -503,7 +532,7 @@ def load_data(cell: Cell, bundle: models.Bundle) -> Dataset:
         num_labels=bundle.num_labels,
     )
     if cell.synthetic_data:
-        return bundle.task.build_data(**kw)
+        return bundle.task.build_data(**kw, variant=variant)
     return datasets.load(cell.data, tokenizer_source=bundle.tokenizer_source, **kw)
 
 
@@ -517,6 +546,7 @@ def fit_metrics(f: Fit) -> dict[str, Any]:
     )
     last = f.epochs[-1]
     return {
+        "eval_s": f.eval_s,
         "epoch_s": epochs.median if epochs else none,
         "epoch_s_stdev_pct": epochs.stdev_pct if epochs else none,
         "step_s_p50": steps.median if steps else none,

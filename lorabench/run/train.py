@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
 import torch
@@ -45,6 +45,17 @@ class EpochRecord:
 
 
 @dataclass
+class Point:
+    """One evaluation on the way: after `step` optimizer steps and `train_s` seconds of training
+    (warm-up epochs included, every evaluation's own time left out)."""
+
+    step: int
+    train_s: float
+    eval_loss: float
+    eval_accuracy: float
+
+
+@dataclass
 class Fit:
     epochs: list[EpochRecord]
     step_s: list[float]  # every optimizer step of the timed epochs
@@ -52,6 +63,8 @@ class Fit:
     samples_per_step: int  # batch_size x grad_accum x processes
     optimizer_impl: str
     diverged_at: int | None = None  # the epoch whose training loss was not finite; training stopped there
+    curve: list[Point] = field(default_factory=list)  # quality over training time, every evaluation
+    eval_s: float = 0.0  # the evaluations' own time, kept out of every epoch and step time
 
     @property
     def timed_epoch_s(self) -> list[float]:
@@ -143,6 +156,7 @@ def fit(
     sync: Callable[[nn.Module, bool], ContextManager] | None = None,
     after_step: Callable[[int], None] | None = None,
     amp: Precision | None = None,
+    eval_every: int = 0,
 ) -> Fit:
     """Train `model` in place (with `optimizer`, an (optimizer, name) pair, when the caller made
     one); `on_epoch(record, total_epochs)` is called after each epoch, and `on_timed("begin" |
@@ -153,7 +167,11 @@ def fit(
     the context in which a micro-batch's backward reduces gradients only on the step's last one,
     and the epoch's training loss is the mean over processes. `after_step(step)` runs between each
     optimizer step and the zeroing of the gradients (AdaLoRA's rank schedule reads them). `amp`
-    is the cell's precision: autocast around each forward, its backward and step (fp32: neither)."""
+    is the cell's precision: autocast around each forward, its backward and step (fp32: neither).
+
+    Quality over time: the eval set is evaluated after each epoch and, with `eval_every` > 0, after
+    every `eval_every` optimizer steps as well (`Fit.curve`), each evaluation timed between two
+    synchronisations and left out of the epoch's time, the steps' and the curve's training time."""
     amp = amp or Precision("fp32", device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, impl = optimizer or optimizers.make(optimizers.DEFAULT, params, lr)
@@ -165,6 +183,17 @@ def fit(
     records: list[EpochRecord] = []
     step_s: list[float] = []
     total_epochs = warmup_epochs + epochs
+    curve: list[Point] = []
+    trained_s = eval_s = 0.0  # training time so far (evaluations left out); the evaluations' time
+
+    def point(step: int) -> float:
+        """Evaluate after `step` optimizer steps; the seconds the evaluation took."""
+        clock.sync()
+        e0 = time.perf_counter()
+        loss, accuracy = evaluate(model, task, data.eval, batch_size, amp)  # .item(): synchronised
+        curve.append(Point(step, trained_s + (e0 - t0) - in_epoch_eval, loss, accuracy))
+        return time.perf_counter() - e0
+
     model.train()
     for epoch in range(1, total_epochs + 1):
         timed = epoch > warmup_epochs
@@ -173,6 +202,7 @@ def fit(
         if timed and on_timed:
             on_timed("begin")
         t0 = time.perf_counter()
+        in_epoch_eval = 0.0
         loss_sum = torch.zeros((), device=device, dtype=torch.float32)
         epoch_steps: list[float] = []
         for s in range(steps):
@@ -191,8 +221,11 @@ def fit(
                 after_step((epoch - 1) * steps + s)
             optimizer.zero_grad(set_to_none=True)
             clock.stop(epoch_steps)
+            done = (epoch - 1) * steps + s + 1
+            if eval_every and done % eval_every == 0 and s < steps - 1:  # the epoch's last: below
+                in_epoch_eval += point(done)
         clock.sync()
-        epoch_s = time.perf_counter() - t0
+        epoch_s = time.perf_counter() - t0 - in_epoch_eval
         if timed and on_timed:
             on_timed("end")
         clock.collect(epoch_steps)
@@ -201,7 +234,11 @@ def fit(
             loss_sum /= world
         if timed:
             step_s.extend(epoch_steps)
-        eval_loss, eval_acc = evaluate(model, task, data.eval, batch_size, amp)
+        trained_s += epoch_s
+        eval_s += in_epoch_eval
+        t0, in_epoch_eval = time.perf_counter(), 0.0  # the epoch's closing evaluation, on the curve too
+        eval_s += point(epoch * steps)
+        eval_loss, eval_acc = curve[-1].eval_loss, curve[-1].eval_accuracy
         record = EpochRecord(
             epoch, timed, epoch_s, loss_sum.item() / (steps * grad_accum), eval_loss, eval_acc
         )
@@ -209,5 +246,5 @@ def fit(
         if on_epoch is not None:
             on_epoch(record, total_epochs)
         if not math.isfinite(record.train_loss):  # diverged: more epochs of NaN measure nothing
-            return Fit(records, step_s, steps, per_step, impl, diverged_at=epoch)
-    return Fit(records, step_s, steps, per_step, impl)
+            return Fit(records, step_s, steps, per_step, impl, diverged_at=epoch, curve=curve, eval_s=eval_s)
+    return Fit(records, step_s, steps, per_step, impl, curve=curve, eval_s=eval_s)

@@ -59,63 +59,104 @@ class Dataset:
         return Dataset(move(self.train), move(self.eval), self.source)
 
 
-def synthetic_images(n: int, n_eval: int, num_classes: int, generator: torch.Generator) -> Dataset:
+# What a synthetic set holds: every class (`ALL`, a run on random or published weights); the
+# source task a trained base learns (`SOURCE`); or the related target task a cell then adapts it
+# to (`TARGET`), shifted from the source in a stated way per task. The world a set is drawn from
+# (the image prototypes) is fixed (WORLD_SEED), so every seed's data, the base's source set and
+# every cell's target set are drawn from one world; the seed draws samples, noise and order.
+ALL, SOURCE, TARGET = "all", "source", "target"
+VARIANTS = (ALL, SOURCE, TARGET)
+WORLD_SEED = 20240229
+
+
+SHIFT = 0.95  # how far the target's prototypes moved from the source's: cos = sqrt(1 - SHIFT^2) = 0.31
+
+
+def synthetic_images(
+    n: int, n_eval: int, num_classes: int, generator: torch.Generator, variant: str = ALL
+) -> Dataset:
     """CIFAR-10-shaped (3, 32, 32) images: 0.15 x prototype(class) + N(0, 1) noise.
 
     The noise dominates each pixel (as real images vary), but over 3,072 pixels the prototypes
-    are separable, so an MLP reaches well above chance within a few hundred steps.
+    are separable, so an MLP reaches well above chance within a few hundred steps. The target task
+    is a shifted distribution of the same classes: each class's prototype moved to
+    0.31 x its source prototype + 0.95 x a new direction (a new look of the same things), so a base
+    trained on the source starts above chance on the target and must adapt to reach it.
     """
-    prototypes = torch.randn(num_classes, 3, 32, 32, generator=generator)
+    world = torch.Generator().manual_seed(WORLD_SEED)
+    prototypes = torch.randn(num_classes, 3, 32, 32, generator=world)
+    if variant == TARGET:
+        new = torch.randn(num_classes, 3, 32, 32, generator=world)
+        prototypes = (1 - SHIFT**2) ** 0.5 * prototypes + SHIFT * new
 
     def split(count: int) -> dict[str, Tensor]:
         labels = torch.randint(num_classes, (count,), generator=generator)
         x = 0.15 * prototypes[labels] + torch.randn(count, 3, 32, 32, generator=generator)
         return {"x": x, "labels": labels}
 
+    what = {ALL: "", SOURCE: "; the source task", TARGET: f"; the target task: prototypes shifted by {SHIFT}"}
     return Dataset(
-        split(n), split(n_eval), f"synthetic CIFAR-shaped images ({num_classes} class prototypes + noise)"
+        split(n),
+        split(n_eval),
+        f"synthetic CIFAR-shaped images ({num_classes} class prototypes + noise{what[variant]})",
     )
 
 
 def synthetic_text_classification(
-    n: int, n_eval: int, seq_len: int, vocab_size: int, num_labels: int, generator: torch.Generator
+    n: int,
+    n_eval: int,
+    seq_len: int,
+    vocab_size: int,
+    num_labels: int,
+    generator: torch.Generator,
+    variant: str = ALL,
 ) -> Dataset:
-    """Random token sequences; a sample of class c holds marker token (2 + c) at 4 random places."""
+    """Random token sequences; a sample of class c holds its class's marker token at 4 random
+    places: token 2 + c (the source task's rule, and every class's by default), or token
+    2 + num_labels + c in the target task (a new label rule: new markers, the same classes)."""
     markers = 4
-    if vocab_size < 2 + num_labels + 8:
+    if vocab_size < 2 + 2 * num_labels + 8:
         raise ValueError(f"vocabulary of {vocab_size} is too small for synthetic text classification")
+    first = 2 + (num_labels if variant == TARGET else 0)  # the marker of class 0
 
     def split(count: int) -> dict[str, Tensor]:
         labels = torch.randint(num_labels, (count,), generator=generator)
-        ids = torch.randint(2 + num_labels, vocab_size, (count, seq_len), generator=generator)
+        ids = torch.randint(2 + 2 * num_labels, vocab_size, (count, seq_len), generator=generator)
         places = torch.rand(count, seq_len, generator=generator).argsort(dim=1)[:, : min(markers, seq_len)]
-        ids.scatter_(1, places, (2 + labels).unsqueeze(1).expand_as(places))
+        ids.scatter_(1, places, (first + labels).unsqueeze(1).expand_as(places))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
+    rule = f"class c marked by token {first} + c"
     return Dataset(
         split(n),
         split(n_eval),
-        f"synthetic token sequences ({num_labels} classes marked by class tokens), {seq_len} tokens",
+        f"synthetic token sequences ({num_labels} classes, {rule}), {seq_len} tokens",
     )
 
 
 def synthetic_causal_lm(
-    n: int, n_eval: int, seq_len: int, vocab_size: int, generator: torch.Generator
+    n: int, n_eval: int, seq_len: int, vocab_size: int, generator: torch.Generator, variant: str = ALL
 ) -> Dataset:
-    """Arithmetic progressions t_i = (s + d*i) mod V' (V' = min(vocab, 1000), d in 1..7): the
-    next token is predictable from the two before it. The first quarter is the prompt: labels -100."""
+    """Arithmetic progressions t_i = (s + d*i) mod V' (V' = min(vocab, 1000)): the next token is
+    predictable from the two before it. The source task's steps d are 1..7 (every set's by default),
+    the target's 8..14 (a shifted distribution). The first quarter is the prompt: labels -100."""
     modulus = min(vocab_size, 1000)
     prompt = seq_len // 4
+    lo = 8 if variant == TARGET else 1
 
     def split(count: int) -> dict[str, Tensor]:
         start = torch.randint(modulus, (count, 1), generator=generator)
-        step = torch.randint(1, 8, (count, 1), generator=generator)
+        step = torch.randint(lo, lo + 7, (count, 1), generator=generator)
         ids = (start + step * torch.arange(seq_len)) % modulus
         labels = ids.clone()
         labels[:, :prompt] = IGNORE_INDEX
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
-    return Dataset(split(n), split(n_eval), f"synthetic token progressions (prompt masked), {seq_len} tokens")
+    return Dataset(
+        split(n),
+        split(n_eval),
+        f"synthetic token progressions (steps {lo}-{lo + 6}, prompt masked), {seq_len} tokens",
+    )
 
 
 # ---- real data sets --------------------------------------------------------------------------

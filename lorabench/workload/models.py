@@ -33,6 +33,22 @@ class Weights(Choice):
     """One `--weights` value: where a model's weights come from."""
 
     published: bool = False  # loaded with from_pretrained (else built from the configuration)
+    trained: bool = False  # lorabench's own base, trained on the task's source data (`bases`)
+
+
+def _trained_base(cell) -> str | None:
+    """What a trained base asks of the rest of its cell: its task's synthetic target data, and no
+    pretraining of its own."""
+    from .data import is_synthetic
+
+    if not is_synthetic(cell.data):
+        return (
+            "--weights trained adapts a base trained on its task's synthetic source data to the synthetic "
+            f"target task; with --data {cell.data} use --weights pretrained or random"
+        )
+    if cell.pretrain_epochs:
+        return "--weights trained starts from a trained base; it takes no --pretrain-epochs"
+    return None
 
 
 WEIGHTS: dict[str, Weights] = {
@@ -40,6 +56,12 @@ WEIGHTS: dict[str, Weights] = {
     "pretrained": Weights(
         description="published weights, loaded with from_pretrained (the HF cache, a local directory)",
         published=True,
+    ),
+    "trained": Weights(
+        description="lorabench's own base: trained in full on the task's source data once, cached, then "
+        "adapted to the related target task (quality figures compare like with like, offline)",
+        trained=True,
+        requires=_trained_base,
     ),
 }
 

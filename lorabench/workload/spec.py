@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import models, quantization
+from . import bases, models, quantization
 from .checkpointing import checkpoint
 from .methods import Adapted, Adapter
 from .methods import method as method_of
@@ -48,7 +48,11 @@ def base(spec: Spec, device: torch.device | str | None = None, weights: str | No
     """The base model of `spec`, built on `device` (None: torch's current default, as inside
     `with torch.device("meta")`), in the weights' dtype. `weights` overrides the spec's (the survey
     counts a pretrained model on its configuration's random weights)."""
-    bundle = models.build(spec.model, weights or spec.weights, spec.task)
+    weights = weights or spec.weights
+    trained = models.WEIGHTS[weights].trained
+    bundle = models.build(spec.model, "random" if trained else weights, spec.task)
+    if trained:  # the configuration's model, its weights those of the base made on the source task
+        bases.load(bundle.module, spec.model, bundle.task.name)
     bundle.module.to(**({"device": device} if device is not None else {}), dtype=TORCH[spec.dtype])
     return bundle
 

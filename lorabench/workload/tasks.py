@@ -55,11 +55,19 @@ class Task:
         seed: int,
         vocab_size: int | None = None,
         num_labels: int | None = None,
+        variant: str = data.ALL,
     ) -> data.Dataset:
-        """The synthetic data set of this task; the same seed gives every method the same data."""
+        """The synthetic data set of this task; the same seed gives every method the same data.
+        `variant`: every class, or the source or target task of a transfer (`data.VARIANTS`)."""
         g = torch.Generator().manual_seed(seed)
         return self.synthetic(
-            samples, eval_samples, seq_len=seq_len, vocab_size=vocab_size, num_labels=num_labels, generator=g
+            samples,
+            eval_samples,
+            seq_len=seq_len,
+            vocab_size=vocab_size,
+            num_labels=num_labels,
+            generator=g,
+            variant=variant,
         )
 
 
@@ -94,8 +102,8 @@ TASKS: dict[str, Task] = {
         classifier=True,
         sequence=False,
         data_kind="cifar10",
-        synthetic=lambda n, n_eval, *, num_labels, generator, **_: data.synthetic_images(
-            n, n_eval, num_labels or 10, generator
+        synthetic=lambda n, n_eval, *, num_labels, generator, variant, **_: data.synthetic_images(
+            n, n_eval, num_labels or 10, generator, variant
         ),
     ),
     "sequence-classification": Task(
@@ -105,8 +113,10 @@ TASKS: dict[str, Task] = {
         classifier=True,
         sequence=True,
         data_kind="text-classification",
-        synthetic=lambda n, n_eval, *, seq_len, vocab_size, num_labels, generator: (
-            data.synthetic_text_classification(n, n_eval, seq_len, vocab_size, num_labels or 2, generator)
+        synthetic=lambda n, n_eval, *, seq_len, vocab_size, num_labels, generator, variant: (
+            data.synthetic_text_classification(
+                n, n_eval, seq_len, vocab_size, num_labels or 2, generator, variant
+            )
         ),
     ),
     "causal-lm": CausalLM(
@@ -116,8 +126,8 @@ TASKS: dict[str, Task] = {
         classifier=False,
         sequence=True,
         data_kind="instructions",
-        synthetic=lambda n, n_eval, *, seq_len, vocab_size, generator, **_: data.synthetic_causal_lm(
-            n, n_eval, seq_len, vocab_size, generator
+        synthetic=lambda n, n_eval, *, seq_len, vocab_size, generator, variant, **_: data.synthetic_causal_lm(
+            n, n_eval, seq_len, vocab_size, generator, variant
         ),
     ),
 }

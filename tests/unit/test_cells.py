@@ -166,6 +166,7 @@ def test_key_is_stable_and_covers_every_field():
             "data": "/data",
             "repeat": 1,
             "pretrain_epochs": 2,
+            "eval_every": 4,
         }[f.name]
         assert dataclasses.replace(a, **{f.name: changed}).key() != a.key(), f.name
     assert dataclasses.replace(a, quantize="nf4").key() != a.key()
@@ -176,9 +177,15 @@ def test_key_is_stable_and_covers_every_field():
 def test_a_cell_of_one_process_keeps_the_key_it_had_before_nproc_existed():
     """Older run directories resume and compare: the new fields are left out at their default."""
     cell = Cell(model="bert-tiny", method="lora", rank=8)
-    assert not {"nproc", "strategy", "grad_checkpointing", "precision", "quantize", "compile"} & set(
-        cell.to_dict()
-    )
+    assert not {
+        "nproc",
+        "strategy",
+        "grad_checkpointing",
+        "precision",
+        "quantize",
+        "compile",
+        "eval_every",
+    } & set(cell.to_dict())
     assert Cell.from_dict(cell.to_dict()) == cell
     two = Cell(model="bert-tiny", method="lora", rank=8, nproc=2, strategy="fsdp2")
     assert two.to_dict()["nproc"] == 2 and Cell.from_dict(two.to_dict()) == two

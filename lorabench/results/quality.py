@@ -1,0 +1,98 @@
+"""What a method costs in quality, from a group's rows: accuracy across seeds with its interval,
+the time to reach a target, and what was forgotten of the source task.
+
+    lorabench run --preset quality          # 3 seeds: every figure gets its interval
+
+Every figure is over seeds (one row per seed; the repeats of a seed measure the machine, not the
+method, so a seed's first finished row stands for it). The target is TARGET_FRACTION of full
+fine-tuning's best eval accuracy in the same group (its mean over full's seeds), unless a target is
+given; a row reaches it at the first point of its curve (`Row.curve`: an evaluation every
+--eval-every steps and after each epoch) at or above it, after that point's training seconds
+(evaluations left out). Over seeds, time to target is the mean of the seeds that reached it, and
+says how many did; with five or more, the fastest and the slowest are dropped first (MLPerf's
+rule for time to train).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..measure.stats import Interval
+from .metrics import is_number
+from .rows import Row
+
+TARGET_FRACTION = 0.95  # of full fine-tuning's best accuracy: the default target
+TRIM_FROM = 5  # seeds from which the fastest and slowest time to target are dropped (MLPerf)
+
+
+def per_seed(rows: list[Row]) -> list[Row]:
+    """One finished row per seed, the first of each."""
+    return list({r.cell.seed: r for r in reversed([r for r in rows if r.ok])}.values())[::-1]
+
+
+def over_seeds(rows: list[Row], key: str) -> Interval | None:
+    """The figure `key` over the seeds that measured it, with its interval; None where none did."""
+    values = [r.metrics[key] for r in per_seed(rows) if is_number(r.metrics.get(key))]
+    return Interval.of(values) if values else None
+
+
+def best(row: Row) -> float | None:
+    """The best eval accuracy on the row's curve (else its final one)."""
+    points = [p["eval_accuracy"] for p in row.curve if is_number(p.get("eval_accuracy"))]
+    final = row.metrics.get("final_eval_accuracy")
+    return max(points) if points else (final if is_number(final) else None)
+
+
+def target_of(full: list[Row], fraction: float = TARGET_FRACTION) -> float | None:
+    """`fraction` of full fine-tuning's best accuracy, its mean over full's seeds."""
+    bests = [b for b in (best(r) for r in per_seed(full)) if b is not None]
+    return fraction * sum(bests) / len(bests) if bests else None
+
+
+def reached(row: Row, target: float) -> tuple[float, int] | None:
+    """(training seconds, optimizer steps) at the first point of the row's curve at or above
+    `target`; None where it never got there."""
+    for p in row.curve:
+        if is_number(p.get("eval_accuracy")) and p["eval_accuracy"] >= target:
+            return p["train_s"], p["step"]
+    return None
+
+
+@dataclass(frozen=True)
+class TimeToTarget:
+    target: float
+    seconds: Interval | None  # over the seeds that reached it (trimmed from TRIM_FROM seeds on)
+    steps: Interval | None
+    reached: int  # seeds that reached it
+    seeds: int
+    best: float | None  # the best accuracy any seed got, where none reached it
+
+    @property
+    def how(self) -> str:
+        """How the seeds were summarised."""
+        trimmed = " after dropping the fastest and the slowest" if self.reached >= TRIM_FROM else ""
+        return f"mean of the {self.reached} of {self.seeds} seeds that reached it{trimmed}"
+
+
+def time_to_target(rows: list[Row], target: float) -> TimeToTarget:
+    seeds = per_seed(rows)
+    hits = sorted((h for h in (reached(r, target) for r in seeds) if h is not None), key=lambda h: h[0])
+    kept = hits[1:-1] if len(hits) >= TRIM_FROM else hits
+    bests = [b for b in (best(r) for r in seeds) if b is not None]
+    return TimeToTarget(
+        target,
+        Interval.of([s for s, _ in kept]) if kept else None,
+        Interval.of([n for _, n in kept]) if kept else None,
+        len(hits),
+        len(seeds),
+        max(bests) if bests else None,
+    )
+
+
+def relative(rows: list[Row], full: list[Row], key: str = "final_eval_accuracy") -> Interval | None:
+    """`key` as a fraction of full fine-tuning's mean over its seeds, over this variant's seeds."""
+    base = over_seeds(full, key)
+    if base is None or not base.mean:
+        return None
+    values = [r.metrics[key] / base.mean for r in per_seed(rows) if is_number(r.metrics.get(key))]
+    return Interval.of(values) if values else None
