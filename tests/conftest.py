@@ -29,6 +29,19 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _a_cache_of_the_sessions_own(tmp_path_factory):
+    """Trained bases and device records go to a cache of this session's (the processes the tests
+    start inherit it), never the user's: made once per session, shared by its tests."""
+    saved = os.environ.get("LORABENCH_CACHE")
+    os.environ["LORABENCH_CACHE"] = str(tmp_path_factory.mktemp("lorabench-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("LORABENCH_CACHE", None)
+    else:
+        os.environ["LORABENCH_CACHE"] = saved
+
+
 @pytest.fixture(autouse=True)
 def heap_handed_back():
     """Every test starts with the C library's free heap handed back to the kernel: a test that
@@ -59,10 +72,11 @@ def cli(in_tmp, capsys):
     return run
 
 
-def run_subprocess(*args, cwd, timeout=300, show_warnings=False):
+def run_subprocess(*args, cwd, timeout=300, show_warnings=False, env=None):
     """The real command line, as a user runs it (python -m lorabench ...); Python's warnings are
-    silenced unless `show_warnings`, which shows them as a user's terminal would."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    silenced unless `show_warnings`, which shows them as a user's terminal would; `env`: more
+    environment."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     if show_warnings:
         del env["PYTHONWARNINGS"]
     return subprocess.run(
