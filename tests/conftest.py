@@ -30,6 +30,19 @@ TINY = [
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _imports_out_of_the_collectors_sight():
+    """What the imports made (torch, transformers, peft: millions of objects) frozen out of the
+    garbage collector's walks, as a cell's process does (`worker.cell_main`): each gc.collect of a
+    cell run in-process then takes milliseconds, not 0.2 s."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _a_cache_of_the_sessions_own(tmp_path_factory):
     """Trained bases and device records go to a cache of this session's (the processes the tests
     start inherit it), never the user's: made once per session, shared by its tests."""

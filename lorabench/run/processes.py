@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="where the leader appends the row (created if missing)")
     parser.add_argument("cell", help="the cell as JSON (Cell's fields); nproc is WORLD_SIZE")
     args = parser.parse_args(argv)
+    import gc
+
+    gc.freeze()  # the imports out of the collector's walks, as `worker.cell_main` does
     started = time.perf_counter()
     fields = json.loads(args.cell)
     fields["nproc"] = int(os.environ["WORLD_SIZE"])

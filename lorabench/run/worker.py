@@ -11,6 +11,7 @@ the ~1.5-5 s of imports per cell that `spawn` pays on 2 cores. Supervision of th
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import resource
@@ -173,6 +174,10 @@ def cell_main(
     from .experiment import execute
     from .processes import execute_group
 
+    # What the imports made lives as long as the process: out of the collector's sight, so each of
+    # a cell's collections (the phases release what came before) walks only what the cell made
+    # (0.2 s a collection with transformers and peft imported; about 0.5 s of every cell).
+    gc.freeze()
     cell = Cell.from_dict(cell_dict)
     try:
         row = (execute_group if cell.nproc > 1 else execute)(

@@ -28,6 +28,8 @@ def tiny_run(tmp_path_factory):
         "full,lora,lora-reparam",
         "--ranks",
         "2",
+        "--weights",
+        "random",  # the report on random weights (the quick preset's trained bases: test_quality_runs)
         *TINY,
         cwd=cwd,
         show_warnings=True,

@@ -112,14 +112,6 @@ def test_device_cuda_without_a_gpu_is_refused(cli, in_tmp):
     assert files_under(in_tmp) == []
 
 
-def test_dry_run_prints_counts_and_writes_nothing(cli, in_tmp):
-    code, out, err = cli("run", "--dry-run", "--models", "bert-base")
-    assert code == 0
-    assert "109,483,778" in out and "296,450" in out and "75,266" in out
-    assert "3 cells on cpu; dry run" in out
-    assert files_under(in_tmp) == []
-
-
 def test_list_names_every_registry(cli):
     code, out, err = cli("list")
     assert code == 0
@@ -172,15 +164,6 @@ def test_resume_refuses_matrix_flags(cli, in_tmp):
     (in_tmp / "r").mkdir()
     code, out, err = cli("run", "--resume", "r", "--models", "bert-tiny")
     assert code == 2 and "--resume takes its cells from RUN_DIR/plan.json; drop --models" in err
-
-
-def test_dry_run_of_a_shard_shows_only_its_cells(cli):
-    counts = []
-    for k in (1, 2, 3):
-        code, out, err = cli("run", "--dry-run", "--shard", f"{k}/3")
-        assert code == 0
-        counts.append(int(out.strip().splitlines()[-1].split()[0]))
-    assert sum(counts) == 6 and all(c >= 1 for c in counts)
 
 
 def test_check_reports_a_failing_check_with_exit_1(monkeypatch, capsys):
@@ -240,32 +223,6 @@ def test_the_slurm_example_is_a_command_line_lorabench_accepts():
     ]
     args = build_parser().parse_args(["run", *argv])
     assert args.preset == ["scale"] and args.shard == "2/4" and str(args.out) == "shards/2"
-
-
-def test_fit_memory_answers_whether_each_cell_fits_a_device_you_do_not_have(cli, capsys):
-    code, out, _ = cli(
-        "run",
-        "--dry-run",
-        "--models",
-        "bert-base",
-        "--methods",
-        "full,lora",
-        "--ranks",
-        "8",
-        "--fit-memory",
-        "2GiB",
-    )
-    assert code == 0 and "nothing written" in out
-    assert "- bert-base full: predicted to need 2.75 GiB (simulated step); --fit-memory: 2.00 GiB" in out
-    assert "bert-base lora r=8:" not in out  # it fits
-    with pytest.raises(SystemExit) as exit_:  # argparse's own errors exit from inside parse_args
-        cli("run", "--dry-run", "--fit-memory", "24 furlongs")
-    err = capsys.readouterr().err
-    assert (
-        exit_.value.code == 2
-        and "expected a size such as 24GiB" in err
-        and len(err.strip().splitlines()) == 1
-    )
 
 
 def test_fit_memory_plans_for_a_gpu_this_machine_lacks_with_the_runtime_context_check_measured(

@@ -9,7 +9,7 @@ from lorabench.workload.methods import MethodError
 
 
 def inspect(cell):
-    return survey(cell).params
+    return survey(cell, simulate=False).params  # counts: no step to simulate
 
 
 MLP_LINEARS = [(3072, 4096), (4096, 2048), (2048, 10)]
