@@ -7,8 +7,10 @@ known length, a model whose FLOPs and saved activations have a closed form) with
 trackers, clocks and counters a cell uses, and says whether the reading agrees. On the CPU: the
 host-memory sampler against the kernel's own high-water mark, host RSS with the freed heap handed
 back against a known allocation, the clock against a sleep,
-FlopCounterMode and the saved-tensor hooks against closed forms, and the matmul ceiling against
-a timed training step (model FLOPs utilisation can only be trusted if it cannot pass 100 %). On a
+FlopCounterMode and the saved-tensor hooks against closed forms, the matmul ceiling against
+a timed training step (model FLOPs utilisation can only be trusted if it cannot pass 100 %), and
+the step-time model's prediction against a timed step (on a GPU, its rates are recorded for later
+dry runs). On a
 GPU, in addition: the allocator against the driver's view of a known allocation, CUDA events
 against the synchronised wall clock, the memory sampler's cost on a step, every visible device's
 UUID / PCI mapping to the driver, and the energy counter advancing.
@@ -233,6 +235,59 @@ def matmul_ceiling(device: torch.device) -> Check:
         f"step {achieved / 1e9:,.1f} GFLOP/s; ceiling {ceiling / 1e9:,.1f} GFLOP/s (MFU {mfu:.1f} %)",
         f"{MIN_MFU_PCT} % < MFU <= 100 %",
         MIN_MFU_PCT < mfu <= 100,
+    )
+
+
+STEP_TIME_WITHIN = 0.25  # predicted / measured step of the MLP: the zoo's and quick cells' hold 15 %
+
+
+def step_time(device: torch.device) -> Check:
+    """The step-time model (docs/time.md) on the MLP at batch 64 with Adam: its simulated step's
+    operators, the rates measured here, against its timed step. The rates are recorded under the
+    device's name (`calibration`): a later dry run for this device (`--target`) reads them."""
+    from .measure import calibration, rates, simulation, steptime
+    from .workload.optimizers import make
+
+    rows = 64
+    task, _ = _mlp(BASELINE, torch.device("meta"))
+
+    def build():
+        return _mlp(BASELINE, torch.device("meta"))[1]
+
+    simulated = simulation.simulate(
+        build,
+        task,
+        lambda: _images(2 * rows, torch.device("cpu")),
+        batch_size=rows,
+        grad_accum=1,
+        optimizer="adam",
+        lr=1e-3,
+        gpu=device.type == "cuda",
+    )
+    if not isinstance(simulated, simulation.Simulated):
+        return Check("step time: predicted vs a timed MLP step", simulated.reason, "a simulated step", False)
+    found = rates.measure(
+        device, [op for op, _ in simulated.ops], ["float32"], "adam", source="lorabench check"
+    )
+    predicted = steptime.predict(simulated.ops, found, simulated.trained_tensors)
+    _, module = _mlp(BASELINE, device)
+    optimizer, _ = make("adam", [p for p in module.parameters() if p.requires_grad], 1e-3)
+    batch = _images(rows, device)
+
+    def step():
+        task.loss(module, batch)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    measured = _timed(step, device, repeats=10)
+    if device.type == "cuda":
+        calibration.record_rates(torch.cuda.get_device_name(device), found.to_dict(), torch.__version__)
+    ratio = predicted.seconds / measured
+    return Check(
+        "step time: predicted vs a timed MLP step (batch 64, Adam)",
+        f"predicted {predicted.seconds * 1e3:,.2f} ms, measured {measured * 1e3:,.2f} ms ({ratio:.2f}x)",
+        f"within {STEP_TIME_WITHIN:.0%}",
+        abs(ratio - 1) <= STEP_TIME_WITHIN,
     )
 
 
@@ -521,7 +576,7 @@ def run_checks(device: str, progress: Callable[[str], None] = lambda name: None)
     ]
     if dev.type == "cuda":  # the driver check first: no CUDA context of this process exists before it
         todo += [("allocator vs driver", lambda: allocator_vs_driver(dev))]
-    todo += [("matmul ceiling", lambda: matmul_ceiling(dev))]
+    todo += [("matmul ceiling", lambda: matmul_ceiling(dev)), ("step time", lambda: step_time(dev))]
     if dev.type == "cuda":
         todo += [
             ("CUDA events", lambda: events_vs_wall(dev)),

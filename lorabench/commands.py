@@ -40,6 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _resume(args)
     if args.retry_failed:
         raise UsageError("--retry-failed goes with --resume RUN_DIR")
+    target = _target(args)
     cells = presets.request(
         config=args.config,
         presets=args.preset,
@@ -47,8 +48,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         methods=args.methods,
         ranks=args.ranks,
         repeat=args.repeat,
-        settings=given(args, Cell),
-        planning=args.dry_run and args.fit_memory is not None,  # a GPU you do not have, planned for
+        settings={**given(args, Cell), **({"device": "cuda"} if target else {})},
+        planning=args.dry_run
+        and (args.fit_memory is not None or target is not None),  # a GPU you do not have
     )
     device = cells[0].device if cells else "cpu"
     options = _options(args, device)
@@ -57,7 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         data.download_cifar10(path)
     if not args.dry_run:
         worker.start_workers(options.start_method, cells)  # its imports overlap with the model builds below
-    the_plan = admission.Plan.of(cells, args.shard, args.force, options.start_method, args.fit_memory)
+    fit_memory = args.fit_memory if args.fit_memory is not None or not target else target.memory_bytes
+    the_plan = admission.Plan.of(
+        cells, args.shard, args.force, options.start_method, fit_memory, args.target if target else None
+    )
     cells = the_plan.cells
     if the_plan.fit_note:
         print(f"lorabench: {the_plan.fit_note}", file=sys.stderr)
@@ -75,12 +80,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         if skipped:
             print("\nSkipped (they would be recorded so, with why):\n" + "\n".join(skipped))
         where = f", shard {args.shard} of a {len(the_plan.matrix)}-cell matrix" if args.shard else ""
-        print(f"\n{len(cells)} cells on {device}{where}; dry run: nothing trained, nothing written.")
+        said = tables.plan_time(the_plan)
+        print(
+            ("\n" + said if said else "")
+            + f"\n{len(cells)} cells on {device}{where}; dry run: nothing trained, nothing written."
+        )
         return EXIT_OK
     run = RunDir.create(args.out)
     with run.lock():
         run.write_plan(the_plan.to_json(run.run_id, sys.argv[1:]))
         return _execute(args, run, the_plan, options)
+
+
+def _target(args: argparse.Namespace):
+    """The accelerator --target names (with --dry-run), or None."""
+    from .plan import accelerators
+    from .plan.cells import DEVICES
+
+    if args.target is None:
+        return None
+    if not args.dry_run:
+        raise UsageError("--target plans for an accelerator you do not have: it goes with --dry-run")
+    if args.device is not None and args.device in DEVICES and not DEVICES[args.device].on:
+        raise UsageError(f"--target {args.target} is a GPU: drop --device {args.device}")
+    try:
+        return accelerators.find(args.target)
+    except KeyError:
+        raise UsageError(
+            f"--target {args.target!r}: unknown accelerator; choose from {', '.join(accelerators.ACCELERATORS)}"
+        ) from None
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -143,7 +171,9 @@ def _execute(args: argparse.Namespace, run, the_plan, options) -> int:
     print(f"lorabench: {n} cells on {cells[0].device if cells else 'cpu'} -> {run}", file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        runner.run_cells(run, cells, the_plan.known(), skipped, options, progress, the_plan.gemms())
+        runner.run_cells(
+            run, cells, the_plan.known(), skipped, options, progress, the_plan.gemms(), the_plan.steps()
+        )
     except KeyboardInterrupt:
         print(
             f"\nlorabench: interrupted; every finished cell is in {run.results_path}.\n"

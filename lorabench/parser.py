@@ -65,6 +65,12 @@ _UNITS = {
 }
 
 
+def _accelerators() -> list[str]:
+    from .plan.accelerators import ACCELERATORS
+
+    return list(ACCELERATORS)
+
+
 def _size(value: str) -> int:
     """A memory size: 24GiB, 80GB (decimal), 16G (binary), 512MiB; bytes without a unit."""
     import re
@@ -213,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="gate the cells against this much device memory instead of what is free here (24GiB, 80GB): "
         "with --dry-run, whether each cell would fit a GPU you do not have, from the model's configuration alone",
+    )
+    o.add_argument(
+        "--target",
+        metavar="NAME",
+        help="with --dry-run, plan for an accelerator you do not have: its memory for the fit check "
+        "(unless --fit-memory) and its rates for the predicted times, as `lorabench check` recorded "
+        "them on one, else from its data sheet; one of " + ", ".join(_accelerators()),
     )
     o.add_argument(
         "--force",

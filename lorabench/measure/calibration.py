@@ -14,7 +14,7 @@ context_kind`), and a fit check adds the one recorded for the cell's kind.
 The record is a small JSON file in the user's cache ($LORABENCH_CACHE, else
 $XDG_CACHE_HOME/lorabench, else ~/.cache/lorabench):
 {device name: {"kind": "cuda", "torch": version, "contexts": {cell kind: bytes},
-"energy_update_s": seconds}}. Nothing is invented: where nothing was measured, callers say so.
+"energy_update_s": seconds, "rates": what the step-time model reads (`rates.Rates`)}}. Nothing is invented: where nothing was measured, callers say so.
 """
 
 from __future__ import annotations
@@ -81,6 +81,18 @@ def context(cell_kind: str, kind: str = "cuda") -> tuple[str, str, int] | None:
     same = [f for f in found if f[1] == cell_kind]
     pick = same or found
     return max(pick, key=lambda f: f[2]) if pick else None
+
+
+def record_rates(device_name: str, rates: dict, torch_version: str, kind: str = "cuda") -> None:
+    """Keep the rates `lorabench check` measured on `device_name` (`rates.Rates`, without the
+    products it timed on a model's own shapes), replacing older ones."""
+    _update(device_name, kind, torch_version, rates={k: v for k, v in rates.items() if k != "timed_s"})
+
+
+def rates(device_name: str) -> dict | None:
+    """The rates recorded for `device_name`, or None."""
+    found = known().get(device_name, {}).get("rates")
+    return found if isinstance(found, dict) else None
 
 
 def energy_update_s(device_name: str) -> float | None:

@@ -43,6 +43,7 @@ from ..workload.distributed import local
 from ..workload.optimizers import OPTIMIZERS, state_tensors
 from ..workload.tasks import Task
 from .flops import StepFlops
+from .operators import Op, OpLog
 from .trackers import Unavailable
 
 # What holds memory at the peak, in the order a report lists it.
@@ -57,6 +58,9 @@ class Simulated:
     at_peak: dict[str, int]  # bytes of each of KINDS live at the peak; they sum to peak_bytes
     flops: StepFlops  # of one optimizer step, every micro-batch, counted on the simulated step
     attention: str = "the CPU's kernels"  # which attention kernels the step ran, as the device would
+    # every distinct operator of one optimizer step (every micro-batch) and how many times it runs
+    ops: tuple[tuple[Op, float], ...] = ()
+    trained_tensors: int = 0  # the tensors the optimizer updates (its host time grows with them)
 
 
 class GpuAttention(TorchFunctionMode):
@@ -222,6 +226,7 @@ def step(
     *,
     grad_accum: int,
     autocast_dtype: torch.dtype | None = None,
+    log: OpLog | None = None,
 ) -> StepFlops:
     """One optimizer step over `batches` (its micro-batches, each loss divided by `grad_accum`, as
     `train.fit` steps) inside `live`, which sees the gradients once accumulated and the optimizer's
@@ -230,7 +235,7 @@ def step(
     from torch.utils.flop_counter import FlopCounterMode
 
     trainable = [p for p in module.parameters() if p.requires_grad]
-    with live:
+    with live, log if log is not None else contextlib.nullcontext():
         for p in module.parameters():
             live.tag(p, "weights_trainable" if p.requires_grad else "weights_frozen")
         for b in module.buffers():
@@ -244,6 +249,7 @@ def step(
         try:
             for batch in batches:
                 live.phase = "activations"
+                _phase(log, "forward")
                 cast = (
                     torch.autocast("cpu", dtype=autocast_dtype)
                     if autocast_dtype
@@ -252,9 +258,11 @@ def step(
                 with FlopCounterMode(display=False) as fwd, cast:
                     loss = task.loss(module, batch)[0]
                 live.phase = "temporaries"
+                _phase(log, "backward")
                 with FlopCounterMode(display=False) as bwd:
                     (loss / grad_accum).backward()
                 del loss
+            _phase(log, "optimizer")
             optimizer.step()
             for v in state_tensors(optimizer):  # made by the first step
                 live.tag(v, "optimizer")
@@ -263,6 +271,11 @@ def step(
             for h in hooks:
                 h.remove()
     return StepFlops(float(fwd.get_total_flops() * grad_accum), float(bwd.get_total_flops() * grad_accum))
+
+
+def _phase(log: OpLog | None, phase: str) -> None:
+    if log is not None:
+        log.phase = phase
 
 
 def simulate(
@@ -314,13 +327,31 @@ def simulate(
                 live.restart_peak()  # the second step's, the steady state: the first makes one-off state
                 if gpu:
                     attention.calls.clear()  # the kernels of the step measured
+                log = OpLog()
                 with attention:
                     flops = step(
-                        module, task, batches, opt, live, grad_accum=grad_accum, autocast_dtype=autocast_dtype
+                        module,
+                        task,
+                        batches,
+                        opt,
+                        live,
+                        grad_accum=grad_accum,
+                        autocast_dtype=autocast_dtype,
+                        log=log,
                     )
     except Exception as e:  # noqa: BLE001 (any model or method may do what fake tensors cannot)
         return Unavailable(
             f"the step could not be simulated on fake tensors ({type(e).__name__}: {first_line(e)})"
         )
     said = attention.said() if gpu else "the CPU's kernels"
-    return Simulated(peak_bytes=live.peak, at_peak=live.at_peak, flops=flops, attention=said)
+    # the micro-batches simulated stand for all of a step's: their forward and backward repeat
+    scale = lambda op: grad_accum / micro if op.phase != "optimizer" else 1.0
+    ops = tuple((op, n * scale(op)) for op, n in log.ops.items())
+    return Simulated(
+        peak_bytes=live.peak,
+        at_peak=live.at_peak,
+        flops=flops,
+        attention=said,
+        ops=ops,
+        trained_tensors=len(trainable),
+    )

@@ -10,13 +10,17 @@ in a child: the parent never initialises CUDA).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import child
-from ..measure import calibration, environment
+from ..measure import calibration, environment, simulation, steptime
+from ..measure.rates import Rates
+from ..measure.trackers import Unavailable
 from ..workload import models
+from . import timing
 from .cells import Cell, CellError
 from .survey import PROBE_TIMEOUT_S, PlanError, Survey, probe, survey_all, to_probe
 
@@ -93,6 +97,12 @@ def runtime_context(cell: Cell) -> tuple[int, str | None]:
     )
 
 
+def _times(d: "timing.Duration | Unavailable | None") -> dict[str, Any]:
+    if isinstance(d, timing.Duration):
+        return d.to_metrics()
+    return {"dry_run_step_s": d} if isinstance(d, Unavailable) else {}
+
+
 def fit_gate(
     cells: list[Cell], surveys: list[Survey], free: int | None, what: str, force: bool
 ) -> dict[str, str]:
@@ -135,6 +145,7 @@ class Plan:
     skipped: dict[str, str] = field(default_factory=dict)
     shard: str | None = None
     fit_note: str | None = None  # why no fit check could be made, or what a GPU's check added
+    rates: Rates | Unavailable | None = None  # what the cells' times were predicted with
 
     @classmethod
     def of(
@@ -144,6 +155,7 @@ class Plan:
         force: bool = False,
         start_method: str = "forkserver",
         fit_memory: int | None = None,
+        target: str | None = None,
     ) -> "Plan":
         """Survey every cell, keep shard K/N of them, gate those predicted not to fit (in free memory,
         or in `fit_memory` bytes), and skip those whose precision, quantisation or optimizer the
@@ -183,6 +195,13 @@ class Plan:
                 }
             for axis, whys in answers.items():
                 skipped.update({c.key(): whys[getattr(c, axis)] for c in cells if whys.get(getattr(c, axis))})
+        # how long each cell that runs takes, from its simulated step and the device's rates
+        running = [(c, s) for c, s in zip(cells, surveys) if c.key() not in skipped]
+        found = timing.rates_for([c for c, _ in running], [s for _, s in running], target, start_method)
+        timed = dict(
+            zip([c.key() for c, _ in running], timing.durations(*zip(*running), found) if running else [])
+        )
+        surveys = [dataclasses.replace(s, duration=timed.get(c.key())) for c, s in zip(cells, surveys)]
         return cls(
             cells,
             matrix,
@@ -190,11 +209,32 @@ class Plan:
             skipped,
             shard_spec,
             "; ".join(notes) or None if free is not None else f"no fit check before running: {what}",
+            found,
         )
 
     def known(self) -> dict[str, dict[str, Any]]:
-        """Figures known of each cell before it runs (its prediction), by cell key."""
-        return {c.key(): s.prediction.to_metrics() for c, s in zip(self.cells, self.surveys)}
+        """Figures known of each cell before it runs (its prediction, its predicted times), by cell key."""
+        return {
+            c.key(): {**s.prediction.to_metrics(), **_times(s.duration)}
+            for c, s in zip(self.cells, self.surveys)
+        }
+
+    def steps(self) -> dict[str, Any]:
+        """Each simulated cell's step, as its process predicts its time from it, by cell key."""
+        return {
+            c.key(): steptime.SimulatedStep(
+                s.prediction.simulated.ops, s.prediction.simulated.trained_tensors
+            )
+            for c, s in zip(self.cells, self.surveys)
+            if isinstance(s.prediction.simulated, simulation.Simulated) and c.nproc == 1
+        }
+
+    def predicted_s(self) -> float | None:
+        """The predicted time of the cells that run (None where any has none)."""
+        times = [s.duration for c, s in zip(self.cells, self.surveys) if c.key() not in self.skipped]
+        if not times or any(not isinstance(d, timing.Duration) for d in times):
+            return None
+        return sum(d.cell_s for d in times)
 
     def gemms(self) -> dict[str, list[tuple[int, int, int]]]:
         """The GEMM shapes of the cells that will run, by dtype: what the matmul ceiling is measured on."""

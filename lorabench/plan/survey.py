@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,6 +43,7 @@ class Survey:
     prediction: Prediction
     gemms: frozenset[tuple[int, int, int]] = frozenset()  # (M, K, N) of the model's Linear products
     unbuildable: str | None = None  # why PEFT cannot build this method on this model: a skipped cell
+    duration: Any = None  # its predicted times (`timing.Duration`, or why none), once the plan has rates
 
 
 def _unbuildable(bundle, why: str) -> Survey:

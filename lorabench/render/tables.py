@@ -346,6 +346,8 @@ def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
                 else "unavailable"
                 for s in surveys
             ],
+            "step (ms)": [_predicted_time(s.duration, "step") for s in surveys],
+            "cell (s)": [_predicted_time(s.duration, "cell") for s in surveys],
             # per process x micro-batches, "on" N processes: together, the global batch of a step
             "seq len": [str(c.seq_len) for c in cells],
             "batch": [
@@ -370,11 +372,44 @@ def plan_table(cells, surveys, skipped: dict[str, str] | None = None) -> str:
             "trainable %",
             "predicted peak (MiB)",
             "GFLOP/step",
+            "step (ms)",
+            "cell (s)",
             "seq len",
             "batch",
             "samples",
         ],
     )
+
+
+def _predicted_time(duration, which: str) -> str:
+    """A cell's predicted step (ms) or whole time (s), or "unavailable" (the reason is in the row)."""
+    if not hasattr(duration, "cell_s"):
+        return "unavailable" if duration is not None else ""
+    return f"{duration.step.seconds * 1e3:,.1f}" if which == "step" else f"{duration.cell_s:,.1f}"
+
+
+def plan_time(plan) -> str:
+    """The dry run's last words on time: the matrix's predicted duration and what it rests on."""
+    total = plan.predicted_s()
+    rates = plan.rates
+    if rates is None:
+        return ""
+    if not hasattr(rates, "device"):
+        return f"No time predicted: {rates.reason}."
+    if total is None:
+        return f"Predicted with the rates of {rates.device} ({rates.source}); some cells have no time (see the table)."
+    return (
+        f"Predicted: {_duration(total)} of training and evaluation on {rates.device} ({rates.source}); "
+        "process start, model builds and data loading come on top."
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:,.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:,.1f} min"
+    return f"{seconds / 3600:,.1f} h"
 
 
 def memory_key(variants: list[Variant]) -> tuple[str, str]:

@@ -318,6 +318,50 @@ METRICS: tuple[Metric, ...] = (
         fold="max",
         definition="90th percentile of the optimizer step time.",
     ),
+    Metric(
+        "predicted_step_s",
+        "s",
+        "predicted step (ms)",
+        "ms",
+        definition="The step time predicted from the simulated step's operators and the rates measured in the cell's own process before its timed region (docs/time.md).",
+    ),
+    Metric(
+        "predicted_over_measured_step",
+        "x",
+        "predicted / measured step (x)",
+        "num",
+        inputs=("predicted_step_s", "step_s_p50"),
+        derive=lambda m, c: (
+            _over(m.get("predicted_step_s"), m.get("step_s_p50"))
+            if _all(m, "predicted_step_s", "step_s_p50")
+            else None
+        ),
+        definition="Predicted step time / the median measured step time (x; 1 is exact).",
+    ),
+    Metric(
+        "dry_run_step_s",
+        "s",
+        "dry run's step (ms)",
+        "ms",
+        shown=False,
+        definition="The step time the plan predicted before any cell ran, with the rates the dry run had (measured then, recorded, or a data sheet's: `dry_run_rates`).",
+    ),
+    Metric(
+        "dry_run_epoch_s",
+        "s",
+        "dry run's epoch (s)",
+        "time",
+        shown=False,
+        definition="The plan's predicted training time of one epoch (steps per epoch x its predicted step).",
+    ),
+    Metric(
+        "dry_run_cell_s",
+        "s",
+        "dry run's cell (s)",
+        "time",
+        shown=False,
+        definition="The plan's predicted time of the cell's training steps, probe steps and evaluations (not its process start, build or data).",
+    ),
     # not gated: it is step_s_p50 again (batch / its median), and compare gates that once
     Metric(
         "samples_per_s",
@@ -886,6 +930,8 @@ INFO = (
     "predicted_peak_by",
     "predicted_attention",
     "base",
+    "predicted_step_by",
+    "dry_run_rates",
 )
 
 

@@ -28,10 +28,11 @@ from torch import nn
 
 from .. import forksafe
 from ..errors import first_line
-from ..measure import environment, heap, simulation
+from ..measure import environment, heap, rates, simulation, steptime
 from ..measure.drivers import driver_trackers, runtime_context
 from ..measure.energy import EnergyMeter
 from ..measure.stats import Summary
+from ..measure.steptime import SimulatedStep
 from ..measure.traces import MemorySnapshot, Traces, profile_steps, write_timeline
 from ..measure.trackers import HostMemory, SavedTensors, Timeline, TorchAllocator, Unavailable, unavailable
 from ..plan.cells import Cell
@@ -55,12 +56,14 @@ def execute(
     sample_interval_s: float = 0.01,
     known: dict[str, Any] | None = None,
     traces: Traces | None = None,
+    step: SimulatedStep | None = None,
 ) -> Row:
     """Run a cell of one process here and return its row (a cell of several: `processes.execute_group`).
     `known` holds figures made before the cell ran (its prediction, the run's matmul rate), so the
-    row is whole, derived figures included, the moment it is made."""
+    row is whole, derived figures included, the moment it is made; `step`, its simulated step's
+    operators, which its step time is predicted from."""
     started = time.perf_counter()
-    m = protocol(cell, None, on_epoch, sample_interval_s, traces)
+    m = protocol(cell, None, on_epoch, sample_interval_s, traces, step)
     figures = {**(known or {}), **m.figures, "cell_wall_s": time.perf_counter() - started}
     return Row.make(
         cell,
@@ -114,12 +117,14 @@ def protocol(
     on_epoch: Callable[[EpochRecord, int], None] | None = None,
     sample_interval_s: float = 0.01,
     traces: Traces | None = None,
+    step: SimulatedStep | None = None,
 ) -> Measured:
     """The protocol of one cell in this process (one of its processes when `group` is given), in
     phases: load (build the base, load the data), pretrain (seed 002's base, untimed), adapt (hold
-    the base in bits, apply the method, wrap for the group), train (inside the trackers: a probe
-    step, then the loop), after (a trace, the CPU's step peaks, what is held), check (the method's
-    checks). An exception ends it as an error or oom, keeping what was measured before."""
+    the base in bits, apply the method, wrap for the group), predict (the step's time, from the
+    rates of this process's device), train (inside the trackers: a probe step, then the loop),
+    after (a trace, the CPU's step peaks, what is held), check (the method's checks). An exception
+    ends it as an error or oom, keeping what was measured before."""
     out = Measured(Status.OK)
     device = None
     name = cell.key() + (f"-process{group.index}" if group else "")  # of its files under the run directory
@@ -138,6 +143,9 @@ def protocol(
         loaded = load(cell, device, sample_interval_s, out)
         out.pretrain = pretrain(cell, loaded)
         ready = adapt(cell, loaded, group, out)
+        if step is not None:
+            mark("step time predicted")
+            predict_step(cell, device, step, out)
         mark("weights and data in place")
         trained = train(
             cell, loaded, ready, group, sample_interval_s, traces, name, on_epoch, mark, timeline, out
@@ -246,6 +254,18 @@ def adapt(cell: Cell, loaded: Loaded, group: distributed.Group | None, out: Meas
         out.figures.update(checked)
     release(adapted.module, device)  # pretraining's and the checks' cached blocks are not this cell's
     return Ready(adapted.module, trained, adapted, forward, base_out)
+
+
+def predict_step(cell: Cell, device: torch.device, step: SimulatedStep, out: Measured) -> None:
+    """The step's time, from its simulated operators and the rates of this device measured here, in
+    the cell's own process (this machine's speed moves between processes), before the trackers
+    start: what the measuring allocated is freed and handed back before they take their baselines."""
+    found = rates.measure(device, [op for op, _ in step.ops], [cell.compute_dtype], cell.optimizer)
+    predicted = steptime.predict(step.ops, found, step.trained_tensors)
+    out.figures.update(predicted_step_s=predicted.seconds, predicted_step_by=predicted.said())
+    release(None, device)
+    if device.type == "cpu":
+        heap.hand_back()
 
 
 def train(

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -35,22 +35,38 @@ from .worker import RunOptions, cell_main
 
 @dataclass
 class Progress:
-    """Matrix-level progress: tqdm bars on a terminal, nothing otherwise."""
+    """Matrix-level progress: tqdm bars on a terminal, nothing otherwise. `predicted` holds each
+    cell's predicted seconds (the plan's `dry_run_cell_s`): the bar says how long the rest should
+    take, the prediction scaled by how the finished cells' wall time compared with theirs (a cell's
+    process start and model build are not in its prediction)."""
 
     total: int
     enabled: bool
+    predicted: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         self.cells = self.epochs = None
+        self.done_predicted = self.done_wall = 0.0
+        self.left = dict(self.predicted)
         if self.enabled:
             from tqdm import tqdm
 
             self._tqdm = tqdm
             self.cells = tqdm(total=self.total, desc="cells", unit="cell", position=0, file=sys.stderr)
 
+    def remaining_s(self) -> float | None:
+        """The predicted seconds of the cells not yet done, scaled by the finished cells' wall time
+        over their prediction; None where a cell has no prediction."""
+        if not self.left or len(self.predicted) < self.total:
+            return None
+        scale = self.done_wall / self.done_predicted if self.done_predicted > 0 else 1.0
+        return sum(self.left.values()) * scale
+
     def cell_started(self, k: int, cell: Cell) -> None:
         if self.enabled:
-            self.cells.set_description(f"cell {k}/{self.total}: {cell.model} {cell.label}")
+            left = self.remaining_s()
+            about = f" (about {_minutes(left)} left, predicted)" if left is not None else ""
+            self.cells.set_description(f"cell {k}/{self.total}: {cell.model} {cell.label}{about}")
             self.epochs = self._tqdm(
                 total=cell.warmup_epochs + cell.epochs,
                 desc="  epochs",
@@ -69,7 +85,10 @@ class Progress:
             )
             self.epochs.update(1)
 
-    def cell_done(self) -> None:
+    def cell_done(self, key: str | None = None, wall_s: float = 0.0) -> None:
+        if key in self.left:
+            self.done_predicted += self.left.pop(key)
+            self.done_wall += wall_s
         if self.enabled:
             if self.epochs is not None:
                 self.epochs.close()
@@ -78,6 +97,10 @@ class Progress:
     def close(self) -> None:
         if self.enabled:
             self.cells.close()
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:,.0f} s" if seconds < 120 else f"{seconds / 60:,.1f} min"
 
 
 def _oom_kills() -> int | None:
@@ -103,6 +126,7 @@ class CellProcess:
         env: dict[str, str] | None = None,
         known: dict[str, Any] | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        step=None,
     ):
         self.cell, self.timeout_s, self.on_epoch = cell, options.timeout_s, on_epoch
         self.known = known or {}  # figures made before the cell ran; a failure row keeps them too
@@ -111,7 +135,7 @@ class CellProcess:
         self._oom_before = _oom_kills()
         self.proc = ctx.Process(
             target=cell_main,
-            args=(cell.to_dict(), send, options, env or {}, self.known),
+            args=(cell.to_dict(), send, options, env or {}, self.known, step),
             name=f"lorabench-{cell.key()}",
         )
         self.proc.start()  # the first start under forkserver waits for the server to boot: not the cell's time
@@ -255,11 +279,13 @@ def run_cells(
     options: RunOptions,
     progress: bool,
     gemms: dict[str, list] | None = None,
+    steps: dict[str, Any] | None = None,
 ) -> None:
     """Run `cells` into `run`: a skipped cell gets its row at once; the matmul rate is measured
     once (calibration.json); then every cell runs, at most `options.parallel` at a time (one per
     pinned GPU), its row appended the moment it ends. `known[cell key]` holds the figures made
-    before it ran (its prediction); `gemms[dtype]` the GEMM shapes the matmul rate is measured on.
+    before it ran (its prediction); `gemms[dtype]` the GEMM shapes the matmul rate is measured on;
+    `steps[cell key]` its simulated step (`experiment.SimulatedStep`), its step time predicted from.
     Interrupting (Ctrl-C) kills the running cells."""
     for cell in cells:
         if cell.key() in skipped:
@@ -280,7 +306,12 @@ def run_cells(
     except ChildFailed as e:  # every cell's MFU says why it is missing
         rates, no_rate = {}, unavailable(f"the matmul rate could not be measured: {e}")
     options = replace(options, run_dir=str(run.path))
-    bar = Progress(len(cells), progress and options.parallel == 1)
+    predicted = {
+        c.key(): known[c.key()]["dry_run_cell_s"]
+        for c in cells
+        if isinstance(known.get(c.key(), {}).get("dry_run_cell_s"), float)
+    }
+    bar = Progress(len(cells), progress and options.parallel == 1, predicted)
     # On a GPU host a cell takes one GPU per process, so a cell of `nproc` processes waits for that many.
     on_gpu = cells[0].on_gpu and (options.parallel > 1 or any(c.nproc > 1 for c in cells))
     free = devices(cells[0].device, max(options.parallel, *(c.nproc for c in cells))) if on_gpu else []
@@ -304,6 +335,7 @@ def run_cells(
                     env=pin(taken),
                     known={**known.get(cell.key(), {}), **extra},
                     on_epoch=bar.epoch,
+                    step=(steps or {}).get(cell.key()),
                 )
                 running[cp] = taken
             for cp in list(running):
@@ -311,10 +343,11 @@ def run_cells(
                 if row is None:
                     continue
                 free += running.pop(cp)
-                run.append(row.replace(run_id=run.run_id, wall_s=time.monotonic() - cp.started))
+                wall = time.monotonic() - cp.started
+                run.append(row.replace(run_id=run.run_id, wall_s=wall))
                 run.write_environment(row.environment)
                 keep_context(row)
-                bar.cell_done()
+                bar.cell_done(cp.cell.key(), wall)
     finally:
         for cp in running:  # interrupted: leave no orphan behind
             cp.kill()

@@ -154,7 +154,12 @@ def start_workers(method: str, cells: list[Cell]) -> None:
 
 
 def cell_main(
-    cell_dict: dict[str, Any], conn, options: RunOptions, env: dict[str, str], known: dict[str, Any]
+    cell_dict: dict[str, Any],
+    conn,
+    options: RunOptions,
+    env: dict[str, str],
+    known: dict[str, Any],
+    step=None,  # experiment.SimulatedStep: what its step time is predicted from
 ) -> None:
     # Ctrl-C reaches the whole process group; the parent decides what happens to this cell.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -180,13 +185,13 @@ def cell_main(
     gc.freeze()
     cell = Cell.from_dict(cell_dict)
     try:
-        row = (execute_group if cell.nproc > 1 else execute)(
-            cell,
+        run = dict(
             on_epoch=lambda rec, total: conn.send(("epoch", vars(rec), total)),
             sample_interval_s=options.sample_interval_s,
             known=known,
             traces=options.traces(),
         )
+        row = execute_group(cell, **run) if cell.nproc > 1 else execute(cell, **run, step=step)
         conn.send(("result", row))
     finally:
         conn.close()

@@ -28,7 +28,8 @@ NO_OP_TRIM = """
 from lorabench import check
 from lorabench.measure import heap
 heap._malloc_trim = lambda: lambda pad: 0  # a C library whose trim hands nothing back
-print(check.returned_heap().measured)
+found = check.returned_heap()
+print(found.measured, found.ok)
 """
 
 
@@ -37,12 +38,17 @@ def test_the_returned_heap_check_fails_where_the_freed_heap_is_not_handed_back(m
 
     ok = check.returned_heap()
     assert ok.ok, ok
-    # glibc carves the 64 MiB from the heap it kept: RSS barely rises. Which free block glibc picks
-    # depends on every earlier free (in this process, a block an earlier trim had handed back could
-    # be picked, which RSS counts again): a fresh process has the heap the check meets in the CLI
+    # glibc carves the 64 MiB from the heap it kept: RSS rises by less than they hold. Which free
+    # block glibc picks depends on every earlier free (in this process, a block an earlier trim had
+    # handed back could be picked, which RSS counts again): a fresh process has the heap the check
+    # meets in the CLI. There, one in three fresh processes maps one of the two 32 MiB tensors afresh
+    # (+33.7 MiB rather than +1.9: whether glibc's mmap threshold has risen to 32 MiB yet), so the
+    # rise is held against the check's own bound, not a tighter one.
     out = subprocess.run([sys.executable, "-c", NO_OP_TRIM], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert float(out.stdout.split()[0].strip("+")) < 0.5 * 64, out.stdout
+    assert float(out.stdout.split()[0].strip("+")) < 0.9 * 64 and out.stdout.split()[-1] == "False", (
+        out.stdout
+    )
     monkeypatch.setattr(heap, "_malloc_trim", lambda: heap.Unavailable("the C library has no malloc_trim"))
     missing = check.returned_heap()
     assert not missing.ok and missing.measured.startswith("the C library has no malloc_trim (")

@@ -57,3 +57,21 @@ def test_fit_memory_answers_whether_each_cell_fits_a_device_you_do_not_have(cli,
         and "expected a size such as 24GiB" in err
         and len(err.strip().splitlines()) == 1
     )
+
+
+def test_dry_run_predicts_each_cells_time_and_the_matrixs(cli):
+    code, out, err = cli("run", "--dry-run", "--preset", "seed-cifar-mlp")
+    assert code == 0, err
+    assert "step (ms)" in out and "cell (s)" in out
+    assert "Predicted: " in out and "(measured by the dry run)" in out
+
+
+def test_a_target_you_do_not_have_is_planned_from_its_data_sheet(cli):
+    code, out, err = cli("run", "--dry-run", "--models", "bert-base", "--methods", "full", "--target", "h100")
+    assert code == 0, err
+    assert "from the data sheet" in out and "not calibrated" in out
+    assert "cells on cuda" in out
+    code, _, err = cli("run", "--dry-run", "--models", "bert-base", "--target", "h1000")
+    assert code == 2 and "unknown accelerator" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("run", "--models", "bert-base", "--target", "h100")
+    assert code == 2 and "goes with --dry-run" in err

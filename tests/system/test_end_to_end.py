@@ -58,6 +58,10 @@ def test_every_cell_has_one_ok_row_with_its_metrics(tiny_run):
         assert line["cell_key"] == Cell.from_dict(line["cell"]).key() and line["schema"] == 2
         assert m["epoch_s"] > 0 and m["step_s_p90"] >= m["step_s_p50"] > 0
         assert m["samples_per_s"] == pytest.approx(16 / m["step_s_p50"])
+        # the step's time predicted in the cell's process, and the plan's: a wrong unit or a missing
+        # part is off by far more than this (the accuracy itself is measured on medium models: docs/time.md)
+        assert 0.5 < m["predicted_over_measured_step"] < 2, (r.label, m["predicted_step_s"], m["step_s_p50"])
+        assert 0.5 < m["dry_run_step_s"] / m["step_s_p50"] < 2 and "products" in r.info["predicted_step_by"]
         assert m["host_peak_rss_bytes"] > m["host_rss_baseline_bytes"] > 0
         # not measurable on the CPU: null, with the reason beside it, never a string in a number's place
         assert (

@@ -1,7 +1,7 @@
 """The zoo, as a user brings it: twelve architectures, made at test time from configurations in
 code, through every method lorabench offers. Every cell builds or is skipped with PEFT's reason;
-LoRA and IA3 train what PEFT's own defaults train; FLOPs are counted; and a real run's predicted
-peaks sit within 10 % of the measured ones."""
+LoRA and IA3 train what PEFT's own defaults train; FLOPs are counted and the step's time predicted;
+and a real run's predicted peaks sit within 10 % of the measured ones."""
 
 import pytest
 from conftest import TINY, rows_in, run_subprocess
@@ -39,6 +39,7 @@ def test_every_method_on_every_architecture_is_surveyed_or_skipped_with_peft_rea
             continue
         p = s.prediction
         assert p.flops_per_step and p.flops_per_step > 0, cell.label
+        assert s.duration.step.seconds > 0 and s.duration.cell_s > s.duration.epoch_s, cell.label
         assert p.peak_by == "simulated step", (cell.label, p.peak_by)
         if cell.method in ("lora", "ia3"):
             theirs = peft_own(cell.model, cell.method)

@@ -173,9 +173,10 @@ def test_check_reports_a_failing_check_with_exit_1(monkeypatch, capsys):
         check, "clock", lambda: check.Check("clock: 200 ms sleep", "350.0 ms", "200 to 220 ms", False)
     )
     monkeypatch.setattr(check, "host_rss", lambda: check.Check("host", "x", "x", True))
+    monkeypatch.setattr(check, "step_time", lambda device: check.Check("step time", "x", "x", True))
     code = cli.main(["check", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert code == 1 and "1 of 6 checks FAILED" in out and "| FAIL" in out
+    assert code == 1 and "1 of 7 checks FAILED" in out and "| FAIL" in out
 
 
 def test_a_model_fsdp2_cannot_wrap_is_refused_before_anything_runs(cli, in_tmp, monkeypatch):
