@@ -59,8 +59,11 @@ class StepTime:
         return f"{shown}; rates: {self.rates}"
 
 
-def predict(ops: Iterable[tuple[Op, float]], rates: Rates, trained_tensors: int) -> StepTime:
-    """The step of `ops` (each with how many times it runs a step) on the device of `rates`."""
+def predict(
+    ops: Iterable[tuple[Op, float]], rates: Rates, trained_tensors: int, optimizer: str | None = None
+) -> StepTime:
+    """The step of `ops` (each with how many times it runs a step) on the device of `rates`, its
+    update made by `optimizer` (its host time: `Rates.update_s`)."""
     parts = dict.fromkeys(PARTS, 0.0)
     forward = {"device": 0.0, "host": 0.0}
     for op, n in ops:
@@ -73,7 +76,8 @@ def predict(ops: Iterable[tuple[Op, float]], rates: Rates, trained_tensors: int)
         if op.phase == "forward":
             forward["host"] += host
             forward["device"] += n * sum(_seconds(op, rates).values())
-    parts["host"] += rates.op_s.get("optimizer_step", 0.0) + trained_tensors * rates.tensor_s
+    fixed, per_tensor = rates.update_s(optimizer)
+    parts["host"] += fixed + trained_tensors * per_tensor
     return StepTime(
         _overlapped(sum(v for k, v in parts.items() if k != "host"), parts["host"], rates),
         parts,

@@ -37,7 +37,12 @@ class Accelerator:
     flops: dict[str, float]  # peak dense FLOP/s, by dtype
     source: str  # the data sheet
 
-    def rates(self, op_s: dict[str, float], tensor_s: float) -> Rates:
+    def rates(
+        self,
+        op_s: dict[str, float],
+        tensor_s: float,
+        optimizer_s: dict[str, tuple[float, float]] | None = None,
+    ) -> Rates:
         """This accelerator's rates by its data sheet, with a host's time per operator and per
         trained tensor (`rates.host`: this machine's CPU, which would dispatch its operators) plus a
         launch each."""
@@ -52,6 +57,7 @@ class Accelerator:
             op_s={p: s + (LAUNCH_S if p in PHASES else 0.0) for p, s in op_s.items()},
             tensor_s=tensor_s,
             asynchronous=True,
+            optimizer_s=dict(optimizer_s or {}),
         )
 
     def matches(self, device_name: str) -> bool:

@@ -74,7 +74,7 @@ def rates_for(cells: list[Cell], surveys: list, target: str | None, start_method
     """The rates the cells are predicted with (see the module's docstring), or why there are none."""
     ops = [op for s in surveys for op in _ops(s.prediction.simulated)]
     dtypes = sorted({c.compute_dtype for c in cells})
-    optimizer = cells[0].optimizer if cells else "adam"
+    optimizers = list(dict.fromkeys(c.optimizer for c in cells)) or ["adam"]
     if target is not None:
         accelerator = accelerators.find(target)
         for name, record in calibration.known().items():
@@ -82,14 +82,14 @@ def rates_for(cells: list[Cell], surveys: list, target: str | None, start_method
                 return Rates.from_dict(
                     {**record["rates"], "source": f"recorded by lorabench check ({record.get('torch')})"}
                 )
-        return accelerator.rates(*rates.host(torch.device("cpu"), optimizer))
+        return accelerator.rates(*rates.hosts(torch.device("cpu"), optimizers))
     device = cells[0].device if cells else "cpu"
     if device == "cpu":
-        return rates.measure(torch.device("cpu"), ops, dtypes, optimizer, source="measured by the dry run")
+        return rates.measure(torch.device("cpu"), ops, dtypes, optimizers, source="measured by the dry run")
     try:
         return child.call(
             rates.measure,
-            (torch.device(device), ops, dtypes, optimizer, None, "measured by the dry run"),
+            (torch.device(device), ops, dtypes, optimizers, None, "measured by the dry run"),
             start_method=start_method,
             timeout_s=CALIBRATE_TIMEOUT_S,
             name="lorabench-rates",
@@ -111,5 +111,6 @@ def durations(cells: list[Cell], surveys: list, found: Rates | Unavailable) -> l
             why = simulated.reason if isinstance(simulated, Unavailable) else "the step was not simulated"
             out.append(unavailable(why))
         else:
-            out.append(duration(cell, steptime.predict(simulated.ops, found, simulated.trained_tensors)))
+            step = steptime.predict(simulated.ops, found, simulated.trained_tensors, cell.optimizer)
+            out.append(duration(cell, step))
     return out

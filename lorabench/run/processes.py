@@ -39,8 +39,9 @@ from .train import EpochRecord
 GRACE_S = 5.0  # after one process fails, how long the others get to report what they measured
 
 
-def _die_with_parent() -> None:
-    """A process must not outlive its agent (a killed cell takes its whole group with it)."""
+def die_with_parent() -> None:
+    """This process is killed when its parent ends (the thread that started it: a cell's agent, the
+    fork server): a process must not outlive its agent (a killed cell takes its whole group with it)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -48,7 +49,7 @@ def _die_with_parent() -> None:
 
 
 def _entry(target: Callable, env: dict[str, str], conn, args: tuple) -> None:
-    _die_with_parent()
+    die_with_parent()
     os.environ.update(env)
     try:
         target(conn, *args)

@@ -163,11 +163,26 @@ def cell_main(
 ) -> None:
     # Ctrl-C reaches the whole process group; the parent decides what happens to this cell.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A run killed outright takes its cell with it: an orphan would go on training, its row landing
+    # after a resume had started the cell again (and its load in every later timing).
+    from .processes import die_with_parent
+
+    die_with_parent()
     keep_out()  # a cell's agent forks its processes: nothing it imports may query CUDA (spawn starts bare)
     os.environ.update(env)  # pin the device before CUDA initialises
     if options.memory_limit_bytes:
         # Address space this cell may add beyond what it already maps (libraries, the interpreter):
-        # an allocation past it fails in the cell, which records an `oom` row.
+        # an allocation past it fails in the cell, which records an `oom` row. The step-time
+        # calibration is left out of it: its kernels' threads reserve glibc arenas of 64 MiB of
+        # address space each, and its buffers leave heap behind (cifar-mlp: about +100 MiB).
+        if step is not None:
+            from ..measure.trackers import unavailable
+
+            step = None
+            known = {
+                **known,
+                "predicted_step_s": unavailable("--cell-memory-limit: no calibration in a capped cell"),
+            }
         limit = psutil.Process().memory_info().vms + options.memory_limit_bytes
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     quiet_library_warnings()

@@ -114,6 +114,8 @@ def test_out_of_memory_becomes_an_oom_row_the_next_cell_runs_and_retry_replaces_
         "--ranks",
         "1",
         *TINY,
+        "--weights",
+        "random",  # a trained base made inside the capped cell would be what runs out
         "--cell-memory-limit",
         "470",  # address space beyond the cell's start: LoRA's cell reaches about +400 MiB, full's +545
         "--strict",
