@@ -1,4 +1,4 @@
-"""The command line: `lorabench run | report | compare | check | proof | list | merge | history`.
+"""The command line: `lorabench run | plan | report | compare | check | proof | list | merge | history`.
 
     lorabench --help
 
@@ -24,6 +24,7 @@ COMMANDS = {
     "check": commands.cmd_check,
     "history": commands.cmd_history,
     "proof": commands.cmd_proof,
+    "plan": commands.cmd_plan,
 }
 
 

@@ -57,8 +57,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     writable_dir(args.out, "--out")
     for path in sorted({c.data for c in cells if not c.synthetic_data} if args.download else ()):
         data.download_cifar10(path)
-    if not args.dry_run:
-        worker.start_workers(options.start_method, cells)  # its imports overlap with the model builds below
     fit_memory = args.fit_memory if args.fit_memory is not None or not target else target.memory_bytes
     the_plan = admission.Plan.of(
         cells, args.shard, args.force, options.start_method, fit_memory, args.target if target else None
@@ -86,20 +84,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             + f"\n{len(cells)} cells on {device}{where}; dry run: nothing trained, nothing written."
         )
         return EXIT_OK
+    # after the plan, whose rates are measured on a quiet machine (the fork server's imports beside
+    # them made a bert-tiny step of 12 ms predicted at 140 ms)
+    worker.start_workers(options.start_method, cells)
     run = RunDir.create(args.out)
     with run.lock():
         run.write_plan(the_plan.to_json(run.run_id, sys.argv[1:]))
         return _execute(args, run, the_plan, options)
 
 
-def _target(args: argparse.Namespace):
-    """The accelerator --target names (with --dry-run), or None."""
+def _target(args: argparse.Namespace, needs_dry_run: bool = True):
+    """The accelerator --target names (with --dry-run, for `run`), or None."""
     from .plan import accelerators
     from .plan.cells import DEVICES
 
     if args.target is None:
         return None
-    if not args.dry_run:
+    if needs_dry_run and not args.dry_run:
         raise UsageError("--target plans for an accelerator you do not have: it goes with --dry-run")
     if args.device is not None and args.device in DEVICES and not DEVICES[args.device].on:
         raise UsageError(f"--target {args.target} is a GPU: drop --device {args.device}")
@@ -343,3 +344,112 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     print(listings.metrics_table() if args.metrics else listings.registries())
     return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Search the candidates of each model, print the choice, the front and its command; --verify runs them."""
+    from .errors import InputError
+    from .measure import environment
+    from .plan import presets, search
+    from .render import plans
+    from .results.rundir import RunDir
+
+    target = _target(args, needs_dry_run=False)
+    if not 0 <= args.margin < 1:
+        raise UsageError(f"--margin {args.margin}: a fraction of the budget, from 0 to below 1")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: the effective batch is at least 1")
+    effective = args.batch_size
+    settings = {
+        "batch_size": effective,
+        "grad_accum": 1,
+        "samples": args.samples or 3 * effective,
+        "eval_samples": effective,
+        "epochs": 1,
+        "warmup_epochs": 1,
+        "eval_every": 0,
+        "device": "cuda" if target else args.device,
+        **({"seq_len": args.seq_len} if args.seq_len else {}),
+    }
+    bases = presets.request(
+        models=args.models,
+        methods=args.methods,
+        ranks=args.ranks,
+        settings=settings,
+        planning=target is not None,
+    )
+    axes = {name: tuple(getattr(args, name)) for name in search.OPEN}
+    cells = search.candidates(bases, axes, tuple(args.micro_batches) if args.micro_batches else None)
+    device = cells[0].device
+    if args.fit_memory is not None:
+        budget, what = args.fit_memory, "--fit-memory"
+    elif target is not None:
+        budget, what = target.memory_bytes, f"{target.name}'s memory"
+    else:
+        budget, what = environment.free_memory_bytes(device)
+        if budget is None:
+            raise UsageError(f"no budget: {what}; give --fit-memory SIZE or --target NAME")
+    options = _options(args, device)
+    searches = search.search(
+        cells, budget, what, args.margin, args.target if target else None, options.start_method
+    )
+    quality = _quality(args.quality) if args.quality else None
+    for s in searches:
+        print(plans.search(s, quality, args.all) + "\n")
+    short = [s for s in searches if s.choice is None]
+    if short:
+        raise InputError(plans.none_fits(short[0]))
+    if not args.verify:
+        return EXIT_OK
+    chosen = {
+        "choice": lambda s: [s.choice],
+        "front": lambda s: [c for c in s.front() if c.fits(s.budget_bytes, s.margin)],
+        "fits": lambda s: s.fitting,
+    }[args.verify]
+    verify = [c for s in searches for c in chosen(s)]
+    run = RunDir.create(args.out)
+    with run.lock():
+        rows = _run_candidates(args, run, verify, searches[0].plan, options)
+    print(plans.verification([(c, rows.get(c.cell.key())) for c in verify], budget))
+    print(f"Results: {run.results_path}")
+    return EXIT_OK
+
+
+def _run_candidates(args: argparse.Namespace, run, verify: list, plan, options) -> dict:
+    """Run the candidates to verify into `run` and return their rows by cell key."""
+    from .plan.admission import Plan
+    from .render import report
+    from .run import runner, worker
+
+    wanted = {c.cell.key() for c in verify}
+    kept = [(c, s) for c, s in zip(plan.cells, plan.surveys) if c.key() in wanted]
+    sub = Plan([c for c, _ in kept], [c for c, _ in kept], [s for _, s in kept], {}, rates=plan.rates)
+    worker.start_workers(options.start_method, sub.cells)
+    progress = {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
+    print(
+        f"lorabench: verifying {len(sub.cells)} candidates on {sub.cells[0].device} -> {run}", file=sys.stderr
+    )
+    runner.run_cells(run, sub.cells, sub.known(), {}, options, progress, sub.gemms(), sub.steps())
+    rows, warnings = run.rows()
+    report.write(rows, args.report_dir / f"{run.run_id}.md", warnings, args.headline_by, [run.path])
+    return {r.cell.key(): r for r in rows}
+
+
+def _quality(path) -> dict[str, float]:
+    """The mean final evaluation accuracy (else loss) of a run's rows, by what they trained."""
+    from .render.plans import trained_key
+    from .results.metrics import is_number
+    from .results.rundir import RunDir
+
+    if not (path / RunDir.RESULTS).is_file():
+        raise UsageError(
+            f"--quality {path}: no {RunDir.RESULTS} here; pass a run directory `lorabench run` made"
+        )
+    rows, _ = RunDir(path).rows()
+    found: dict[str, list[float]] = {}
+    for r in rows:
+        for key in ("final_eval_accuracy", "final_eval_loss"):
+            if is_number(r.metrics.get(key)):
+                found.setdefault(trained_key(r.cell), []).append(r.metrics[key])
+                break
+    return {k: sum(v) / len(v) for k, v in found.items()}

@@ -126,6 +126,93 @@ def given(args: argparse.Namespace, cls) -> dict[str, Any]:
     return out
 
 
+def _plan_parser(sub, _list) -> None:
+    """`lorabench plan`: the search's fixed choices, its free dimensions, the budget and --verify."""
+    from .plan.flags import int_list
+    from .plan.search import DEFAULT_MARGIN, OPEN
+    from .run.worker import RunOptions
+
+    pl = sub.add_parser(
+        "plan",
+        help="the fastest configuration of a model that fits a memory budget, predicted, and its command",
+        description="Predict every candidate's peak and step time from its simulated step, nothing trained: "
+        "micro-batch with gradient accumulation (the effective batch kept), gradient checkpointing, and the "
+        "precision, optimizer, method and rank where left open (a list searches, one value fixes). Print the "
+        "fastest that fits the budget less a margin, the Pareto front of memory against throughput and the "
+        "command that runs the choice; --verify runs it and holds the prediction against the measurement.",
+    )
+    g = pl.add_argument_group("what to fine-tune (fixed)")
+    g.add_argument("--models", type=_list, required=True, help="models to plan for (see `lorabench list`)")
+    g.add_argument("--batch-size", type=int, default=16, metavar="N", help="the effective batch (default 16)")
+    g.add_argument("--seq-len", type=int, metavar="N", help="tokens per sample (default: the cell's, 64)")
+    g.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help="where it runs (default: auto; cuda with --target)"
+    )
+    f = pl.add_argument_group("what to search (a list searches, one value fixes)")
+    f.add_argument("--methods", type=_list, default=["full", "lora"], help="methods (default: full,lora)")
+    f.add_argument("--ranks", type=_ranks, default=[8, 16], help="LoRA ranks (default: 8,16)")
+    f.add_argument(
+        "--micro-batches",
+        type=_argtype(lambda v: list(int_list(v))),
+        help="micro-batch sizes (default: every power of two dividing --batch-size)",
+    )
+    for name, values in OPEN.items():
+        f.add_argument(
+            "--" + name.replace("_", "-"),
+            type=_list,
+            default=list(values),
+            help=f"default: {','.join(values)}",
+        )
+    b = pl.add_argument_group("the budget")
+    b.add_argument("--fit-memory", type=_size, metavar="SIZE", help="device memory to fit (24GiB, 80GB)")
+    b.add_argument(
+        "--target",
+        metavar="NAME",
+        help="an accelerator you do not have: its memory (unless --fit-memory) and its rates; one of "
+        + ", ".join(_accelerators()),
+    )
+    b.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        metavar="FRACTION",
+        help=f"of the budget kept free against the prediction's error (default {DEFAULT_MARGIN})",
+    )
+    o = pl.add_argument_group("output and proof")
+    o.add_argument("--all", action="store_true", help="list every candidate, not only the fastest that fit")
+    o.add_argument(
+        "--quality",
+        type=Path,
+        metavar="RUN_DIR",
+        help="show the quality figures of a run beside the candidates",
+    )
+    o.add_argument(
+        "--verify",
+        nargs="?",
+        const="choice",
+        choices=("choice", "front", "fits"),
+        help="run the choice (or the front, or every candidate that fits) and hold each prediction "
+        "against its measurement",
+    )
+    o.add_argument(
+        "--samples",
+        type=int,
+        metavar="N",
+        help="training samples per epoch of a verifying run (default: 3 effective batches)",
+    )
+    o.add_argument(
+        "--out", type=Path, default=Path("results"), help="results directory of --verify (default: results)"
+    )
+    o.add_argument(
+        "--report-dir", type=Path, default=Path("report"), help="report directory (default: report)"
+    )
+    o.add_argument(
+        "--progress", choices=["auto", "on", "off"], default="auto", help="progress bars of --verify"
+    )
+    _add_flags(o, RunOptions)
+    pl.set_defaults(profile=False, memory_snapshot=False, headline_by="memory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .measure.environment import installed_version
     from .plan.cells import Cell
@@ -344,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every step on the CPU (bert-tiny for bert-base): proves the command, not a device",
     )
+
+    _plan_parser(sub, _list)
 
     lst = sub.add_parser("list", help="list models, methods and presets", description="List the registries.")
     lst.add_argument("--metrics", action="store_true", help="print the table of figures a result row holds")

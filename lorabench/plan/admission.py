@@ -103,6 +103,12 @@ def _times(d: "timing.Duration | Unavailable | None") -> dict[str, Any]:
     return {"dry_run_step_s": d} if isinstance(d, Unavailable) else {}
 
 
+def need_bytes(cell: Cell, s: Survey) -> int:
+    """The memory a cell is predicted to need of its device: its predicted peak (every process's on
+    the CPU, whose ranks all draw on the one host memory), plus a GPU cell's runtime context."""
+    return s.prediction.peak_bytes * (1 if cell.on_gpu else cell.nproc) + runtime_context(cell)[0]
+
+
 def fit_gate(
     cells: list[Cell], surveys: list[Survey], free: int | None, what: str, force: bool
 ) -> dict[str, str]:
@@ -114,10 +120,7 @@ def fit_gate(
         return {}
     gib = 2**30
     context = {c.key(): runtime_context(c)[0] for c in cells}
-    need = {
-        c.key(): s.prediction.peak_bytes * (1 if c.on_gpu else c.nproc) + context[c.key()]
-        for c, s in zip(cells, surveys)
-    }
+    need = {c.key(): need_bytes(c, s) for c, s in zip(cells, surveys)}
     skipped = {
         c.key(): f"predicted to need {need[c.key()] / gib:.2f} GiB ({s.prediction.peak_by}"
         + (f" + the runtime context, {context[c.key()] / 2**20:,.0f} MiB" if context[c.key()] else "")
