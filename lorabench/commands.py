@@ -371,13 +371,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "device": "cuda" if target else args.device,
         **({"seq_len": args.seq_len} if args.seq_len else {}),
     }
-    bases = presets.request(
-        models=args.models,
-        methods=args.methods,
-        ranks=args.ranks,
-        settings=settings,
-        planning=target is not None,
-    )
+    # the user's models, methods and ranks alone, not the quick preset's settings (its trained base
+    # would be made first, minutes for a medium model): a candidate's speed and memory do not depend
+    # on its weights' values
+    settings["device"] = environment.resolve_device(settings["device"] or "auto", target is not None)
+    bases = presets.Matrix(tuple(args.models), tuple(args.methods), tuple(args.ranks), settings).cells()
     axes = {name: tuple(getattr(args, name)) for name in search.OPEN}
     cells = search.candidates(bases, axes, tuple(args.micro_batches) if args.micro_batches else None)
     device = cells[0].device

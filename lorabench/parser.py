@@ -126,6 +126,22 @@ def given(args: argparse.Namespace, cls) -> dict[str, Any]:
     return out
 
 
+def _run_outputs(group) -> None:
+    """Where a command that runs cells writes them, and its progress bars (`run`, `plan --verify`)."""
+    group.add_argument(
+        "--out", type=Path, default=Path("results"), help="results directory (default: results)"
+    )
+    group.add_argument(
+        "--report-dir", type=Path, default=Path("report"), help="report directory (default: report)"
+    )
+    group.add_argument(
+        "--progress",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="progress bars (auto: only when stderr is a terminal)",
+    )
+
+
 def _plan_parser(sub, _list) -> None:
     """`lorabench plan`: the search's fixed choices, its free dimensions, the budget and --verify."""
     from .plan.flags import int_list
@@ -200,15 +216,7 @@ def _plan_parser(sub, _list) -> None:
         metavar="N",
         help="training samples per epoch of a verifying run (default: 3 effective batches)",
     )
-    o.add_argument(
-        "--out", type=Path, default=Path("results"), help="results directory of --verify (default: results)"
-    )
-    o.add_argument(
-        "--report-dir", type=Path, default=Path("report"), help="report directory (default: report)"
-    )
-    o.add_argument(
-        "--progress", choices=["auto", "on", "off"], default="auto", help="progress bars of --verify"
-    )
+    _run_outputs(o)
     _add_flags(o, RunOptions)
     pl.set_defaults(profile=False, memory_snapshot=False, headline_by="memory")
 
@@ -269,10 +277,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--download", action="store_true", help="download CIFAR-10 into --data DIR first (needs a network)"
     )
-    o.add_argument("--out", type=Path, default=Path("results"), help="results directory (default: results)")
-    o.add_argument(
-        "--report-dir", type=Path, default=Path("report"), help="report directory (default: report)"
-    )
     o.add_argument(
         "--dry-run", action="store_true", help="build every cell, print counts and the plan, train nothing"
     )
@@ -326,12 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the LoRA variant each model's "
         "headline names: least memory (default), or least time at equal quality",
     )
-    o.add_argument(
-        "--progress",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="progress bars (auto: only when stderr is a terminal)",
-    )
+    _run_outputs(o)
     _add_flags(o, RunOptions)
 
     rep = sub.add_parser(

@@ -25,6 +25,7 @@ Each rate is the median of a few timings between synchronisations after a warm-u
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import statistics
 import time
@@ -136,41 +137,31 @@ def _on_cpu(call: Callable[[], object], nbytes: int) -> float:
     they are larger than its L2 (made operators ago, evicted since), partly in it when smaller (the
     operators just before it made them): warm and cold times weighed by the share of the L2 they
     fill. (bert-tiny, LoRA r=8, micro-batches of 1 sample: its step predicted at 2.0x the measured
-    one with every operator timed cold, 0.89x with those under half the L2 timed warm.)"""
+    one with every operator timed cold, 0.89x with those under half the L2 timed warm, 1.00x so.)"""
     share = min(nbytes / _cache_bytes(), 1.0)
     if share >= 1.0:
         return cold(call, _flush())
     return (1 - share) * timed(call, torch.device("cpu")) + share * cold(call, _flush())
 
 
+@functools.cache
 def _cache_bytes() -> int:
     """A CPU core's own last cache (L2), as Linux reports it; 2 MiB where it does not."""
-    global _CACHE
-    if _CACHE is None:
-        _CACHE = 2 * 2**20
-        try:
-            for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-                if (index / "level").read_text().strip() == "2":
-                    size = (index / "size").read_text().strip()
-                    _CACHE = int(size.rstrip("K")) * 2**10 if size.endswith("K") else int(size)
-        except (OSError, ValueError):
-            pass
-    return _CACHE
+    try:
+        for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip()
+                return int(size.rstrip("K")) * 2**10 if size.endswith("K") else int(size)
+    except (OSError, ValueError):
+        pass
+    return 2 * 2**20
 
 
-_CACHE: int | None = None
-
-
+@functools.cache
 def _flush() -> torch.Tensor:
     """A buffer larger than a CPU core's own caches (L1, L2: 2 MiB a core on this machine's Xeon;
     up to 4 MiB on others), made once a process."""
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.ones(FLUSH_BYTES // 4)
-    return _FLUSH
-
-
-_FLUSH: torch.Tensor | None = None
+    return torch.ones(FLUSH_BYTES // 4)
 
 
 def _operator(name: str):

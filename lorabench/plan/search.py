@@ -18,6 +18,7 @@ second of the effective batch).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,8 +112,6 @@ def candidates(bases: list[Cell], axes: dict[str, tuple], micro: tuple[int, ...]
     """Each base cell (a model, method and rank, at its effective batch) crossed with the micro-batches
     and the free axes' values; a combination a cell refuses (CellError) is left out. Raises CellError
     when nothing is left, with the first refusal's reason."""
-    import itertools
-
     out, refused = [], []
     for base in bases:
         effective = base.batch_size * base.grad_accum

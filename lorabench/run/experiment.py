@@ -143,9 +143,8 @@ def protocol(
         loaded = load(cell, device, sample_interval_s, out)
         out.pretrain = pretrain(cell, loaded)
         ready = adapt(cell, loaded, group, out)
-        if (
-            step is not None
-        ):  # after the build (a fresh process's first seconds run slow), before the trackers
+        # after the build (a fresh process's first seconds run slow), before the trackers
+        if step is not None:
             mark("step time predicted")
             predict_step(cell, device, step, out)
         mark("weights and data in place")
@@ -266,10 +265,8 @@ def predict_step(cell: Cell, device: torch.device, step: SimulatedStep, out: Mea
     the measured one, 0.90 after it.)"""
     try:
         found = rates.measure(device, [op for op, _ in step.ops], [cell.compute_dtype], cell.optimizer)
-    except (
-        MemoryError,
-        RuntimeError,
-    ) as e:  # its operands did not fit in the cell's memory: the cell goes on
+    except (MemoryError, RuntimeError) as e:
+        # its operands did not fit in the cell's memory: the cell goes on without a prediction
         why = f"the step-time calibration did not fit in the cell's memory ({type(e).__name__}: {first_line(e)})"
         out.figures["predicted_step_s"] = unavailable(why)
     else:
