@@ -144,8 +144,7 @@ def protocol(
         out.pretrain = pretrain(cell, loaded)
         ready = adapt(cell, loaded, group, out)
         # after the build (a fresh process's first seconds run slow), before the trackers
-        if step is not None:
-            mark("step time predicted")
+        if step is not None:  # in the timeline's "build and load" phase, as its memory is
             predict_step(cell, device, step, out)
         mark("weights and data in place")
         trained = train(
