@@ -31,6 +31,13 @@ def only_run_dir(cwd: Path) -> Path:
     return run_dir
 
 
+def _as_from_a_terminal() -> None:
+    """Ctrl-C's default action, as a command started at a terminal has it: a test run in the
+    background of a script (`pytest ... &`, as CI may) has SIGINT ignored, the command inherits
+    that, and Python then installs no KeyboardInterrupt handler (the run went on and exited 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args, cwd):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(
@@ -38,6 +45,7 @@ def start(*args, cwd):
         cwd=cwd,
         env=env,
         start_new_session=True,
+        preexec_fn=_as_from_a_terminal,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
