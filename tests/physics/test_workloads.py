@@ -399,3 +399,43 @@ def test_merged_equals_adapter_and_off_equals_base_after_training(method):
     assert m["check_adapter_off_vs_base_max_abs_diff"] < 1e-5  # the base weights did not move
     assert m["check_adapter_on_vs_base_max_abs_diff"] > 1e-3  # the adapter learned something
     assert 0 < m["adapter_file_bytes"] < 200_000 < 80_000_000 < m["model_file_bytes"]
+
+
+def test_weights_a_test_trained_and_saved_load_through_weights_pretrained(tmp_path):
+    """The real-weights path as a user meets it: a model trained here and saved with
+    save_pretrained, named by its directory, starts its cells from what it learnt (a LoRA cell's
+    first evaluation, one step in at lr 1e-5, is where the training left it), and random weights
+    of the same configuration do not."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lorabench.run.train import fit
+    from lorabench.workload.tasks import TASKS
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(
+        BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=200, num_labels=3
+        )
+    )  # fmt: skip
+    task = TASKS["sequence-classification"]
+    train_on = task.build_data(
+        samples=512, eval_samples=128, seq_len=16, seed=1, vocab_size=200, num_labels=3
+    )
+    trained = fit(
+        model, task, train_on, epochs=6, warmup_epochs=0, batch_size=32, lr=3e-3, device=torch.device("cpu")
+    )
+    assert trained.curve[-1].eval_accuracy > 0.9  # it learnt the task (chance: 1/3)
+    model.save_pretrained(tmp_path / "mine")
+
+    def first_accuracy(weights: str) -> float:
+        row = execute(
+            Cell(
+                model=f"hf:{tmp_path / 'mine'}", weights=weights, method="lora", rank=4, lr=1e-5, samples=32,
+                eval_samples=64, batch_size=16, seq_len=16, epochs=1, warmup_epochs=0, eval_every=1,
+            )
+        )  # fmt: skip
+        assert row.ok, row.error
+        return row.curve[0]["eval_accuracy"]
+
+    assert first_accuracy("pretrained") > 0.85
+    assert first_accuracy("random") < 0.6
