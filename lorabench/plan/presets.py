@@ -227,6 +227,17 @@ PRESETS: dict[str, tuple[Matrix, ...]] = {
             {**QUICK, "samples": 128, "eval_samples": 64, "seq_len": 64},
         ),
     ),
+    # What each method costs in quality on the architectures people bring: the tiny zoo adapting
+    # trained bases to their targets, full fine-tuning and every PEFT method, one seed.
+    "zoo-quality": (
+        Matrix(
+            tuple(f"tiny-{arch}" for arch in ARCHITECTURES),
+            ("full", *(name for name, m in METHODS.items() if m.uses_peft)),
+            (8,),
+            {**QUICK, **TRANSFER},
+            ADAPTER_LR,
+        ),
+    ),
     "ranks": (
         Matrix(("bert-tiny", "bert-base"), ("full", "lora"), RANKS, QUICK),
         Matrix(("cifar-mlp",), ("full", "lora"), RANKS, {**QUICK, "targets": ("fc1", "fc2")}),
