@@ -22,7 +22,8 @@ from ..workload.data import SYNTHETIC, is_synthetic
 from ..workload.methods import METHODS, MethodError
 from ..workload.methods import method as method_of
 from ..workload.zoo import ARCHITECTURES
-from .cells import ADAPTER_FIELDS, CELL_FIELDS, MATRIX_FIELDS, Cell, CellError, choices
+from .axes import ADAPTER_FIELDS, MATRIX_FIELDS
+from .cells import CELL_FIELDS, Cell, CellError, choices
 from .config import load_config
 
 
