@@ -135,8 +135,8 @@ class Cell:
     )
     data: str = setting(
         "synthetic",
-        "synthetic (default), a CIFAR-10 directory, a .csv/.jsonl with text,label, or a "
-        ".jsonl with instruction,input,output",
+        "synthetic (default), sklearn-digits (the handwritten digits scikit-learn ships: images), a "
+        "CIFAR-10 directory, a .csv/.jsonl with text,label, or a .jsonl with instruction,input,output",
     )
     task: str | None = setting(
         None,
@@ -353,6 +353,7 @@ class Cell:
             dtype=self.dtype,
             quantize=self.quantize,
             checkpointing=self.checkpointed,
+            data=self.data,
         )
 
     @property

@@ -39,7 +39,7 @@ from ..plan.cells import Cell
 from ..results.measured import Measured
 from ..results.rows import Row, Status
 from ..workload import data as datasets
-from ..workload import distributed, methods, models, optimizers, quantization, spec
+from ..workload import digits, distributed, methods, models, optimizers, quantization, spec
 from ..workload.compiler import Compiled
 from ..workload.data import ALL, SOURCE, TARGET, Dataset
 from ..workload.methods import method as method_of
@@ -470,8 +470,8 @@ def release(model: nn.Module | None, device: torch.device) -> None:
 
 
 def load_data(cell: Cell, bundle: models.Bundle, variant: str = ALL, samples: int | None = None) -> Dataset:
-    """The cell's data set: the task's synthetic stand-in (every class, or a transfer's source or
-    target task: `variant`), or the real one at `cell.data`."""
+    """The cell's data set: the task's synthetic stand-in or the digits (every class, or a
+    transfer's source or target task: `variant`), or the real one at `cell.data`."""
     kw = dict(
         samples=samples or cell.samples,
         eval_samples=cell.eval_samples,
@@ -482,6 +482,8 @@ def load_data(cell: Cell, bundle: models.Bundle, variant: str = ALL, samples: in
     )
     if cell.synthetic_data:
         return bundle.task.build_data(**kw, variant=variant)
+    if cell.data == datasets.DIGITS:
+        return digits.load(kw["samples"], cell.eval_samples, cell.seed, variant)
     return datasets.load(cell.data, tokenizer_source=bundle.tokenizer_source, **kw)
 
 
