@@ -31,7 +31,7 @@ def _options(args: argparse.Namespace, device: str):
 def cmd_run(args: argparse.Namespace) -> int:
     from .plan import admission, presets
     from .plan.cells import Cell
-    from .render import tables
+    from .render import dryrun
     from .results.rundir import RunDir, writable_dir
     from .run import worker
     from .workload import data
@@ -66,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"lorabench: {the_plan.fit_note}", file=sys.stderr)
     if args.dry_run:
         print(
-            tables.plan_table(cells, the_plan.surveys, the_plan.skipped)
+            dryrun.plan_table(cells, the_plan.surveys, the_plan.skipped)
             if cells
             else "(this shard has no cells)"
         )
@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if skipped:
             print("\nSkipped (they would be recorded so, with why):\n" + "\n".join(skipped))
         where = f", shard {args.shard} of a {len(the_plan.matrix)}-cell matrix" if args.shard else ""
-        said = tables.plan_time(the_plan)
+        said = dryrun.plan_time(the_plan)
         print(
             ("\n" + said if said else "")
             + f"\n{len(cells)} cells on {device}{where}; dry run: nothing trained, nothing written."

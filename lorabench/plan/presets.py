@@ -18,11 +18,12 @@ from typing import Any, Iterable
 import torch
 
 from ..measure import environment
-from ..workload.data import SYNTHETIC, is_synthetic
+from ..workload.data import SYNTHETIC, has_tasks
 from ..workload.methods import METHODS, MethodError
 from ..workload.methods import method as method_of
 from ..workload.zoo import ARCHITECTURES
-from .cells import ADAPTER_FIELDS, CELL_FIELDS, MATRIX_FIELDS, Cell, CellError, choices
+from .axes import ADAPTER_FIELDS, MATRIX_FIELDS
+from .cells import CELL_FIELDS, Cell, CellError, choices
 from .config import load_config
 
 
@@ -291,9 +292,10 @@ def expand(
     for mx in matrices:
         adapters = {k: v for k, v in mx.adapters.items() if k not in overrides}  # what was asked wins
         settings = {**mx.settings, **overrides}
-        if not is_synthetic(settings.get("data", SYNTHETIC)) and "weights" not in overrides:
-            # a preset's trained base adapts to its synthetic target: with the user's data, it starts
-            # from the configuration's weights (or --weights pretrained, as asked)
+        if not has_tasks(settings.get("data", SYNTHETIC)) and "weights" not in overrides:
+            # a preset's trained base adapts to a source task's related target (synthetic, the
+            # digits): with the user's files, it starts from the configuration's weights (or
+            # --weights pretrained, as asked)
             settings.pop("weights", None)
         base += dataclasses.replace(mx, settings=settings, adapters=adapters).cells()
     if overrides.get("strategy") is not None and all(c.nproc == 1 for c in base):

@@ -29,7 +29,8 @@ from ..workload.methods import Adapted, MethodError, ParamCount
 from ..workload.methods import method as method_of
 from ..workload.precision import TORCH
 from ..workload.tasks import Task, task_of_data
-from .cells import SURVEYED_FIELDS, Cell, CellError
+from .axes import SURVEYED_FIELDS
+from .cells import Cell, CellError
 
 
 class PlanError(CellError):

@@ -39,7 +39,7 @@ def registries() -> str:
     )
     import dataclasses
 
-    from ..plan.cells import MATRIX_FIELDS
+    from ..plan.axes import MATRIX_FIELDS
     from ..plan.flags import cli_flags
 
     out.append("axes (a comma-separated list of values makes one cell per value):")

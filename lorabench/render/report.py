@@ -18,7 +18,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from ..plan.cells import AXES, Cell
+from ..plan.axes import AXES
+from ..plan.cells import Cell
 from ..results.rows import Row
 from . import quality
 from .headlines import against_leanest_full, headline

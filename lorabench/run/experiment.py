@@ -28,18 +28,18 @@ from torch import nn
 
 from .. import forksafe
 from ..errors import first_line
-from ..measure import environment, heap, rates, simulation, steptime
+from ..measure import environment, heap, rates, steptime
 from ..measure.drivers import driver_trackers, runtime_context
 from ..measure.energy import EnergyMeter
 from ..measure.stats import Summary
 from ..measure.steptime import SimulatedStep
 from ..measure.traces import MemorySnapshot, Traces, profile_steps, write_timeline
-from ..measure.trackers import HostMemory, SavedTensors, Timeline, TorchAllocator, Unavailable, unavailable
+from ..measure.trackers import HostMemory, Timeline, TorchAllocator, unavailable
 from ..plan.cells import Cell
 from ..results.measured import Measured
 from ..results.rows import Row, Status
 from ..workload import data as datasets
-from ..workload import distributed, methods, models, optimizers, quantization, spec
+from ..workload import digits, distributed, methods, models, optimizers, quantization, spec
 from ..workload.compiler import Compiled
 from ..workload.data import ALL, SOURCE, TARGET, Dataset
 from ..workload.methods import method as method_of
@@ -47,6 +47,7 @@ from ..workload.precision import TORCH, Precision
 from ..workload.tasks import Task
 from . import pretraining
 from .oom import is_oom
+from .probes import probe_step, step_peaks
 from .train import EpochRecord, Fit, evaluate, fit, micro_batch
 
 
@@ -457,86 +458,6 @@ def _wrap_checked(
     return wrapped, {"check_ranks_first_loss_abs_diff": abs(distributed.mean(mine, device) - one)}
 
 
-def probe_step(
-    model: nn.Module,
-    task: Task,
-    data: Dataset,
-    optimizer: torch.optim.Optimizer,
-    cell: Cell,
-    device: torch.device,
-    group: distributed.Group | None = None,
-    count: bool = True,
-    amp: Precision = Precision(),
-) -> dict[str, int]:
-    """One optimizer step before the training loop, for the one-off bookkeeping: what autograd
-    keeps for backward (saved-tensor hooks around the first forward), the gradients' and Adam
-    state's bytes, and the allocator at those phase boundaries. It trains like a warm-up step, and
-    it allocates Adam's state, so no timed step pays for that. A process takes its shard of the batch
-    and counts the tensors it holds (an FSDP2 shard). With `count=False`, a bare step (what
-    --profile traces)."""
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    index, world = (group.index, group.world) if group else (0, 1)
-    # parameters and the resident data set are not activations
-    exclude = {
-        distributed.local(t).untyped_storage().data_ptr() for t in (*model.parameters(), *data.train.values())
-    }
-    out: dict[str, int] = {}
-    for m in range(cell.grad_accum):
-        rows = micro_batch(m, index, world, cell.batch_size)
-        batch = {k: v[rows] for k, v in data.train.items()}
-        with distributed.grad_sync(model, m == cell.grad_accum - 1):
-            if m == 0 and count:
-                with SavedTensors(exclude) as saved, amp.autocast():
-                    loss = task.loss(model, batch)[0]
-                out.update(saved.result())
-            else:
-                with amp.autocast():
-                    loss = task.loss(model, batch)[0]
-            amp.backward(loss / cell.grad_accum)
-    if not count:
-        amp.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        return out
-    out["grads_bytes"] = sum(distributed.local(p.grad).nbytes for p in params if p.grad is not None)
-    if device.type == "cuda":  # allocator at the phase boundary: weights + data + grads
-        out["torch_allocated_after_first_backward_bytes"] = torch.cuda.memory_allocated(device)
-    amp.step(optimizer)
-    optimizer.zero_grad(set_to_none=True)
-    out["optimizer_state_bytes"] = optimizers.state_bytes_held(optimizer, distributed.local)
-    if device.type == "cuda":  # grads freed, optimizer state allocated
-        out["torch_allocated_after_first_step_bytes"] = torch.cuda.memory_allocated(device)
-    return out
-
-
-def step_peaks(
-    model: nn.Module, task: Task, data: Dataset, optimizer: torch.optim.Optimizer, cell: Cell, amp: Precision
-) -> dict[str, int | Unavailable]:
-    """The peaks of the second of two more training steps, after the timed region (both cost time
-    per operator): `host_tensors_peak_bytes`, the bytes of the torch tensors live at its peak as the simulated step
-    counts them (`simulation.LiveTensors` on real tensors), the CPU's framework-level peak; and
-    `host_rss_step_peak_bytes`, the tensors it started with plus the rise of host RSS over it with the
-    C library's freed heap handed back around every operator (`heap.ReturnedHeap`). Weights and the
-    optimizer's state count; the data set does not."""
-    batches = [
-        {k: v[micro_batch(m, batch_size=cell.batch_size)] for k, v in data.train.items()}
-        for m in range(min(cell.grad_accum, 2))
-    ]
-    model.train()
-    for _ in range(2):  # the second is measured: the first pays the dispatch modes' one-time costs
-        # (each operator's first trip through Python, ~3 MiB of RSS in a fresh process)
-        live, returned = simulation.LiveTensors(), heap.ReturnedHeap()
-        with returned:
-            simulation.step(
-                model, task, batches, optimizer, live, grad_accum=cell.grad_accum, autocast_dtype=amp.cast
-            )
-    rise = returned.rise_bytes
-    return {
-        "host_tensors_peak_bytes": live.peak,
-        "host_rss_step_peak_bytes": rise if isinstance(rise, Unavailable) else live.start + rise,
-    }
-
-
 def release(model: nn.Module | None, device: torch.device) -> None:
     """Free what earlier phases left: gradients, collected garbage (a finished optimizer's state),
     and on a GPU the allocator's cached blocks, which would otherwise sit in the cell's reserved
@@ -549,8 +470,8 @@ def release(model: nn.Module | None, device: torch.device) -> None:
 
 
 def load_data(cell: Cell, bundle: models.Bundle, variant: str = ALL, samples: int | None = None) -> Dataset:
-    """The cell's data set: the task's synthetic stand-in (every class, or a transfer's source or
-    target task: `variant`), or the real one at `cell.data`."""
+    """The cell's data set: the task's synthetic stand-in or the digits (every class, or a
+    transfer's source or target task: `variant`), or the real one at `cell.data`."""
     kw = dict(
         samples=samples or cell.samples,
         eval_samples=cell.eval_samples,
@@ -561,6 +482,8 @@ def load_data(cell: Cell, bundle: models.Bundle, variant: str = ALL, samples: in
     )
     if cell.synthetic_data:
         return bundle.task.build_data(**kw, variant=variant)
+    if cell.data == datasets.DIGITS:
+        return digits.load(kw["samples"], cell.eval_samples, cell.seed, variant)
     return datasets.load(cell.data, tokenizer_source=bundle.tokenizer_source, **kw)
 
 

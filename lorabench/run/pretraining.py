@@ -18,7 +18,7 @@ import torch
 from filelock import FileLock
 
 from ..files import write_json
-from ..workload import bases, models
+from ..workload import bases, digits, models
 from ..workload.data import SOURCE
 from ..workload.spec import Spec
 from .train import evaluate, fit
@@ -37,25 +37,30 @@ def ensure(spec: Spec, device: torch.device, source: bases.Source | None = None)
     trained, `bases.SOURCE` by default)."""
     source = source or bases.SOURCE
     task = models.build(spec.model, "random", spec.task).task.name if spec.task is None else spec.task
-    file = bases.path(spec.model, task, source)
+    file = bases.path(spec.model, task, source, spec.data)
     file.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(file) + ".lock"):
-        known = bases.about(spec.model, task, source)
+        known = bases.about(spec.model, task, source, spec.data)
         if file.exists() and known:
             return Made(file, None, known["source_accuracy"], known["source_loss"])
         t0 = time.perf_counter()
         torch.manual_seed(source.seed)
         bundle = models.build(spec.model, "random", spec.task)
         module = bundle.module.to(device)
-        data = bundle.task.build_data(
-            samples=source.samples,
-            eval_samples=source.eval_samples,
-            seq_len=source.seq_len,
-            seed=source.seed,
-            vocab_size=bundle.vocab_size,
-            num_labels=bundle.num_labels,
-            variant=SOURCE,
-        ).to(device, torch.float32)
+        if spec.data == digits.NAME:  # the digits' source half, every training scan of it at most
+            samples = min(source.samples, digits.training_scans(SOURCE))
+            data = digits.load(samples, source.eval_samples, source.seed, SOURCE)
+        else:
+            data = bundle.task.build_data(
+                samples=source.samples,
+                eval_samples=source.eval_samples,
+                seq_len=source.seq_len,
+                seed=source.seed,
+                vocab_size=bundle.vocab_size,
+                num_labels=bundle.num_labels,
+                variant=SOURCE,
+            )
+        data = data.to(device, torch.float32)
         module.requires_grad_(True)
         result = fit(
             module,

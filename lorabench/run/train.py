@@ -10,7 +10,7 @@ events on a GPU (recorded without synchronising, read after the epoch's closing 
 and from perf_counter on the CPU, where every op has finished when it returns. Epoch time is
 wall time between two device synchronizations. Nothing in the step calls `.item()`, which
 would synchronise the device once per step. The loop is the training loop and nothing else: the
-one-off memory bookkeeping (saved tensors, phase readings) happens in `experiment.probe_step`,
+one-off memory bookkeeping (saved tensors, phase readings) happens in `probes.probe_step`,
 before it, so bench/test_harness_overhead.py compares like with like.
 """
 

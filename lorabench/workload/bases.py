@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..files import cache_dir
+from .data import SYNTHETIC
 
 
 @dataclass(frozen=True)
@@ -49,35 +50,40 @@ class BaseMissing(InputError):
     """A cell asked for a trained base that has not been made."""
 
 
-def key(model: str, task: str, source: Source | None = None) -> str:
-    """The base's identity: the model, its task, its source training and the data's version."""
+def key(model: str, task: str, source: Source | None = None, data: str = SYNTHETIC) -> str:
+    """The base's identity: the model, its task, its source training, the data set whose source
+    task it learnt (the synthetic stand-in's key leaves it out, as before the digits) and the
+    data's version."""
     source = source or SOURCE
+    which = {} if data == SYNTHETIC else {"data": data}
     blob = json.dumps(
-        {"model": model, "task": task, "source": asdict(source), "version": VERSION}, sort_keys=True
+        {"model": model, "task": task, "source": asdict(source), "version": VERSION, **which}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def path(model: str, task: str, source: Source | None = None) -> Path:
+def path(model: str, task: str, source: Source | None = None, data: str = SYNTHETIC) -> Path:
     """Where the base of `model` for `task` lives: cache/bases/<model>-<key>.safetensors."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")
-    return cache_dir() / "bases" / f"{safe}-{key(model, task, source)}.safetensors"
+    return cache_dir() / "bases" / f"{safe}-{key(model, task, source, data)}.safetensors"
 
 
-def about(model: str, task: str, source: Source | None = None) -> dict | None:
+def about(model: str, task: str, source: Source | None = None, data: str = SYNTHETIC) -> dict | None:
     """What was recorded when the base was made (its source accuracy and loss, the time it took),
     or None where it has not been made."""
     try:
-        return json.loads(path(model, task, source).with_suffix(".json").read_text())
+        return json.loads(path(model, task, source, data).with_suffix(".json").read_text())
     except (OSError, ValueError):
         return None
 
 
-def load(module: nn.Module, model: str, task: str, source: Source | None = None) -> None:
+def load(
+    module: nn.Module, model: str, task: str, source: Source | None = None, data: str = SYNTHETIC
+) -> None:
     """Read the base's weights into `module`, built from the same configuration."""
     from safetensors.torch import load_model
 
-    file = path(model, task, source)
+    file = path(model, task, source, data)
     if not file.exists():
         raise BaseMissing(
             f"the trained base of {model} ({task}) has not been made ({file}); `lorabench run` makes it "

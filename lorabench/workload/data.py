@@ -34,11 +34,18 @@ from torch import Tensor
 
 from ..errors import InputError
 
-SYNTHETIC = "synthetic"  # --data's default: the task's synthetic stand-in (any other value is a path)
+SYNTHETIC = "synthetic"  # --data's default: the task's synthetic stand-in
+DIGITS = "sklearn-digits"  # scikit-learn's handwritten digits (`digits`); any other value is a path
 
 
 def is_synthetic(data: str) -> bool:
     return data == SYNTHETIC
+
+
+def has_tasks(data: str) -> bool:
+    """Whether the data set has a source and a related target task (`VARIANTS`) a trained base can
+    be made on and adapted to: the synthetic stand-ins and the digits; not a user's files."""
+    return data in (SYNTHETIC, DIGITS)
 
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
@@ -167,7 +174,10 @@ class DataError(InputError):
 
 
 def detect(path: str) -> str:
-    """'cifar10', 'text-classification' or 'instructions' for a data path; DataError otherwise."""
+    """'cifar10' (images), 'text-classification' or 'instructions' for a data path or the digits;
+    DataError otherwise."""
+    if path == DIGITS:
+        return "cifar10"
     p = Path(path)
     if not p.exists():
         raise DataError(f"--data {path}: no such file or directory")

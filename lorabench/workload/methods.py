@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import InputError
 from .models import Bundle, linear_names
+from .reparam import LoRAParametrization, set_reparam_enabled
 
 
 class MethodError(InputError):
@@ -387,25 +388,6 @@ PEFT_METHODS = [
 ]
 
 
-class LoRAParametrization(nn.Module):
-    """P(W) = W + (B @ A) * alpha / r, with A ~ N(0, 1) of shape (r, in) and B = 0 of shape (out, r),
-    so the model is unchanged until trained; `enabled = False` makes P the identity."""
-
-    def __init__(
-        self, out_features: int, in_features: int, rank: int, alpha: float, *, device=None, dtype=None
-    ):
-        super().__init__()
-        self.lora_A = nn.Parameter(torch.randn(rank, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
-        self.scale = alpha / rank
-        self.enabled = True
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return weight
-        return weight + (self.lora_B @ self.lora_A) * self.scale
-
-
 class ReparamLoRA(_LoRA):
     """Seed 002's LoRA: the weight re-parametrized as W + (B @ A) * alpha/r, materialised per forward."""
 
@@ -439,13 +421,6 @@ class ReparamLoRA(_LoRA):
         for name in adapted.targets:
             parametrize.remove_parametrizations(module.get_submodule(name), "weight", leave_parametrized=True)
         return off, adapter_bytes, forward(module)
-
-
-def set_reparam_enabled(module: nn.Module, enabled: bool) -> None:
-    """Switch every LoRAParametrization in `module` on or off (seed 002's flag)."""
-    for m in module.modules():
-        if isinstance(m, LoRAParametrization):
-            m.enabled = enabled
 
 
 def _state_bytes(tensors: dict[str, torch.Tensor]) -> int:

@@ -37,14 +37,14 @@ class Weights(Choice):
 
 
 def _trained_base(cell) -> str | None:
-    """What a trained base asks of the rest of its cell: its task's synthetic target data, and no
-    pretraining of its own."""
-    from .data import is_synthetic
+    """What a trained base asks of the rest of its cell: data with a source and a target task
+    (synthetic or the digits), and no pretraining of its own."""
+    from .data import DIGITS, has_tasks
 
-    if not is_synthetic(cell.data):
+    if not has_tasks(cell.data):
         return (
-            "--weights trained adapts a base trained on its task's synthetic source data to the synthetic "
-            f"target task; with --data {cell.data} use --weights pretrained or random"
+            "--weights trained adapts a base trained on a source task to its related target task: "
+            f"the synthetic data or --data {DIGITS}; with --data {cell.data} use --weights pretrained or random"
         )
     if cell.pretrain_epochs:
         return "--weights trained starts from a trained base; it takes no --pretrain-epochs"

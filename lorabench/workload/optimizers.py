@@ -6,7 +6,7 @@ and whether this device and build can run it.
 Adam's two moments are 8 bytes per fp32 trainable parameter, half of what full fine-tuning holds
 per parameter, so the optimizer is the first thing practitioners change when full fine-tuning does
 not fit. Each entry predicts its own state from the trainable tensors' shapes, as the optimizer
-allocates it at its first step; `experiment.probe_step` measures what it then holds.
+allocates it at its first step; `run.probes.probe_step` measures what it then holds.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import torch
 
 from . import bases, models, quantization
 from .checkpointing import checkpoint
+from .data import SYNTHETIC
 from .methods import Adapted, Adapter
 from .methods import method as method_of
 from .precision import TORCH
@@ -38,6 +39,8 @@ class Spec:
     dtype: str = "float32"
     quantize: str = "none"
     checkpointing: bool = False
+    # whose source task a trained base learnt (`bases`): the synthetic one or the digits
+    data: str = SYNTHETIC
 
     @property
     def quantized(self) -> bool:
@@ -52,7 +55,7 @@ def base(spec: Spec, device: torch.device | str | None = None, weights: str | No
     trained = models.WEIGHTS[weights].trained
     bundle = models.build(spec.model, "random" if trained else weights, spec.task)
     if trained:  # the configuration's model, its weights those of the base made on the source task
-        bases.load(bundle.module, spec.model, bundle.task.name)
+        bases.load(bundle.module, spec.model, bundle.task.name, data=spec.data)
     bundle.module.to(**({"device": device} if device is not None else {}), dtype=TORCH[spec.dtype])
     return bundle
 

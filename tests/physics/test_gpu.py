@@ -124,7 +124,7 @@ def test_lorabench_check_passes_on_this_gpu():
 
 
 def test_lorabench_check_records_the_runtime_context_a_fit_check_adds(tmp_path, monkeypatch):
-    from lorabench.check import allocator_vs_driver
+    from lorabench.gpucheck import allocator_vs_driver
     from lorabench.measure import calibration
     from lorabench.plan.admission import runtime_context
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from fakes import FakeAMD, FakeAmdsmi, FakeGPU, FakeNVML, me
 
-from lorabench import check
+from lorabench import gpucheck
 from lorabench.measure import calibration, drivers
 from lorabench.measure import energy as energies
 from lorabench.measure.drivers import AmdsmiMemory, NvmlMemory, runtime_context
@@ -144,15 +144,17 @@ def test_the_check_judges_a_container_by_the_devices_use_and_still_finds_the_con
     idle_sampler, idle = _window(gpu, nvml, before=others)  # read before this process had a context
     gpu.used += GiB
     _, loaded = _window(gpu, nvml)
-    seen = check.driver_sees(idle_sampler, idle, loaded, reserved, reserved + GiB, before_is_others=True)
+    seen = gpucheck.driver_sees(idle_sampler, idle, loaded, reserved, reserved + GiB, before_is_others=True)
     assert seen.ok and seen.context == context
     assert seen.measured.startswith(
         "NVML device in use +1,024 MiB for reserved +1,024 MiB (process not visible"
     )
     gpu.used += 512 * MiB  # the driver sees half a GiB the allocator does not: not a pass
     _, wrong = _window(gpu, nvml)
-    assert not check.driver_sees(idle_sampler, idle, wrong, reserved, reserved + GiB, True).ok
-    unknown = check.driver_sees(idle_sampler, idle, loaded, reserved, reserved + GiB, before_is_others=False)
+    assert not gpucheck.driver_sees(idle_sampler, idle, wrong, reserved, reserved + GiB, True).ok
+    unknown = gpucheck.driver_sees(
+        idle_sampler, idle, loaded, reserved, reserved + GiB, before_is_others=False
+    )
     assert unknown.ok and unknown.context is None  # judged, but no context can be read off it
 
 
@@ -163,7 +165,7 @@ def test_the_check_uses_the_process_view_where_the_driver_lists_us():
     idle_sampler, idle = _window(gpu, nvml)
     gpu.processes[me()] += GiB
     _, loaded = _window(gpu, nvml)
-    seen = check.driver_sees(idle_sampler, idle, loaded, reserved, reserved + GiB, before_is_others=False)
+    seen = gpucheck.driver_sees(idle_sampler, idle, loaded, reserved, reserved + GiB, before_is_others=False)
     assert seen.ok and seen.context == context and "NVML process" in seen.measured
 
 
@@ -282,12 +284,12 @@ def test_the_binding_rocm_ships_goes_first_before_torch_imports_amdsmi(binding):
         "library_version": "25.3.0.60401",
         "match": "yes",
     }
-    assert check.amdsmi_binding().ok
+    assert gpucheck.amdsmi_binding().ok
 
 
 def test_check_says_when_the_registrys_binding_is_not_the_hosts_rocm_release(binding):
     binding("registry", "6.2.0")  # made for ROCm 6.2, on a host with ROCm 6.4
-    result = check.amdsmi_binding()
+    result = gpucheck.amdsmi_binding()
     assert not result.ok
     assert (
         "binding 6.2.0" in result.measured
@@ -298,7 +300,7 @@ def test_check_says_when_the_registrys_binding_is_not_the_hosts_rocm_release(bin
 
 def test_a_registry_binding_of_the_hosts_release_passes(binding):
     binding("registry", "6.4.1")
-    assert drivers.amdsmi_versions(drivers.import_amdsmi())["match"] == "yes" and check.amdsmi_binding().ok
+    assert drivers.amdsmi_versions(drivers.import_amdsmi())["match"] == "yes" and gpucheck.amdsmi_binding().ok
 
 
 def test_a_binding_that_cannot_read_the_device_fails_the_check(monkeypatch):
@@ -309,5 +311,5 @@ def test_a_binding_that_cannot_read_the_device_fails_the_check(monkeypatch):
         AmdSmiLibraryException(AMDSMI_STATUS_NO_PERM)
     )
     monkeypatch.setitem(sys.modules, "amdsmi", fake)
-    result = check.amdsmi_binding()
+    result = gpucheck.amdsmi_binding()
     assert not result.ok and "cannot read the device: AmdSmiLibraryException" in result.measured

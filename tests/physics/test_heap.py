@@ -4,7 +4,7 @@ what its tensors held at once, and no more; where it cannot be measured, it says
 import pytest
 import torch
 
-from lorabench.check import freed_below_a_live_one
+from lorabench.hostcheck import freed_below_a_live_one
 from lorabench.measure import heap
 from lorabench.measure.trackers import Unavailable
 

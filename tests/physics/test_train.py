@@ -1,7 +1,7 @@
 import torch
 
 from lorabench.plan.cells import Cell
-from lorabench.run.experiment import probe_step
+from lorabench.run.probes import probe_step
 from lorabench.run.train import evaluate, fit
 from lorabench.workload import data, models, optimizers
 from lorabench.workload.methods import METHODS

@@ -117,11 +117,52 @@ def test_evaluations_are_kept_out_of_the_epoch_and_the_curves_time():
 
 
 def test_a_trained_base_takes_synthetic_data_and_a_preset_yields_to_the_users():
-    with pytest.raises(CellError, match="--weights trained adapts a base trained on its task's synthetic"):
+    with pytest.raises(CellError, match="--weights trained adapts a base trained on a source task"):
         Cell(model="cifar-mlp", method="full", weights="trained", data="/data/cifar")
     from lorabench.plan.presets import expand
 
     assert {c.weights for c in expand(["quick"])} == {"trained"}
     assert {c.weights for c in expand(["quick"], overrides={"data": "/data/cifar"})} == {"random"}
+    digits = expand(["quick"], models=["cifar-mlp"], overrides={"data": data.DIGITS})
+    assert {c.weights for c in digits} == {"trained"}  # the digits have a source and a target task
     assert {c.lr for c in expand(["quick"], methods=["lora"], ranks=[8])} == {5e-3}  # adapters' step
     assert {c.lr for c in expand(["quick"], overrides={"lr": 1e-2})} == {1e-2}  # what was asked wins
+
+
+def test_the_digits_scikit_learn_ships_are_a_real_transfer_from_0_4_to_5_9():
+    """Offline real data: the source half and the target half share no digit, the eval scans are the
+    same for every seed and never trained on, and the images have the image task's shape."""
+    from lorabench.workload import digits
+
+    source, target = digits.load(256, 64, 0, data.SOURCE), digits.load(256, 64, 0, data.TARGET)
+    assert set(source.train["labels"].tolist()) == set(range(5))
+    assert set(target.train["labels"].tolist()) == set(range(5, 10))
+    assert (
+        source.train["x"].shape == (256, 3, 32, 32)
+        and -1 <= source.train["x"].min() < source.train["x"].max() <= 1
+    )
+    other_seed = digits.load(256, 64, 1, data.TARGET)
+    assert torch.equal(other_seed.eval["x"], target.eval["x"])  # one held-out set
+    assert not torch.equal(other_seed.train["x"], target.train["x"])  # the seed draws the samples
+    seen = {tuple(x.flatten()[::16].tolist()) for x in digits.load(digits.training_scans(), 10, 0).train["x"]}
+    held = [tuple(x.flatten()[::16].tolist()) for x in digits.load(10, 400, 0).eval["x"]]
+    assert sum(h in seen for h in held) < len(held) / 10  # held out (a few scans are pixel-alike)
+    with pytest.raises(data.DataError, match="fewer than --samples"):
+        digits.load(5000, 64, 0, data.TARGET)
+
+
+def test_a_base_trained_on_digits_0_4_adapts_to_5_9(cache, monkeypatch):
+    monkeypatch.setattr(bases, "SOURCE", bases.Source(samples=512, eval_samples=128, epochs=3))  # seconds
+    cell = Cell(
+        model="cifar-mlp", method="lora", rank=8, lr=5e-3, weights="trained", data=data.DIGITS, samples=512,
+        eval_samples=128, batch_size=32, epochs=2, warmup_epochs=0,
+    )  # fmt: skip
+    row = execute(cell)
+    assert row.ok, row.error
+    assert "digits 5-9" in row.info["data"] and "made here" in row.info["base"]
+    about = bases.about("cifar-mlp", "image-classification", data=data.DIGITS)
+    assert "digits 0-4" in about["data"] and about["source_accuracy"] > 0.9
+    assert row.metrics["source_accuracy_before"] == pytest.approx(about["source_accuracy"], abs=0.02)
+    # the base's head has only ever answered 0-4 (0 on the target); five new classes: chance 0.2
+    assert row.metrics["final_eval_accuracy"] > 0.35
+    assert bases.about("cifar-mlp", "image-classification") is None  # the synthetic base is another

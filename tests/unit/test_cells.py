@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from lorabench.plan.cells import MATRIX_FIELDS, Cell, CellError
+from lorabench.plan.axes import MATRIX_FIELDS
+from lorabench.plan.cells import Cell, CellError
 from lorabench.plan.presets import PRESETS, Matrix, expand
 from lorabench.plan.survey import survey_all
 from lorabench.workload.methods import METHODS
@@ -289,7 +290,8 @@ def test_precision_is_an_axis_and_dtype_its_older_spelling():
 
 
 def test_every_cell_field_has_one_entry_in_the_axis_table_and_its_views_read_it():
-    from lorabench.plan.cells import AXES, CELL_FIELDS, SURVEYED_FIELDS
+    from lorabench.plan.axes import AXES, SURVEYED_FIELDS
+    from lorabench.plan.cells import CELL_FIELDS
 
     assert list(AXES) == sorted(CELL_FIELDS, key=list(AXES).index) and set(AXES) == set(CELL_FIELDS)
     assert set(MATRIX_FIELDS) >= {

@@ -4,13 +4,8 @@ from torch import nn
 
 from lorabench.plan.cells import Cell
 from lorabench.workload import models
-from lorabench.workload.methods import (
-    METHODS,
-    LoRAParametrization,
-    count_params,
-    match_targets,
-    set_reparam_enabled,
-)
+from lorabench.workload.methods import METHODS, count_params, match_targets
+from lorabench.workload.reparam import LoRAParametrization, set_reparam_enabled
 from lorabench.workload.tasks import TASKS
 
 

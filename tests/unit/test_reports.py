@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.plan.cells import AXES
+from lorabench.plan.axes import AXES
 from lorabench.render import headlines, report, tables
 from lorabench.results.compare import compare
 from lorabench.results.metrics import METRICS
