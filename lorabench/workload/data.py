@@ -22,6 +22,7 @@ once, so every tensor is resident and every step has the same shape.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import pickle
@@ -176,7 +177,9 @@ class DataError(InputError):
 def detect(path: str) -> str:
     """'cifar10' (images), 'text-classification' or 'instructions' for a data path or the digits;
     DataError otherwise."""
-    if path == DIGITS:
+    if path == DIGITS:  # refused up front where scikit-learn, which holds them, is not installed
+        if importlib.util.find_spec("sklearn") is None:
+            raise DataError(f"--data {DIGITS} reads the digits scikit-learn ships; pip install scikit-learn")
         return "cifar10"
     p = Path(path)
     if not p.exists():

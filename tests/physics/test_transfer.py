@@ -166,3 +166,17 @@ def test_a_base_trained_on_digits_0_4_adapts_to_5_9(cache, monkeypatch):
     # the base's head has only ever answered 0-4 (0 on the target); five new classes: chance 0.2
     assert row.metrics["final_eval_accuracy"] > 0.35
     assert bases.about("cifar-mlp", "image-classification") is None  # the synthetic base is another
+
+
+def test_the_digits_without_scikit_learn_are_refused_before_any_cell_runs(monkeypatch, tmp_path):
+    import importlib.util
+
+    from lorabench.cli import main
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else found(name, *a)
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--models", "cifar-mlp", "--data", data.DIGITS, "--dry-run"]) == 2
+    assert not (tmp_path / "results").exists()
