@@ -55,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     device = cells[0].device if cells else "cpu"
     options = _options(args, device)
     writable_dir(args.out, "--out")
-    for path in sorted({c.data for c in cells if not c.synthetic_data} if args.download else ()):
+    for path in sorted({c.data for c in cells if not data.has_tasks(c.data)} if args.download else ()):
         data.download_cifar10(path)
     fit_memory = args.fit_memory if args.fit_memory is not None or not target else target.memory_bytes
     the_plan = admission.Plan.of(

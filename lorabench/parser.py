@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="prove the measurement stack on this machine (run it on a new machine)",
         description="Measure what is known in advance with the trackers a cell uses; print check, "
-        "measured, expected, verdict; exit 1 if any fails (see lorabench/check.py).",
+        "measured, expected, verdict; exit 1 if any fails (see lorabench/hostcheck.py and gpucheck.py).",
     )
     chk.add_argument(
         "--device",

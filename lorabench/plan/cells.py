@@ -333,6 +333,11 @@ class Cell:
         return WEIGHTS[self.weights].trained
 
     @property
+    def data_variant(self) -> str:
+        """What of its data set the cell trains on: a transfer's target task, else every class."""
+        return data.TARGET if self.transfer else data.ALL
+
+    @property
     def synthetic_data(self) -> bool:
         return data.is_synthetic(self.data)
 

@@ -23,7 +23,7 @@ from ..errors import first_line
 from ..measure import flops, simulation
 from ..measure.predictions import DTYPE_BYTES, Prediction, per_process, predict
 from ..measure.trackers import Unavailable, unavailable
-from ..workload import data, distributed, models, optimizers, precision, quantization, spec
+from ..workload import data, digits, distributed, models, optimizers, precision, quantization, spec
 from ..workload.checkpointing import checkpoint
 from ..workload.methods import Adapted, MethodError, ParamCount
 from ..workload.methods import method as method_of
@@ -246,6 +246,11 @@ def survey_all(cells: list[Cell], simulate: bool = True) -> list[Survey]:
                     kinds[cell.data] = data.detect(cell.data)
                 except data.DataError as e:
                     raise PlanError(str(e)) from None
+            if cell.data == data.DIGITS and cell.samples > digits.training_scans(cell.data_variant):
+                raise PlanError(
+                    f"--data {cell.data}: the {cell.data_variant} task has "
+                    f"{digits.training_scans(cell.data_variant)} training scans, fewer than --samples {cell.samples}"
+                )
             holds = task_of_data(kinds[cell.data]).name
             if holds != task:
                 raise PlanError(

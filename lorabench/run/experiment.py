@@ -41,7 +41,7 @@ from ..results.rows import Row, Status
 from ..workload import data as datasets
 from ..workload import digits, distributed, methods, models, optimizers, quantization, spec
 from ..workload.compiler import Compiled
-from ..workload.data import ALL, SOURCE, TARGET, Dataset
+from ..workload.data import ALL, SOURCE, Dataset
 from ..workload.methods import method as method_of
 from ..workload.precision import TORCH, Precision
 from ..workload.tasks import Task
@@ -197,7 +197,7 @@ def load(cell: Cell, device: torch.device, sample_interval_s: float, out: Measur
             out.figures["base_made_s"] = made.made_s
         release(None, device)  # what making it cached is not this cell's
     bundle = spec.base(cell.spec, device)
-    data = load_data(cell, bundle, TARGET if cell.transfer else ALL).to(device, TORCH[cell.dtype])
+    data = load_data(cell, bundle, cell.data_variant).to(device, TORCH[cell.dtype])
     out.figures["data"] = data.source
     source = None
     if cell.transfer:  # the source task's eval set: what the base knew, before and after

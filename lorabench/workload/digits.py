@@ -9,7 +9,7 @@ scaled to [-1, 1] (as seed 002 normalises CIFAR-10) and enlarged to the image ta
 repeating each pixel 4 x 4 in every channel, so every image model takes it. A fixed fifth of each
 class is the eval set, the same for every seed; the seed draws the training samples and their
 order. There are about 1,440 training scans (about 720 per half): a cell asking for more samples
-than its classes have is refused.
+than its classes have is refused before the run starts.
 """
 
 from __future__ import annotations

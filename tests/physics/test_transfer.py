@@ -168,15 +168,22 @@ def test_a_base_trained_on_digits_0_4_adapts_to_5_9(cache, monkeypatch):
     assert bases.about("cifar-mlp", "image-classification") is None  # the synthetic base is another
 
 
-def test_the_digits_without_scikit_learn_are_refused_before_any_cell_runs(monkeypatch, tmp_path):
+def test_the_digits_without_scikit_learn_or_with_too_few_scans_are_refused_before_any_cell_runs(
+    monkeypatch, tmp_path, capsys
+):
     import importlib.util
 
     from lorabench.cli import main
 
+    monkeypatch.chdir(tmp_path)
+    digits = ["run", "--models", "cifar-mlp", "--methods", "full", "--data", data.DIGITS, "--progress", "off"]
+    assert main([*digits, "--samples", "800"]) == 2  # the target half holds about 715
+    assert "the target task has" in capsys.readouterr().err
     found = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else found(name, *a)
     )
-    monkeypatch.chdir(tmp_path)
-    assert main(["run", "--models", "cifar-mlp", "--data", data.DIGITS, "--dry-run"]) == 2
+    assert main(digits) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install scikit-learn" in err
     assert not (tmp_path / "results").exists()

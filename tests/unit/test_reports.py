@@ -285,7 +285,7 @@ def test_a_gpu_run_draws_the_allocators_breakdown_with_the_drivers_line(rows, tm
 def test_a_matrix_along_any_axis_renders_a_titled_section_per_value_and_a_long_table_column(
     rows, field, values
 ):
-    """Every axis a matrix can vary (cells.AXES) names its sections and its long-table column: a
+    """Every axis a matrix can vary (axes.AXES) names its sections and its long-table column: a
     --quantize none,nf4 or --compile off,on matrix once rendered two sections with one title."""
     lora = [r for r in rows if r.cell.method == "lora"]
     varied = [
