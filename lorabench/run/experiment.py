@@ -39,7 +39,7 @@ from ..plan.cells import Cell
 from ..results.measured import Measured
 from ..results.rows import Row, Status
 from ..workload import data as datasets
-from ..workload import digits, distributed, methods, models, optimizers, quantization, spec
+from ..workload import distributed, methods, models, optimizers, quantization, spec
 from ..workload.compiler import Compiled
 from ..workload.data import ALL, SOURCE, Dataset
 from ..workload.methods import method as method_of
@@ -480,10 +480,8 @@ def load_data(cell: Cell, bundle: models.Bundle, variant: str = ALL, samples: in
         vocab_size=bundle.vocab_size,
         num_labels=bundle.num_labels,
     )
-    if cell.synthetic_data:
-        return bundle.task.build_data(**kw, variant=variant)
-    if cell.data == datasets.DIGITS:
-        return digits.load(kw["samples"], cell.eval_samples, cell.seed, variant)
+    if datasets.has_tasks(cell.data):
+        return bundle.task.build_data(**kw, variant=variant, name=cell.data)
     return datasets.load(cell.data, tokenizer_source=bundle.tokenizer_source, **kw)
 
 

@@ -47,20 +47,19 @@ def ensure(spec: Spec, device: torch.device, source: bases.Source | None = None)
         torch.manual_seed(source.seed)
         bundle = models.build(spec.model, "random", spec.task)
         module = bundle.module.to(device)
+        samples = source.samples
         if spec.data == digits.NAME:  # the digits' source half, every training scan of it at most
-            samples = min(source.samples, digits.training_scans(SOURCE))
-            data = digits.load(samples, source.eval_samples, source.seed, SOURCE)
-        else:
-            data = bundle.task.build_data(
-                samples=source.samples,
-                eval_samples=source.eval_samples,
-                seq_len=source.seq_len,
-                seed=source.seed,
-                vocab_size=bundle.vocab_size,
-                num_labels=bundle.num_labels,
-                variant=SOURCE,
-            )
-        data = data.to(device, torch.float32)
+            samples = min(samples, digits.training_scans(SOURCE))
+        data = bundle.task.build_data(
+            samples=samples,
+            eval_samples=source.eval_samples,
+            seq_len=source.seq_len,
+            seed=source.seed,
+            vocab_size=bundle.vocab_size,
+            num_labels=bundle.num_labels,
+            variant=SOURCE,
+            name=spec.data,
+        ).to(device, torch.float32)
         module.requires_grad_(True)
         result = fit(
             module,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import data
+from . import data, digits
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,13 @@ class Task:
         vocab_size: int | None = None,
         num_labels: int | None = None,
         variant: str = data.ALL,
+        name: str = data.SYNTHETIC,
     ) -> data.Dataset:
-        """The synthetic data set of this task; the same seed gives every method the same data.
+        """A data set of this task that has a source and a target task (`data.has_tasks`): its
+        synthetic stand-in, or the digits (`name`); the same seed gives every method the same data.
         `variant`: every class, or the source or target task of a transfer (`data.VARIANTS`)."""
+        if name == digits.NAME:
+            return digits.load(samples, eval_samples, seed, variant)
         g = torch.Generator().manual_seed(seed)
         return self.synthetic(
             samples,
