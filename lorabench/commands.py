@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from .parser import EXIT_FAILED_CELLS, EXIT_INTERRUPTED, EXIT_OK, MATRIX_FLAGS, UsageError, given
 
@@ -161,13 +162,28 @@ def _resume(args: argparse.Namespace) -> int:
         raise UsageError(f"--resume {args.resume}: {e}") from None
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Whether --progress shows the bar: on, off, or (auto) where stderr is a terminal."""
+    return {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
+
+
+def _report(args: argparse.Namespace, run) -> tuple[list, Path]:
+    """The run directory's rows and the report written from them (from the results file alone)."""
+    from .render import report
+
+    rows, warnings = run.rows()
+    return rows, report.write(
+        rows, args.report_dir / f"{run.run_id}.md", warnings, args.headline_by, [run.path]
+    )
+
+
 def _execute(args: argparse.Namespace, run, the_plan, options) -> int:
     """Run the plan's cells into `run` (skipped ones get their row at once), then report the run directory."""
     from .render import report
     from .run import runner
 
     cells, skipped = the_plan.cells, the_plan.skipped
-    progress = {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
+    progress = _progress(args)
     n = sum(c.key() not in skipped for c in cells)
     print(f"lorabench: {n} cells on {cells[0].device if cells else 'cpu'} -> {run}", file=sys.stderr)
     t0 = time.perf_counter()
@@ -182,10 +198,7 @@ def _execute(args: argparse.Namespace, run, the_plan, options) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    rows, warnings = run.rows()  # the report comes from the results file alone
-    report_path = report.write(
-        rows, args.report_dir / f"{run.run_id}.md", warnings, args.headline_by, [run.path]
-    )
+    rows, report_path = _report(args, run)
     print(report.summary(rows, args.headline_by))
     failed = sum(not r.ok for r in rows)
     print(f"{n} cells in {time.perf_counter() - t0:.1f} s; the run has {len(rows)} rows, {failed} not ok.")
@@ -368,13 +381,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "epochs": 1,
         "warmup_epochs": 1,
         "eval_every": 0,
-        "device": "cuda" if target else args.device,
+        "device": environment.resolve_device(
+            ("cuda" if target else args.device) or "auto", target is not None
+        ),
         **({"seq_len": args.seq_len} if args.seq_len else {}),
     }
     # the user's models, methods and ranks alone, not the quick preset's settings (its trained base
     # would be made first, minutes for a medium model): a candidate's speed and memory do not depend
     # on its weights' values
-    settings["device"] = environment.resolve_device(settings["device"] or "auto", target is not None)
     bases = presets.Matrix(tuple(args.models), tuple(args.methods), tuple(args.ranks), settings).cells()
     axes = {name: tuple(getattr(args, name)) for name in search.OPEN}
     cells = search.candidates(bases, axes, tuple(args.micro_batches) if args.micro_batches else None)
@@ -416,20 +430,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _run_candidates(args: argparse.Namespace, run, verify: list, plan, options) -> dict:
     """Run the candidates to verify into `run` and return their rows by cell key."""
     from .plan.admission import Plan
-    from .render import report
     from .run import runner, worker
 
     wanted = {c.cell.key() for c in verify}
     kept = [(c, s) for c, s in zip(plan.cells, plan.surveys) if c.key() in wanted]
     sub = Plan([c for c, _ in kept], [c for c, _ in kept], [s for _, s in kept], {}, rates=plan.rates)
     worker.start_workers(options.start_method, sub.cells)
-    progress = {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
+    progress = _progress(args)
     print(
         f"lorabench: verifying {len(sub.cells)} candidates on {sub.cells[0].device} -> {run}", file=sys.stderr
     )
     runner.run_cells(run, sub.cells, sub.known(), {}, options, progress, sub.gemms(), sub.steps())
-    rows, warnings = run.rows()
-    report.write(rows, args.report_dir / f"{run.run_id}.md", warnings, args.headline_by, [run.path])
+    rows, _ = _report(args, run)
     return {r.cell.key(): r for r in rows}
 
 
