@@ -37,6 +37,11 @@ def _entry(fn: Callable, args: tuple, conn) -> None:
         conn.close()
 
 
+def answer() -> bool:
+    """A child that only answers: to learn that children start."""
+    return True
+
+
 def call(fn: Callable, args: tuple = (), *, start_method: str, timeout_s: float, name: str) -> Any:
     """`fn(*args)` (a module-level function, its result picklable) in a fresh process; ChildFailed
     with the reason when it raises, dies or takes longer than `timeout_s`."""

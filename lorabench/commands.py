@@ -59,8 +59,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     for path in sorted({c.data for c in cells if not data.has_tasks(c.data)} if args.download else ()):
         data.download_cifar10(path)
     fit_memory = args.fit_memory if args.fit_memory is not None or not target else target.memory_bytes
+    if not args.dry_run:
+        # the fork server's imports (torch, peft: ~4 s on 2 cores) overlap the plan's survey; the
+        # plan waits for them to end before it measures the rates (beside them, a bert-tiny step
+        # of 12 ms was predicted at 140 ms)
+        worker.start_workers(options.start_method, cells)
     the_plan = admission.Plan.of(
-        cells, args.shard, args.force, options.start_method, fit_memory, args.target if target else None
+        cells,
+        args.shard,
+        args.force,
+        options.start_method,
+        fit_memory,
+        args.target if target else None,
+        quiet=lambda: worker.workers_ready(options.start_method),
     )
     cells = the_plan.cells
     if the_plan.fit_note:
@@ -85,9 +96,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             + f"\n{len(cells)} cells on {device}{where}; dry run: nothing trained, nothing written."
         )
         return EXIT_OK
-    # after the plan, whose rates are measured on a quiet machine (the fork server's imports beside
-    # them made a bert-tiny step of 12 ms predicted at 140 ms)
-    worker.start_workers(options.start_method, cells)
     run = RunDir.create(args.out)
     with run.lock():
         run.write_plan(the_plan.to_json(run.run_id, sys.argv[1:]))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .. import child
 from ..measure import calibration, environment, simulation, steptime
@@ -159,10 +159,12 @@ class Plan:
         start_method: str = "forkserver",
         fit_memory: int | None = None,
         target: str | None = None,
+        quiet: Callable[[], None] = lambda: None,
     ) -> "Plan":
         """Survey every cell, keep shard K/N of them, gate those predicted not to fit (in free memory,
         or in `fit_memory` bytes), and skip those whose precision, quantisation or optimizer the
-        device cannot run (asked in a child: `probe`)."""
+        device cannot run (asked in a child: `probe`). `quiet()` returns once nothing else this
+        process started (the fork server's imports) competes with the rates it then measures."""
         k_n = parse_shard(shard_spec) if shard_spec else None
         surveys = survey_all(cells)
         matrix = cells
@@ -200,6 +202,7 @@ class Plan:
                 skipped.update({c.key(): whys[getattr(c, axis)] for c in cells if whys.get(getattr(c, axis))})
         # how long each cell that runs takes, from its simulated step and the device's rates
         running = [(c, s) for c, s in zip(cells, surveys) if c.key() not in skipped]
+        quiet()
         found = timing.rates_for([c for c, _ in running], [s for _, s in running], target, start_method)
         timed = dict(
             zip([c.key() for c, _ in running], timing.durations(*zip(*running), found) if running else [])

@@ -11,6 +11,7 @@ the ~1.5-5 s of imports per cell that `spawn` pays on 2 cores. Supervision of th
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing as mp
 import os
@@ -23,6 +24,7 @@ from typing import Any
 import psutil
 import torch
 
+from .. import child
 from ..errors import InputError
 from ..forksafe import keep_out
 from ..plan.cells import Cell
@@ -31,6 +33,7 @@ from ..workload import models
 from ..workload.methods import method as method_of
 
 START_METHODS = ("forkserver", "spawn")
+READY_TIMEOUT_S = 300  # the fork server's imports: ~4 s on 2 cores, minutes on a cold disk
 # Imported once by the fork server; every cell process starts with them already loaded.
 PRELOAD = ["torch", "lorabench.run.processes"]  # and lorabench.run.experiment, which it imports
 PRELOAD_HF = [
@@ -151,6 +154,15 @@ def start_workers(method: str, cells: list[Cell]) -> None:
         needs_hf = any(models.uses_transformers(c.model) or method_of(c.method).uses_peft for c in cells)
         mp.get_context("forkserver").set_forkserver_preload(PRELOAD + (PRELOAD_HF if needs_hf else []))
         forkserver.ensure_running()
+
+
+def workers_ready(method: str) -> None:
+    """Return once the fork server `start_workers` started has ended its imports (it forks only
+    then: a process started from it answers), so they no longer compete with what is measured next.
+    A server that cannot start is left for the cells to report."""
+    if method == "forkserver":
+        with contextlib.suppress(child.ChildFailed):
+            child.call(child.answer, start_method=method, timeout_s=READY_TIMEOUT_S, name="lorabench-ready")
 
 
 def cell_main(

@@ -62,3 +62,36 @@ def test_the_progress_bar_scales_what_is_left_by_how_the_finished_cells_compared
     bar.cell_done("a", 15.0)  # took 1.5x its prediction
     assert bar.remaining_s() == pytest.approx(45.0)
     assert Progress(3, False, {"a": 1.0}).remaining_s() is None  # a cell without a prediction
+
+
+def test_the_plan_measures_its_rates_only_once_what_else_the_run_started_is_quiet(monkeypatch):
+    """`lorabench run` starts the fork server before the plan (its imports overlap the survey); the
+    plan's rates, timed in this process, wait for `quiet` (the server's imports beside them made a
+    bert-tiny step of 12 ms predicted at 140 ms)."""
+    from lorabench.plan import admission
+
+    said = []
+    real = timing.rates_for
+    monkeypatch.setattr(timing, "rates_for", lambda *a: said.append("rates") or real(*a))
+    admission.Plan.of(
+        [Cell(model="cifar-mlp", method="full", samples=32)], quiet=lambda: said.append("quiet")
+    )
+    assert said == ["quiet", "rates"]
+
+
+def test_once_the_fork_server_answers_its_imports_are_over():
+    """`workers_ready` returns after the server's preload (it forks only then): a process started
+    from it has the preloaded modules; under spawn there is no server to wait for."""
+    from lorabench import child
+    from lorabench.run import worker
+
+    worker.workers_ready("spawn")  # nothing started, nothing to wait for
+    worker.start_workers("forkserver", [Cell(model="cifar-mlp", method="full")])
+    worker.workers_ready("forkserver")
+    assert child.call(_preloaded, start_method="forkserver", timeout_s=60, name="test") is True
+
+
+def _preloaded() -> bool:
+    import sys
+
+    return "lorabench.run.processes" in sys.modules
