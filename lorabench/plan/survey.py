@@ -13,6 +13,7 @@ this is the parent of the run, which never initialises CUDA.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,13 +85,13 @@ def _count_for_real(cell: Cell, total_params: int, why: Unavailable, checkpointe
 def _decided_module_dropout(module) -> None:
     """PEFT's LoHa and LoKr layers draw `torch.rand(1) > module_dropout` in each training forward,
     a value fake tensors cannot decide; at module_dropout 0 (lorabench's) the draw always passes,
-    which is what those layers do in eval mode: so they, and only they, step in eval mode."""
-    try:
-        from peft.tuners.lycoris_utils import LycorisLayer
-    except ImportError:
+    which is what those layers do in eval mode: so they, and only they, step in eval mode. (A model
+    built without PEFT holds none: its import, ~3 s on 2 cores, is not made for it.)"""
+    lycoris = sys.modules.get("peft.tuners.lycoris_utils")
+    if lycoris is None:
         return
     for layer in module.modules():
-        if isinstance(layer, LycorisLayer) and not any(getattr(layer, "module_dropout", {}).values()):
+        if isinstance(layer, lycoris.LycorisLayer) and not any(getattr(layer, "module_dropout", {}).values()):
             layer.training = False
 
 
