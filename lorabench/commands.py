@@ -175,13 +175,20 @@ def _progress(args: argparse.Namespace) -> bool:
     return {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
 
 
+def _goal(args: argparse.Namespace):
+    """The quality target the user set (--target-accuracy, --target-loss), else the default one."""
+    from .results.quality import Goal
+
+    return Goal(args.target_accuracy, args.target_loss)
+
+
 def _report(args: argparse.Namespace, run) -> tuple[list, Path]:
     """The run directory's rows and the report written from them (from the results file alone)."""
     from .render import report
 
     rows, warnings = run.rows()
     return rows, report.write(
-        rows, args.report_dir / f"{run.run_id}.md", warnings, args.headline_by, [run.path]
+        rows, args.report_dir / f"{run.run_id}.md", warnings, args.headline_by, [run.path], _goal(args)
     )
 
 
@@ -207,7 +214,7 @@ def _execute(args: argparse.Namespace, run, the_plan, options) -> int:
         )
         return EXIT_INTERRUPTED
     rows, report_path = _report(args, run)
-    print(report.summary(rows, args.headline_by))
+    print(report.summary(rows, args.headline_by, _goal(args)))
     failed = sum(not r.ok for r in rows)
     print(f"{n} cells in {time.perf_counter() - t0:.1f} s; the run has {len(rows)} rows, {failed} not ok.")
     print(
@@ -255,7 +262,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         rows, warnings = _load_rows(args.run_dirs)
         name = rows[0].run_id if len(args.run_dirs) == 1 else args.run_dirs[0].name + "-combined"
         out = args.output or args.report_dir / f"{name}.md"
-        write = lambda: report.write(rows, out, warnings, args.headline_by, args.run_dirs)
+        write = lambda: report.write(rows, out, warnings, args.headline_by, args.run_dirs, _goal(args))
     if out.is_dir():  # checked before anything (plots included) is written
         raise UsageError(f"--output {out} is a directory; give a file name")
     writable_dir(out.parent, "--report-dir")

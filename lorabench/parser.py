@@ -92,6 +92,55 @@ def _ranks(value: str) -> list[int]:
         ) from None
 
 
+def _accuracy(value: str) -> float:
+    """An eval accuracy to reach: a fraction in (0, 1]."""
+    try:
+        x = float(value)
+    except ValueError:
+        x = -1.0
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(
+            f"expected an accuracy above 0 and at most 1, such as 0.9, got {value!r}"
+        )
+    return x
+
+
+def _loss(value: str) -> float:
+    """An eval loss to get under: above 0."""
+    try:
+        x = float(value)
+    except ValueError:
+        x = -1.0
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a loss above 0, such as 0.5, got {value!r}")
+    return x
+
+
+def _reading(parser) -> None:
+    """How a report reads the rows: whose headline, and the quality target time is measured to."""
+    parser.add_argument(
+        "--headline-by",
+        choices=["memory", "time"],
+        default="memory",
+        help="the LoRA variant each model's headline names: least memory (default), or least time at "
+        "equal quality",
+    )
+    aim = parser.add_mutually_exclusive_group()
+    aim.add_argument(
+        "--target-accuracy",
+        type=_accuracy,
+        metavar="A",
+        help="time to target is the training time to the first evaluation with at least this accuracy "
+        "(default: 95%% of full fine-tuning's best)",
+    )
+    aim.add_argument(
+        "--target-loss",
+        type=_loss,
+        metavar="L",
+        help="time to target is the training time to the first evaluation with at most this loss",
+    )
+
+
 def _add_flags(group, cls) -> None:
     """One flag per field of `cls` (Cell, RunOptions) that declares one; several for a field with
     alternatives. Defaults stay None here: the dataclass's own default applies when a flag is not given."""
@@ -218,7 +267,9 @@ def _plan_parser(sub, _list) -> None:
     )
     _run_outputs(o)
     _add_flags(o, RunOptions)
-    pl.set_defaults(profile=False, memory_snapshot=False, headline_by="memory")
+    pl.set_defaults(
+        profile=False, memory_snapshot=False, headline_by="memory", target_accuracy=None, target_loss=None
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,13 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run cells predicted not to fit in free memory (otherwise they are recorded as skipped)",
     )
-    o.add_argument(
-        "--headline-by",
-        choices=["memory", "time"],
-        default="memory",
-        help="the LoRA variant each model's "
-        "headline names: least memory (default), or least time at equal quality",
-    )
+    _reading(o)
     _run_outputs(o)
     _add_flags(o, RunOptions)
 
@@ -350,12 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-dir", type=Path, default=Path("report"), help="where <run-id>.md goes (default: report)"
     )
     rep.add_argument("-o", "--output", type=Path, help="write the report to this file instead")
-    rep.add_argument(
-        "--headline-by",
-        choices=["memory", "time"],
-        default="memory",
-        help="the LoRA variant each headline names: least memory (default), or least time at equal quality",
-    )
+    _reading(rep)
 
     cmp_ = sub.add_parser(
         "compare",

@@ -9,17 +9,19 @@ can find each in the table below it.
 from __future__ import annotations
 
 from ..results.metrics import BY_KEY, is_number
+from ..results.quality import Goal
 from . import quality
 from .tables import Variant, column_name, delta, fmt
 
 QUALITY_POINTS = 1.0  # "equal quality" for the time criterion: final accuracy within this many points of full
 
 
-def headline(variants: list[Variant], by: str = "memory") -> str | None:
+def headline(variants: list[Variant], by: str = "memory", goal: Goal = Goal()) -> str | None:
     """One or two sentences answering the question the tool exists for, from the rows: the best
     LoRA variant by `by` ("memory": least weight+gradient+optimizer state; "time": least epoch time
     among those within QUALITY_POINTS of full's accuracy, on pretrained weights) against full
-    fine-tuning. Every figure is one of the comparison table's, formatted as it is there."""
+    fine-tuning, its time to `goal`'s target against full's. Every figure is one of the comparison
+    table's, formatted as it is there."""
     ok = [v for v in variants if v.ok]
     full = next((v for v in ok if v.cell.is_baseline), None)
     loras = [v for v in ok if not v.cell.is_baseline]
@@ -54,7 +56,7 @@ def headline(variants: list[Variant], by: str = "memory") -> str | None:
     if needs:
         claims.append("needs " + needs)
     if pretrained:
-        said = quality.claims(pick, variants)
+        said = quality.claims(pick, variants, goal)
         quality_said = "; ".join(said) if said else "quality was not measured"
     else:
         quality_said = "quality is not comparable on random weights"

@@ -31,10 +31,11 @@ def _interval(i, fmt: str = "{:.4f}", scale: float = 1.0) -> str:
     return f"{mean} ({fmt.format(i.lo * scale)} to {fmt.format(i.hi * scale)})" if i.spread else mean
 
 
-def target(variants: list[Variant]) -> float | None:
-    """The group's target: TARGET_FRACTION of full fine-tuning's best accuracy."""
+def target(variants: list[Variant], goal: quality.Goal) -> quality.Target | None:
+    """The group's target: the one the user set, else TARGET_FRACTION of full fine-tuning's best
+    accuracy (None: no full fine-tuning in the group)."""
     full = _full(variants)
-    return quality.target_of(full.rows) if full else None
+    return goal.target(full.rows if full else None)
 
 
 def worth_showing(variants: list[Variant]) -> bool:
@@ -44,17 +45,17 @@ def worth_showing(variants: list[Variant]) -> bool:
     return bool(ok) and (ok[0].cell.pretrained or any(len(quality.per_seed(v.rows)) > 1 for v in ok))
 
 
-def quality_table(variants: list[Variant]) -> str:
+def quality_table(variants: list[Variant], goal: quality.Goal = quality.Goal()) -> str:
     """Per variant: seeds, final eval accuracy (mean and 95 % CI over seeds), as a share of full
     fine-tuning's, time to the target and how many seeds reached it, source-task forgetting."""
     ok = [v for v in variants if v.ok]
     full = _full(variants)
-    goal = target(variants)
+    aim = target(variants, goal)
     rows = []
     for v in sorted(ok, key=lambda v: not v.cell.is_baseline):
         acc = quality.over_seeds(v.rows, "final_eval_accuracy")
         share = quality.relative(v.rows, full.rows) if full else None
-        ttt = quality.time_to_target(v.rows, goal) if goal is not None else None
+        ttt = quality.time_to_target(v.rows, aim) if aim is not None else None
         forgot = quality.over_seeds(v.rows, "forgetting_pt")
         rows.append(
             {
@@ -75,30 +76,32 @@ def quality_table(variants: list[Variant]) -> str:
     return markdown(df, [c for c in df.columns if c != "method"])
 
 
-def notes(variants: list[Variant]) -> str:
+def notes(variants: list[Variant], goal: quality.Goal = quality.Goal()) -> str:
     """How the table's figures were made, under it."""
-    goal = target(variants)
+    aim = target(variants, goal)
     n = max((len(quality.per_seed(v.rows)) for v in variants if v.ok), default=1)
     spread = (
         f"Intervals: 95 % by Student's t over {n} seeds (mean +- t x s / sqrt(n)). "
         if n > 1
         else "One seed: no interval (run --seed 0,1,2 for one). "
     )
-    aim = (
-        f"The target is {quality.TARGET_FRACTION:.0%} of full fine-tuning's best eval accuracy, {goal:.4f}; "
-        "time to target is the training time (evaluations left out) to the first evaluation at or above "
-        f"it, the {'mean of the seeds that reached it' if n > 1 else 'one seed'}"
+    said = (
+        f"The target is {aim.said}; time to target is the training time (evaluations left out) to the first evaluation "
+        + ("at or above" if aim.on_accuracy else "at or below")
+        + f" it, the {'mean of the seeds that reached it' if n > 1 else 'one seed'}"
         + (" after dropping the fastest and the slowest" if n >= quality.TRIM_FROM else "")
         + ". Forgetting: source-task accuracy before adaptation less after it (a trained base)."
-        if goal is not None
-        else "no full fine-tuning here: no target."
+        if aim is not None
+        else "no full fine-tuning here: no target (set one: --target-accuracy or --target-loss)."
     )
-    return spread + aim
+    return spread + said
 
 
-def curve_picture(variants: list[Variant], plot_dir, plot_link: str) -> list[str]:
+def curve_picture(
+    variants: list[Variant], plot_dir, plot_link: str, goal: quality.Goal = quality.Goal()
+) -> list[str]:
     """Eval accuracy against training seconds, a line per seed of every variant (one colour per
-    variant), the target dashed; none where no row has a curve."""
+    variant), an accuracy target dashed; none where no row has a curve."""
     ok = [v for v in variants if v.ok and any(r.curve for r in v.rows)]
     if not ok:
         return []
@@ -109,9 +112,9 @@ def curve_picture(variants: list[Variant], plot_dir, plot_link: str) -> list[str
         for k, r in enumerate(quality.per_seed(v.rows)):
             pts = [(p["train_s"], p["eval_accuracy"]) for p in r.curve if is_number(p.get("eval_accuracy"))]
             ax.plot(*zip(*pts), color=colour, alpha=0.8, label=column_name(v) if k == 0 else None)
-    goal = target(variants)
-    if goal is not None:
-        ax.axhline(goal, linestyle="--", color="black", label=f"target {goal:.3f}")
+    aim = target(variants, goal)
+    if aim is not None and aim.on_accuracy:
+        ax.axhline(aim.value, linestyle="--", color="black", label=f"target {aim.value:.3f}")
     ax.set_xlabel("training time (s, evaluations left out)")
     ax.set_ylabel("eval accuracy (fraction)")
     ax.set_xlim(0, None)
@@ -139,14 +142,16 @@ def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def pareto_picture(variants: list[Variant], plot_dir, plot_link: str) -> list[str]:
+def pareto_picture(
+    variants: list[Variant], plot_dir, plot_link: str, goal: quality.Goal = quality.Goal()
+) -> list[str]:
     """Final accuracy (mean, 95 % CI as error bars) against peak memory (framework level) and
     against time to target, a point per variant, the front drawn."""
     ok = [v for v in variants if v.ok]
-    goal = target(variants)
+    aim = target(variants, goal)
     panels = [("peak memory (MiB, framework level)", lambda v: _scaled(framework_peak(v.metrics), MiB))]
-    if goal is not None:
-        panels.append(("time to target (s)", lambda v: _mean(quality.time_to_target(v.rows, goal).seconds)))
+    if aim is not None:
+        panels.append(("time to target (s)", lambda v: _mean(quality.time_to_target(v.rows, aim).seconds)))
     drawn = []
     for label, cost in panels:
         pts = []
@@ -204,7 +209,7 @@ def _mean(interval) -> float | None:
     return interval.mean if interval is not None else None
 
 
-def claims(pick: Variant, variants: list[Variant]) -> list[str]:
+def claims(pick: Variant, variants: list[Variant], goal: quality.Goal = quality.Goal()) -> list[str]:
     """The headline's quality claims of `pick` against full fine-tuning: its share of full's
     accuracy (with its interval, and whether the difference is resolved or within the spread),
     its time to target against full's, and what each forgot of the source task."""
@@ -224,13 +229,20 @@ def claims(pick: Variant, variants: list[Variant]) -> list[str]:
         else:
             text += " (one seed: no spread measured)"
         out.append(text)
-    goal = target(variants)
-    if goal is not None:
-        mine, theirs = (quality.time_to_target(x.rows, goal) for x in (pick, full))
+    aim = target(variants, goal)
+    if aim is not None:
+        mine, theirs = (quality.time_to_target(x.rows, aim) for x in (pick, full))
         if mine.seconds and theirs.seconds and theirs.seconds.mean > 0:
             out.append(f"{mine.seconds.mean / theirs.seconds.mean:.2g}x full's time to target")
+        elif mine.seconds and not theirs.seconds:
+            out.append("reaches the target, which full fine-tuning does not")
         elif not mine.seconds:
-            out.append(f"does not reach the target ({goal:.3f}; best {mine.best:.3f})" if mine.best else "")
+            what = "" if aim.on_accuracy else " loss"
+            out.append(
+                f"does not reach the target{what} ({aim.value:.3f}; best {mine.best:.3f})"
+                if mine.best is not None
+                else ""
+            )
     forgot, theirs = (quality.over_seeds(x.rows, "forgetting_pt") for x in (pick, full))
     if forgot is not None and theirs is not None:
         out.append(

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ..plan.axes import AXES
 from ..plan.cells import Cell
+from ..results.quality import Goal
 from ..results.rows import Row
 from . import quality
 from .headlines import against_leanest_full, headline
@@ -145,7 +146,13 @@ def _group_title(cell: Cell, same_model: list[Cell]) -> str:
 
 
 def _model_section(
-    cell: Cell, variants: list[Variant], plot_dir, plot_link: str, line: str | None, title: str | None = None
+    cell: Cell,
+    variants: list[Variant],
+    plot_dir,
+    plot_link: str,
+    line: str | None,
+    title: str | None = None,
+    goal: Goal = Goal(),
 ) -> list[str]:
     """A model's section, opening with its headline `line` (None: none)."""
     out = [f"## {title or cell.model}", ""]
@@ -196,10 +203,17 @@ def _model_section(
                 "",
             ]
     if quality.worth_showing(variants):
-        out += ["### Quality", "", quality.quality_table(variants), "", quality.notes(variants), ""]
+        out += [
+            "### Quality",
+            "",
+            quality.quality_table(variants, goal),
+            "",
+            quality.notes(variants, goal),
+            "",
+        ]
         if plot_dir is not None:
-            out += quality.curve_picture(variants, plot_dir, plot_link)
-            out += quality.pareto_picture(variants, plot_dir, plot_link)
+            out += quality.curve_picture(variants, plot_dir, plot_link, goal)
+            out += quality.pareto_picture(variants, plot_dir, plot_link, goal)
     table = epochs_table(variants)
     if table:
         out += ["### Quality per epoch (eval set)", "", table, ""]
@@ -227,6 +241,7 @@ def write(
     warnings: Iterable[str] = (),
     headline_by: str = "memory",
     run_dirs: Iterable[Path] = (),
+    goal: Goal = Goal(),
 ) -> Path:
     """Write the report of `rows` to `path`, its plots in the folder beside it named after it;
     `run_dirs` hold the rows' timelines."""
@@ -239,6 +254,7 @@ def write(
             plot_link=f"{path.stem}/",
             headline_by=headline_by,
             run_dirs=run_dirs,
+            goal=goal,
         ),
         encoding="utf-8",
     )
@@ -252,13 +268,16 @@ def render(
     plot_link: str = "",
     headline_by: str = "memory",
     run_dirs: Iterable[Path] = (),
+    goal: Goal = Goal(),
 ) -> str:
+    """The report of `rows`: headlines, a section per model and its tables, pictures (in `plot_dir`,
+    linked as `plot_link`), failures and the environment; quality's time to target against `goal`'s."""
     run_ids = sorted({r.run_id for r in rows})
     statuses: dict[str, int] = defaultdict(int)
     for r in rows:
         statuses[r.status.value] += 1
     out = [f"# lorabench report: {', '.join(run_ids) or 'no rows'}", ""]
-    sections = [(cell, variants, headline(variants, headline_by)) for cell, variants in groups(rows)]
+    sections = [(cell, variants, headline(variants, headline_by, goal)) for cell, variants in groups(rows)]
     lines = [line for _, _, line in sections if line]
     for model in dict.fromkeys(c.model for c, _, _ in sections):  # full fine-tuning with savers too
         line = against_leanest_full([v for c, vs, _ in sections if c.model == model for v in vs])
@@ -270,7 +289,7 @@ def render(
     out.append("")
     for cell, variants, line in sections:
         same_model = [c for c, _, _ in sections if c.model == cell.model]
-        out += _model_section(cell, variants, plot_dir, plot_link, line, _group_title(cell, same_model))
+        out += _model_section(cell, variants, plot_dir, plot_link, line, _group_title(cell, same_model), goal)
         picture = (
             timeline_picture(cell, variants, plot_dir, plot_link, list(run_dirs))
             if plot_dir is not None
@@ -306,7 +325,7 @@ def render(
 WIDTH = 120  # the terminal's lines are at most this long
 
 
-def summary(rows: list[Row], headline_by: str = "memory") -> str:
+def summary(rows: list[Row], headline_by: str = "memory", goal: Goal = Goal()) -> str:
     """What `lorabench run` prints at its end: per model, the answers (trainable share, memory and
     time saved, quality, the prediction's error) and its headline, in lines of at most WIDTH
     columns; every other figure is in the report."""
@@ -319,7 +338,7 @@ def summary(rows: list[Row], headline_by: str = "memory") -> str:
         out += [f"{title} ({cell.device}, {cell.weights} weights)"]
         if any(v.ok for v in variants):
             out += [answers_table(variants)]
-        line = headline(variants, headline_by)
+        line = headline(variants, headline_by, goal)
         out += textwrap.wrap(line, WIDTH) if line else []
         out += [""]
     bad = [r for r in rows if not r.ok]

@@ -5,8 +5,8 @@ the time to reach a target, and what was forgotten of the source task.
 
 Every figure is over seeds (one row per seed; the repeats of a seed measure the machine, not the
 method, so a seed's first finished row stands for it). The target is TARGET_FRACTION of full
-fine-tuning's best eval accuracy in the same group (its mean over full's seeds), unless a target is
-given; a row reaches it at the first point of its curve (`Row.curve`: an evaluation every
+fine-tuning's best eval accuracy in the same group (its mean over full's seeds), unless the user
+set one (`Goal`: an eval accuracy to reach, or an eval loss to get under); a row reaches it at the first point of its curve (`Row.curve`: an evaluation every
 --eval-every steps and after each epoch) at or above it, after that point's training seconds
 (evaluations left out). Over seeds, time to target is the mean of the seeds that reached it, and
 says how many did; with five or more, the fastest and the slowest are dropped first (MLPerf's
@@ -43,29 +43,74 @@ def best(row: Row) -> float | None:
     return max(points) if points else (final if is_number(final) else None)
 
 
-def target_of(full: list[Row], fraction: float = TARGET_FRACTION) -> float | None:
-    """`fraction` of full fine-tuning's best accuracy, its mean over full's seeds."""
-    bests = [b for b in (best(r) for r in per_seed(full)) if b is not None]
-    return fraction * sum(bests) / len(bests) if bests else None
+@dataclass(frozen=True)
+class Target:
+    """A quality to reach: an eval accuracy at least, or an eval loss at most (`key`), and how it
+    was set (`said`)."""
+
+    key: str  # "eval_accuracy" or "eval_loss", as a curve's points name them
+    value: float
+    said: str
+
+    @property
+    def on_accuracy(self) -> bool:
+        return self.key == "eval_accuracy"
+
+    def met(self, value: float) -> bool:
+        return value >= self.value if self.on_accuracy else value <= self.value
+
+    def better(self, values: list[float]) -> float:
+        return max(values) if self.on_accuracy else min(values)
 
 
-def reached(row: Row, target: float) -> tuple[float, int] | None:
-    """(training seconds, optimizer steps) at the first point of the row's curve at or above
+@dataclass(frozen=True)
+class Goal:
+    """The target the user set (`--target-accuracy`, `--target-loss`: at most one), else
+    TARGET_FRACTION of full fine-tuning's best accuracy, its mean over full's seeds."""
+
+    accuracy: float | None = None
+    loss: float | None = None
+
+    def target(self, full: list[Row] | None) -> Target | None:
+        """The target of a group whose full fine-tuning rows are `full` (None: none in it)."""
+        if self.accuracy is not None:
+            return Target("eval_accuracy", self.accuracy, f"eval accuracy {self.accuracy:g}, as given")
+        if self.loss is not None:
+            return Target("eval_loss", self.loss, f"eval loss {self.loss:g}, as given")
+        bests = [b for b in (best(r) for r in per_seed(full or [])) if b is not None]
+        if not bests:
+            return None
+        value = TARGET_FRACTION * sum(bests) / len(bests)
+        return Target(
+            "eval_accuracy",
+            value,
+            f"{TARGET_FRACTION:.0%} of full fine-tuning's best eval accuracy, {value:.4f}",
+        )
+
+
+def reached(row: Row, target: Target) -> tuple[float, int] | None:
+    """(training seconds, optimizer steps) at the first point of the row's curve that meets
     `target`; None where it never got there."""
     for p in row.curve:
-        if is_number(p.get("eval_accuracy")) and p["eval_accuracy"] >= target:
+        if is_number(p.get(target.key)) and target.met(p[target.key]):
             return p["train_s"], p["step"]
     return None
 
 
+def best_on(row: Row, target: Target) -> float | None:
+    """The best value of the target's figure on the row's curve."""
+    values = [p[target.key] for p in row.curve if is_number(p.get(target.key))]
+    return target.better(values) if values else None
+
+
 @dataclass(frozen=True)
 class TimeToTarget:
-    target: float
+    target: Target
     seconds: Interval | None  # over the seeds that reached it (trimmed from TRIM_FROM seeds on)
     steps: Interval | None
     reached: int  # seeds that reached it
     seeds: int
-    best: float | None  # the best accuracy any seed got, where none reached it
+    best: float | None  # the best value of the target's figure any seed got
 
     @property
     def how(self) -> str:
@@ -74,18 +119,18 @@ class TimeToTarget:
         return f"mean of the {self.reached} of {self.seeds} seeds that reached it{trimmed}"
 
 
-def time_to_target(rows: list[Row], target: float) -> TimeToTarget:
+def time_to_target(rows: list[Row], target: Target) -> TimeToTarget:
     seeds = per_seed(rows)
     hits = sorted((h for h in (reached(r, target) for r in seeds) if h is not None), key=lambda h: h[0])
     kept = hits[1:-1] if len(hits) >= TRIM_FROM else hits
-    bests = [b for b in (best(r) for r in seeds) if b is not None]
+    bests = [b for b in (best_on(r, target) for r in seeds) if b is not None]
     return TimeToTarget(
         target,
         Interval.of([s for s, _ in kept]) if kept else None,
         Interval.of([n for _, n in kept]) if kept else None,
         len(hits),
         len(seeds),
-        max(bests) if bests else None,
+        target.better(bests) if bests else None,
     )
 
 

@@ -81,6 +81,15 @@ BAD = [
         ["run", "--nproc", "2", "--samples", "40", "--batch-size", "32"],
         "at least batch_size x grad_accum x nproc (64)",
     ),
+    (
+        ["run", "--target-accuracy", "1.5"],
+        "argument --target-accuracy: expected an accuracy above 0 and at most 1",
+    ),
+    (["report", "r", "--target-loss", "0"], "argument --target-loss: expected a loss above 0, such as 0.5"),
+    (
+        ["report", "r", "--target-accuracy", "0.9", "--target-loss", "1"],
+        "argument --target-loss: not allowed with argument --target-accuracy",
+    ),
 ]
 
 

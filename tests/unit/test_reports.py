@@ -368,3 +368,28 @@ def test_seeds_give_the_quality_table_its_intervals_and_the_headline_its_verdict
     close = seeded(rows, {"full": [0.90, 0.92, 0.91], "lora r=2": [0.88, 0.93, 0.90]})
     line = headlines.headline([v for c, vs in tables.groups(close) for v in vs if c.model == "cifar-mlp"])
     assert "within the seeds' spread)" in line
+
+
+def test_a_target_the_user_sets_is_what_time_to_target_and_the_headline_measure_to(rows, tmp_path):
+    """--target-accuracy / --target-loss: the table's time to target, its note and the headline
+    measure to the given target instead of 95 % of full fine-tuning's best."""
+    from lorabench.results.quality import Goal
+
+    three = seeded(rows, {"full": [0.90, 0.92, 0.91], "lora r=2": [0.60, 0.62, 0.61]})
+
+    def lora_r2(text: str) -> list[str]:
+        section = text[text.index("### Quality") : text.index("### Quality per epoch")]
+        line = next(line for line in section.splitlines() if line.startswith("| lora r=2 "))
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    default = report.render(three)
+    assert lora_r2(default)[4:6] == ["not reached", "0/3"]  # 95 % of full's best: 0.8645
+    given = report.render(three, goal=Goal(accuracy=0.5))
+    reached, seeds = lora_r2(given)[4:6]  # its curves pass 0.5 at their last point, 0.4 s
+    assert reached.startswith("0.40 ") and seeds == "3/3"
+    assert "The target is eval accuracy 0.5, as given; " in given
+    by_loss = report.render(three, goal=Goal(loss=0.5))  # the seeded curves' loss stays at 1.0
+    assert lora_r2(by_loss)[4:6] == ["not reached", "0/3"] and "eval loss 0.5, as given" in by_loss
+    group = [v for c, vs in tables.groups(three) for v in vs if c.model == "cifar-mlp"]
+    assert "does not reach the target" in headlines.headline(group)
+    assert "x full's time to target" in headlines.headline(group, goal=Goal(accuracy=0.5))
