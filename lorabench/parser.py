@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 MATRIX_FLAGS = (
@@ -92,28 +92,23 @@ def _ranks(value: str) -> list[int]:
         ) from None
 
 
-def _accuracy(value: str) -> float:
-    """An eval accuracy to reach: a fraction in (0, 1]."""
-    try:
-        x = float(value)
-    except ValueError:
-        x = -1.0
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(
-            f"expected an accuracy above 0 and at most 1, such as 0.9, got {value!r}"
-        )
-    return x
+def _number(ok: Callable[[float], bool], expected: str):
+    """An argparse type: a number `ok` accepts; else 'expected <expected>, got ...'."""
+
+    def convert(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            x = None
+        if x is None or not ok(x):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+        return x
+
+    return convert
 
 
-def _loss(value: str) -> float:
-    """An eval loss to get under: above 0."""
-    try:
-        x = float(value)
-    except ValueError:
-        x = -1.0
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"expected a loss above 0, such as 0.5, got {value!r}")
-    return x
+_accuracy = _number(lambda x: 0 < x <= 1, "an accuracy above 0 and at most 1, such as 0.9")  # one to reach
+_loss = _number(lambda x: x > 0, "a loss above 0, such as 0.5")  # one to get under
 
 
 def _reading(parser) -> None:

@@ -36,11 +36,14 @@ def over_seeds(rows: list[Row], key: str) -> Interval | None:
     return Interval.of(values) if values else None
 
 
-def best(row: Row) -> float | None:
-    """The best eval accuracy on the row's curve (else its final one)."""
-    points = [p["eval_accuracy"] for p in row.curve if is_number(p.get("eval_accuracy"))]
-    final = row.metrics.get("final_eval_accuracy")
-    return max(points) if points else (final if is_number(final) else None)
+BETTER = {"eval_accuracy": max, "eval_loss": min}  # which way each of a curve's figures improves
+
+
+def best(row: Row, key: str = "eval_accuracy") -> float | None:
+    """The best `key` (eval accuracy or loss) on the row's curve, else its final one."""
+    points = [p[key] for p in row.curve if is_number(p.get(key))]
+    final = row.metrics.get(f"final_{key}")
+    return BETTER[key](points) if points else (final if is_number(final) else None)
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,6 @@ class Target:
 
     def met(self, value: float) -> bool:
         return value >= self.value if self.on_accuracy else value <= self.value
-
-    def better(self, values: list[float]) -> float:
-        return max(values) if self.on_accuracy else min(values)
 
 
 @dataclass(frozen=True)
@@ -97,12 +97,6 @@ def reached(row: Row, target: Target) -> tuple[float, int] | None:
     return None
 
 
-def best_on(row: Row, target: Target) -> float | None:
-    """The best value of the target's figure on the row's curve."""
-    values = [p[target.key] for p in row.curve if is_number(p.get(target.key))]
-    return target.better(values) if values else None
-
-
 @dataclass(frozen=True)
 class TimeToTarget:
     target: Target
@@ -123,14 +117,14 @@ def time_to_target(rows: list[Row], target: Target) -> TimeToTarget:
     seeds = per_seed(rows)
     hits = sorted((h for h in (reached(r, target) for r in seeds) if h is not None), key=lambda h: h[0])
     kept = hits[1:-1] if len(hits) >= TRIM_FROM else hits
-    bests = [b for b in (best_on(r, target) for r in seeds) if b is not None]
+    bests = [b for b in (best(r, target.key) for r in seeds) if b is not None]
     return TimeToTarget(
         target,
         Interval.of([s for s, _ in kept]) if kept else None,
         Interval.of([n for _, n in kept]) if kept else None,
         len(hits),
         len(seeds),
-        target.better(bests) if bests else None,
+        BETTER[target.key](bests) if bests else None,
     )
 
 
